@@ -1,0 +1,50 @@
+# memkv — developer entry points (DESIGN.md §9). Every target that needs the
+# venv first runs scripts/bootstrap.sh (idempotent; fast when nothing changed).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+MEMKV   := $(VENV)/bin/memkv
+# per-test timeout in seconds (pytest-timeout); extra pytest args: make test PYTEST_ARGS='-k foo -x'
+TEST_TIMEOUT ?= 120
+PYTEST_ARGS  ?=
+# extra bench args: make bench BENCH_ARGS=--quick
+BENCH_ARGS   ?=
+
+.PHONY: help install test lint demo bench chaos compose-up compose-down test-rdma clean
+
+help:
+	@echo "make install      set up Debian packages + .venv (scripts/bootstrap.sh)"
+	@echo "make test         pytest + ruff (what CI runs)"
+	@echo "make demo         run the end-to-end demo"
+	@echo "make bench        single-node benchmark vs Redis (BENCH_ARGS=--quick)"
+	@echo "make lint         ruff check"
+	@echo "make chaos | compose-up | compose-down | test-rdma   (not yet available)"
+
+install:
+	bash scripts/bootstrap.sh
+
+# pytest exit code 5 (no tests collected) is a failure here, as is any other non-zero.
+test: install
+	@rc=0; $(PY) -m pytest -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS) tests || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -> FAIL" >&2; exit 1; fi; \
+	if [ $$rc -ne 0 ]; then echo "make test: pytest failed (exit $$rc)" >&2; exit $$rc; fi
+	$(PY) -m ruff check .
+
+lint: install
+	$(PY) -m ruff check .
+
+demo: install
+	$(MEMKV) demo
+
+bench: install
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+chaos compose-up compose-down test-rdma:
+	@echo "make $@: not yet available" >&2; exit 1
+
+clean:
+	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info bench/results/tmp

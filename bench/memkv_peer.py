@@ -1,0 +1,99 @@
+"""The memkv peer: a node subprocess (``memkv serve``) and an adapter over the §9 SyncClient."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.procs import free_port, stop_process, wait_for_tcp
+
+
+def memkv_command() -> list[str]:
+    """The installed ``memkv`` console script next to this interpreter, else ``python -m memkv.cli``."""
+    script = Path(sys.executable).parent / "memkv"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "memkv.cli"]
+
+
+class MemkvNode:
+    """``memkv serve --listen 127.0.0.1:PORT --memory SIZE`` as a subprocess."""
+
+    def __init__(self, workdir: Path, memory: str = "2GiB", host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.memory = memory
+        self.workdir = workdir
+        self.log = workdir / "memkv-node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"memkv://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            *memkv_command(), "serve",
+            "--listen", f"{self.host}:{self.port}",
+            "--memory", self.memory,
+            "--data-dir", str(self.workdir / "memkv-data"),
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> MemkvNode:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_tcp(self.host, self.port, self.proc, timeout, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def __enter__(self) -> MemkvNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MemkvAdapter:
+    """Benchmark operations on one ``memkv.client.SyncClient`` (DESIGN.md §9)."""
+
+    ops = frozenset({"put", "get", "get_into", "get_many", "get_many_into"})
+
+    def __init__(self, url: str, transport: str = "tcp") -> None:
+        from memkv.client import SyncClient
+
+        self.name = "memkv" if transport == "tcp" else f"memkv-{transport}"
+        self.c: Any = SyncClient.connect(url, transport=transport)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.c.put(key, value)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.c.get(key)  # type: ignore[no-any-return]
+
+    def get_into(self, key: bytes, buf: bytearray) -> int | None:
+        return self.c.get_into(key, buf)  # type: ignore[no-any-return]
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        return self.c.get_many(keys)  # type: ignore[no-any-return]
+
+    def get_many_into(self, keys: list[bytes], bufs: list[bytearray]) -> list[int | None]:
+        return self.c.get_many_into(keys, bufs)  # type: ignore[no-any-return]
+
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        self.c.put_many(items)
+
+    def delete_many(self, keys: list[bytes]) -> None:
+        for key in keys:
+            self.c.delete(key)
+
+    def reset(self) -> None:
+        """memkv has no FLUSHALL; the driver deletes what it wrote instead."""
+
+    def close(self) -> None:
+        self.c.close()

@@ -1,0 +1,195 @@
+"""Requests as sans-IO objects: what to send, where the reply payload goes, what to return.
+
+Both the trio connection and the blocking connection run the same ``Call``
+objects, so the logic of every operation exists once. A call never touches a
+socket: ``destinations`` tells the connection where to ``recv_into`` the reply
+payload, and ``finish`` turns the reply into the caller's result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memkv.client.buffers import byte_view
+from memkv.engine.checksum import checksum
+from memkv.errors import InvalidArgument
+from memkv.protocol.codec import Frame
+from memkv.protocol.opcodes import Op
+
+
+@dataclass
+class CorruptRead:
+    """A value whose bytes did not match its checksum: a miss, to be reported."""
+
+    key: bytes
+    generation: int
+
+
+class Call:
+    op: Op = Op.PING
+    meta: dict[str, Any]
+    payload: list[memoryview]
+    payload_len: int = 0
+
+    def __init__(self, meta: dict[str, Any] | None = None) -> None:
+        self.meta = meta or {}
+        self.payload = []
+        self.corrupt: list[CorruptRead] = []
+
+    def destinations(self, frame: Frame) -> list[memoryview]:
+        """Where the reply payload goes, in order; must cover ``frame.payload_len`` bytes."""
+        return [memoryview(bytearray(frame.payload_len))]
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
+        return frame.meta
+
+
+class SimpleCall(Call):
+    def __init__(self, op: Op, meta: dict[str, Any], result_field: str | None = None) -> None:
+        super().__init__(meta)
+        self.op = op
+        self.result_field = result_field
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
+        return frame.meta.get(self.result_field) if self.result_field else frame.meta
+
+
+def _with_ns(meta: dict[str, Any], namespace: str) -> dict[str, Any]:
+    if namespace != "shared":
+        meta["ns"] = namespace
+    return meta
+
+
+class PutCall(Call):
+    op = Op.PUT
+
+    def __init__(self, key: bytes, value: Any, *, namespace: str, ttl: float | None, pin: bool,
+                 parent: bytes | None = None) -> None:
+        view = byte_view(value)
+        meta: dict[str, Any] = {"k": key, "cs": checksum(view)}
+        if ttl is not None:
+            meta["ttl"] = ttl
+        if pin:
+            meta["pin"] = True
+        if parent is not None:
+            meta["parent"] = parent
+        super().__init__(_with_ns(meta, namespace))
+        self.payload = [view]
+        self.payload_len = view.nbytes
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> int:
+        return int(frame.meta.get("gen", 0))
+
+
+class PutManyCall(Call):
+    op = Op.PUT_MANY
+
+    def __init__(self, keys: list[bytes], values: list[Any], *, namespace: str, ttl: float | None,
+                 pin: bool, parents: list[bytes | None] | None = None) -> None:
+        views = [byte_view(v) for v in values]
+        meta: dict[str, Any] = {"ks": keys, "ls": [v.nbytes for v in views],
+                                "cs": [checksum(v) for v in views]}
+        if ttl is not None:
+            meta["ttl"] = ttl
+        if pin:
+            meta["pin"] = True
+        if parents is not None and any(p is not None for p in parents):
+            meta["parents"] = parents
+        super().__init__(_with_ns(meta, namespace))
+        self.payload = views
+        self.payload_len = sum(v.nbytes for v in views)
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> list[Any]:
+        """Per item: the generation (int) or the typed error, in request order."""
+        from memkv.errors import error_from_code
+
+        errs = frame.meta.get("errs") or [None] * len(frame.meta.get("gens", []))
+        out: list[Any] = []
+        for gen, err in zip(frame.meta.get("gens", []), errs, strict=False):
+            out.append(error_from_code(err[0], err[1]) if err else gen)
+        return out
+
+
+class GetCall(Call):
+    op = Op.GET
+
+    def __init__(self, key: bytes, *, namespace: str, into: Any = None) -> None:
+        super().__init__(_with_ns({"k": key}, namespace))
+        self.key = key
+        self.into = byte_view(into, writable=True) if into is not None else None
+
+    def destinations(self, frame: Frame) -> list[memoryview]:
+        n = frame.payload_len
+        if self.into is None:
+            self._buf = bytearray(n)
+            return [memoryview(self._buf)]
+        if self.into.nbytes < n:
+            self.too_small = n
+            return [memoryview(bytearray(n))]  # drain it; finish() raises
+        return [self.into[:n]]
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
+        if not frame.meta.get("f"):
+            return None
+        if getattr(self, "too_small", 0):
+            raise InvalidArgument(f"buffer of {self.into.nbytes if self.into else 0} bytes is too small "
+                                  f"for a value of {self.too_small} bytes")
+        if checksum(dests[0]) != frame.meta.get("cs"):
+            self.corrupt.append(CorruptRead(self.key, int(frame.meta.get("gen", 0))))
+            return None
+        if self.into is None:
+            return bytes(self._buf)
+        return frame.payload_len
+
+
+class GetManyCall(Call):
+    op = Op.GET_MANY
+
+    def __init__(self, keys: list[bytes], *, namespace: str, intos: list[Any] | None = None) -> None:
+        super().__init__(_with_ns({"ks": keys}, namespace))
+        self.keys = keys
+        if intos is not None and len(intos) != len(keys):
+            raise InvalidArgument("get_many_into needs one buffer per key")
+        self.intos = [byte_view(b, writable=True) for b in intos] if intos is not None else None
+        self.too_small: list[int] = []
+
+    def destinations(self, frame: Frame) -> list[memoryview]:
+        dests: list[memoryview] = []
+        self._bufs: list[bytearray | None] = []
+        for i, n in enumerate(frame.meta.get("ls", [])):
+            if n < 0:
+                continue
+            if self.intos is None:
+                buf = bytearray(n)
+                self._bufs.append(buf)
+                dests.append(memoryview(buf))
+            elif self.intos[i].nbytes < n:
+                self.too_small.append(i)
+                dests.append(memoryview(bytearray(n)))
+            else:
+                dests.append(self.intos[i][:n])
+        return dests
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> list[Any]:
+        lens = frame.meta.get("ls", [])
+        sums = frame.meta.get("cs", [])
+        gens = frame.meta.get("gens", [])
+        if self.too_small:
+            raise InvalidArgument(f"buffers too small for keys at positions {self.too_small}")
+        out: list[Any] = []
+        j = 0
+        for i, n in enumerate(lens):
+            if n < 0:
+                out.append(None)
+                continue
+            dest = dests[j]
+            j += 1
+            if checksum(dest) != sums[i]:
+                self.corrupt.append(CorruptRead(self.keys[i], int(gens[i])))
+                out.append(None)
+            elif self.intos is None:
+                out.append(bytes(dest))
+            else:
+                out.append(n)
+        return out

@@ -1,0 +1,230 @@
+"""Client operations as generators: the logic of each method, written once.
+
+An operation yields ``Send`` requests (or lists of them, to run in parallel)
+and receives their results; it never does I/O itself. ``Client`` drives these
+generators with trio, ``SyncClient`` with blocking sockets, so both clients
+have exactly the same behaviour. Routing (which node owns a key) comes from
+the router; splitting a batch by owner happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from memkv.client.calls import (
+    Call,
+    GetCall,
+    GetManyCall,
+    PutCall,
+    PutManyCall,
+    SimpleCall,
+)
+from memkv.client.url import NodeAddress
+from memkv.errors import InvalidArgument, MemKVError
+from memkv.protocol.opcodes import Op
+
+
+class Router(Protocol):
+    """Maps keys to the nodes holding them (replicas, preferred first)."""
+
+    def replicas(self, key: bytes) -> list[NodeAddress]: ...
+
+    def all_nodes(self) -> list[NodeAddress]: ...
+
+    def stamp(self, meta: dict[str, Any]) -> None:
+        """Add routing fields (cluster, epoch) to a request's meta."""
+
+
+@dataclass
+class StandaloneRouter:
+    node: NodeAddress
+
+    def replicas(self, key: bytes) -> list[NodeAddress]:
+        return [self.node]
+
+    def all_nodes(self) -> list[NodeAddress]:
+        return [self.node]
+
+    def stamp(self, meta: dict[str, Any]) -> None:
+        return None
+
+
+@dataclass
+class Send:
+    """Run ``call`` on the nodes of ``key`` (or on ``node`` when given).
+
+    Reads go to one replica, failing over to the next; writes go to every
+    replica (``write=True``), the cluster executor decides how.
+    """
+
+    call: Call
+    key: bytes | None = None
+    write: bool = False
+    node: NodeAddress | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Op_ = Generator[Send | list[Send], Any, Any]
+
+
+def as_key(key: bytes | str) -> bytes:
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"keys are bytes or str, not {type(key).__name__}")
+    return bytes(key)
+
+
+def group_by_owner(router: Router, keys: Sequence[bytes]) -> dict[NodeAddress, list[int]]:
+    """Indices of ``keys`` grouped by their first replica, preserving order."""
+    groups: dict[NodeAddress, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(router.replicas(k)[0], []).append(i)
+    return groups
+
+
+def _report_corrupt(call: Call, namespace: str) -> Op_:
+    for bad in call.corrupt:
+        meta = {"k": bad.key, "gen": bad.generation}
+        if namespace != "shared":
+            meta["ns"] = namespace
+        try:
+            yield Send(SimpleCall(Op.REPORT_CORRUPT, meta), bad.key)
+        except MemKVError:
+            pass  # the report is best effort; the caller already sees a miss
+
+
+def put(key: bytes | str, value: Any, *, namespace: str, ttl: float | None, pin: bool,
+        parent: bytes | None = None) -> Op_:
+    k = as_key(key)
+    yield Send(PutCall(k, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent), k, write=True)
+
+
+def get(key: bytes | str, *, namespace: str, into: Any = None) -> Op_:
+    k = as_key(key)
+    call = GetCall(k, namespace=namespace, into=into)
+    result = yield Send(call, k)
+    if call.corrupt:
+        yield from _report_corrupt(call, namespace)
+    return result
+
+
+def _split(router: Router, keys: list[bytes]) -> list[tuple[NodeAddress, list[int]]]:
+    return list(group_by_owner(router, keys).items())
+
+
+def put_many(router: Router, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *, namespace: str,
+             ttl: float | None, pin: bool, parents: list[bytes | None] | None = None) -> Op_:
+    pairs = list(items.items()) if isinstance(items, dict) else list(items)
+    keys = [as_key(k) for k, _ in pairs]
+    values = [v for _, v in pairs]
+    if not keys:
+        return []
+    groups = _split(router, keys)
+    sends = [Send(PutManyCall([keys[i] for i in idx], [values[i] for i in idx], namespace=namespace,
+                              ttl=ttl, pin=pin,
+                              parents=[parents[i] for i in idx] if parents else None),
+                  keys[idx[0]], write=True) for _, idx in groups]
+    results = yield sends
+    out: list[Any] = [None] * len(keys)
+    for (_, idx), res in zip(groups, results, strict=True):
+        for i, r in zip(idx, res, strict=True):
+            out[i] = r
+    for r in out:
+        if isinstance(r, MemKVError):
+            raise r
+    return out
+
+
+def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
+             intos: list[Any] | None = None) -> Op_:
+    ks = [as_key(k) for k in keys]
+    if intos is not None and len(intos) != len(ks):
+        raise InvalidArgument("get_many_into needs one buffer per key")
+    if not ks:
+        return []
+    groups = _split(router, ks)
+    calls = [GetManyCall([ks[i] for i in idx], namespace=namespace,
+                         intos=[intos[i] for i in idx] if intos is not None else None) for _, idx in groups]
+    results = yield [Send(call, ks[idx[0]]) for call, (_, idx) in zip(calls, groups, strict=True)]
+    out: list[Any] = [None] * len(ks)
+    for (_, idx), res in zip(groups, results, strict=True):
+        for i, r in zip(idx, res, strict=True):
+            out[i] = r
+    for call in calls:
+        if call.corrupt:
+            yield from _report_corrupt(call, namespace)
+    return out
+
+
+def keyed_batch(router: Router, op: Op, keys: Iterable[bytes | str], *, namespace: str, field_name: str,
+                write: bool = False, extra: dict[str, Any] | None = None) -> Op_:
+    """exists_many / pin / unpin: one list result (or count) per owner, merged."""
+    ks = [as_key(k) for k in keys]
+    if not ks:
+        return [] if field_name == "ex" else 0
+    groups = _split(router, ks)
+
+    def meta(idx: list[int]) -> dict[str, Any]:
+        m: dict[str, Any] = {"ks": [ks[i] for i in idx], **(extra or {})}
+        if namespace != "shared":
+            m["ns"] = namespace
+        return m
+
+    results = yield [Send(SimpleCall(op, meta(idx), field_name), ks[idx[0]], write=write) for _, idx in groups]
+    if field_name != "ex":
+        return sum(int(r) for r in results)
+    out: list[bool] = [False] * len(ks)
+    for (_, idx), res in zip(groups, results, strict=True):
+        for i, r in zip(idx, res, strict=True):
+            out[i] = bool(r)
+    return out
+
+
+def lookup_prefix(router: Router, keys: Iterable[bytes | str], *, namespace: str, lease: float) -> Op_:
+    """Length of the cached leading run of ``keys``; those blocks are leased.
+
+    Consecutive keys owned by the same node are asked in one request; the walk
+    stops at the first node whose answer is shorter than what it was asked.
+    """
+    ks = [as_key(k) for k in keys]
+    total = 0
+    i = 0
+    while i < len(ks):
+        owner = router.replicas(ks[i])[0]
+        j = i + 1
+        while j < len(ks) and router.replicas(ks[j])[0] == owner:
+            j += 1
+        m: dict[str, Any] = {"ks": ks[i:j], "lease": lease}
+        if namespace != "shared":
+            m["ns"] = namespace
+        n = yield Send(SimpleCall(Op.LOOKUP_PREFIX, m, "n"), ks[i])
+        total += int(n)
+        if n < j - i:
+            break
+        i = j
+    return total
+
+
+def delete(key: bytes | str, *, namespace: str) -> Op_:
+    k = as_key(key)
+    meta: dict[str, Any] = {"k": k}
+    if namespace != "shared":
+        meta["ns"] = namespace
+    deleted = yield Send(SimpleCall(Op.DELETE, meta, "d"), k, write=True)
+    return bool(deleted)
+
+
+def stats(router: Router) -> Op_:
+    nodes = router.all_nodes()
+    results = yield [Send(SimpleCall(Op.STATS, {}, "stats"), node=n) for n in nodes]
+    if len(nodes) == 1:
+        return results[0]
+    return {"nodes": {str(n): r for n, r in zip(nodes, results, strict=True)}}
+
+
+def ping(router: Router) -> Op_:
+    results = yield [Send(SimpleCall(Op.PING, {}), node=n) for n in router.all_nodes()]
+    return results

@@ -1,0 +1,152 @@
+"""Node configuration: namespaces with their policies, tenants, and node flags.
+
+The TOML layout is part of the interface contract (DESIGN.md §9). Flags given on
+the command line override values from the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memkv.errors import InvalidArgument
+from memkv.sizes import parse_duration, parse_size
+
+POOLS = ("shared", "session")
+EVICTION_POLICIES = ("lru", "s3fifo")
+
+
+@dataclass(frozen=True)
+class NamespacePolicy:
+    """How a namespace stores its values.
+
+    ``tenant_scoped`` namespaces keep one key space per tenant, so tenant A's
+    ``session`` keys are invisible to tenant B even when the key bytes match.
+    """
+
+    name: str
+    pool: str = "shared"
+    durability: str = "memory"
+    replicas: int = 1
+    ttl: float | None = None
+    overwrite: bool = False
+    tenant_scoped: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise InvalidArgument(f"namespace {self.name}: pool must be one of {POOLS}")
+        if self.durability not in ("memory", "durable"):
+            raise InvalidArgument(f"namespace {self.name}: durability must be memory|durable")
+        if self.replicas < 1:
+            raise InvalidArgument(f"namespace {self.name}: replicas must be >= 1")
+
+
+def default_namespaces() -> dict[str, NamespacePolicy]:
+    return {
+        "shared": NamespacePolicy("shared", pool="shared"),
+        "session": NamespacePolicy("session", pool="session", overwrite=True, tenant_scoped=True),
+    }
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """An eviction pool: its share of the region and its eviction policy."""
+
+    name: str
+    fraction: float
+    policy: str = "s3fifo"
+    tenant_quota: int | None = None  # bytes per tenant, None = the whole pool
+
+
+def default_pools() -> dict[str, PoolConfig]:
+    return {
+        "shared": PoolConfig("shared", 0.6, "s3fifo"),
+        "session": PoolConfig("session", 0.4, "lru", tenant_quota=None),
+    }
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    token: str
+    grants: dict[str, str] = field(default_factory=dict)  # namespace -> "r" | "rw" | "admin"
+    quota: int | None = None
+
+
+@dataclass
+class NodeConfig:
+    listen: str = "127.0.0.1:7400"
+    data_dir: str = ""
+    memory: int = 256 * 1024**2
+    disk: int = 4 * 1024**3
+    shm_dir: str = "/dev/shm"
+    etcd: str | None = None
+    cluster: str = "default"
+    node_id: str = ""
+    zone: str = "z0"
+    metrics_port: int | None = None
+    resp_port: int | None = None
+    namespaces: dict[str, NamespacePolicy] = field(default_factory=default_namespaces)
+    pools: dict[str, PoolConfig] = field(default_factory=default_pools)
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _namespace_from(name: str, raw: dict[str, Any]) -> NamespacePolicy:
+    base = default_namespaces().get(name, NamespacePolicy(name))
+    return NamespacePolicy(
+        name=name,
+        pool=raw.get("pool", base.pool),
+        durability=raw.get("durability", base.durability),
+        replicas=int(raw.get("replicas", base.replicas)),
+        ttl=parse_duration(raw.get("ttl", base.ttl)),
+        overwrite=bool(raw.get("overwrite", base.overwrite)),
+        tenant_scoped=bool(raw.get("tenant_scoped", base.tenant_scoped)),
+    )
+
+
+def load_config(path: str | Path | None) -> NodeConfig:
+    """Read a TOML config file (or return defaults when ``path`` is None)."""
+    cfg = NodeConfig()
+    if path is None:
+        return cfg
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
+    node = raw.get("node", {})
+    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir"):
+        if key in node:
+            setattr(cfg, key, str(node[key]))
+    for key in ("metrics_port", "resp_port"):
+        if key in node:
+            setattr(cfg, key, int(node[key]))
+    if "memory" in node:
+        cfg.memory = parse_size(node["memory"])
+    if "disk" in node:
+        cfg.disk = parse_size(node["disk"])
+    for name, ns in raw.get("namespaces", {}).items():
+        cfg.namespaces[name] = _namespace_from(name, ns)
+    for name, pool in raw.get("pools", {}).items():
+        base = cfg.pools.get(name)
+        if base is None:
+            raise InvalidArgument(f"unknown pool {name!r}; pools are {POOLS}")
+        quota = pool.get("tenant_quota", base.tenant_quota)
+        policy = pool.get("policy", base.policy)
+        if policy not in EVICTION_POLICIES:
+            raise InvalidArgument(f"pool {name}: policy must be one of {EVICTION_POLICIES}")
+        cfg.pools[name] = PoolConfig(
+            name, float(pool.get("fraction", base.fraction)), policy,
+            parse_size(quota) if quota is not None else None,
+        )
+    for name, t in raw.get("tenants", {}).items():
+        if "token" not in t:
+            raise InvalidArgument(f"tenant {name}: token is required")
+        quota = t.get("quota")
+        cfg.tenants[name] = TenantConfig(
+            name, str(t["token"]), dict(t.get("grants", {})),
+            parse_size(quota) if quota is not None else None,
+        )
+    return cfg

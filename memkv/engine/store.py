@@ -1,0 +1,664 @@
+"""The storage engine of one node: region + allocator + index + eviction pools.
+
+Pure, synchronous, in-process. The payload of a value lives only in the region;
+the index holds :class:`Entry` metadata. A write is two steps so that the server
+can receive the payload straight into its final place::
+
+    res = store.reserve(key, n, namespace="shared", checksum=c)   # room made, extent allocated
+    sock.recv_into(res.view)                                        # payload lands in the region
+    entry = store.commit(res)                                       # verified, indexed
+
+Memory accounting. The region is split into pools (``PoolConfig.fraction``).
+A pool's *capacity* is ``fraction x memory``; its live-data *budget* is
+``fraction x memory x (1 - headroom)``: the headroom is the pool's share of room
+for quarantined extents (freed bytes that may not be reused for
+``quarantine_s``). A put into pool P
+
+1. evicts from P only (never from another pool) until P's live bytes fit its budget;
+2. fails with OutOfMemory if P's live + quarantined bytes would exceed its
+   capacity (a write flood in one pool gets back-pressure instead of eating the
+   room of the other pool);
+3. allocates an extent; if there is no contiguous extent, evicts more from P
+   (all the way when there is no quarantine, since freed bytes are reusable at
+   once; else a bounded amount, so that the room exists once the quarantine
+   expires) and raises OutOfMemory if it still cannot allocate.
+
+Only extents a reader may know about (the entry was returned by ``get``,
+``view`` or ``lookup_prefix``) go through the quarantine when freed; bytes that
+were never located by anyone are reusable at once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+
+from memkv.config import NamespacePolicy, PoolConfig, default_namespaces, default_pools
+from memkv.engine.allocator import ExtentAllocator
+from memkv.engine.checksum import checksum as _checksum
+from memkv.engine.entry import Entry
+from memkv.engine.eviction import LRUPolicy, S3FIFOPolicy, make_policy
+from memkv.engine.region import Region
+from memkv.errors import (
+    ChecksumMismatch,
+    InvalidArgument,
+    KeyExists,
+    OutOfMemory,
+    QuotaExceeded,
+    UnknownNamespace,
+    ValueTooLarge,
+)
+
+# indices into the per-namespace / per-tenant counter lists
+_HITS, _MISSES, _PUTS, _BYTES, _ENTRIES = range(5)
+_STAT_NAMES = ("hits", "misses", "puts", "bytes", "entries")
+
+
+class Reservation:
+    """Room reserved for one value being written; fill ``view`` then ``commit`` or ``abort``."""
+
+    __slots__ = (
+        "key", "namespace", "tenant", "ikey", "offset", "length", "size", "checksum", "ttl", "pin",
+        "parent", "view", "pool", "policy", "done",
+    )
+
+    def __init__(self, key, namespace, tenant, ikey, offset, length, size, checksum, ttl, pin, parent,
+                 view, pool, policy) -> None:
+        self.key: bytes = key
+        self.namespace: str = namespace
+        self.tenant: str = tenant
+        self.ikey: tuple[str, str, bytes] = ikey
+        self.offset: int = offset
+        self.length: int = length
+        self.size: int = size
+        self.checksum: int = checksum
+        self.ttl: float | None = ttl
+        self.pin: bool = pin
+        self.parent: bytes | None = parent
+        self.view: memoryview = view
+        self.pool: _Pool = pool
+        self.policy: NamespacePolicy = policy
+        self.done = False
+
+    def __repr__(self) -> str:
+        return f"<Reservation {self.namespace}/{self.key!r} off={self.offset} len={self.length}>"
+
+
+class _Pool:
+    __slots__ = ("name", "config", "capacity", "budget", "used", "entries", "policy", "tenant_used",
+                 "tenant_lru", "oom")
+
+    def __init__(self, config: PoolConfig, capacity: int, budget: int) -> None:
+        self.name = config.name
+        self.config = config
+        self.capacity = capacity
+        self.budget = budget
+        self.used = 0  # region bytes of live entries + open reservations
+        self.entries = 0
+        self.policy: LRUPolicy | S3FIFOPolicy = make_policy(config.policy)
+        self.tenant_used: dict[str, int] = {}
+        self.tenant_lru: dict[str, OrderedDict[Entry, None]] = {}  # per tenant, oldest first
+        self.oom = 0
+
+
+def _evictable(now: float) -> Callable[[Entry], bool]:
+    def eligible(e: Entry) -> bool:
+        p = e.pin_until
+        return (p is None or p <= now) and e.lease_until <= now and e.children == 0
+
+    return eligible
+
+
+class Store:
+    def __init__(
+        self,
+        *,
+        memory: int,
+        namespaces: dict[str, NamespacePolicy] | None = None,
+        pools: dict[str, PoolConfig] | None = None,
+        shm_dir: str = "/dev/shm",
+        name: str = "node",
+        clock: Callable[[], float] = time.monotonic,
+        quarantine_s: float = 2.0,
+        tenant_quotas: dict[str, int] | None = None,
+        max_value: int = 1 << 30,
+        granularity: int = 256,
+        headroom: float | None = None,
+    ) -> None:
+        self.namespaces: dict[str, NamespacePolicy] = dict(namespaces or default_namespaces())
+        pool_cfgs = dict(pools or default_pools())
+        for ns in self.namespaces.values():
+            if ns.pool not in pool_cfgs:
+                raise InvalidArgument(f"namespace {ns.name}: unknown pool {ns.pool!r}")
+        self.clock = clock
+        self.quarantine_s = float(quarantine_s)
+        self.max_value = int(max_value)
+        self.tenant_quotas: dict[str, int] = dict(tenant_quotas or {})
+        if headroom is None:
+            headroom = 0.125 if self.quarantine_s > 0 else 0.0
+        if not 0.0 <= headroom < 1.0:
+            raise InvalidArgument("headroom must be in [0, 1)")
+        self.headroom = headroom
+        self.region = Region(memory, directory=shm_dir, name=name)
+        try:
+            self.allocator = ExtentAllocator(
+                memory, granularity=granularity, quarantine_s=self.quarantine_s, clock=clock
+            )
+        except BaseException:
+            self.region.close()
+            raise
+        usable = self.allocator.size
+        self.pools: dict[str, _Pool] = {}
+        for pname, cfg in pool_cfgs.items():
+            cap = int(cfg.fraction * usable)
+            self.pools[pname] = _Pool(cfg, cap, int(cap * (1.0 - headroom)))
+        self._ro = self.region.view.toreadonly()
+        self._index: dict[tuple[str, str, bytes], Entry] = {}
+        self._children: dict[tuple[str, str, bytes], int] = {}  # parent ikey -> live children
+        self._expiry: list[tuple[float, int, Entry]] = []  # heap, lazily cleaned
+        self._seq = itertools.count()
+        self.generation = 0
+        self._ns_stats: dict[str, list[int]] = {n: [0, 0, 0, 0, 0] for n in self.namespaces}
+        self._tenant_stats: dict[str, list[int]] = {}
+        self.corrupt = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.checksum_mismatches = 0
+        self.closed = False
+
+    # -- helpers -------------------------------------------------------------------------
+    def _ns(self, namespace: str) -> NamespacePolicy:
+        try:
+            return self.namespaces[namespace]
+        except KeyError:
+            raise UnknownNamespace(f"unknown namespace {namespace!r}") from None
+
+    def _tstats(self, tenant: str) -> list[int]:
+        st = self._tenant_stats.get(tenant)
+        if st is None:
+            st = self._tenant_stats[tenant] = [0, 0, 0, 0, 0]
+        return st
+
+    def _quota(self, pool: _Pool, tenant: str) -> int | None:
+        q = self.tenant_quotas.get(tenant)
+        return q if q is not None else pool.config.tenant_quota
+
+    def _lookup(self, key: bytes, namespace: str, tenant: str, now: float | None) -> Entry | None:
+        """Live entry for the key or None; drops it if expired (``now`` None = read the clock if needed)."""
+        pol = self._ns(namespace)
+        e = self._index.get((namespace, tenant if pol.tenant_scoped else "", key))
+        if e is not None and e.expires is not None:
+            if now is None:
+                now = self.clock()
+            if e.expires <= now:
+                self._drop(e, now, "expire")
+                return None
+        return e
+
+    def _drop(self, e: Entry, now: float, reason: str) -> None:
+        """Remove a live entry from the index, the accounting and the region."""
+        if self._index.get(e.ikey) is not e:
+            return
+        del self._index[e.ikey]
+        pool = self.pools[e.pool]
+        if reason != "evict":  # pick_victim already detached it from the policy
+            pool.policy.remove(e)
+        pool.used -= e.size
+        pool.entries -= 1
+        t = e.tenant
+        left = pool.tenant_used.get(t, 0) - e.size
+        if left > 0:
+            pool.tenant_used[t] = left
+        else:
+            pool.tenant_used.pop(t, None)
+        lru = pool.tenant_lru.get(t)
+        if lru is not None:
+            lru.pop(e, None)
+            if not lru:
+                del pool.tenant_lru[t]
+        ns = self._ns_stats[e.namespace]
+        ns[_BYTES] -= e.length
+        ns[_ENTRIES] -= 1
+        ts = self._tstats(t)
+        ts[_BYTES] -= e.length
+        ts[_ENTRIES] -= 1
+        if e.offset >= 0:
+            # bytes nobody could have located (never read) are reusable at once
+            self.allocator.free(e.offset, now, tag=e.pool, immediate=not e.exposed)
+            e.offset = -1
+        if e.parent is not None:
+            pk = (e.ikey[0], e.ikey[1], e.parent)
+            n = self._children.get(pk, 0) - 1
+            if n > 0:
+                self._children[pk] = n
+            else:
+                self._children.pop(pk, None)
+            p = self._index.get(pk)
+            if p is not None and p.children > 0:
+                p.children -= 1
+                if p.children == 0 and reason == "evict":
+                    self.pools[p.pool].policy.demote(p)  # the chain's new tail goes next
+        if reason == "evict":
+            self.evictions += 1
+        elif reason == "expire":
+            self.expirations += 1
+
+    def _evict_one(self, pool: _Pool, now: float, eligible: Callable[[Entry], bool]) -> int:
+        """Evict one entry of ``pool``; bytes freed (0 if nothing is evictable)."""
+        victim = pool.policy.pick_victim(now, eligible)
+        if victim is None:
+            return 0
+        size = victim.size
+        self._drop(victim, now, "evict")
+        return size
+
+    def _evict_tenant(self, pool: _Pool, tenant: str, now: float, eligible: Callable[[Entry], bool]) -> int:
+        """Evict the least recently used evictable entry of ``tenant`` in ``pool``."""
+        lru = pool.tenant_lru.get(tenant)
+        if not lru:
+            return 0
+        for e in lru:
+            if eligible(e):
+                break
+        else:
+            return 0
+        pool.policy.remove(e)
+        pool.policy.evictions += 1
+        size = e.size
+        self._drop(e, now, "evict")
+        return size
+
+    # -- writes --------------------------------------------------------------------------
+    def reserve(
+        self,
+        key: bytes,
+        length: int,
+        *,
+        namespace: str,
+        tenant: str = "",
+        checksum: int,
+        ttl: float | None = None,
+        pin: bool = False,
+        parent: bytes | None = None,
+    ) -> Reservation:
+        """Make room for a value of ``length`` bytes and allocate it (see the module doc)."""
+        pol = self._ns(namespace)
+        if length < 0:
+            raise InvalidArgument(f"negative length {length}")
+        if length > self.max_value:
+            raise ValueTooLarge(f"value of {length} bytes is over the limit of {self.max_value}")
+        pool = self.pools[pol.pool]
+        alloc = self.allocator
+        size = alloc.round(length)
+        if size > pool.budget:
+            raise ValueTooLarge(f"{length} bytes do not fit pool {pool.name} ({pool.budget} bytes)")
+        ikey = (namespace, tenant if pol.tenant_scoped else "", key)
+        now = self.clock()
+        old = self._index.get(ikey)
+        if old is not None:
+            if old.expires is not None and old.expires <= now:
+                self._drop(old, now, "expire")
+            elif not pol.overwrite and (old.checksum != checksum or old.length != length):
+                raise KeyExists(f"key {key!r} exists in namespace {namespace} with different bytes")
+        quota = self._quota(pool, tenant)
+        eligible = None
+        if quota is not None:
+            if size > quota:
+                raise QuotaExceeded(f"value of {length} bytes is over tenant {tenant!r}'s quota of {quota}")
+            if pool.tenant_used.get(tenant, 0) + size > quota:
+                eligible = _evictable(now)
+                while pool.tenant_used.get(tenant, 0) + size > quota:
+                    if not self._evict_tenant(pool, tenant, now, eligible):
+                        raise QuotaExceeded(
+                            f"tenant {tenant!r} is over its quota of {quota} bytes in pool {pool.name}"
+                        )
+        # 1. the pool's live budget
+        if pool.used + size > pool.budget:
+            if eligible is None:
+                eligible = _evictable(now)
+            while pool.used + size > pool.budget:
+                if not self._evict_one(pool, now, eligible):
+                    pool.oom += 1
+                    raise OutOfMemory(
+                        f"pool {pool.name} is full ({pool.used}/{pool.budget} bytes) and nothing is evictable"
+                    )
+        # 2. the pool's share of quarantine room
+        if alloc.quarantined_bytes:
+            alloc.reclaim(now)
+            if pool.used + alloc.quarantined_for(pool.name) + size > pool.capacity:
+                pool.oom += 1
+                raise OutOfMemory(
+                    f"pool {pool.name}: {alloc.quarantined_for(pool.name)} freed bytes are in quarantine"
+                    f" for up to {self.quarantine_s}s; retry shortly"
+                )
+        # 3. a contiguous extent
+        off = alloc.alloc(length, now)
+        if off is None:
+            if eligible is None:
+                eligible = _evictable(now)
+            if self.quarantine_s <= 0:
+                while off is None:
+                    if not self._evict_one(pool, now, eligible):
+                        break
+                    off = alloc.alloc(length, now)
+            else:
+                # freed extents come back only after the quarantine: make the room now, fail this put
+                freed = 0
+                while freed < size:
+                    n = self._evict_one(pool, now, eligible)
+                    if not n:
+                        break
+                    freed += n
+            if off is None:
+                pool.oom += 1
+                raise OutOfMemory(
+                    f"no contiguous {size}-byte extent (free {alloc.free_bytes}, largest "
+                    f"{alloc.largest_free}, quarantined {alloc.quarantined_bytes})"
+                )
+        pool.used += size
+        pool.tenant_used[tenant] = pool.tenant_used.get(tenant, 0) + size
+        if parent is not None and parent == key:
+            parent = None
+        return Reservation(
+            key, namespace, tenant, ikey, off, length, size, checksum, ttl, pin, parent,
+            self.region.view[off:off + length], pool, pol,
+        )
+
+    def _release(self, res: Reservation, *, immediate: bool) -> None:
+        pool = res.pool
+        pool.used -= res.size
+        left = pool.tenant_used.get(res.tenant, 0) - res.size
+        if left > 0:
+            pool.tenant_used[res.tenant] = left
+        else:
+            pool.tenant_used.pop(res.tenant, None)
+        self.allocator.free(res.offset, self.clock(), tag=pool.name, immediate=immediate)
+        try:
+            res.view.release()
+        except BufferError:
+            pass
+
+    def abort(self, res: Reservation) -> None:
+        """Give the reservation's room back (e.g. the connection died mid-payload). Idempotent."""
+        if res.done:
+            return
+        res.done = True
+        # a writer might still be writing into the extent (shm/RDMA): quarantine it
+        self._release(res, immediate=False)
+
+    def commit(self, res: Reservation) -> Entry:
+        """Verify the payload's checksum and index it; returns the live entry."""
+        if res.done:
+            raise InvalidArgument("reservation already committed or aborted")
+        res.done = True
+        cs = _checksum(res.view)
+        if cs != res.checksum:
+            self.checksum_mismatches += 1
+            self._release(res, immediate=True)
+            raise ChecksumMismatch(
+                f"checksum of {res.key!r} is {cs:#018x}, the writer sent {res.checksum:#018x}"
+            )
+        now = self.clock()
+        pol = res.policy
+        ttl = res.ttl if res.ttl is not None else pol.ttl
+        expires = now + ttl if ttl is not None and ttl > 0 else None
+        index = self._index
+        ikey = res.ikey
+        old = index.get(ikey)
+        if old is not None and old.expires is not None and old.expires <= now:
+            self._drop(old, now, "expire")
+            old = None
+        ns = self._ns_stats[res.namespace]
+        ts = self._tstats(res.tenant)
+        ns[_PUTS] += 1
+        ts[_PUTS] += 1
+        if old is not None and old.checksum == cs and old.length == res.length:
+            # idempotent re-put: keep the old value, refresh its TTL / pin
+            self._release(res, immediate=True)
+            if expires is not None or old.expires is not None:
+                old.expires = expires
+                if expires is not None:
+                    heapq.heappush(self._expiry, (expires, next(self._seq), old))
+            if res.pin:
+                old.pin_until = math.inf
+            return old
+        if old is not None and not pol.overwrite:
+            self._release(res, immediate=True)
+            raise KeyExists(f"key {res.key!r} exists in namespace {res.namespace} with different bytes")
+        self.generation += 1
+        pool = res.pool
+        e = Entry(
+            res.key, res.namespace, res.tenant, res.offset, res.length, cs, self.generation, now,
+            expires, math.inf if res.pin else None, res.parent, pool.name, ikey, res.size,
+        )
+        if old is not None:
+            self._drop(old, now, "replace")
+        index[ikey] = e
+        pool.entries += 1
+        pool.policy.insert(e)
+        lru = pool.tenant_lru.get(res.tenant)
+        if lru is None:
+            lru = pool.tenant_lru[res.tenant] = OrderedDict()
+        lru[e] = None
+        n = self._children.get(ikey)
+        if n:
+            e.children = n
+        if e.parent is not None:
+            pk = (ikey[0], ikey[1], e.parent)
+            self._children[pk] = self._children.get(pk, 0) + 1
+            p = index.get(pk)
+            if p is not None:
+                p.children += 1
+        if expires is not None:
+            heapq.heappush(self._expiry, (expires, next(self._seq), e))
+        ns[_BYTES] += res.length
+        ns[_ENTRIES] += 1
+        ts[_BYTES] += res.length
+        ts[_ENTRIES] += 1
+        try:
+            res.view.release()
+        except BufferError:
+            pass
+        return e
+
+    def put(self, key: bytes, value, *, namespace: str, tenant: str = "", ttl: float | None = None,
+            pin: bool = False, parent: bytes | None = None) -> Entry:
+        """Convenience: reserve, copy ``value`` (any buffer) into the region, commit."""
+        mv = memoryview(value).cast("B")
+        res = self.reserve(key, mv.nbytes, namespace=namespace, tenant=tenant, checksum=_checksum(mv),
+                           ttl=ttl, pin=pin, parent=parent)
+        try:
+            res.view[:] = mv
+        except BaseException:
+            self.abort(res)
+            raise
+        return self.commit(res)
+
+    # -- reads ---------------------------------------------------------------------------
+    def get(self, key: bytes, *, namespace: str, tenant: str = "") -> Entry | None:
+        """The live entry (hit) or None (miss); counts the access."""
+        e = self._lookup(key, namespace, tenant, None)
+        ns = self._ns_stats[namespace]
+        ts = self._tenant_stats.get(tenant)
+        if ts is None:
+            ts = self._tstats(tenant)
+        if e is None:
+            ns[_MISSES] += 1
+            ts[_MISSES] += 1
+            return None
+        ns[_HITS] += 1
+        ts[_HITS] += 1
+        e.hits += 1
+        pool = self.pools[e.pool]
+        pool.policy.access(e)
+        lru = pool.tenant_lru.get(e.tenant)
+        if lru is not None:
+            lru.move_to_end(e)
+        return e
+
+    def exists(self, key: bytes, *, namespace: str, tenant: str = "") -> bool:
+        return self._lookup(key, namespace, tenant, None) is not None
+
+    def view(self, entry: Entry) -> memoryview:
+        """Read-only view of the value's bytes in the region."""
+        off = entry.offset
+        if off < 0:
+            raise InvalidArgument(f"value of {entry.key!r} is not in the region")
+        return self._ro[off:off + entry.length]
+
+    def expose(self, entry: Entry) -> None:
+        """A descriptor of this value is handed to a one-sided reader (shared memory, RDMA).
+
+        Only such values go through the quarantine when freed: a TCP reader gets
+        its bytes through the node and verifies their checksum, so the region
+        can reuse the extent at once.
+        """
+        entry.exposed = True
+
+    def report_corrupt(self, entry: Entry) -> None:
+        """A reader found a checksum mismatch: drop the entry and count it."""
+        self.corrupt += 1
+        self._drop(entry, self.clock(), "corrupt")
+
+    def verify(self, entry: Entry) -> bool:
+        """Recompute the checksum of the value in the region."""
+        return entry.offset >= 0 and _checksum(self.view(entry)) == entry.checksum
+
+    # -- management ----------------------------------------------------------------------
+    def delete(self, key: bytes, *, namespace: str, tenant: str = "") -> bool:
+        now = self.clock()
+        e = self._lookup(key, namespace, tenant, now)
+        if e is None:
+            return False
+        self._drop(e, now, "delete")
+        return True
+
+    def pin(
+        self, keys: Iterable[bytes], *, namespace: str, tenant: str = "", ttl: float | None = None
+    ) -> int:
+        """Pin existing keys (``ttl`` None = until unpinned); number pinned."""
+        now = self.clock()
+        until = math.inf if ttl is None else now + ttl
+        n = 0
+        for k in keys:
+            e = self._lookup(k, namespace, tenant, now)
+            if e is None:
+                continue
+            if e.pin_until is None or e.pin_until < until:
+                e.pin_until = until
+            n += 1
+        return n
+
+    def unpin(self, keys: Iterable[bytes], *, namespace: str, tenant: str = "") -> int:
+        now = self.clock()
+        n = 0
+        for k in keys:
+            e = self._lookup(k, namespace, tenant, now)
+            if e is None:
+                continue
+            e.pin_until = None
+            n += 1
+        return n
+
+    def lookup_prefix(self, keys: Iterable[bytes], *, namespace: str, tenant: str = "",
+                      lease_s: float = 5.0) -> int:
+        """Number of leading keys that exist; each of them is leased for ``lease_s`` seconds."""
+        now = self.clock()
+        until = now + lease_s
+        n = 0
+        for k in keys:
+            e = self._lookup(k, namespace, tenant, now)
+            if e is None:
+                break
+            if e.lease_until < until:
+                e.lease_until = until
+            n += 1
+        return n
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop every entry whose TTL passed; number dropped."""
+        if now is None:
+            now = self.clock()
+        heap = self._expiry
+        n = 0
+        while heap and heap[0][0] <= now:
+            _, _, e = heapq.heappop(heap)
+            if e.expires is not None and e.expires <= now and self._index.get(e.ikey) is e:
+                self._drop(e, now, "expire")
+                n += 1
+        if self.allocator.quarantined_bytes:
+            self.allocator.reclaim(now)
+        return n
+
+    def entries(self, namespace: str | None = None) -> Iterator[Entry]:
+        """Live entries (a snapshot of the index taken when iteration starts)."""
+        for e in list(self._index.values()):
+            if namespace is None or e.namespace == namespace:
+                yield e
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def stats(self) -> dict:
+        a = self.allocator
+        if a.quarantined_bytes:
+            a.reclaim(self.clock())
+        pools = {}
+        for name, p in self.pools.items():
+            pools[name] = {
+                "capacity": p.capacity,
+                "budget": p.budget,
+                "used": p.used,
+                "quarantined": a.quarantined_for(name),
+                "entries": p.entries,
+                "evictions": p.policy.evictions,
+                "policy": p.policy.name,
+                "tenant_quota": p.config.tenant_quota,
+                "tenants": dict(p.tenant_used),
+                "oom": p.oom,
+            }
+        return {
+            "region": {
+                "path": self.region.path,
+                "size": self.region.size,
+                "used": a.used_bytes,
+                "free": a.free_bytes,
+                "quarantined": a.quarantined_bytes,
+                "largest_free": a.largest_free,
+                "fragmentation": round(a.fragmentation(), 6),
+                "waste": a.waste_bytes,
+                "extents": a.extents,
+                "free_extents": a.free_extents,
+            },
+            "entries": len(self._index),
+            "bytes": sum(s[_BYTES] for s in self._ns_stats.values()),
+            "generation": self.generation,
+            "pools": pools,
+            "namespaces": {n: dict(zip(_STAT_NAMES, s, strict=True)) for n, s in self._ns_stats.items()},
+            "tenants": {t: dict(zip(_STAT_NAMES, s, strict=True)) for t, s in self._tenant_stats.items()},
+            "corrupt": self.corrupt,
+            "checksum_mismatches": self.checksum_mismatches,
+            "evictions": self.evictions,
+            "expirations": self.expirations,
+        }
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._index.clear()
+        try:
+            self._ro.release()
+        except BufferError:
+            pass
+        self.region.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

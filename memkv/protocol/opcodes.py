@@ -1,0 +1,32 @@
+"""Operation codes and frame flags of the memkv wire protocol."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Op(enum.IntEnum):
+    CONNECTION = 0  # only in error replies about the connection itself (framing lost)
+    PING = 1
+    HELLO = 2  # start of authentication: the node answers with a nonce
+    AUTH = 3  # tenant + HMAC proof over both nonces
+    PUT = 10
+    GET = 11
+    DELETE = 12
+    PUT_MANY = 13
+    GET_MANY = 14
+    EXISTS_MANY = 15
+    PIN = 16
+    UNPIN = 17
+    LOOKUP_PREFIX = 18
+    LOCATE = 19  # descriptors for one-sided reads (shared memory, RDMA)
+    STATS = 20
+    REPORT_CORRUPT = 21  # a reader saw a checksum mismatch
+    # Control plane and admin operations (cluster, security) use 40+.
+    ADMIN = 40
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    RESPONSE = 1
+    ERROR = 2

@@ -1,0 +1,267 @@
+"""Request handlers: meta in, meta and payload buffers out.
+
+Handlers are synchronous and touch only the store; the connection code owns
+the socket and the payload transfer. PUT-like requests are split in two steps
+(``begin_put`` reserves region extents, the connection receives payload bytes
+straight into them, ``finish_put`` commits) so a value's bytes are written
+exactly once, from the socket into the region.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from memkv.engine.store import Store
+from memkv.errors import InvalidArgument, MemKVError, ProtocolError
+from memkv.protocol import auth
+from memkv.protocol import codec as c
+from memkv.protocol.opcodes import Op
+from memkv.server.session import Session
+
+Buffer = memoryview | bytes
+
+
+@dataclass
+class Reply:
+    meta: dict[str, Any]
+    buffers: list[Buffer] = field(default_factory=list)
+    payload_len: int = 0
+
+
+@dataclass
+class PutPlan:
+    """Where each value of a PUT/PUT_MANY goes: a reservation, or None (discard)."""
+
+    lengths: list[int]
+    reservations: list[Any]
+    errors: list[MemKVError | None]
+
+
+class Handlers:
+    def __init__(self, store: Store, tenants: dict[str, Any], limits: c.Limits,
+                 stats_extra: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.store = store
+        self.tenants = tenants
+        self.limits = limits
+        self.stats_extra = stats_extra
+        # Hooks for the cluster layer: called with (session, meta, keys, write) before
+        # any work; they raise Moved/Fenced to refuse the request.
+        self.route_checks: list[Callable[[Session, dict[str, Any], list[bytes], bool], None]] = []
+        self.simple: dict[int, Callable[[Session, dict[str, Any]], Reply]] = {
+            Op.PING: self.ping,
+            Op.HELLO: self.hello,
+            Op.AUTH: self.auth,
+            Op.GET: self.get,
+            Op.GET_MANY: self.get_many,
+            Op.EXISTS_MANY: self.exists_many,
+            Op.DELETE: self.delete,
+            Op.PIN: self.pin,
+            Op.UNPIN: self.unpin,
+            Op.LOOKUP_PREFIX: self.lookup_prefix,
+            Op.STATS: self.stats,
+            Op.REPORT_CORRUPT: self.report_corrupt,
+        }
+
+    # -- helpers
+    def _ns(self, session: Session, meta: dict[str, Any], level: str) -> str:
+        ns = c.get_str(meta, "ns", "shared", 128)
+        session.require(ns, level)
+        return ns
+
+    def _route(self, session: Session, meta: dict[str, Any], keys: list[bytes], write: bool) -> None:
+        for check in self.route_checks:
+            check(session, meta, keys, write)
+
+    # -- session
+    def ping(self, session: Session, meta: dict[str, Any]) -> Reply:
+        session.require_login()
+        return Reply({"t": time.time()})
+
+    def hello(self, session: Session, meta: dict[str, Any]) -> Reply:
+        session.server_nonce = auth.new_nonce()
+        return Reply({"nonce": session.server_nonce, "auth": session.auth_required})
+
+    def auth(self, session: Session, meta: dict[str, Any]) -> Reply:
+        from memkv.errors import AuthError
+
+        tenant_name = c.get_str(meta, "tenant", None, 128)
+        cnonce = c.get_key(meta, "cnonce")
+        proof = c.get_key(meta, "proof")
+        snonce, session.server_nonce = session.server_nonce, None  # one try per nonce
+        tenant = self.tenants.get(tenant_name)
+        if snonce is None:
+            raise AuthError("send HELLO first")
+        if tenant is None or not auth.verify(
+                auth.client_proof(tenant.token, tenant_name, snonce, cnonce), proof):
+            raise AuthError("authentication failed")
+        session.login(tenant)
+        return Reply({"proof": auth.server_proof(tenant.token, tenant_name, snonce, cnonce)})
+
+    # -- writes
+    def begin_put(self, session: Session, op: int, meta: dict[str, Any], payload_len: int) -> PutPlan:
+        ns = self._ns(session, meta, "rw")
+        ttl = c.get_opt_float(meta, "ttl")
+        pin = c.get_bool(meta, "pin")
+        if op == Op.PUT:
+            keys = [c.get_key(meta, "k", self.limits)]
+            lengths = [payload_len]
+            sums = [c.get_int(meta, "cs")]
+            parents = [c.get_opt_bytes(meta, "parent", self.limits)]
+        else:
+            keys = c.get_keys(meta, "ks", self.limits)
+            lengths = c.get_ints(meta, "ls", len(keys))
+            sums = c.get_ints(meta, "cs", len(keys))
+            raw_parents = meta.get("parents")
+            if raw_parents is None:
+                parents = [None] * len(keys)
+            elif isinstance(raw_parents, list) and len(raw_parents) == len(keys):
+                parents = [None if p is None else c.get_key({"p": p}, "p", self.limits) for p in raw_parents]
+            else:
+                raise ProtocolError("field 'parents' must be a list as long as 'ks'")
+            if sum(lengths) != payload_len:
+                raise ProtocolError("value lengths do not add up to the payload length")
+        self._route(session, meta, keys, True)
+        plan = PutPlan(lengths, [], [])
+        try:
+            for key, length, cs, parent in zip(keys, lengths, sums, parents, strict=True):
+                try:
+                    res = self.store.reserve(key, length, namespace=ns, tenant=session.tenant, checksum=cs,
+                                             ttl=ttl, pin=pin, parent=parent)
+                except MemKVError as exc:
+                    if op == Op.PUT:
+                        raise
+                    plan.reservations.append(None)
+                    plan.errors.append(exc)
+                else:
+                    plan.reservations.append(res)
+                    plan.errors.append(None)
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return plan
+
+    def abort_put(self, plan: PutPlan) -> None:
+        for res in plan.reservations:
+            if res is not None:
+                self.store.abort(res)
+        plan.reservations = [None] * len(plan.reservations)
+
+    def finish_put(self, op: int, plan: PutPlan) -> Reply:
+        gens: list[int] = []
+        errs: list[list[Any] | None] = []
+        for i, res in enumerate(plan.reservations):
+            err = plan.errors[i]
+            if res is not None:
+                plan.reservations[i] = None
+                try:
+                    entry = self.store.commit(res)
+                except MemKVError as exc:
+                    err = exc
+                else:
+                    gens.append(entry.generation)
+                    errs.append(None)
+                    continue
+            if op == Op.PUT and err is not None:
+                raise err
+            gens.append(0)
+            errs.append([err.code, err.message] if err is not None else None)
+        if op == Op.PUT:
+            return Reply({"gen": gens[0]})
+        return Reply({"gens": gens, "errs": errs})
+
+    # -- reads
+    def get(self, session: Session, meta: dict[str, Any]) -> Reply:
+        ns = self._ns(session, meta, "r")
+        key = c.get_key(meta, "k", self.limits)
+        self._route(session, meta, [key], False)
+        entry = self.store.get(key, namespace=ns, tenant=session.tenant)
+        if entry is None:
+            return Reply({"f": False})
+        view = self.store.view(entry)
+        return Reply({"f": True, "cs": entry.checksum, "gen": entry.generation}, [view], entry.length)
+
+    def get_many(self, session: Session, meta: dict[str, Any]) -> Reply:
+        ns = self._ns(session, meta, "r")
+        keys = c.get_keys(meta, "ks", self.limits)
+        self._route(session, meta, keys, False)
+        lens: list[int] = []
+        sums: list[int] = []
+        gens: list[int] = []
+        views: list[Buffer] = []
+        total = 0
+        get = self.store.get
+        for key in keys:
+            entry = get(key, namespace=ns, tenant=session.tenant)
+            if entry is None:
+                lens.append(-1)
+                sums.append(0)
+                gens.append(0)
+                continue
+            lens.append(entry.length)
+            sums.append(entry.checksum)
+            gens.append(entry.generation)
+            views.append(self.store.view(entry))
+            total += entry.length
+        return Reply({"ls": lens, "cs": sums, "gens": gens}, views, total)
+
+    def exists_many(self, session: Session, meta: dict[str, Any]) -> Reply:
+        ns = self._ns(session, meta, "r")
+        keys = c.get_keys(meta, "ks", self.limits)
+        self._route(session, meta, keys, False)
+        return Reply({"ex": [self.store.exists(k, namespace=ns, tenant=session.tenant) for k in keys]})
+
+    def delete(self, session: Session, meta: dict[str, Any]) -> Reply:
+        ns = self._ns(session, meta, "rw")
+        key = c.get_key(meta, "k", self.limits)
+        self._route(session, meta, [key], True)
+        return Reply({"d": self.store.delete(key, namespace=ns, tenant=session.tenant)})
+
+    def pin(self, session: Session, meta: dict[str, Any]) -> Reply:
+        ns = self._ns(session, meta, "rw")
+        keys = c.get_keys(meta, "ks", self.limits)
+        self._route(session, meta, keys, True)
+        ttl = c.get_opt_float(meta, "ttl")
+        return Reply({"n": self.store.pin(keys, namespace=ns, tenant=session.tenant, ttl=ttl)})
+
+    def unpin(self, session: Session, meta: dict[str, Any]) -> Reply:
+        ns = self._ns(session, meta, "rw")
+        keys = c.get_keys(meta, "ks", self.limits)
+        self._route(session, meta, keys, True)
+        return Reply({"n": self.store.unpin(keys, namespace=ns, tenant=session.tenant)})
+
+    def lookup_prefix(self, session: Session, meta: dict[str, Any]) -> Reply:
+        ns = self._ns(session, meta, "r")
+        keys = c.get_keys(meta, "ks", self.limits)
+        self._route(session, meta, keys, False)
+        lease = c.get_opt_float(meta, "lease")
+        if lease is not None and lease > 3600:
+            raise InvalidArgument("lease longer than an hour")
+        n = self.store.lookup_prefix(keys, namespace=ns, tenant=session.tenant,
+                                     lease_s=5.0 if lease is None else lease)
+        return Reply({"n": n})
+
+    def report_corrupt(self, session: Session, meta: dict[str, Any]) -> Reply:
+        ns = self._ns(session, meta, "r")
+        key = c.get_key(meta, "k", self.limits)
+        gen = c.get_int(meta, "gen")
+        entry = self.store.get(key, namespace=ns, tenant=session.tenant)
+        dropped = False
+        if entry is not None and entry.generation == gen:
+            # Re-verify on the node: a reader's report alone must not let one
+            # client delete another's data.
+            from memkv.engine.checksum import checksum
+
+            if checksum(self.store.view(entry)) != entry.checksum:
+                self.store.report_corrupt(entry)
+                dropped = True
+        return Reply({"dropped": dropped})
+
+    def stats(self, session: Session, meta: dict[str, Any]) -> Reply:
+        session.require_login()
+        st = self.store.stats()
+        if self.stats_extra is not None:
+            st.update(self.stats_extra())
+        return Reply({"stats": st})

@@ -1,0 +1,208 @@
+"""Shared fixtures: real memkv node processes on free loopback ports.
+
+``start_node(*args, config=None)`` (factory) starts ``python -m memkv.cli serve
+--listen 127.0.0.1:<free port> --memory 64MiB --data-dir <tmp>`` plus ``args``
+(and ``--config FILE`` written from the TOML text ``config``), waits until the
+port accepts TCP (15 s; fails with the node's stderr if it dies or hangs) and
+returns a :class:`NodeProc`. Every node a test started is killed at teardown.
+
+``memkv_node`` is one such node; extra args by indirect parametrization::
+
+    @pytest.mark.parametrize("memkv_node", [["--memory", "8MiB"]], indirect=True)
+    def test_small(memkv_node): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool] | None = None) -> None:
+    """Wait until ``host:port`` accepts a TCP connection.
+
+    Raises ``RuntimeError`` if ``alive()`` turns false, ``TimeoutError`` after ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None and not alive():
+            raise RuntimeError("process exited before it accepted connections")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{host}:{port} did not accept connections within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+class NodeProc:
+    """A memkv node subprocess started by the ``start_node`` fixture."""
+
+    def __init__(self, args: list[str], workdir: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.args = list(args)
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: object | None = None
+
+    # -- addresses -------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"memkv://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "memkv.cli", "serve", "--listen", self.address]
+        if "--memory" not in self.args:
+            cmd += ["--memory", "64MiB"]
+        if "--data-dir" not in self.args:
+            cmd += ["--data-dir", str(self.data_dir)]
+        return cmd + self.args
+
+    # -- life cycle --------------------------------------------------------------
+    def start(self, timeout: float = START_TIMEOUT_S) -> NodeProc:
+        """Start (or start again, same port and data dir) and wait until it accepts."""
+        assert self.proc is None or self.proc.poll() is not None, "node already running"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # closed in _reap
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+        self.proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        self._log = log
+        try:
+            wait_for_port(self.host, self.port, timeout, alive=lambda: self.running)
+        except (RuntimeError, TimeoutError) as exc:
+            self.kill()
+            pytest.fail(
+                f"memkv node {' '.join(self.command())} failed to start: {exc}\n"
+                f"--- node output ---\n{self.output()}",
+                pytrace=False,
+            )
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def output(self) -> str:
+        """Everything the node wrote to stdout/stderr so far (all its runs)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    stderr = output
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self._reap()
+
+    def kill(self) -> int | None:
+        """SIGKILL at once (a crash, as far as the node can tell)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        return self._reap()
+
+    def pause(self) -> None:
+        """SIGSTOP: the node hangs without closing its sockets."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self, timeout: float = START_TIMEOUT_S) -> NodeProc:
+        """Graceful stop, then start again with the same port, args and data dir."""
+        self.stop()
+        return self.start(timeout)
+
+    def _reap(self) -> int | None:
+        if self._log is not None:
+            with contextlib.suppress(Exception):
+                self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+        return self.proc.returncode if self.proc is not None else None
+
+    def __repr__(self) -> str:
+        return f"<NodeProc {self.url} pid={self.pid} running={self.running}>"
+
+
+StartNode = Callable[..., NodeProc]
+
+
+@pytest.fixture
+def start_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartNode]:
+    """Factory: ``start_node(*args, config: str | None = None) -> NodeProc``."""
+    nodes: list[NodeProc] = []
+
+    def _start(*args: str, config: str | None = None) -> NodeProc:
+        workdir = tmp_path_factory.mktemp("node")
+        extra = [str(a) for a in args]
+        if config is not None:
+            cfg = workdir / "memkv.toml"
+            cfg.write_text(config)
+            extra = ["--config", str(cfg), *extra]
+        node = NodeProc(extra, workdir)
+        nodes.append(node)
+        return node.start()
+
+    yield _start
+    for node in nodes:
+        with contextlib.suppress(Exception):
+            if node.running:
+                node.resume()
+        node.kill()
+
+
+@pytest.fixture
+def memkv_node(request: pytest.FixtureRequest, start_node: StartNode) -> NodeProc:
+    """One standalone node; extra CLI args via indirect parametrization (list of str)."""
+    args = getattr(request, "param", None) or []
+    if isinstance(args, str):
+        args = args.split()
+    return start_node(*args)
