@@ -54,9 +54,7 @@ def machine_info() -> dict[str, object]:
         "kernel": platform.release(),
         "os": _run("sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"),
         "python": sys.version.split()[0],
-        "versions": {
-            d: _version(d) for d in ("memkv", "numpy", "redis", "hiredis", "trio", "msgpack", "xxhash")
-        },
+        "versions": {d: _version(d) for d in ("memkv", "numpy", "redis", "hiredis", "trio", "msgpack", "xxhash")},
         "redis_server": _run("redis-server", "--version"),
         "git_commit": _run("git", "-C", str(root), "rev-parse", "--short", "HEAD"),
         "git_dirty": bool(_run("git", "-C", str(root), "status", "--porcelain", "--untracked-files=no")),

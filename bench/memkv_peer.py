@@ -42,9 +42,7 @@ class MemkvNode:
     def start(self, timeout: float = 30.0) -> MemkvNode:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         wait_for_tcp(self.host, self.port, self.proc, timeout, self.log)
         return self
 

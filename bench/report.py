@@ -54,8 +54,7 @@ def summarize(samples: list[Sample]) -> list[Result]:
                 "clients": clients,
                 "median": median,
                 "runs": [asdict(r) for r in runs],
-                "errors": [r.error for r in runs if r.error]
-                + [f"{r.misses} misses" for r in runs if r.misses],
+                "errors": [r.error for r in runs if r.error] + [f"{r.misses} misses" for r in runs if r.misses],
             }
         )
     return out
@@ -94,9 +93,7 @@ def compute_ratios(results: list[Result]) -> list[Result]:
     return out
 
 
-def _best(
-    results: list[Result], peer: str, ops: tuple[str, ...], size: int, clients: int, key: str
-) -> Result | None:
+def _best(results: list[Result], peer: str, ops: tuple[str, ...], size: int, clients: int, key: str) -> Result | None:
     """The best of several memkv ways to do the same read (``get`` vs ``get_into``)."""
     cands = [r for op in ops if (r := find(results, peer, op, size, clients))]
     if not cands:
@@ -123,9 +120,7 @@ def evaluate_targets(results: list[Result], limits: dict[str, Any], peer: str = 
             }
         )
 
-    def ratio(
-        ops: tuple[str, ...], base_op: str, size: int, clients: int, key: str
-    ) -> tuple[float | None, str]:
+    def ratio(ops: tuple[str, ...], base_op: str, size: int, clients: int, key: str) -> tuple[float | None, str]:
         m = _best(results, peer, ops, size, clients, key)
         b = find(results, BASELINE, base_op, size, clients)
         if m is None or b is None or not b["median"][key]:
@@ -206,9 +201,7 @@ def plot_png(doc: dict[str, Any], path: Path) -> None:
                     if not pts:
                         continue
                     xs = [s for s, _ in pts]
-                    marker = {"get": "o", "get_into": "s", "get_many": "o", "get_many_into": "s", "put": "^"}[
-                        op
-                    ]
+                    marker = {"get": "o", "get_into": "s", "get_many": "o", "get_many_into": "s", "put": "^"}[op]
                     label = f"{peer} {op}" + ("" if key.endswith("_us") else f" c={clients}")
                     ax.plot(
                         xs,
@@ -294,11 +287,7 @@ def print_report(doc: dict[str, Any]) -> None:
         row = [fmt_size(size), op_label(op, batch), str(clients)]
         for p in peers:
             r = next(
-                (
-                    r
-                    for r in results
-                    if (r["peer"], r["op"], r["size"], r["clients"]) == (p, op, size, clients)
-                ),
+                (r for r in results if (r["peer"], r["op"], r["size"], r["clients"]) == (p, op, size, clients)),
                 None,
             )
             if r is None:
@@ -315,13 +304,12 @@ def print_report(doc: dict[str, Any]) -> None:
     console.print(t)
 
     if doc.get("targets"):
-        t = Table(title="targets")
+        quick = " (--quick: indicative only, few ops per measurement)" if doc.get("quick") else ""
+        t = Table(title=f"targets{quick}")
         for col in ("target", "value", "threshold", "result", "basis"):
             t.add_column(col)
         for g in doc["targets"]:
-            res = {True: "[green]PASS[/green]", False: "[red]FAIL[/red]", None: "[yellow]n/a[/yellow]"}[
-                g["passed"]
-            ]
+            res = {True: "[green]PASS[/green]", False: "[red]FAIL[/red]", None: "[yellow]n/a[/yellow]"}[g["passed"]]
             val = "" if g["value"] is None else f"{g['value']:.2f}"
             op = ">=" if g["higher_is_better"] else "<="
             t.add_row(g["description"], val, f"{op} {g['threshold']}", res, g["basis"])

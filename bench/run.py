@@ -57,12 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="short runs (about a minute in all)")
     ap.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
-    ap.add_argument(
-        "--peers", default="redis,memkv", help=f"comma list of {', '.join(PEERS)} (default: redis,memkv)"
-    )
-    ap.add_argument(
-        "--sizes", default=",".join(report.fmt_size(s) for s in DEFAULT_SIZES), help="value sizes"
-    )
+    ap.add_argument("--peers", default="redis,memkv", help=f"comma list of {', '.join(PEERS)} (default: redis,memkv)")
+    ap.add_argument("--sizes", default=",".join(report.fmt_size(s) for s in DEFAULT_SIZES), help="value sizes")
     ap.add_argument("--clients", default="1,8", help="client process counts (default: 1,8)")
     ap.add_argument("--batch", type=int, default=16, help="keys per batched GET (default: 16)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each measurement (median kept)")
@@ -132,12 +128,7 @@ class Bench:
     def fail(self, peer: str, msg: str) -> None:
         text = f"{peer}: {msg}"
         node = self.servers.get("memkv-node")
-        if (
-            peer.startswith("memkv")
-            and node is not None
-            and node.proc is not None
-            and node.proc.poll() is not None
-        ):
+        if peer.startswith("memkv") and node is not None and node.proc is not None and node.proc.poll() is not None:
             text += f"\nmemkv node exited with {node.proc.returncode}; its log:\n{tail(node.log)}"
         self.errors.append(text)
         console.print(f"[red]{text}[/red]")
@@ -176,9 +167,7 @@ class Bench:
         min_ops = (1 if big else 2) if self.args.quick else 3
         warmup = 0 if self.args.quick and big else 1
         max_ops = max(min_ops, self.put_budget // size // clients) if op == "put" else 10_000_000
-        task = Task(
-            op, size, batch, n_read_keys(size), self.args.seconds, max_ops, self.run_id, min_ops, warmup
-        )
+        task = Task(op, size, batch, n_read_keys(size), self.args.seconds, max_ops, self.run_id, min_ops, warmup)
         s = pool.measure(task, clients)
         self.samples.append(s)
         if op == "put":

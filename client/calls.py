@@ -135,11 +135,13 @@ class GetCall(Call):
         if getattr(self, "too_small", 0):
             raise InvalidArgument(f"buffer of {self.into.nbytes if self.into else 0} bytes is too small "
                                   f"for a value of {self.too_small} bytes")
+        if not dests:  # an empty value: the connection asked for no destination
+            dests = [memoryview(b"")]
         if checksum(dests[0]) != frame.meta.get("cs"):
             self.corrupt.append(CorruptRead(self.key, int(frame.meta.get("gen", 0))))
             return None
         if self.into is None:
-            return bytes(self._buf)
+            return bytes(self._buf) if frame.payload_len else b""
         return frame.payload_len
 
 
@@ -183,7 +185,7 @@ class GetManyCall(Call):
             if n < 0:
                 out.append(None)
                 continue
-            dest = dests[j]
+            dest = dests[j] if j < len(dests) else memoryview(b"")  # no payload at all: empty values
             j += 1
             if checksum(dest) != sums[i]:
                 self.corrupt.append(CorruptRead(self.keys[i], int(gens[i])))

@@ -8,13 +8,16 @@ from typing import Any
 import trio
 
 from memkv.client import ops
+from memkv.client.onesided import OneSided
 from memkv.client.ops import Send, StandaloneRouter
 from memkv.client.pool import TrioPool
 from memkv.client.url import NodeAddress, parse_url
 from memkv.errors import (
     ConnectionLost,
+    Fenced,
     InvalidArgument,
     MemKVError,
+    Moved,
     NodeUnavailable,
     TimeoutError,
 )
@@ -23,6 +26,28 @@ from memkv.protocol.opcodes import Op
 # Errors after which the same request may be retried on another replica.
 FAILOVER_ERRORS = (ConnectionLost, NodeUnavailable, TimeoutError)
 TRANSPORTS = ("auto", "tcp", "shm", "rdma")
+# Cluster: how often one operation is run again after MOVED (slot map changed) before giving up.
+MOVED_RETRIES = 5
+
+
+def replicated_outcome(outcomes: list[tuple[bool, Any]]) -> Any:
+    """Combine the replies of one write sent to every replica (primary first).
+
+    MOVED from any replica wins (the operation is run again on a fresh map).
+    Replicas that are dead (failover errors) or fenced did not store it and are
+    not live: they are skipped. Any other error (e.g. KeyExists) is raised.
+    Otherwise the first replica's result is returned."""
+    errors = [r for ok, r in outcomes if not ok]
+    moved = [e for e in errors if isinstance(e, Moved)]
+    if moved:
+        raise max(moved, key=lambda e: e.epoch)
+    for e in errors:
+        if not isinstance(e, (*FAILOVER_ERRORS, Fenced)):
+            raise e
+    for ok, r in outcomes:
+        if ok:
+            return r
+    raise errors[0]
 
 
 class _Connecting:
@@ -52,6 +77,8 @@ class Client:
         self.pool = pool
         self.timeout = timeout
         self.transport = transport
+        # one-sided reads (shared memory / RDMA) for transport auto|shm|rdma (client/onesided.py)
+        self.onesided = OneSided(transport) if transport != "tcp" else None
 
     @classmethod
     def connect(cls, url: str, *, tenant: str | None = None, token: str | None = None,
@@ -82,6 +109,8 @@ class Client:
 
     async def aclose(self) -> None:
         self.pool.close()
+        if getattr(self, "onesided", None) is not None:
+            self.onesided.close()
         close = getattr(self.router, "aclose", None)
         if close is not None:
             await close()
@@ -102,6 +131,8 @@ class Client:
         raise AssertionError("unreachable")
 
     async def _exec(self, send: Send) -> Any:
+        if send.write and send.node is None and getattr(self.router, "clustered", False):
+            return await self._exec_replicated(send)
         nodes = [send.node] if send.node is not None else self.router.replicas(send.key)
         last: MemKVError | None = None
         for node in nodes:
@@ -112,6 +143,26 @@ class Client:
                 if send.write:
                     raise
         raise last if last is not None else NodeUnavailable("no replica for key")
+
+    async def _exec_replicated(self, send: Send) -> Any:
+        """Cluster write: sent to every live replica in parallel; acknowledged when
+        all replicas that are alive stored it (a dead or fenced replica is skipped,
+        at least one must succeed). MOVED from any replica restarts the operation."""
+        nodes = self.router.replicas(send.key)
+        if not nodes:
+            raise NodeUnavailable("no live replica for this key's slot")
+        outcomes: list[Any] = [None] * len(nodes)
+
+        async def one(i: int, node: NodeAddress) -> None:
+            try:
+                outcomes[i] = (True, await self._call_node(node, send))
+            except MemKVError as exc:
+                outcomes[i] = (False, exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, node in enumerate(nodes):
+                nursery.start_soon(one, i, node)
+        return replicated_outcome(outcomes)
 
     async def _exec_many(self, sends: list[Send]) -> list[Any]:
         if len(sends) == 1:
@@ -135,11 +186,20 @@ class Client:
     async def _drive(self, gen: ops.Op_) -> Any:
         value: Any = None
         error: BaseException | None = None
+        moved = 0
         while True:
             try:
                 req = gen.throw(error) if error is not None else gen.send(value)
             except StopIteration as stop:
                 return stop.value
+            except Moved as exc:  # cluster: the slot map changed under us; refresh, run the op again
+                moved += 1
+                if not hasattr(gen, "restart") or moved > MOVED_RETRIES:
+                    raise
+                await self.router.refresh(exc.epoch)
+                gen = gen.restart()
+                value, error = None, None
+                continue
             value, error = None, None
             try:
                 value = await (self._exec_many(req) if isinstance(req, list) else self._exec(req))
@@ -152,9 +212,13 @@ class Client:
         await self._drive(ops.put(key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent))
 
     async def get(self, key: bytes | str, *, namespace: str = "shared") -> bytes | None:
+        if self.onesided is not None:
+            return await self.onesided.aread(self, [key], namespace, single=True)
         return await self._drive(ops.get(key, namespace=namespace))
 
     async def get_into(self, key: bytes | str, buffer: Any, *, namespace: str = "shared") -> int | None:
+        if self.onesided is not None:
+            return await self.onesided.aread(self, [key], namespace, single=True, into=buffer)
         return await self._drive(ops.get(key, namespace=namespace, into=buffer))
 
     async def put_many(self, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *,
@@ -164,10 +228,14 @@ class Client:
                                        parents=parents))
 
     async def get_many(self, keys: Iterable[bytes | str], *, namespace: str = "shared") -> list[bytes | None]:
+        if self.onesided is not None:
+            return await self.onesided.aread(self, list(keys), namespace)
         return await self._drive(ops.get_many(self.router, keys, namespace=namespace))
 
     async def get_many_into(self, keys: Iterable[bytes | str], buffers: list[Any], *,
                             namespace: str = "shared") -> list[int | None]:
+        if self.onesided is not None:
+            return await self.onesided.aread(self, list(keys), namespace, intos=buffers)
         return await self._drive(ops.get_many(self.router, keys, namespace=namespace, intos=buffers))
 
     async def exists_many(self, keys: Iterable[bytes | str], *, namespace: str = "shared") -> list[bool]:

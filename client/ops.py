@@ -69,6 +69,53 @@ class Send:
 Op_ = Generator[Send | list[Send], Any, Any]
 
 
+class Restartable:
+    """An operation that can be run again from the start (``restart()``).
+
+    After a ``MOVED`` reply the cluster client refreshes its slot map and runs
+    the whole operation again, so a batch is re-split under the new map.
+    One-shot iterators among the arguments are turned into lists first.
+    """
+
+    __slots__ = ("_fn", "_args", "_kwargs", "_gen")
+
+    def __init__(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._gen = fn(*args, **kwargs)
+
+    def send(self, value: Any) -> Any:
+        return self._gen.send(value)
+
+    def throw(self, exc: BaseException) -> Any:
+        return self._gen.throw(exc)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __iter__(self) -> Restartable:
+        return self
+
+    def __next__(self) -> Any:
+        return self._gen.send(None)
+
+    def restart(self) -> Restartable:
+        self._gen.close()
+        return Restartable(self._fn, self._args, self._kwargs)
+
+
+def restartable(fn: Any) -> Any:
+    import functools
+    from collections.abc import Iterator
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Restartable:
+        args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
+        kwargs = {k: list(v) if isinstance(v, Iterator) else v for k, v in kwargs.items()}
+        return Restartable(fn, args, kwargs)
+
+    return wrapper
+
+
 def as_key(key: bytes | str) -> bytes:
     if isinstance(key, str):
         key = key.encode()
@@ -96,12 +143,14 @@ def _report_corrupt(call: Call, namespace: str) -> Op_:
             pass  # the report is best effort; the caller already sees a miss
 
 
+@restartable
 def put(key: bytes | str, value: Any, *, namespace: str, ttl: float | None, pin: bool,
         parent: bytes | None = None) -> Op_:
     k = as_key(key)
     yield Send(PutCall(k, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent), k, write=True)
 
 
+@restartable
 def get(key: bytes | str, *, namespace: str, into: Any = None) -> Op_:
     k = as_key(key)
     call = GetCall(k, namespace=namespace, into=into)
@@ -111,10 +160,24 @@ def get(key: bytes | str, *, namespace: str, into: Any = None) -> Op_:
     return result
 
 
-def _split(router: Router, keys: list[bytes]) -> list[tuple[NodeAddress, list[int]]]:
-    return list(group_by_owner(router, keys).items())
+def group_by_replicas(router: Router, keys: Sequence[bytes]) -> dict[tuple[NodeAddress, ...], list[int]]:
+    """Indices of ``keys`` grouped by their whole replica list (primary first).
+
+    In a cluster, keys with the same primary may have different other replicas,
+    so writes (sent to every replica) and reads (failing over to the next
+    replica) are split by the full list; standalone, this is one group.
+    """
+    groups: dict[tuple[NodeAddress, ...], list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(tuple(router.replicas(k)), []).append(i)
+    return groups
 
 
+def _split(router: Router, keys: list[bytes]) -> list[tuple[tuple[NodeAddress, ...], list[int]]]:
+    return list(group_by_replicas(router, keys).items())
+
+
+@restartable
 def put_many(router: Router, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *, namespace: str,
              ttl: float | None, pin: bool, parents: list[bytes | None] | None = None) -> Op_:
     pairs = list(items.items()) if isinstance(items, dict) else list(items)
@@ -138,6 +201,7 @@ def put_many(router: Router, items: Iterable[tuple[bytes | str, Any]] | dict[Any
     return out
 
 
+@restartable
 def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
              intos: list[Any] | None = None) -> Op_:
     ks = [as_key(k) for k in keys]
@@ -159,6 +223,7 @@ def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
     return out
 
 
+@restartable
 def keyed_batch(router: Router, op: Op, keys: Iterable[bytes | str], *, namespace: str, field_name: str,
                 write: bool = False, extra: dict[str, Any] | None = None) -> Op_:
     """exists_many / pin / unpin: one list result (or count) per owner, merged."""
@@ -183,6 +248,7 @@ def keyed_batch(router: Router, op: Op, keys: Iterable[bytes | str], *, namespac
     return out
 
 
+@restartable
 def lookup_prefix(router: Router, keys: Iterable[bytes | str], *, namespace: str, lease: float) -> Op_:
     """Length of the cached leading run of ``keys``; those blocks are leased.
 
@@ -193,9 +259,9 @@ def lookup_prefix(router: Router, keys: Iterable[bytes | str], *, namespace: str
     total = 0
     i = 0
     while i < len(ks):
-        owner = router.replicas(ks[i])[0]
+        owner = tuple(router.replicas(ks[i]))
         j = i + 1
-        while j < len(ks) and router.replicas(ks[j])[0] == owner:
+        while j < len(ks) and tuple(router.replicas(ks[j])) == owner:
             j += 1
         m: dict[str, Any] = {"ks": ks[i:j], "lease": lease}
         if namespace != "shared":
@@ -208,6 +274,7 @@ def lookup_prefix(router: Router, keys: Iterable[bytes | str], *, namespace: str
     return total
 
 
+@restartable
 def delete(key: bytes | str, *, namespace: str) -> Op_:
     k = as_key(key)
     meta: dict[str, Any] = {"k": k}

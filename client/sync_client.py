@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from memkv.client import ops
-from memkv.client.client import FAILOVER_ERRORS, TRANSPORTS
+from memkv.client.client import FAILOVER_ERRORS, MOVED_RETRIES, TRANSPORTS, replicated_outcome
+from memkv.client.onesided import OneSided
 from memkv.client.ops import Send, StandaloneRouter
 from memkv.client.pool import BlockingPool
 from memkv.client.url import NodeAddress, parse_url
-from memkv.errors import InvalidArgument, MemKVError, NodeUnavailable
+from memkv.errors import InvalidArgument, MemKVError, Moved, NodeUnavailable
 from memkv.protocol.opcodes import Op
 
 
@@ -26,7 +27,10 @@ class SyncClient:
         self.pool = pool
         self.timeout = timeout
         self.transport = transport
+        # one-sided reads (shared memory / RDMA) for transport auto|shm|rdma (client/onesided.py)
+        self.onesided = OneSided(transport) if transport != "tcp" else None
         self._executor: ThreadPoolExecutor | None = None
+        self._repl_executor: ThreadPoolExecutor | None = None  # cluster writes: one task per extra replica
 
     @classmethod
     def connect(cls, url: str, *, tenant: str | None = None, token: str | None = None,
@@ -55,9 +59,14 @@ class SyncClient:
 
     def close(self) -> None:
         self.pool.close()
+        if getattr(self, "onesided", None) is not None:
+            self.onesided.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._repl_executor is not None:
+            self._repl_executor.shutdown(wait=True)
+            self._repl_executor = None
         close = getattr(self.router, "close", None)
         if close is not None:
             close()
@@ -68,6 +77,8 @@ class SyncClient:
         return self.pool.call(node, send.call)
 
     def _exec(self, send: Send) -> Any:
+        if send.write and send.node is None and getattr(self.router, "clustered", False):
+            return self._exec_replicated(send)
         nodes = [send.node] if send.node is not None else self.router.replicas(send.key)
         last: MemKVError | None = None
         for node in nodes:
@@ -78,6 +89,26 @@ class SyncClient:
                 if send.write:
                     raise
         raise last if last is not None else NodeUnavailable("no replica for key")
+
+    def _exec_replicated(self, send: Send) -> Any:
+        """Cluster write to every live replica in parallel (see Client._exec_replicated).
+        The primary runs in this thread, the others in a pool of their own (never
+        the batch pool, whose workers may be waiting here)."""
+        nodes = self.router.replicas(send.key)
+        if not nodes:
+            raise NodeUnavailable("no live replica for this key's slot")
+
+        def one(node: NodeAddress) -> tuple[bool, Any]:
+            try:
+                return True, self._call_node(node, send)
+            except MemKVError as exc:
+                return False, exc
+
+        if len(nodes) > 1 and self._repl_executor is None:
+            self._repl_executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="memkv-repl")
+        futures = [self._repl_executor.submit(one, n) for n in nodes[1:]] if len(nodes) > 1 else []
+        outcomes = [one(nodes[0])] + [f.result() for f in futures]
+        return replicated_outcome(outcomes)
 
     def _exec_many(self, sends: list[Send]) -> list[Any]:
         if len(sends) == 1:
@@ -91,11 +122,20 @@ class SyncClient:
     def _drive(self, gen: ops.Op_) -> Any:
         value: Any = None
         error: BaseException | None = None
+        moved = 0
         while True:
             try:
                 req = gen.throw(error) if error is not None else gen.send(value)
             except StopIteration as stop:
                 return stop.value
+            except Moved as exc:  # cluster: the slot map changed under us; refresh, run the op again
+                moved += 1
+                if not hasattr(gen, "restart") or moved > MOVED_RETRIES:
+                    raise
+                self.router.refresh(exc.epoch)
+                gen = gen.restart()
+                value, error = None, None
+                continue
             value, error = None, None
             try:
                 value = self._exec_many(req) if isinstance(req, list) else self._exec(req)
@@ -108,9 +148,13 @@ class SyncClient:
         self._drive(ops.put(key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent))
 
     def get(self, key: bytes | str, *, namespace: str = "shared") -> bytes | None:
+        if self.onesided is not None:
+            return self.onesided.sread(self, [key], namespace, single=True)
         return self._drive(ops.get(key, namespace=namespace))
 
     def get_into(self, key: bytes | str, buffer: Any, *, namespace: str = "shared") -> int | None:
+        if self.onesided is not None:
+            return self.onesided.sread(self, [key], namespace, single=True, into=buffer)
         return self._drive(ops.get(key, namespace=namespace, into=buffer))
 
     def put_many(self, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *, namespace: str = "shared",
@@ -118,10 +162,14 @@ class SyncClient:
         self._drive(ops.put_many(self.router, items, namespace=namespace, ttl=ttl, pin=pin, parents=parents))
 
     def get_many(self, keys: Iterable[bytes | str], *, namespace: str = "shared") -> list[bytes | None]:
+        if self.onesided is not None:
+            return self.onesided.sread(self, list(keys), namespace)
         return self._drive(ops.get_many(self.router, keys, namespace=namespace))
 
     def get_many_into(self, keys: Iterable[bytes | str], buffers: list[Any], *,
                       namespace: str = "shared") -> list[int | None]:
+        if self.onesided is not None:
+            return self.onesided.sread(self, list(keys), namespace, intos=buffers)
         return self._drive(ops.get_many(self.router, keys, namespace=namespace, intos=buffers))
 
     def exists_many(self, keys: Iterable[bytes | str], *, namespace: str = "shared") -> list[bool]:

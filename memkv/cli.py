@@ -36,6 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.memory = parse_size(args.memory)
     if args.disk is not None:
         cfg.disk = parse_size(args.disk)
+    for flag in ("segment_size", "compaction_rate"):
+        if getattr(args, flag, None) is not None:
+            setattr(cfg, flag, parse_size(getattr(args, flag)))
     node = Node(cfg)
     if cfg.etcd:
         from memkv.cluster.node_member import attach_cluster  # type: ignore[import-not-found]
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", dest="data_dir", help="directory for the durable flash tier")
     s.add_argument("--memory", help="region size, e.g. 512MiB, 4GiB")
     s.add_argument("--disk", help="flash tier budget, e.g. 20GiB")
+    s.add_argument("--segment-size", dest="segment_size", help="flash segment file size (default 64MiB)")
+    s.add_argument("--compaction-rate", dest="compaction_rate",
+                   help="flash compaction I/O budget per second, e.g. 32MiB (0 = unthrottled)")
     s.add_argument("--etcd", help="etcd HOST:PORT[,HOST:PORT]; omit for a standalone node")
     s.add_argument("--cluster", help="cluster name in etcd")
     s.add_argument("--node-id", dest="node_id")
@@ -139,4 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m memkv.cli``: run the importable module's main, so the subcommands that
+    # subsystems append to ``memkv.cli.EXTRA_PARSERS`` reach this parser too.
+    from memkv.cli import main as _main
+
+    sys.exit(_main())

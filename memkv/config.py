@@ -92,6 +92,11 @@ class NodeConfig:
     pools: dict[str, PoolConfig] = field(default_factory=default_pools)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # flash tier (durable namespaces; TOML table [flash])
+    segment_size: int = 64 * 1024**2
+    compaction_rate: int = 64 * 1024**2  # bytes/s of compaction copy I/O; 0 = unthrottled
+    compaction_threshold: float = 0.5  # compact a segment once this fraction of it is dead
+    snapshot_every: int = 200_000  # records written between index snapshots
 
 
 def _namespace_from(name: str, raw: dict[str, Any]) -> NamespacePolicy:
@@ -127,6 +132,16 @@ def load_config(path: str | Path | None) -> NodeConfig:
         cfg.memory = parse_size(node["memory"])
     if "disk" in node:
         cfg.disk = parse_size(node["disk"])
+    flash = raw.get("flash", {})
+    for key in ("segment_size", "compaction_rate"):
+        if key in flash:
+            setattr(cfg, key, parse_size(flash[key]))
+    if "compaction_threshold" in flash:
+        cfg.compaction_threshold = float(flash["compaction_threshold"])
+    if "snapshot_every" in flash:
+        cfg.snapshot_every = int(flash["snapshot_every"])
+    if isinstance(raw.get("cluster"), dict):  # [cluster]: replicas, slots, lease_ttl (memkv.cluster)
+        cfg.extra["cluster"] = dict(raw["cluster"])
     for name, ns in raw.get("namespaces", {}).items():
         cfg.namespaces[name] = _namespace_from(name, ns)
     for name, pool in raw.get("pools", {}).items():

@@ -110,6 +110,12 @@ class Moved(MemKVError):
 
     def __init__(self, message: str = "", epoch: int = 0) -> None:
         super().__init__(message)
+        if not epoch:
+            # Over the wire only (code, message) travels: nodes write "... epoch N".
+            import re
+
+            m = re.search(r"\bepoch (\d+)", message)
+            epoch = int(m.group(1)) if m else 0
         self.epoch = epoch
 
 
@@ -121,6 +127,12 @@ class Fenced(MemKVError):
 
 class DiskFull(MemKVError):
     code = 50
+
+
+class KVLayoutMismatch(MemKVError):
+    """A KV-cache block was saved for another model, dtype or shape (client/kvcache.py); never loaded."""
+
+    code = 60
 
 
 class ServerError(MemKVError):

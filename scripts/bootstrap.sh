@@ -7,7 +7,8 @@
 #
 # Environment knobs:
 #   PYTHON=python3.11      interpreter used to create .venv (default: python3)
-#   MEMKV_EXTRAS=test,bench extras to install (default: test,bench)
+#   MEMKV_EXTRAS=test,bench,ml extras to install (default: test,bench,ml; ml = CPU torch + transformers
+#                           for client/kvcache.py, its tests, `memkv demo` and bench/ttft.py)
 #   MEMKV_SKIP_APT=1       never touch apt (e.g. not root, packages managed elsewhere)
 #   MEMKV_FORCE=1          reinstall even when the stamp says nothing changed
 set -euo pipefail
@@ -16,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd -P)"
 
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${MEMKV_EXTRAS:-test,bench}"
+EXTRAS="${MEMKV_EXTRAS:-test,bench,ml}"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.memkv-bootstrap.stamp"
 
@@ -26,10 +27,11 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 # package -> why
 #   etcd-server   : cluster tests and `memkv up` (etcd v3 API)
 #   redis-server  : the peer in bench/ and RESP-compat tests
+#   redis-tools   : redis-cli and redis-benchmark (RESP front end tests, bench/resp.py)
 #   memcached     : a second peer for benchmarks
 #   python3-venv  : `python3 -m venv` with Debian's own python3
 #   build-essential: wheels without a binary for this platform
-APT_PACKAGES=(etcd-server redis-server memcached python3-venv build-essential)
+APT_PACKAGES=(etcd-server redis-server redis-tools memcached python3-venv build-essential)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pytest
 
+# Cluster fixtures (a real etcd, clusters of node processes): tests/conftest_etcd.py
+pytest_plugins = ["conftest_etcd"]
+
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 
@@ -99,14 +102,14 @@ class NodeProc:
         self._log = log
         try:
             wait_for_port(self.host, self.port, timeout, alive=lambda: self.running)
+            return self
         except (RuntimeError, TimeoutError) as exc:
-            self.kill()
-            pytest.fail(
-                f"memkv node {' '.join(self.command())} failed to start: {exc}\n"
-                f"--- node output ---\n{self.output()}",
-                pytrace=False,
-            )
-        return self
+            why = str(exc)
+        self.kill()
+        pytest.fail(
+            f"memkv node {' '.join(self.command())} failed to start: {why}\n--- node output ---\n{self.output()}",
+            pytrace=False,
+        )
 
     @property
     def running(self) -> bool:

@@ -27,9 +27,7 @@ def test_imports(name: str) -> None:
 def test_imports_from_elsewhere(tmp_path: Path) -> None:
     """Works from outside the checkout too (the editable install, not the CWD, finds it)."""
     code = "import memkv, memkv.client, memkv.cluster; print(memkv.client.__file__)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).resolve().parent == ROOT / "client"
 

@@ -52,6 +52,50 @@ class Region:
         os.close(fd)
         self.view: memoryview = memoryview(self._mmap)
         self.closed = False
+        self.ro_fd: int | None = None  # set by detach_file
+
+    def detach_file(self) -> None:
+        """Unlink the file now, keeping a read-only descriptor of it (``ro_fd``).
+
+        The mapping stays; the memory goes back to the system when the process
+        exits, however it exits (a SIGKILLed node leaves nothing in /dev/shm).
+        ``ro_fd`` can be handed to same-host readers (SCM_RIGHTS), who can map
+        it read-only only. ``path`` becomes ``/proc/<pid>/fd/<fd>``, which the
+        owner's user can still open (debugging, tests).
+        """
+        if self.ro_fd is not None or self.closed:
+            return
+        self.ro_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.path = f"/proc/{os.getpid()}/fd/{self.ro_fd}"
+
+    @staticmethod
+    def sweep_stale(directory: str = "/dev/shm") -> list[str]:
+        """Remove ``memkv-*-<pid>-<hex>.region`` files whose process is gone; their paths."""
+        removed: list[str] = []
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return removed
+        for fname in names:
+            if not (fname.startswith("memkv-") and fname.endswith(".region")):
+                continue
+            parts = fname[: -len(".region")].split("-")
+            if len(parts) < 4 or not parts[-2].isdigit():
+                continue
+            pid = int(parts[-2])
+            try:
+                os.kill(pid, 0)
+                continue  # alive (or not ours to judge)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, fname))
+                removed.append(fname)
+        return removed
 
     @property
     def mmap(self) -> mmap.mmap:
@@ -75,6 +119,11 @@ class Region:
             with contextlib.suppress(BufferError):
                 self._mmap.close()
             self._mmap = None
+        if self.ro_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.ro_fd)
+            self.ro_fd = None
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

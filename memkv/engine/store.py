@@ -36,6 +36,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from memkv.config import NamespacePolicy, PoolConfig, default_namespaces, default_pools
 from memkv.engine.allocator import ExtentAllocator
@@ -169,6 +170,8 @@ class Store:
         self.expirations = 0
         self.checksum_mismatches = 0
         self.closed = False
+        # The flash tier (memkv.flash.tier.FlashTier) of durable namespaces, or None.
+        self.flash: Any = None
 
     # -- helpers -------------------------------------------------------------------------
     def _ns(self, namespace: str) -> NamespacePolicy:
@@ -203,23 +206,18 @@ class Store:
         """Remove a live entry from the index, the accounting and the region."""
         if self._index.get(e.ikey) is not e:
             return
+        if e.flash is not None and self.flash is not None:
+            if reason == "evict":  # the value stays on flash: only its DRAM copy goes
+                self._demote(e, now)
+                return
+            self.flash.dropped(e, reason)
         del self._index[e.ikey]
-        pool = self.pools[e.pool]
-        if reason != "evict":  # pick_victim already detached it from the policy
-            pool.policy.remove(e)
-        pool.used -= e.size
-        pool.entries -= 1
         t = e.tenant
-        left = pool.tenant_used.get(t, 0) - e.size
-        if left > 0:
-            pool.tenant_used[t] = left
-        else:
-            pool.tenant_used.pop(t, None)
-        lru = pool.tenant_lru.get(t)
-        if lru is not None:
-            lru.pop(e, None)
-            if not lru:
-                del pool.tenant_lru[t]
+        if e.offset >= 0:  # a flash-only entry has no region accounting
+            pool = self.pools[e.pool]
+            if reason != "evict":  # pick_victim already detached it from the policy
+                pool.policy.remove(e)
+            self._unaccount(pool, e)
         ns = self._ns_stats[e.namespace]
         ns[_BYTES] -= e.length
         ns[_ENTRIES] -= 1
@@ -246,6 +244,80 @@ class Store:
             self.evictions += 1
         elif reason == "expire":
             self.expirations += 1
+
+    def _unaccount(self, pool: _Pool, e: Entry) -> None:
+        pool.used -= e.size
+        pool.entries -= 1
+        t = e.tenant
+        left = pool.tenant_used.get(t, 0) - e.size
+        if left > 0:
+            pool.tenant_used[t] = left
+        else:
+            pool.tenant_used.pop(t, None)
+        lru = pool.tenant_lru.get(t)
+        if lru is not None:
+            lru.pop(e, None)
+            if not lru:
+                del pool.tenant_lru[t]
+
+    def _demote(self, e: Entry, now: float) -> None:
+        """Evict the region copy of a value that lives on flash; it stays indexed (offset -1)."""
+        self._unaccount(self.pools[e.pool], e)
+        self.allocator.free(e.offset, now, tag=e.pool, immediate=not e.exposed)
+        e.offset = -1
+        e.exposed = False
+        self.evictions += 1
+
+    def attach(self, res: Reservation, e: Entry) -> None:
+        """Give a flash-only entry its region copy back (the flash tier filled ``res.view``)."""
+        res.done = True
+        pool = res.pool
+        e.offset = res.offset
+        e.size = res.size
+        pool.entries += 1
+        pool.policy.insert(e)
+        lru = pool.tenant_lru.get(e.tenant)
+        if lru is None:
+            lru = pool.tenant_lru[e.tenant] = OrderedDict()
+        lru[e] = None
+        try:
+            res.view.release()
+        except BufferError:
+            pass
+
+    def adopt(self, key: bytes, namespace: str, tenant: str, length: int, checksum: int, generation: int,
+              expires: float | None, parent: bytes | None, flash: object) -> Entry:
+        """Index a value that lives only on flash (recovery): ``offset`` -1, no region bytes."""
+        pol = self._ns(namespace)
+        ikey = (namespace, tenant if pol.tenant_scoped else "", key)
+        now = self.clock()
+        old = self._index.get(ikey)
+        if old is not None:
+            self._drop(old, now, "replace")
+        e = Entry(key, namespace, tenant, -1, length, checksum, generation, now, expires, None, parent, pol.pool,
+                  ikey, 0)
+        e.flash = flash
+        self._index[ikey] = e
+        if generation > self.generation:
+            self.generation = generation
+        n = self._children.get(ikey)
+        if n:
+            e.children = n
+        if parent is not None:
+            pk = (namespace, ikey[1], parent)
+            self._children[pk] = self._children.get(pk, 0) + 1
+            p = self._index.get(pk)
+            if p is not None:
+                p.children += 1
+        if expires is not None:
+            heapq.heappush(self._expiry, (expires, next(self._seq), e))
+        ns = self._ns_stats[namespace]
+        ns[_BYTES] += length
+        ns[_ENTRIES] += 1
+        ts = self._tstats(tenant)
+        ts[_BYTES] += length
+        ts[_ENTRIES] += 1
+        return e
 
     def _evict_one(self, pool: _Pool, now: float, eligible: Callable[[Entry], bool]) -> int:
         """Evict one entry of ``pool``; bytes freed (0 if nothing is evictable)."""
@@ -292,6 +364,8 @@ class Store:
         if length > self.max_value:
             raise ValueTooLarge(f"value of {length} bytes is over the limit of {self.max_value}")
         pool = self.pools[pol.pool]
+        if self.flash is not None and pol.durability == "durable":
+            self.flash.admit(key, length)  # DiskFull before any payload is received
         alloc = self.allocator
         size = alloc.round(length)
         if size > pool.budget:
@@ -425,6 +499,8 @@ class Store:
                     heapq.heappush(self._expiry, (expires, next(self._seq), old))
             if res.pin:
                 old.pin_until = math.inf
+            if self.flash is not None and pol.durability == "durable":
+                self.flash.committed(old)
             return old
         if old is not None and not pol.overwrite:
             self._release(res, immediate=True)
@@ -463,6 +539,8 @@ class Store:
             res.view.release()
         except BufferError:
             pass
+        if self.flash is not None and pol.durability == "durable":
+            self.flash.committed(e)  # queue the record; the reply waits for its group commit
         return e
 
     def put(self, key: bytes, value, *, namespace: str, tenant: str = "", ttl: float | None = None,
@@ -493,11 +571,12 @@ class Store:
         ns[_HITS] += 1
         ts[_HITS] += 1
         e.hits += 1
-        pool = self.pools[e.pool]
-        pool.policy.access(e)
-        lru = pool.tenant_lru.get(e.tenant)
-        if lru is not None:
-            lru.move_to_end(e)
+        if e.offset >= 0:  # a flash-only entry is not in its pool's policy
+            pool = self.pools[e.pool]
+            pool.policy.access(e)
+            lru = pool.tenant_lru.get(e.tenant)
+            if lru is not None:
+                lru.move_to_end(e)
         return e
 
     def exists(self, key: bytes, *, namespace: str, tenant: str = "") -> bool:
@@ -506,6 +585,9 @@ class Store:
     def view(self, entry: Entry) -> memoryview:
         """Read-only view of the value's bytes in the region."""
         off = entry.offset
+        if off < 0 and entry.flash is not None and self.flash is not None:
+            self.flash.promote_sync(entry)  # blocking read from flash (the request path promotes async)
+            off = entry.offset
         if off < 0:
             raise InvalidArgument(f"value of {entry.key!r} is not in the region")
         return self._ro[off:off + entry.length]
@@ -599,6 +681,67 @@ class Store:
         for e in list(self._index.values()):
             if namespace is None or e.namespace == namespace:
                 yield e
+
+    # -- key-space helpers for the RESP front end (EXPIRE/TTL/SCAN/DBSIZE) ----------------
+    def peek(self, key: bytes, *, namespace: str, tenant: str = "") -> Entry | None:
+        """The live entry or None, without counting an access (no hit/miss, no policy update)."""
+        return self._lookup(key, namespace, tenant, None)
+
+    def set_expiry(self, key: bytes, ttl: float | None, *, namespace: str, tenant: str = "") -> bool:
+        """Give an existing key a TTL in seconds (None: persist; <= 0: delete now). False if missing."""
+        now = self.clock()
+        e = self._lookup(key, namespace, tenant, now)
+        if e is None:
+            return False
+        if ttl is not None and ttl <= 0:
+            self._drop(e, now, "expire")
+            return True
+        e.expires = None if ttl is None else now + ttl
+        if e.expires is not None:
+            heapq.heappush(self._expiry, (e.expires, next(self._seq), e))
+        return True
+
+    def ttl_left(self, key: bytes, *, namespace: str, tenant: str = "") -> float | None:
+        """Seconds until the key expires; ``math.inf`` without TTL; None if it does not exist."""
+        now = self.clock()
+        e = self._lookup(key, namespace, tenant, now)
+        if e is None:
+            return None
+        return math.inf if e.expires is None else max(0.0, e.expires - now)
+
+    def scan(self, *, namespace: str, tenant: str = "", after: int = 0, count: int = 10,
+             match: Callable[[bytes], bool] | None = None) -> tuple[int, list[bytes]]:
+        """Keys of ``namespace`` visible to ``tenant`` written after generation ``after``.
+
+        Returns ``(cursor, keys)``; ``cursor`` 0 means the scan is complete. Index order
+        is write order, so a key written during a scan is seen once or not at all.
+        ``count`` bounds the entries examined (as Redis' SCAN COUNT), not the keys returned.
+        """
+        pol = self._ns(namespace)
+        scope = tenant if pol.tenant_scoped else ""
+        now = self.clock()
+        keys: list[bytes] = []
+        examined = 0
+        last = after
+        for (ns, t, key), e in self._index.items():
+            if e.generation <= after:
+                continue
+            if examined >= count:
+                return last, keys
+            examined += 1
+            last = e.generation
+            if ns != namespace or t != scope or (e.expires is not None and e.expires <= now):
+                continue
+            if match is None or match(key):
+                keys.append(key)
+        return 0, keys
+
+    def count(self, *, namespace: str, tenant: str = "") -> int:
+        """Live keys in ``namespace`` visible to ``tenant``."""
+        pol = self._ns(namespace)
+        if not pol.tenant_scoped:
+            return self._ns_stats[namespace][_ENTRIES]
+        return sum(1 for (ns, t, _k) in self._index if ns == namespace and t == tenant)
 
     def __len__(self) -> int:
         return len(self._index)

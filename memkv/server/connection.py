@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("memkv.node")
 
 IOV_MAX = 512
+_OP_NAMES = {int(op): op.name for op in Op}
+_RESPONSE = int(Flag.RESPONSE)
 FLUSH_AT = 1 << 20
 _DISCARD = bytearray(1 << 20)
 
@@ -56,6 +58,9 @@ class Connection:
         self.session = Session(auth_required=bool(node.config.tenants), peer=peer)
         self.out: list[memoryview | bytes] = []
         self.out_bytes = 0
+        # Replies that wait for a flash group commit: (position in out, op, rid, reply, write seq).
+        self.flash = getattr(node, "flash", None)
+        self.durable: list[tuple[int, int, int, Reply, int]] = []
 
     # -- socket helpers
     async def _recv_into(self, view: memoryview) -> int:
@@ -88,7 +93,7 @@ class Connection:
         self.reader.payload_done()
 
     def _queue(self, op: int, rid: int, reply: Reply) -> None:
-        self.out.append(c.encode_head(op, rid, reply.meta, reply.payload_len, Flag.RESPONSE))
+        self.out.append(c.encode_head(op, rid, reply.meta, reply.payload_len, _RESPONSE))
         self.out.extend(reply.buffers)
         self.out_bytes += reply.payload_len + 64
         self.node.metrics.bytes_out += reply.payload_len
@@ -98,7 +103,33 @@ class Connection:
         self.out.append(c.encode_error(op, rid, exc.code, exc.message))
         self.out_bytes += 64
 
+    def _defer(self, op: int, rid: int, reply: Reply, seq: int) -> None:
+        """Queue a reply that may be sent only once flash write ``seq`` is durable."""
+        self.durable.append((len(self.out), op, rid, reply, seq))
+        self.out_bytes += 64
+
+    async def _settle_durable(self) -> None:
+        """Wait for the group commit covering the deferred replies; put them in place (or errors)."""
+        pending, self.durable = self.durable, []
+        flog = self.flash.log
+        try:
+            await flog.wait(max(p[4] for p in pending))
+        except MemKVError:
+            pass  # checked per reply below
+        for pos, op, rid, reply, seq in reversed(pending):
+            try:
+                flog.check(seq)
+            except MemKVError as exc:
+                self.node.metrics.errors[type(exc).__name__] += 1
+                frames: list[memoryview | bytes] = [c.encode_error(op, rid, exc.code, exc.message)]
+            else:
+                frames = [c.encode_head(op, rid, reply.meta, reply.payload_len, _RESPONSE), *reply.buffers]
+                self.node.metrics.bytes_out += reply.payload_len
+            self.out[pos:pos] = frames
+
     async def flush(self) -> None:
+        if self.durable:
+            await self._settle_durable()
         bufs, self.out, self.out_bytes = self.out, [], 0
         while bufs:
             chunk = bufs[:IOV_MAX]
@@ -139,8 +170,12 @@ class Connection:
                     await self.flush()
                     return
                 if isinstance(head, c.NeedData):
-                    if self.out:
+                    if self.out or self.durable:
                         await self.flush()
+                        if not self.reader.buffered:
+                            # A request-response client sends nothing until it has our
+                            # reply: skip the recv that would only return EAGAIN.
+                            await trio.lowlevel.wait_readable(self.sock)
                     await self._recv_some()
                     since_yield += 1
                     if since_yield >= self.YIELD_EVERY:
@@ -149,10 +184,7 @@ class Connection:
                     continue
                 t0 = time.perf_counter()
                 op = head.op
-                try:
-                    name = Op(op).name
-                except ValueError:
-                    name = str(op)
+                name = _OP_NAMES.get(op) or str(op)
                 m.ops[name] += 1
                 await self._handle(head)
                 m.latency[name].observe(time.perf_counter() - t0)
@@ -190,10 +222,18 @@ class Connection:
                 handlers.abort_put(plan)
                 raise
             self.node.metrics.bytes_in += head.payload_len
+            fl = self.flash
+            if fl is not None:
+                fl.touched = 0
             try:
-                self._queue(op, rid, handlers.finish_put(op, plan))
+                reply = handlers.finish_put(op, plan)
             except MemKVError as exc:
                 self._queue_error(op, rid, exc)
+                return
+            if fl is not None and fl.touched:  # durable namespace: reply after the group commit
+                self._defer(op, rid, reply, fl.touched)
+            else:
+                self._queue(op, rid, reply)
             return
         if head.payload_len:
             await self._discard_payload()
@@ -203,6 +243,9 @@ class Connection:
         if handler is None:
             self._queue_error(op, rid, ProtocolError(f"opcode {op} is not served by this node"))
             return
+        fl = self.flash
+        if fl is not None:
+            fl.touched = 0
         try:
             reply = handler(self.session, meta)
             if not isinstance(reply, Reply):  # async handlers (cluster admin operations)
@@ -215,5 +258,8 @@ class Connection:
         except Exception as exc:  # a bug must cost one request, never the node
             log.exception("handler for op %s failed", op)
             self._queue_error(op, rid, ServerError(f"internal error: {type(exc).__name__}: {exc}"))
+            return
+        if fl is not None and fl.touched:  # a delete in a durable namespace: its tombstone first
+            self._defer(op, rid, reply, fl.touched)
             return
         self._queue(op, rid, reply)

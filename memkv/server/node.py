@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from memkv.config import NodeConfig
+from memkv.engine.region import Region
 from memkv.engine.store import Store
 from memkv.protocol import codec as c
 from memkv.server.connection import Connection
@@ -49,10 +50,35 @@ class Node:
         self.background: list[Callable[[], Awaitable[None]]] = []
         self.listen_port: int = 0
         self.started = trio.Event()
+        # One-sided reads (LOCATE, shared memory, RDMA): the region file is unlinked
+        # at once (nothing left in /dev/shm after a SIGKILL); stale files of dead
+        # nodes from older versions are swept.
+        from memkv.server import onesided
+
+        Region.sweep_stale(config.shm_dir)
+        self.store.region.detach_file()
+        self.onesided = onesided.install(self)
+        # The flash tier of durable namespaces (recovers what --data-dir holds); None without any.
+        from memkv.flash.tier import attach as attach_flash
+
+        try:
+            self.flash = attach_flash(self)
+        except BaseException:
+            self.store.close()
+            raise
 
     def _stats_extra(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "server": self.metrics.snapshot(),
-                "listen": f"{split_hostport(self.config.listen)[0]}:{self.listen_port}"}
+        extra = {"node_id": self.node_id, "server": self.metrics.snapshot(),
+                 "listen": f"{split_hostport(self.config.listen)[0]}:{self.listen_port}"}
+        if self.flash is not None:
+            extra["flash"] = self.flash.stats()
+        return extra
+
+    def _flash_metrics(self) -> dict[str, float]:
+        if self.flash is None:
+            return {}
+        st = self.flash.stats()
+        return {f"flash_{k}": v for k, v in st.items() if isinstance(v, int | float)}
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = split_hostport(self.config.listen)
@@ -76,6 +102,8 @@ class Node:
                 task_status.started(self.listen_port)
         finally:
             listener.close()
+            if self.flash is not None:
+                self.flash.close()  # write what is queued, snapshot the index
             self.store.close()
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
@@ -113,7 +141,7 @@ class Node:
         from prometheus_client import CollectorRegistry, generate_latest
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(MetricsCollector(self.metrics, self.store.stats))
+        registry.register(MetricsCollector(self.metrics, self.store.stats, self._flash_metrics))
         host = split_hostport(self.config.listen)[0]
 
         async def handle(stream: trio.SocketStream) -> None:

@@ -1,0 +1,79 @@
+"""Client side of the shared-memory transport: the node's region, mapped read-only.
+
+The node hands a read-only descriptor of its (unlinked) region file over an
+abstract Unix socket (SCM_RIGHTS) to a client that shows a ticket it got over
+its TCP connection; the client maps it read-only and copies values itself. No
+node work on the data path: one memcpy from the mapping into the caller's buffer.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+
+from memkv.errors import NodeUnavailable
+
+POPULATE_MAX = int(os.environ.get("MEMKV_SHM_POPULATE_MAX", str(4 << 30)))
+
+
+class ShmRegion:
+    kind = "shm"
+
+    def __init__(self, sock_name: bytes, ticket: bytes, region_id: str, size: int, timeout: float = 2.0) -> None:
+        name = sock_name.decode() if isinstance(sock_name, bytes) else sock_name
+        fd = _receive_fd(name, ticket, region_id, timeout)
+        try:
+            st = os.fstat(fd)
+            if st.st_size < size:
+                raise NodeUnavailable(f"region descriptor is {st.st_size} bytes, expected {size}")
+            # Fill the page tables now (one pass at connect) rather than with a minor fault
+            # per 4 KiB page on first reads; skipped for huge regions (page-table memory).
+            flags = mmap.MAP_SHARED
+            if size <= POPULATE_MAX:
+                flags |= getattr(mmap, "MAP_POPULATE", 0)
+            self._mmap = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self._mmap)
+        self.region_id = region_id
+        self.size = size
+
+    def copy(self, offset: int, length: int, dest: memoryview) -> None:
+        """Copy ``length`` bytes at ``offset`` of the region into ``dest`` (one memcpy)."""
+        if offset < 0 or offset + length > self.size:
+            raise NodeUnavailable("descriptor outside the region")
+        dest[:length] = self.view[offset:offset + length]
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self._mmap.close()
+        except (BufferError, ValueError):
+            pass  # a slice is still alive somewhere: unmapped when it goes
+
+
+def _receive_fd(name: str, ticket: bytes, region_id: str, timeout: float) -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(name)
+            s.sendall(ticket)
+            fds = array.array("i")
+            msg, anc, _flags, _addr = s.recvmsg(64, socket.CMSG_SPACE(fds.itemsize))
+        except OSError as exc:
+            raise NodeUnavailable(f"no shared-memory hand-off: {exc}") from exc
+        for level, typ, data in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        if not msg.startswith(b"OK") or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise NodeUnavailable(f"shared-memory hand-off refused: {msg[:2]!r}")
+        for fd in fds[1:]:
+            os.close(fd)
+        if msg[2:].decode(errors="replace") != region_id:
+            os.close(fds[0])
+            raise NodeUnavailable("shared-memory hand-off: another region answered")
+        return fds[0]

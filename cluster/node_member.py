@@ -1,0 +1,189 @@
+"""A storage node as a cluster member: registration, lease, fencing, ownership checks.
+
+``attach_cluster(node)`` (called by ``memkv serve --etcd ...``):
+- registers the node under ``/memkv/<cluster>/nodes/<id>`` with a lease of
+  ``lease_ttl`` seconds (config ``[cluster] lease_ttl``, default 5), renewed
+  every third of it; a clean shutdown revokes the lease;
+- keeps a :class:`~memkv.client.cluster_view.ClusterView` of nodes and slot map;
+- **fencing**: when the lease could not be renewed for its whole TTL (etcd
+  unreachable, or the lease expired), the node refuses writes with ``Fenced``
+  until it has registered again;
+- **ownership**: requests carrying a slot-map epoch (``ep``, stamped by cluster
+  clients) are refused with ``MOVED`` (the node's epoch in the message) when
+  the node does not own every key's slot in its map, and writes are refused
+  when their epoch is older than the node's. Requests without ``ep``
+  (``memkv://`` admin access, RESP) are not routed and only fenced;
+- runs the leader election / slot-map publisher (``memkv.cluster.leader``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import trio
+
+from memkv.client.cluster_map import DEFAULT_SLOTS, NodeInfo, key_slot, node_key
+from memkv.client.cluster_view import ClusterView
+from memkv.client.etcd import Etcd, EtcdUnavailable
+from memkv.errors import Fenced, Moved
+
+log = logging.getLogger("memkv.cluster")
+
+DEFAULT_LEASE_TTL = 5
+
+
+class ClusterMember:
+    def __init__(self, node: Any) -> None:
+        cfg = node.config
+        opts = dict(cfg.extra.get("cluster", {}))
+        self.node = node
+        self.node_id: str = node.node_id
+        self.cluster: str = cfg.cluster or "default"
+        self.zone: str = cfg.zone or "z0"
+        self.endpoints: str = cfg.etcd
+        self.lease_ttl = max(2, int(opts.get("lease_ttl", DEFAULT_LEASE_TTL)))
+        self.slots = int(opts.get("slots", DEFAULT_SLOTS))
+        ns_replicas = max((ns.replicas for ns in cfg.namespaces.values()), default=1)
+        self.replicas = int(opts.get("replicas", ns_replicas))
+        self.etcd: Etcd | None = None
+        self.view: ClusterView | None = None
+        self.lease_id: int | None = None
+        self.valid_until = 0.0  # monotonic time until which our lease is surely alive
+        self.registered = trio.Event()
+        self.info: NodeInfo | None = None
+
+    # -- the request-path check (sync, no I/O)
+    def fenced(self) -> bool:
+        return time.monotonic() >= self.valid_until
+
+    def check(self, session: Any, meta: dict[str, Any], keys: list[bytes], write: bool) -> None:
+        if write and self.fenced():
+            raise Fenced(f"node {self.node_id} lost its etcd lease; it refuses writes until it registers again")
+        ep = meta.get("ep")
+        if ep is None or self.view is None:
+            return
+        sm = self.view.state.slotmap
+        if sm is None:
+            raise Moved(f"node {self.node_id} has no slot map yet (epoch 0)", 0)
+        if not isinstance(ep, int):
+            return
+        if ep > sm.epoch:
+            return  # the client has a newer map than ours (which names us): it is the authority
+        if write and ep < sm.epoch:
+            raise Moved(f"slot map changed: node {self.node_id} is at epoch {sm.epoch}", sm.epoch)
+        me = self.node_id
+        table, slots = sm.table, sm.slots
+        for k in keys:
+            s = key_slot(k, slots)
+            if me not in table[s]:
+                raise Moved(f"slot {s} is not on node {me} at epoch {sm.epoch}", sm.epoch)
+
+    def stats(self) -> dict[str, Any]:
+        st = self.view.state if self.view is not None else None
+        sm = st.slotmap if st is not None else None
+        primary, other = sm.slots_of(self.node_id) if sm is not None else (0, 0)
+        return {"cluster": self.cluster, "zone": self.zone, "epoch": sm.epoch if sm else 0,
+                "fenced": self.fenced(), "leader": st.leader if st else None,
+                "slots_primary": primary, "slots_replica": other,
+                "etcd_connected": bool(self.view and self.view.connected)}
+
+    # -- background
+    def _advertised(self) -> str:
+        host = self.node.config.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        if host in ("0.0.0.0", "::", ""):
+            try:
+                host = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.node.listen_port}"
+
+    async def run(self) -> None:
+        await self.node.started.wait()
+        try:
+            from importlib.metadata import version as _dist_version
+
+            version = _dist_version("memkv")
+        except Exception:  # noqa: BLE001 - not installed as a distribution
+            version = ""
+        self.info = NodeInfo(self.node_id, self._advertised(), self.zone, self.node.config.memory, str(version))
+        self.etcd = Etcd(self.endpoints, timeout=max(1.0, min(3.0, self.lease_ttl / 2)))
+        self.view = ClusterView(self.etcd, self.cluster, resync_s=10.0)
+        self.view.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._lease_loop)
+                from memkv.cluster.leader import run_leader
+
+                nursery.start_soon(run_leader, self)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._shutdown)
+
+    def _shutdown(self) -> None:
+        lease, self.lease_id = self.lease_id, None
+        self.valid_until = 0.0
+        if lease is not None and self.etcd is not None:
+            try:
+                self.etcd.revoke(lease)  # our node key (and leadership) go at once
+                log.info("node %s left cluster %s (lease revoked)", self.node_id, self.cluster)
+            except EtcdUnavailable as exc:
+                log.warning("could not revoke lease on shutdown: %s", exc)
+        if self.view is not None:
+            self.view.stop()
+        if self.etcd is not None:
+            self.etcd.close()
+
+    async def _register(self) -> None:
+        assert self.etcd is not None and self.info is not None
+        t0 = time.monotonic()
+        lease = await trio.to_thread.run_sync(self.etcd.grant, self.lease_ttl)
+        await trio.to_thread.run_sync(lambda: self.etcd.put(node_key(self.cluster, self.node_id),  # type: ignore[union-attr]
+                                                            self.info.encode(), lease=lease))  # type: ignore[union-attr]
+        self.lease_id = lease
+        self.valid_until = t0 + self.lease_ttl * 0.9
+        if not self.registered.is_set():
+            self.registered.set()
+        log.info("node %s registered in cluster %s (zone %s, lease %x, ttl %ds)", self.node_id, self.cluster,
+                 self.zone, lease, self.lease_ttl)
+
+    async def _lease_loop(self) -> None:
+        assert self.etcd is not None
+        period = self.lease_ttl / 3
+        while True:
+            try:
+                if self.lease_id is None:
+                    await self._register()
+                await trio.sleep(period)
+                t0 = time.monotonic()
+                ttl = await trio.to_thread.run_sync(self.etcd.keepalive, self.lease_id)
+                if ttl <= 0:
+                    log.warning("node %s: lease expired; registering again", self.node_id)
+                    self.lease_id = None
+                    self.valid_until = 0.0
+                    continue
+                self.valid_until = t0 + min(ttl, self.lease_ttl) * 0.9
+            except EtcdUnavailable as exc:
+                if not self.fenced():
+                    log.warning("node %s: cannot renew lease (%s)", self.node_id, exc.message)
+                await trio.sleep(min(0.5, period))
+
+
+def attach_cluster(node: Any) -> ClusterMember:
+    member = ClusterMember(node)
+    node.cluster_member = member
+    node.handlers.route_checks.append(member.check)
+    node.background.append(member.run)
+    previous = node.handlers.stats_extra
+
+    def stats_extra() -> dict[str, Any]:
+        out = dict(previous()) if previous is not None else {}
+        out["cluster"] = member.stats()
+        return out
+
+    node.handlers.stats_extra = stats_extra
+    return member

@@ -1,0 +1,209 @@
+"""The log writer: assigns record positions, writes batches, group-commits them.
+
+``append`` (trio thread, synchronous, cheap) gives a record its place at the
+end of the active segment and queues its buffers (the value as a memoryview
+of the region: no copy). The flusher task (``run``) takes everything queued,
+writes it with ``pwritev`` and ``fdatasync`` in a worker thread, then wakes
+every waiter: one fsync covers all the records queued while the previous one
+ran (group commit). ``wait(seq)`` returns once record ``seq`` is durable or
+raises the error that made its batch fail (``DiskFull`` on ENOSPC).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from memkv.errors import DiskFull, MemKVError, ServerError
+from memkv.flash.segment import Segment, fsync_dir, list_segments, pwritev_all
+
+log = logging.getLogger("memkv.flash")
+
+
+class Pending:
+    __slots__ = ("seg", "offset", "bufs", "size", "seq", "done")
+
+    def __init__(self, seg: Segment, offset: int, bufs: list, size: int, seq: int,
+                 done: Callable[[bool], None] | None) -> None:
+        self.seg = seg
+        self.offset = offset
+        self.bufs = bufs
+        self.size = size
+        self.seq = seq
+        self.done = done  # called in the trio thread with ok=True/False once the batch settled
+
+
+class FlashLog:
+    def __init__(self, directory: str, *, segment_size: int, budget: int) -> None:
+        self.dir = directory
+        self.segment_size = int(segment_size)
+        self.budget = int(budget)
+        self.segments: dict[int, Segment] = {}
+        for sid in list_segments(directory):
+            self.segments[sid] = Segment(directory, sid, create=False)
+        self.used = sum(s.size for s in self.segments.values())
+        self.active: Segment | None = None
+        self.next_id = max(self.segments, default=0) + 1
+        self.seq = 0  # last assigned
+        self.durable_seq = 0
+        self.batch: list[Pending] = []
+        self.failures: list[tuple[int, int, MemKVError]] = []  # (first seq, last seq, error), recent
+        self.failed_batches = 0
+        self.enospc_at: float | None = None
+        self.fsyncs = 0
+        self.bytes_written = 0
+        self._work = trio.Event()
+        self._flushed = trio.Event()
+        self.closed = False
+
+    # -- appends (trio thread)
+    def room(self, nbytes: int) -> bool:
+        return self.used + nbytes <= self.budget
+
+    def _segment_for(self, size: int) -> Segment:
+        a = self.active
+        if a is None or (a.size and a.size + size > self.segment_size):
+            if a is not None:
+                a.sealed = True
+            a = self.active = Segment(self.dir, self.next_id, create=True)
+            self.segments[a.id] = a
+            self.next_id += 1
+        return a
+
+    def append(self, bufs: list, size: int, lsn: int, done: Callable[[bool], None] | None = None) -> Pending:
+        """Queue a record of ``size`` bytes (``bufs`` concatenated); returns its pending write."""
+        seg = self._segment_for(size)
+        p = Pending(seg, seg.size, bufs, size, self.seq + 1, done)
+        self.seq += 1
+        seg.size += size
+        if lsn < seg.min_lsn:
+            seg.min_lsn = lsn
+        self.used += size
+        self.batch.append(p)
+        self._work.set()
+        return p
+
+    # -- durability
+    async def wait(self, seq: int) -> None:
+        while self.durable_seq < seq:
+            await self._flushed.wait()
+        self.check(seq)
+
+    def check(self, seq: int) -> None:
+        for lo, hi, exc in self.failures:
+            if lo <= seq <= hi:
+                raise type(exc)(exc.message)
+
+    async def run(self) -> None:
+        """The flusher task."""
+        while True:
+            await self._work.wait()
+            self._work = trio.Event()
+            await self.flush_once()
+
+    async def flush_once(self) -> None:
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        try:
+            await trio.to_thread.run_sync(self._write, batch, abandon_on_cancel=False)
+        except OSError as exc:
+            self._failed(batch, exc)
+        else:
+            self._succeeded(batch)
+        finally:
+            self.durable_seq = batch[-1].seq
+            old, self._flushed = self._flushed, trio.Event()
+            old.set()
+
+    def flush_sync(self) -> None:
+        """Write and sync everything queued, in this thread (shutdown)."""
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        try:
+            self._write(batch)
+        except OSError as exc:
+            self._failed(batch, exc)
+        else:
+            self._succeeded(batch)
+        self.durable_seq = batch[-1].seq
+
+    def _write(self, batch: list[Pending]) -> None:
+        """Worker thread: write the batch (contiguous runs per segment in one pwritev), then fdatasync."""
+        touched: list[Segment] = []
+        i = 0
+        while i < len(batch):
+            seg = batch[i].seg
+            start = batch[i].offset
+            bufs: list[Any] = []
+            end = start
+            while i < len(batch) and batch[i].seg is seg and batch[i].offset == end:
+                bufs.extend(batch[i].bufs)
+                end += batch[i].size
+                i += 1
+            pwritev_all(seg.fd, bufs, start)
+            self.bytes_written += end - start
+            if seg not in touched:
+                touched.append(seg)
+        for seg in touched:
+            os.fdatasync(seg.fd)
+            self.fsyncs += 1
+            if not seg.dir_synced:
+                fsync_dir(self.dir)
+                seg.dir_synced = True
+
+    def _succeeded(self, batch: list[Pending]) -> None:
+        for p in batch:
+            end = p.offset + p.size
+            if end > p.seg.durable:
+                p.seg.durable = end
+            p.bufs = []
+            if p.done is not None:
+                p.done(True)
+
+    def _failed(self, batch: list[Pending], exc: OSError) -> None:
+        self.failed_batches += 1
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            err: MemKVError = DiskFull(f"flash device is full: {exc}")
+            self.enospc_at = trio.current_time() if _in_trio() else 0.0
+        else:
+            err = ServerError(f"flash write failed: {exc}")
+        log.error("flash: a batch of %d records failed to write: %s", len(batch), exc)
+        self.failures.append((batch[0].seq, batch[-1].seq, err))
+        del self.failures[:-64]
+        # everything after the failure point in these segments is garbage; new records go to a fresh segment
+        if self.active is not None and any(p.seg is self.active for p in batch):
+            self.active.sealed = True
+            self.active = None
+        for p in batch:
+            p.bufs = []
+            if p.done is not None:
+                p.done(False)
+
+    # -- segments
+    def remove(self, seg: Segment) -> None:
+        """Forget and delete a segment (its readers are gone)."""
+        self.segments.pop(seg.id, None)
+        self.used -= seg.size
+        seg.unlink()
+        fsync_dir(self.dir)
+        self.enospc_at = None
+
+    def close(self) -> None:
+        self.closed = True
+        for seg in self.segments.values():
+            seg.close()
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+        return True
+    except RuntimeError:
+        return False

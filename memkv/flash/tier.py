@@ -1,0 +1,459 @@
+"""The flash tier of a node: durable namespaces on append-only segment files.
+
+Wiring (see ``attach``):
+
+* ``Store.reserve`` asks ``admit`` whether the disk budget has room
+  (``DiskFull`` otherwise, before any payload is received);
+* ``Store.commit`` calls ``committed``: the record (header + the value as a
+  view of the region) is queued on the log; the entry's ``flash`` slot gets
+  ``(segment, value offset, record size, lsn, write seq)``; ``touched`` tells
+  the connection which write seq its reply must wait for (group commit);
+* ``Store._drop`` calls ``dropped`` (a tombstone for a delete; dead bytes for
+  the compactor), and eviction of an entry with a flash copy only frees its
+  region extent (``offset = -1``);
+* GET/GET_MANY of a flash-only entry first ``promote`` it: read it back into a
+  region extent in a worker thread and verify its checksum (a mismatch is a
+  miss, logged and counted).
+
+While a record is being written its entry is leased (not evictable) and marked
+exposed (a delete quarantines the extent instead of reusing it at once), so
+the bytes the writer thread reads stay put.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from memkv.engine.checksum import checksum as _checksum
+from memkv.errors import CorruptValue, DiskFull, InvalidArgument, MemKVError
+from memkv.flash import record as r
+from memkv.flash.compaction import compact_loop
+from memkv.flash.log import FlashLog
+from memkv.flash.recovery import recover
+from memkv.flash.segment import preadv_all
+from memkv.flash.snapshot import write_snapshot
+
+if TYPE_CHECKING:
+    from memkv.engine.entry import Entry
+    from memkv.engine.store import Store
+
+log = logging.getLogger("memkv.flash")
+
+NAME_SLACK = 64 + 3 * 128  # header + namespace/tenant/parent upper bound, for admission
+READ_LEASE_S = 2.0  # a value promoted for a reply is not evicted before the reply is sent
+
+
+class FlashTier:
+    def __init__(self, store: Store, data_dir: str, *, disk: int, segment_size: int = 64 << 20,
+                 compaction_rate: int = 64 << 20, compaction_threshold: float = 0.5,
+                 compaction_interval: float = 0.5, snapshot_every: int = 200_000) -> None:
+        self.store = store
+        self.dir = os.path.join(data_dir, "flash")
+        os.makedirs(self.dir, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.dir, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise InvalidArgument(f"data dir {data_dir} is in use by another memkv node") from None
+        self.compaction_rate = int(compaction_rate)
+        self.compaction_threshold = float(compaction_threshold)
+        self.compaction_interval = float(compaction_interval)
+        self.snapshot_every = int(snapshot_every)
+        self.log = FlashLog(self.dir, segment_size=segment_size, budget=disk)
+        self.durable_ns = {n for n, p in store.namespaces.items() if p.durability == "durable"}
+        self.lsn = 0
+        self.touched = 0  # highest write seq the current request must wait for
+        self.promoting = False
+        self.corrupt = 0
+        self.promotions = 0
+        self.disk_full = 0
+        self.compactions = 0
+        self.compaction_copied = 0
+        self.reclaimed = 0
+        self.snapshots = 0
+        self.snapshot_lsn = 0
+        self._inflight: dict[Entry, trio.Event] = {}
+        t0 = time.perf_counter()
+        self.recovered = recover(self.dir, self.log.segments, self.scope)
+        self.lsn = self.snapshot_lsn = self.recovered.max_lsn
+        self.recovered_entries = len(self.recovered.rows)
+        self._adopt_all()
+        self.recovery_s = time.perf_counter() - t0
+        self.corrupt += len(self.recovered.damaged)
+        store.flash = self
+        log.info("flash: %d durable values recovered in %.2fs (%d from the snapshot, %d log records replayed, "
+                 "%d damaged, %d torn)", self.recovered_entries, self.recovery_s,
+                 self.recovered.snapshot_entries, self.recovered.replayed, len(self.recovered.damaged),
+                 self.recovered.torn_tail)
+
+    # -- helpers
+    def scope(self, namespace: str, tenant: str) -> str | None:
+        pol = self.store.namespaces.get(namespace)
+        if pol is None or pol.durability != "durable":
+            return None
+        return tenant if pol.tenant_scoped else ""
+
+    def _adopt_all(self) -> None:
+        store = self.store
+        mono_off = store.clock() - time.time()
+        adopt = store.adopt
+        gen = self.recovered.max_gen
+        if gen > store.generation:
+            store.generation = gen
+        for row in self.recovered.rows:
+            (ns, tenant, key, parent, length, cs, generation, exp, sid, voff, rsize, lsn) = row
+            adopt(key, ns, tenant, length, cs, generation, exp + mono_off if exp else None, parent,
+                  (sid, voff, rsize, lsn, 0))
+        self.recovered.rows = []
+
+    # -- hooks called by the Store
+    def admit(self, key: bytes, length: int) -> None:
+        if self.promoting:
+            return
+        flog = self.log
+        if flog.enospc_at is not None:
+            if trio.current_time() - flog.enospc_at < 1.0:
+                self.disk_full += 1
+                raise DiskFull("flash device is full (ENOSPC); delete data so that compaction can free space")
+            flog.enospc_at = None  # try again
+        if not flog.room(NAME_SLACK + len(key) + length):
+            self.disk_full += 1
+            raise DiskFull(f"flash budget is full ({flog.used}/{flog.budget} bytes); delete data or raise --disk")
+
+    def committed(self, e: Entry) -> None:
+        loc = e.flash
+        if loc is not None:  # idempotent re-put of a value already in the log
+            if loc[4] > self.log.durable_seq and loc[4] > self.touched:
+                self.touched = loc[4]
+            return
+        store = self.store
+        self.lsn += 1
+        lsn = self.lsn
+        exp = 0.0 if e.expires is None else e.expires - store.clock() + time.time()
+        head = r.encode_head(r.PUT, e.namespace, e.tenant, e.key, e.parent, e.length, e.checksum, lsn,
+                             e.generation, exp)
+        size = len(head) + e.length
+        view = store.view(e)
+        p = self.log.append([head, view], size, lsn)
+        saved_lease, saved_exposed = e.lease_until, e.exposed
+        e.lease_until = math.inf  # not evictable while the writer reads its extent
+        e.exposed = True  # freed through the quarantine if deleted meanwhile
+        loc = e.flash = (p.seg.id, p.offset + len(head), size, lsn, p.seq)
+        p.seg.live += size
+
+        def done(ok: bool) -> None:
+            if e.lease_until == math.inf:
+                e.lease_until = saved_lease
+            if not saved_exposed:
+                e.exposed = False
+            if not ok and e.flash is loc and store._index.get(e.ikey) is e:
+                store._drop(e, store.clock(), "rollback")  # never acknowledged: forget it
+
+        p.done = done
+        if p.seq > self.touched:
+            self.touched = p.seq
+
+    def dropped(self, e: Entry, reason: str) -> None:
+        loc = e.flash
+        seg = self.log.segments.get(loc[0])
+        if seg is not None:
+            seg.live -= loc[2]
+        if reason == "delete":
+            self.lsn += 1
+            head = r.encode_head(r.DELETE, e.namespace, e.tenant, e.key, None, 0, 0, self.lsn, 0, None)
+            p = self.log.append([head], len(head), self.lsn)
+            p.seg.tombstones += 1
+            if p.seq > self.touched:
+                self.touched = p.seq
+
+    # -- reads
+    async def promote(self, e: Entry) -> None:
+        """Bring a flash-only entry back into the region (no-op if it is there or gone)."""
+        store = self.store
+        while e.offset < 0 and e.flash is not None and store._index.get(e.ikey) is e:
+            ev = self._inflight.get(e)
+            if ev is not None:
+                await ev.wait()
+                continue
+            ev = self._inflight[e] = trio.Event()
+            try:
+                await self._load(e)
+            finally:
+                del self._inflight[e]
+                ev.set()
+            return
+
+    async def _load(self, e: Entry) -> None:
+        store = self.store
+        loc = e.flash
+        if loc[4] > self.log.durable_seq:
+            try:
+                await self.log.wait(loc[4])
+            except MemKVError:
+                return
+            loc = e.flash
+            if loc is None or e.offset >= 0 or store._index.get(e.ikey) is not e:
+                return
+        seg = self.log.segments.get(loc[0])
+        if seg is None:
+            self.report_flash_corrupt(e, f"segment {loc[0]} is missing")
+            return
+        res = self._reserve(e)
+        seg.readers += 1
+        try:
+            n = await trio.to_thread.run_sync(preadv_all, seg.fd, res.view, loc[1])
+        except OSError as exc:
+            log.warning("flash: read of %r failed: %s", e.key, exc)
+            n = -1
+        finally:
+            seg.readers -= 1
+        self._finish_load(e, res, n, loc)
+
+    def _reserve(self, e: Entry):
+        self.promoting = True
+        try:
+            return self.store.reserve(e.key, e.length, namespace=e.namespace, tenant=e.tenant, checksum=e.checksum)
+        finally:
+            self.promoting = False
+
+    def _finish_load(self, e: Entry, res: Any, n: int, loc: tuple) -> bool:
+        store = self.store
+        if store._index.get(e.ikey) is not e or e.offset >= 0:
+            store.abort(res)
+            return e.offset >= 0
+        if n != e.length or _checksum(res.view) != e.checksum:
+            store.abort(res)
+            if n >= 0:
+                self.report_flash_corrupt(e, f"checksum mismatch in segment {loc[0]} at {loc[1]}")
+            return False
+        store.attach(res, e)
+        self.promotions += 1
+        return True
+
+    def promote_sync(self, e: Entry) -> None:
+        """Blocking promote for callers outside the async request path (``Store.view``)."""
+        loc = e.flash
+        if loc[4] > self.log.durable_seq:
+            raise InvalidArgument("value is being written to flash; retry")
+        seg = self.log.segments.get(loc[0])
+        if seg is None:
+            self.report_flash_corrupt(e, f"segment {loc[0]} is missing")
+            raise CorruptValue(f"value of {e.key!r} is damaged on flash")
+        res = self._reserve(e)
+        try:
+            n = preadv_all(seg.fd, res.view, loc[1])
+        except OSError:
+            n = -1
+        if not self._finish_load(e, res, n, loc):
+            raise CorruptValue(f"value of {e.key!r} is damaged on flash")
+
+    def report_flash_corrupt(self, e: Entry, why: str) -> None:
+        self.corrupt += 1
+        log.error("flash: value %s/%r is damaged (%s); dropped, served as a miss", e.namespace, e.key, why)
+        self.store.report_corrupt(e)
+
+    # -- snapshots
+    def _capture(self) -> tuple[dict[str, Any], int]:
+        flog = self.log
+        segs = {sid: [s.size, s.min_lsn] for sid, s in flog.segments.items()}
+        wall = time.time() - self.store.clock()
+        rows = [
+            (e.namespace, e.tenant, e.key, e.parent, e.length, e.checksum, e.generation,
+             0.0 if e.expires is None else e.expires + wall, loc[0], loc[1], loc[2], loc[3])
+            for e in self.store._index.values() if (loc := e.flash) is not None
+        ]
+        return {"lsn": self.lsn, "gen": self.store.generation, "segments": segs, "entries": rows}, flog.seq
+
+    async def snapshot(self) -> None:
+        lsn = self.lsn
+        data, seq = self._capture()
+        await self.log.wait(seq)  # the snapshot may only point at durable records
+        await trio.to_thread.run_sync(write_snapshot, self.dir, data)
+        self.snapshots += 1
+        self.snapshot_lsn = lsn
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await trio.sleep(0.25)
+            if self.lsn - self.snapshot_lsn >= self.snapshot_every:
+                try:
+                    await self.snapshot()
+                except (MemKVError, OSError) as exc:
+                    log.warning("flash: snapshot failed: %s", exc)
+
+    # -- life cycle
+    def close(self) -> None:
+        """Shutdown: write what is queued, snapshot the index (fast restart), close files."""
+        if self.log.closed:
+            return
+        try:
+            self.log.flush_sync()
+            data, _ = self._capture()
+            write_snapshot(self.dir, data)
+        except OSError as exc:
+            log.warning("flash: shutdown snapshot failed: %s", exc)
+        finally:
+            self.log.close()
+            os.close(self._lock_fd)
+
+    def background(self) -> list[Callable[[], Any]]:
+        return [self.log.run, lambda: compact_loop(self), self._snapshot_loop]
+
+    def stats(self) -> dict[str, Any]:
+        flog = self.log
+        return {
+            "dir": self.dir,
+            "budget": flog.budget,
+            "used": flog.used,
+            "live": sum(s.live for s in flog.segments.values()),
+            "segments": len(flog.segments),
+            "fsyncs": flog.fsyncs,
+            "bytes_written": flog.bytes_written,
+            "records": self.lsn,
+            "pending": len(flog.batch),
+            "failed_batches": flog.failed_batches,
+            "corrupt": self.corrupt,
+            "promotions": self.promotions,
+            "disk_full": self.disk_full,
+            "compactions": self.compactions,
+            "compaction_copied": self.compaction_copied,
+            "reclaimed": self.reclaimed,
+            "snapshots": self.snapshots,
+            "recovery_s": round(self.recovery_s, 4),
+            "recovered": {"entries": self.recovered_entries, "snapshot_entries": self.recovered.snapshot_entries,
+                          "replayed": self.recovered.replayed, "damaged": len(self.recovered.damaged),
+                          "torn": self.recovered.torn_tail},
+        }
+
+    # -- request path
+    def wrap_handlers(self, handlers: Any) -> None:
+        """GET/GET_MANY in a durable namespace with a flash-only value: promote first (async).
+
+        Values promoted for a request are leased for ``READ_LEASE_S`` so that promoting the
+        next key of the same GET_MANY cannot evict them before the reply is sent. When the
+        pool has no room (everything pinned), the value is read into a private buffer.
+        """
+        from memkv.protocol import codec as c
+        from memkv.protocol.opcodes import Op
+
+        store = self.store
+        durable = self.durable_ns
+        orig_get = handlers.simple[Op.GET]
+        orig_many = handlers.simple[Op.GET_MANY]
+
+        def wrap(orig: Callable[..., Any], many: bool) -> Callable[..., Any]:
+            def handler(session: Any, meta: dict[str, Any]) -> Any:
+                ns = meta.get("ns", "shared")
+                if ns not in durable:
+                    return orig(session, meta)
+                try:
+                    handlers._ns(session, meta, "r")
+                    keys = c.get_keys(meta, "ks", handlers.limits) if many else [c.get_key(meta, "k", handlers.limits)]
+                    cold = False
+                    for k in keys:
+                        e = store._lookup(k, ns, session.tenant, None)
+                        if e is not None and e.offset < 0 and e.flash is not None:
+                            cold = True
+                            break
+                except MemKVError:
+                    return orig(session, meta)
+                if not cold:
+                    return orig(session, meta)
+                handlers._route(session, meta, keys, False)
+                return self._get_cold(session, ns, keys, many)
+
+            return handler
+
+        handlers.simple[Op.GET] = wrap(orig_get, False)
+        handlers.simple[Op.GET_MANY] = wrap(orig_many, True)
+
+    async def _get_cold(self, session: Any, ns: str, keys: list[bytes], many: bool) -> Any:
+        from memkv.errors import OutOfMemory
+        from memkv.server.handlers import Reply
+
+        store = self.store
+        entries = [store.get(k, namespace=ns, tenant=session.tenant) for k in keys]
+        private: dict[int, memoryview] = {}
+        for i, e in enumerate(entries):
+            if e is None:
+                continue
+            if e.offset < 0:
+                try:
+                    await self.promote(e)
+                except OutOfMemory:
+                    buf = await self._read_private(e)
+                    if buf is not None:
+                        private[i] = memoryview(buf)
+            if e.offset >= 0:
+                until = store.clock() + READ_LEASE_S
+                if e.lease_until < until:
+                    e.lease_until = until
+        lens: list[int] = []
+        sums: list[int] = []
+        gens: list[int] = []
+        views: list[Any] = []
+        total = 0
+        for i, e in enumerate(entries):
+            view = None
+            if e is not None and store._index.get(e.ikey) is e:
+                view = private.get(i)
+                if view is None and e.offset >= 0:
+                    view = store.view(e)
+            if view is None:
+                lens.append(-1)
+                sums.append(0)
+                gens.append(0)
+                continue
+            lens.append(e.length)
+            sums.append(e.checksum)
+            gens.append(e.generation)
+            views.append(view)
+            total += e.length
+        if not many:
+            if lens[0] < 0:
+                return Reply({"f": False})
+            return Reply({"f": True, "cs": sums[0], "gen": gens[0]}, views, total)
+        return Reply({"ls": lens, "cs": sums, "gens": gens}, views, total)
+
+    async def _read_private(self, e: Entry) -> bytearray | None:
+        loc = e.flash
+        seg = self.log.segments.get(loc[0]) if loc is not None else None
+        if seg is None or loc[4] > self.log.durable_seq:
+            return None
+        buf = bytearray(e.length)
+        seg.readers += 1
+        try:
+            n = await trio.to_thread.run_sync(preadv_all, seg.fd, memoryview(buf), loc[1])
+        finally:
+            seg.readers -= 1
+        if n != e.length or _checksum(buf) != e.checksum:
+            if self.store._index.get(e.ikey) is e:
+                self.report_flash_corrupt(e, f"checksum mismatch in segment {loc[0]} at {loc[1]}")
+            return None
+        return buf
+
+
+def attach(node: Any) -> FlashTier | None:
+    """Create the flash tier of a node if a namespace is durable (recovering what is on disk)."""
+    cfg = node.config
+    durable = sorted(n for n, p in cfg.namespaces.items() if p.durability == "durable")
+    if not durable:
+        return None
+    if not cfg.data_dir:
+        raise InvalidArgument(f"namespace(s) {', '.join(durable)} are durable but the node has no --data-dir "
+                              "(set --data-dir or [node] data_dir)")
+    tier = FlashTier(node.store, cfg.data_dir, disk=cfg.disk, segment_size=cfg.segment_size,
+                     compaction_rate=cfg.compaction_rate, compaction_threshold=cfg.compaction_threshold,
+                     snapshot_every=cfg.snapshot_every)
+    tier.wrap_handlers(node.handlers)
+    node.background.extend(tier.background())
+    return tier
