@@ -65,9 +65,11 @@ class PutCall(Call):
     op = Op.PUT
 
     def __init__(self, key: bytes, value: Any, *, namespace: str, ttl: float | None, pin: bool,
-                 parent: bytes | None = None) -> None:
+                 parent: bytes | None = None, extra: dict[str, Any] | None = None) -> None:
         view = byte_view(value)
         meta: dict[str, Any] = {"k": key, "cs": checksum(view)}
+        if extra:  # security options: "model", "nostore" (memkv/server/security.py)
+            meta.update(extra)
         if ttl is not None:
             meta["ttl"] = ttl
         if pin:
@@ -86,10 +88,12 @@ class PutManyCall(Call):
     op = Op.PUT_MANY
 
     def __init__(self, keys: list[bytes], values: list[Any], *, namespace: str, ttl: float | None,
-                 pin: bool, parents: list[bytes | None] | None = None) -> None:
+                 pin: bool, parents: list[bytes | None] | None = None, extra: dict[str, Any] | None = None) -> None:
         views = [byte_view(v) for v in values]
         meta: dict[str, Any] = {"ks": keys, "ls": [v.nbytes for v in views],
                                 "cs": [checksum(v) for v in views]}
+        if extra:  # security options: "model", "nostore" (memkv/server/security.py)
+            meta.update(extra)
         if ttl is not None:
             meta["ttl"] = ttl
         if pin:

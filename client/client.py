@@ -50,6 +50,19 @@ def replicated_outcome(outcomes: list[tuple[bool, Any]]) -> Any:
     raise errors[0]
 
 
+def _security_meta(model: str | None, no_store: bool) -> dict[str, Any] | None:
+    """``model``: provenance recorded in the node's audit log; ``no_store``: DRAM only, short TTL,
+    never on flash, key hashed in the audit log (README "Security")."""
+    if model is None and not no_store:
+        return None
+    meta: dict[str, Any] = {}
+    if model is not None:
+        meta["model"] = str(model)
+    if no_store:
+        meta["nostore"] = True
+    return meta
+
+
 class _Connecting:
     """``await Client.connect(...)`` or ``async with Client.connect(...) as c``."""
 
@@ -82,13 +95,16 @@ class Client:
 
     @classmethod
     def connect(cls, url: str, *, tenant: str | None = None, token: str | None = None,
-                transport: str = "auto", timeout: float = 5.0, pool_size: int = 2) -> _Connecting:
+                transport: str = "auto", timeout: float = 5.0, pool_size: int = 2, tls: Any = None) -> _Connecting:
         if transport not in TRANSPORTS:
             raise InvalidArgument(f"transport must be one of {TRANSPORTS}")
 
         async def factory() -> Client:
+            from memkv.client.tls import client_context
+
             parsed = parse_url(url)
-            pool = TrioPool(size=pool_size, tenant=tenant, token=token, connect_timeout=min(timeout, 2.0))
+            ctx = client_context(tls if tls is not None else parsed.tls)  # memkvs:// or tls=...
+            pool = TrioPool(size=pool_size, tenant=tenant, token=token, connect_timeout=min(timeout, 2.0), tls=ctx)
             if parsed.scheme == "memkv":
                 client = cls(StandaloneRouter(parsed.nodes[0]), pool, timeout=timeout, transport=transport)
                 # Fail fast on a wrong address or token rather than at the first put.
@@ -208,8 +224,10 @@ class Client:
 
     # -- the API (DESIGN.md §9)
     async def put(self, key: bytes | str, value: Any, *, namespace: str = "shared", ttl: float | None = None,
-                  pin: bool = False, parent: bytes | None = None) -> None:
-        await self._drive(ops.put(key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent))
+                  pin: bool = False, parent: bytes | None = None, model: str | None = None,
+                  no_store: bool = False) -> None:
+        await self._drive(ops.put(key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent,
+                                  extra=_security_meta(model, no_store)))
 
     async def get(self, key: bytes | str, *, namespace: str = "shared") -> bytes | None:
         if self.onesided is not None:
@@ -223,9 +241,10 @@ class Client:
 
     async def put_many(self, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *,
                        namespace: str = "shared", ttl: float | None = None, pin: bool = False,
-                       parents: list[bytes | None] | None = None) -> None:
+                       parents: list[bytes | None] | None = None, model: str | None = None,
+                       no_store: bool = False) -> None:
         await self._drive(ops.put_many(self.router, items, namespace=namespace, ttl=ttl, pin=pin,
-                                       parents=parents))
+                                       parents=parents, extra=_security_meta(model, no_store)))
 
     async def get_many(self, keys: Iterable[bytes | str], *, namespace: str = "shared") -> list[bytes | None]:
         if self.onesided is not None:

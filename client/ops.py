@@ -145,9 +145,9 @@ def _report_corrupt(call: Call, namespace: str) -> Op_:
 
 @restartable
 def put(key: bytes | str, value: Any, *, namespace: str, ttl: float | None, pin: bool,
-        parent: bytes | None = None) -> Op_:
+        parent: bytes | None = None, extra: dict[str, Any] | None = None) -> Op_:
     k = as_key(key)
-    yield Send(PutCall(k, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent), k, write=True)
+    yield Send(PutCall(k, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent, extra=extra), k, write=True)
 
 
 @restartable
@@ -179,7 +179,8 @@ def _split(router: Router, keys: list[bytes]) -> list[tuple[tuple[NodeAddress, .
 
 @restartable
 def put_many(router: Router, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *, namespace: str,
-             ttl: float | None, pin: bool, parents: list[bytes | None] | None = None) -> Op_:
+             ttl: float | None, pin: bool, parents: list[bytes | None] | None = None,
+             extra: dict[str, Any] | None = None) -> Op_:
     pairs = list(items.items()) if isinstance(items, dict) else list(items)
     keys = [as_key(k) for k, _ in pairs]
     values = [v for _, v in pairs]
@@ -188,7 +189,7 @@ def put_many(router: Router, items: Iterable[tuple[bytes | str, Any]] | dict[Any
     groups = _split(router, keys)
     sends = [Send(PutManyCall([keys[i] for i in idx], [values[i] for i in idx], namespace=namespace,
                               ttl=ttl, pin=pin,
-                              parents=[parents[i] for i in idx] if parents else None),
+                              parents=[parents[i] for i in idx] if parents else None, extra=extra),
                   keys[idx[0]], write=True) for _, idx in groups]
     results = yield sends
     out: list[Any] = [None] * len(keys)

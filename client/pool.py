@@ -17,7 +17,8 @@ class TrioPool:
     """Per node up to ``size`` multiplexed connections; calls go to the least busy."""
 
     def __init__(self, *, size: int = 2, tenant: str | None = None, token: str | None = None,
-                 connect_timeout: float = 2.0) -> None:
+                 connect_timeout: float = 2.0, tls: Any = None) -> None:
+        self.tls = tls  # ssl.SSLContext or None (client/tls.py)
         self.size = size
         self.tenant = tenant
         self.token = token
@@ -36,8 +37,14 @@ class TrioPool:
             async with lock:
                 conns = [c for c in self._conns.get(node, []) if c.broken is None]
                 if len(conns) < self.size:
-                    conn = await TrioConnection.open(node.host, node.port, tenant=self.tenant, token=self.token,
-                                                     connect_timeout=self.connect_timeout)
+                    if self.tls is not None:
+                        from memkv.client.tls import TLSTrioConnection
+
+                        conn = await TLSTrioConnection.open_tls(node.host, node.port, self.tls, tenant=self.tenant,
+                                                                token=self.token, connect_timeout=self.connect_timeout)
+                    else:
+                        conn = await TrioConnection.open(node.host, node.port, tenant=self.tenant, token=self.token,
+                                                         connect_timeout=self.connect_timeout)
                     conns.append(conn)
                     self._conns[node] = conns
                     return conn
@@ -60,7 +67,8 @@ class BlockingPool:
     """
 
     def __init__(self, *, tenant: str | None = None, token: str | None = None, timeout: float = 5.0,
-                 connect_timeout: float = 2.0, max_idle: int = 8) -> None:
+                 connect_timeout: float = 2.0, max_idle: int = 8, tls: Any = None) -> None:
+        self.tls = tls  # ssl.SSLContext or None (client/tls.py)
         self.tenant = tenant
         self.token = token
         self.timeout = timeout
@@ -82,8 +90,15 @@ class BlockingPool:
         try:
             conn = q.get_nowait()
         except queue.Empty:
-            conn = BlockingConnection.open(node.host, node.port, tenant=self.tenant, token=self.token,
-                                           timeout=self.timeout, connect_timeout=self.connect_timeout)
+            if self.tls is not None:
+                from memkv.client.tls import TLSBlockingConnection
+
+                conn = TLSBlockingConnection.open_tls(node.host, node.port, self.tls, tenant=self.tenant,
+                                                      token=self.token, timeout=self.timeout,
+                                                      connect_timeout=self.connect_timeout)
+            else:
+                conn = BlockingConnection.open(node.host, node.port, tenant=self.tenant, token=self.token,
+                                               timeout=self.timeout, connect_timeout=self.connect_timeout)
         try:
             return conn.call(call)
         finally:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from memkv.client import ops
-from memkv.client.client import FAILOVER_ERRORS, MOVED_RETRIES, TRANSPORTS, replicated_outcome
+from memkv.client.client import FAILOVER_ERRORS, MOVED_RETRIES, TRANSPORTS, _security_meta, replicated_outcome
 from memkv.client.onesided import OneSided
 from memkv.client.ops import Send, StandaloneRouter
 from memkv.client.pool import BlockingPool
@@ -34,11 +34,14 @@ class SyncClient:
 
     @classmethod
     def connect(cls, url: str, *, tenant: str | None = None, token: str | None = None,
-                transport: str = "auto", timeout: float = 5.0) -> SyncClient:
+                transport: str = "auto", timeout: float = 5.0, tls: Any = None) -> SyncClient:
         if transport not in TRANSPORTS:
             raise InvalidArgument(f"transport must be one of {TRANSPORTS}")
+        from memkv.client.tls import client_context
+
         parsed = parse_url(url)
-        pool = BlockingPool(tenant=tenant, token=token, timeout=timeout, connect_timeout=min(timeout, 2.0))
+        ctx = client_context(tls if tls is not None else parsed.tls)  # memkvs:// or tls=...
+        pool = BlockingPool(tenant=tenant, token=token, timeout=timeout, connect_timeout=min(timeout, 2.0), tls=ctx)
         if parsed.scheme == "memkv":
             client = cls(StandaloneRouter(parsed.nodes[0]), pool, timeout=timeout, transport=transport)
             try:
@@ -144,8 +147,9 @@ class SyncClient:
 
     # -- the API (DESIGN.md §9)
     def put(self, key: bytes | str, value: Any, *, namespace: str = "shared", ttl: float | None = None,
-            pin: bool = False, parent: bytes | None = None) -> None:
-        self._drive(ops.put(key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent))
+            pin: bool = False, parent: bytes | None = None, model: str | None = None, no_store: bool = False) -> None:
+        self._drive(ops.put(key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent,
+                            extra=_security_meta(model, no_store)))
 
     def get(self, key: bytes | str, *, namespace: str = "shared") -> bytes | None:
         if self.onesided is not None:
@@ -158,8 +162,10 @@ class SyncClient:
         return self._drive(ops.get(key, namespace=namespace, into=buffer))
 
     def put_many(self, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *, namespace: str = "shared",
-                 ttl: float | None = None, pin: bool = False, parents: list[bytes | None] | None = None) -> None:
-        self._drive(ops.put_many(self.router, items, namespace=namespace, ttl=ttl, pin=pin, parents=parents))
+                 ttl: float | None = None, pin: bool = False, parents: list[bytes | None] | None = None,
+                 model: str | None = None, no_store: bool = False) -> None:
+        self._drive(ops.put_many(self.router, items, namespace=namespace, ttl=ttl, pin=pin, parents=parents,
+                                 extra=_security_meta(model, no_store)))
 
     def get_many(self, keys: Iterable[bytes | str], *, namespace: str = "shared") -> list[bytes | None]:
         if self.onesided is not None:

@@ -21,6 +21,7 @@ class ParsedURL:
     scheme: str  # "memkv" | "etcd"
     nodes: tuple[NodeAddress, ...]  # memkv: the node; etcd: the etcd endpoints
     cluster: str = ""
+    tls: bool = False  # memkvs:// (client/tls.py)
 
 
 def _hostport(text: str, default_port: int) -> NodeAddress:
@@ -41,6 +42,8 @@ def parse_url(url: str) -> ParsedURL:
         raise InvalidArgument(f"bad URL {url!r}: want memkv://HOST:PORT or etcd://HOST:PORT/CLUSTER")
     if scheme == "memkv":
         return ParsedURL("memkv", (_hostport(rest.rstrip("/"), 7400),))
+    if scheme == "memkvs":  # memkv over TLS
+        return ParsedURL("memkv", (_hostport(rest.rstrip("/"), 7400),), tls=True)
     if scheme == "etcd":
         hosts, _, cluster = rest.partition("/")
         if not cluster:

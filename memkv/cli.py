@@ -32,6 +32,9 @@ def _serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag, None)
         if value is not None:
             setattr(cfg, flag, value)
+    for flag in ("tls_cert", "tls_key", "tls_ca"):  # [tls] cert/key/ca (memkv/server/tls.py)
+        if getattr(args, flag, None):
+            cfg.extra.setdefault("tls", {})[flag[4:]] = getattr(args, flag)
     if args.memory is not None:
         cfg.memory = parse_size(args.memory)
     if args.disk is not None:
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shm-dir", dest="shm_dir", help="where the region file lives (default /dev/shm)")
     s.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port")
     s.add_argument("--resp-port", dest="resp_port", type=int, help="Redis-protocol (RESP) port")
+    s.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate (chain): serve TLS")
+    s.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-ca", dest="tls_ca", help="PEM CA bundle: require client certificates it signed")
     s.set_defaults(func=_serve)
 
     st = sub.add_parser("status", help="nodes, slots, bytes, hit rates, migrations")

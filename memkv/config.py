@@ -73,6 +73,10 @@ class TenantConfig:
     token: str
     grants: dict[str, str] = field(default_factory=dict)  # namespace -> "r" | "rw" | "admin"
     quota: int | None = None
+    # security (memkv/server/security.py): requests/s token bucket, its burst, DRAM-only writes
+    rate: float | None = None
+    burst: float | None = None
+    no_store: bool = False
 
 
 @dataclass
@@ -163,5 +167,11 @@ def load_config(path: str | Path | None) -> NodeConfig:
         cfg.tenants[name] = TenantConfig(
             name, str(t["token"]), dict(t.get("grants", {})),
             parse_size(quota) if quota is not None else None,
+            float(t["rate"]) if t.get("rate") is not None else None,
+            float(t["burst"]) if t.get("burst") is not None else None,
+            bool(t.get("no_store", False)),
         )
+    for section in ("tls", "audit", "security"):  # memkv/server/security.py
+        if isinstance(raw.get(section), dict):
+            cfg.extra[section] = dict(raw[section])
     return cfg

@@ -59,6 +59,9 @@ def replica_main(url: str) -> int:
     from memkv.client import SyncClient
     from memkv.client.kvcache import KVCacheConnector, greedy_generate
 
+    # One intra-op thread per replica (each replica is one core's worth of "GPU"): on a small shared
+    # machine two OpenMP threads that lose a core to a neighbour stall at every barrier.
+    torch.set_num_threads(int(os.environ.get("MEMKV_DEMO_THREADS", "1")))
     model = demo_model()
     with SyncClient.connect(url) as client:
         conn = KVCacheConnector(client, MODEL_ID, block_tokens=BLOCK_TOKENS)

@@ -207,7 +207,7 @@ def test_compaction_reclaims_overwritten_deleted_and_expired(start_node):
     node = start_node("--segment-size", "256KiB", "--compaction-rate", "8MiB", config=DURABLE)
     final = {}
     with SyncClient.connect(node.url) as c:
-        for rnd in range(12):
+        for _rnd in range(12):
             for i in range(20):
                 k = f"o{i}".encode()
                 final[k] = os.urandom(8000)

@@ -204,3 +204,25 @@ async def test_async_connector(model, memkv_node):
         out2 = model(input_ids=torch.tensor([ids[n:]]), cache=cache, use_cache=True)
     assert int(torch.argmax(out2.logits[0, -1])) == ref[0]
     torch.testing.assert_close(out2.logits[0, -1], out.logits[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_redis_adapter_behind_the_same_connector(model, tmp_path):
+    """bench/redis_kv.py (the TTFT benchmark's Redis store) gives the same results through the connector."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    from bench.redis_kv import RedisKVStore
+    from bench.redis_peer import RedisServer
+
+    ids = prompt(70, seed=13)
+    ref, _, _ = greedy_generate(model, ids, 4)
+    with RedisServer(tmp_path / "redis") as rs:
+        store = RedisKVStore(rs.host, rs.port)
+        conn = KVCacheConnector(store, MODEL_ID, block_tokens=16)
+        greedy_generate(model, ids, 4, conn)
+        got, _, pre = greedy_generate(model, ids, 4, conn)
+        assert pre.cached_tokens == 64 and got == ref
+        with pytest.raises(KVLayoutMismatch):
+            conn.load(ids, tiny_config(num_hidden_layers=3))
+        store.close()

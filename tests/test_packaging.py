@@ -40,9 +40,11 @@ def test_every_package_is_listed_in_pyproject() -> None:
     on_disk = set()
     for prefix, folder in FOLDERS.items():
         base = ROOT / folder
-        for init in base.rglob("__init__.py"):
-            rel = init.parent.relative_to(base)
-            if any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+        # any folder with Python files: one without __init__.py imports from a checkout
+        # (namespace package) but is left out of a wheel unless listed
+        for module in base.rglob("*.py"):
+            rel = module.parent.relative_to(base)
+            if any(p.startswith(".") or p == "__pycache__" or p == "tests" for p in rel.parts):
                 continue
             on_disk.add(".".join([prefix, *rel.parts]))
     missing = sorted(on_disk - listed)

@@ -319,6 +319,53 @@ class Store:
         ts[_ENTRIES] += 1
         return e
 
+    def adopt_many(self, rows: Iterable[tuple]) -> int:
+        """Bulk ``adopt`` for a restart (keys must be new): rows of
+        ``(key, namespace, tenant, length, checksum, generation, expires, parent, flash)``."""
+        index = self._index
+        children = self._children
+        expiry = self._expiry
+        seq = self._seq
+        scoped = {n: p.tenant_scoped for n, p in self.namespaces.items()}
+        pools = {n: p.pool for n, p in self.namespaces.items()}
+        now = self.clock()
+        gen_max = self.generation
+        sums: dict[tuple[str, str], list[int]] = {}
+        n = 0
+        for key, namespace, tenant, length, checksum, generation, expires, parent, flash in rows:
+            ikey = (namespace, tenant if scoped[namespace] else "", key)
+            if ikey in index:
+                self.adopt(key, namespace, tenant, length, checksum, generation, expires, parent, flash)
+                n += 1
+                continue
+            e = Entry(key, namespace, tenant, -1, length, checksum, generation, now, expires, None, parent,
+                      pools[namespace], ikey, 0)
+            e.flash = flash
+            index[ikey] = e
+            if generation > gen_max:
+                gen_max = generation
+            if parent is not None:
+                pk = (namespace, ikey[1], parent)
+                children[pk] = children.get(pk, 0) + 1
+            if expires is not None:
+                heapq.heappush(expiry, (expires, next(seq), e))
+            agg = sums.get((namespace, tenant))
+            if agg is None:
+                agg = sums[(namespace, tenant)] = [0, 0]
+            agg[0] += length
+            agg[1] += 1
+            n += 1
+        for (namespace, tenant), (nbytes, count) in sums.items():
+            for st in (self._ns_stats[namespace], self._tstats(tenant)):
+                st[_BYTES] += nbytes
+                st[_ENTRIES] += count
+        self.generation = max(self.generation, gen_max)
+        for pk, c in children.items():  # chain links among the adopted entries
+            p = index.get(pk)
+            if p is not None and p.offset < 0:
+                p.children = c
+        return n
+
     def _evict_one(self, pool: _Pool, now: float, eligible: Callable[[Entry], bool]) -> int:
         """Evict one entry of ``pool``; bytes freed (0 if nothing is evictable)."""
         victim = pool.policy.pick_victim(now, eligible)

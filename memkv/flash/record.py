@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -67,8 +67,7 @@ class BadValue(RecordError):
     """The header checks out but the value's checksum does not (torn or flipped value)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """A decoded record header; ``value_off`` is relative to the buffer that was decoded."""
 
     kind: int
@@ -171,8 +170,7 @@ def decode(buf, offset: int = 0) -> Record:
     return rec
 
 
-@dataclass(frozen=True, slots=True)
-class Damage:
+class Damage(NamedTuple):
     """A stretch of bytes that held no valid record (reported by ``scan``)."""
 
     offset: int

@@ -57,15 +57,21 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
         covered = {int(k): v for k, v in snap["segments"].items()}
         out.max_lsn = snap["lsn"]
         out.max_gen = snap["gen"]
+        scopes: dict[str, bool | None] = {}
+        unknown = object()
         for row in snap["entries"]:
             sid = row[SEG]
             if sid not in segments or sid not in covered:
                 continue
-            ts = scope(row[0], row[1])
-            if ts is None:
+            ns = row[0]
+            sc = scopes.get(ns, unknown)
+            if sc is unknown:
+                t = scope(ns, "t")
+                sc = scopes[ns] = None if t is None else bool(t)
+            if sc is None:
                 out.skipped_namespaces += 1
                 continue
-            table[(row[0], ts, row[2])] = row
+            table[(ns, row[1] if sc else "", row[2])] = row
         out.snapshot_entries = len(table)
     last_id = max(segments, default=0)
     for sid in sorted(segments):

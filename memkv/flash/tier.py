@@ -23,6 +23,7 @@ the bytes the writer thread reads stay put.
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import math
 import os
@@ -83,10 +84,17 @@ class FlashTier:
         self.snapshot_lsn = 0
         self._inflight: dict[Entry, trio.Event] = {}
         t0 = time.perf_counter()
-        self.recovered = recover(self.dir, self.log.segments, self.scope)
-        self.lsn = self.snapshot_lsn = self.recovered.max_lsn
-        self.recovered_entries = len(self.recovered.rows)
-        self._adopt_all()
+        gc_was_on = gc.isenabled()
+        gc.disable()  # millions of new objects, no cycles: the collector would only rescan them
+        try:
+            self.recovered = recover(self.dir, self.log.segments, self.scope)
+            self.lsn = self.snapshot_lsn = self.recovered.max_lsn
+            self.recovered_entries = len(self.recovered.rows)
+            self._adopt_all()
+        finally:
+            if gc_was_on:
+                gc.enable()
+            gc.freeze()  # the recovered index is long-lived: keep it out of future collections
         self.recovery_s = time.perf_counter() - t0
         self.corrupt += len(self.recovered.damaged)
         store.flash = self
@@ -105,14 +113,13 @@ class FlashTier:
     def _adopt_all(self) -> None:
         store = self.store
         mono_off = store.clock() - time.time()
-        adopt = store.adopt
         gen = self.recovered.max_gen
         if gen > store.generation:
             store.generation = gen
-        for row in self.recovered.rows:
-            (ns, tenant, key, parent, length, cs, generation, exp, sid, voff, rsize, lsn) = row
-            adopt(key, ns, tenant, length, cs, generation, exp + mono_off if exp else None, parent,
-                  (sid, voff, rsize, lsn, 0))
+        store.adopt_many(
+            (key, ns, tenant, length, cs, generation, exp + mono_off if exp else None, parent,
+             (sid, voff, rsize, lsn, 0))
+            for (ns, tenant, key, parent, length, cs, generation, exp, sid, voff, rsize, lsn) in self.recovered.rows)
         self.recovered.rows = []
 
     # -- hooks called by the Store

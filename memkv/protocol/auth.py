@@ -30,3 +30,13 @@ def server_proof(token: str, tenant: str, server_nonce: bytes, client_nonce: byt
 
 def verify(expected: bytes, got: bytes) -> bool:
     return hmac.compare_digest(expected, got)
+
+
+def tenant_salt(token: str, tenant: str) -> bytes:
+    """A per-tenant secret salt for chain hashing (``PrefixHasher(salt=...)``, ``KVCacheConnector(salt=...)``).
+
+    Derived from the tenant's token, so identical prompts of different tenants
+    never share block keys, and nobody without the token can compute (and so
+    probe for) another tenant's keys.
+    """
+    return hmac.new(token.encode(), b"memkv-chain-salt\0" + tenant.encode(), hashlib.sha256).digest()[:16]

@@ -20,7 +20,7 @@ step "guest up: $(uname -r), $(nproc) cpu(s)"
 REPO=$(sed -n 's/.*memkv_repo=\([^ ]*\).*/\1/p' /proc/cmdline)
 modprobe virtio_pci; modprobe 9pnet_virtio; modprobe 9p
 mkdir -p "$REPO"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 repo "$REPO" || { echo "9p mount failed"; RC=10; }
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose repo "$REPO" || { echo "9p mount failed"; RC=10; }
 modprobe crc32_pclmul 2>/dev/null
 modprobe crc32_generic && modprobe rdma_rxe && modprobe ib_uverbs && modprobe rdma_ucm || RC=11
 ip link set lo up

@@ -49,13 +49,13 @@ set -u
 cd "$REPO"
 # the host venv's packages (pure Python + cp311 wheels) after the guest's own (pyverbs)
 echo "import site; site.addsitedir('$SITE')" > /usr/lib/python3/dist-packages/zz-memkv-venv.pth
-export PYTHONDONTWRITEBYTECODE=1 MEMKV_RDMA_DEVICE=rxe0 MEMKV_IN_RXE_GUEST=1
+export PYTHONDONTWRITEBYTECODE=1 MEMKV_RDMA_DEVICE=rxe0 MEMKV_IN_RXE_GUEST=1 MEMKV_NODE_START_TIMEOUT=120 PYTHONUNBUFFERED=1
 python3 -c 'import pyverbs.device as d, memkv; print("guest: pyverbs devices", [x.name for x in d.get_device_list()])'
 timeout 300 python3 -m pytest -p no:cacheprovider -q -ra --timeout=240 -k "$PYTEST_K" \
     --junitxml="$R/junit.xml" tests/test_transports.py 2>&1 | tee "$R/pytest.txt"
 rc=\$?
 [ -f "$R/junit.xml" ] || rc=1
-timeout 120 python3 -m bench.transports --rdma-only --json "$R/rdma-bench.json" 2>&1 | tail -5
+timeout 150 python3 -m bench.transports --rdma-only --json "$R/rdma-bench.json" 2>&1 | tail -5
 exit \$rc
 HOOK
 
