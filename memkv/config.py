@@ -80,6 +80,43 @@ class TenantConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Resource limits of a node (TOML ``[limits]``; memkv/server/limits.py). 0 disables a timeout/rate."""
+
+    max_connections: int = 4096  # per node, binary + RESP together; clamped below RLIMIT_NOFILE
+    max_inflight_bytes: int = 256 * 1024**2  # per connection: queued replies + reserved-unfilled PUT payload
+    tenant_inflight_bytes: int = 1024**3  # per tenant (all its connections): PUT reservations in flight
+    idle_timeout: float = 0.0  # s without any request (between frames); 0 = never
+    frame_timeout: float = 30.0  # s to deliver a started frame's header+meta (slowloris); also payload grace
+    min_payload_rate: int = 64 * 1024  # bytes/s a PUT payload must average after the grace
+    write_timeout: float = 60.0  # s a reply may make no progress (a client that stopped reading)
+
+
+def _limits_from(raw: dict[str, Any]) -> LimitsConfig:
+    base = LimitsConfig()
+    out = {}
+    for key in ("max_connections",):
+        if key in raw:
+            out[key] = int(raw[key])
+    for key in ("max_inflight_bytes", "tenant_inflight_bytes", "min_payload_rate"):
+        if key in raw:
+            out[key] = parse_size(raw[key]) if isinstance(raw[key], str) else int(raw[key])
+    for key in ("idle_timeout", "frame_timeout", "write_timeout"):
+        if key in raw:
+            v = raw[key]
+            out[key] = float(parse_duration(v) or 0.0) if isinstance(v, str) else float(v)
+    unknown = set(raw) - set(LimitsConfig.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgument(f"[limits]: unknown keys {sorted(unknown)}")
+    cfg = LimitsConfig(**{**base.__dict__, **out})
+    if cfg.max_connections < 1 or cfg.max_inflight_bytes < 1 or cfg.tenant_inflight_bytes < 1:
+        raise InvalidArgument("[limits]: max_connections and the in-flight limits must be >= 1")
+    if min(cfg.idle_timeout, cfg.frame_timeout, cfg.write_timeout, cfg.min_payload_rate) < 0:
+        raise InvalidArgument("[limits]: timeouts and rates must be >= 0")
+    return cfg
+
+
+@dataclass
 class NodeConfig:
     listen: str = "127.0.0.1:7400"
     data_dir: str = ""
@@ -101,6 +138,8 @@ class NodeConfig:
     compaction_rate: int = 64 * 1024**2  # bytes/s of compaction copy I/O; 0 = unthrottled
     compaction_threshold: float = 0.5  # compact a segment once this fraction of it is dead
     snapshot_every: int = 200_000  # records written between index snapshots
+    # resource limits (TOML table [limits]; memkv/server/limits.py)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def _namespace_from(name: str, raw: dict[str, Any]) -> NamespacePolicy:
@@ -171,6 +210,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
             float(t["burst"]) if t.get("burst") is not None else None,
             bool(t.get("no_store", False)),
         )
+    if isinstance(raw.get("limits"), dict):  # [limits] (memkv/server/limits.py)
+        cfg.limits = _limits_from(raw["limits"])
     for section in ("tls", "audit", "security"):  # memkv/server/security.py
         if isinstance(raw.get(section), dict):
             cfg.extra[section] = dict(raw[section])

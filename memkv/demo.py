@@ -65,7 +65,11 @@ def replica_main(url: str) -> int:
     model = demo_model()
     with SyncClient.connect(url) as client:
         conn = KVCacheConnector(client, MODEL_ID, block_tokens=BLOCK_TOKENS)
-        greedy_generate(model, list(range(1, 200)), 2)  # warm-up (first-call overheads)
+        # warm-up: first-call overheads of the model and of the store path (connections, shm mapping)
+        warm = list(range(1, 200))
+        greedy_generate(model, warm, 2)
+        greedy_generate(model, warm, 2, conn)
+        greedy_generate(model, warm, 2, conn)
         print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
         for line in sys.stdin:
             req = json.loads(line)

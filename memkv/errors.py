@@ -91,6 +91,18 @@ class RateLimited(MemKVError):
     code = 22
 
 
+class ResourceLimit(MemKVError):
+    """A per-connection, per-tenant or per-node resource limit refused the request ([limits])."""
+
+    code = 23
+
+
+class TooManyConnections(ResourceLimit):
+    """The node is at ``[limits] max_connections``; it sends this, then closes the connection."""
+
+    code = 24
+
+
 class TimeoutError(MemKVError):  # noqa: A001 - deliberately shadows the builtin inside memkv
     code = 30
 

@@ -366,6 +366,84 @@ class Store:
                 p.children = c
         return n
 
+    def adopt_columns(self, names: list[tuple[str, str]], keys: list[bytes], names_idx: list[int],
+                      parents: list[bytes | None], lengths: list[int], checksums: list[int],
+                      generations: list[int], expires: Iterable[float | None], flashes: Iterable[object]) -> int:
+        """Bulk ``adopt`` of flash-only values for a restart, as parallel columns (the fast path
+        of recovery: one ``Entry`` and one dict insert per value, everything else in bulk).
+
+        ``names[names_idx[i]]`` is entry i's ``(namespace, tenant)``; ``expires`` are monotonic
+        times or None. The keys must be new and distinct (the index of a starting node).
+        """
+        if not keys:
+            return 0
+        index = self._index
+        children = self._children
+        now = self.clock()
+        info: list[Any] = []
+        for ns, tenant in names:  # a name no entry uses may be unknown (None)
+            pol = self.namespaces.get(ns)
+            info.append(None if pol is None else (ns, tenant, tenant if pol.tenant_scoped else "", pol.pool))
+        before = len(index)
+        expiring: list[Entry] = []
+        if len(info) == 1:
+            ns, tenant, scope, pool = info[0]
+            for key, parent, length, checksum, generation, exp, flash in zip(keys, parents, lengths, checksums,
+                                                                            generations, expires, flashes):
+                ikey = (ns, scope, key)
+                e = index[ikey] = Entry(key, ns, tenant, -1, length, checksum, generation, now, exp, None, parent,
+                                        pool, ikey, 0)
+                e.flash = flash
+                if exp is not None:
+                    expiring.append(e)
+        else:
+            for key, ni, parent, length, checksum, generation, exp, flash in zip(keys, names_idx, parents, lengths,
+                                                                                checksums, generations, expires,
+                                                                                flashes):
+                ns, tenant, scope, pool = info[ni]
+                ikey = (ns, scope, key)
+                e = index[ikey] = Entry(key, ns, tenant, -1, length, checksum, generation, now, exp, None, parent,
+                                        pool, ikey, 0)
+                e.flash = flash
+                if exp is not None:
+                    expiring.append(e)
+        n = len(index) - before
+        if n != len(keys):
+            raise ValueError("adopt_columns: keys must be new and distinct")
+        for e in expiring:
+            heapq.heappush(self._expiry, (e.expires, next(self._seq), e))
+        if generations:
+            self.generation = max(self.generation, max(generations))
+        # accounting per (namespace, tenant)
+        if len(info) == 1:
+            sums = {0: [sum(lengths), n]}
+        else:
+            sums = {}
+            for ni, length in zip(names_idx, lengths):
+                agg = sums.get(ni)
+                if agg is None:
+                    agg = sums[ni] = [0, 0]
+                agg[0] += length
+                agg[1] += 1
+        for ni, (nbytes, count) in sums.items():
+            ns, tenant = info[ni][0], info[ni][1]
+            for st in (self._ns_stats[ns], self._tstats(tenant)):
+                st[_BYTES] += nbytes
+                st[_ENTRIES] += count
+        # chain links among the adopted entries
+        if any(p is not None for p in parents):
+            linked: set[tuple[str, str, bytes]] = set()
+            for key, ni, parent in zip(keys, names_idx, parents):
+                if parent is not None:
+                    pk = (info[ni][0], info[ni][2], parent)
+                    children[pk] = children.get(pk, 0) + 1
+                    linked.add(pk)
+            for pk in linked:
+                p = index.get(pk)
+                if p is not None:
+                    p.children = children[pk]
+        return n
+
     def _evict_one(self, pool: _Pool, now: float, eligible: Callable[[Entry], bool]) -> int:
         """Evict one entry of ``pool``; bytes freed (0 if nothing is evictable)."""
         victim = pool.policy.pick_victim(now, eligible)

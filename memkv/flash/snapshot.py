@@ -1,15 +1,23 @@
-"""Index snapshots: the durable part of the index in one checksummed file.
+"""Index snapshots: the durable part of the index in one checksummed, columnar file.
 
-Layout: ``MKVSNAP1`` | xxh3-64 of the body (u64 LE) | body (msgpack)::
+Layout: ``MKVSNAP2`` | xxh3-64 of the body (u64 LE) | body::
 
-    {"lsn": max lsn, "gen": max generation,
-     "segments": {seg_id: [covered_end, min_lsn]},
-     "entries": [[ns, tenant, key, parent, length, checksum, generation, expires_wall,
-                  seg_id, value_off, rec_size, lsn], ...]}
+    meta_len u32 | meta (msgpack) | zero padding to a multiple of 8 |
+    columns (N little-endian values each, in this order):
+        length u64, checksum u64, generation u64, value_off u64, rec_size u64, lsn u64, expires_wall f64,
+        seg_id u32, name u32 (index into meta "names"), key_len u32, parent_len i32 (-1: no parent) |
+    keys (concatenated) | parents (concatenated)
 
-Recovery loads it, then scans every segment from its ``covered_end`` (0 for a
-segment the snapshot does not list). The file is written to a temporary name,
-fsynced and renamed, so a crash leaves either the old or the new snapshot.
+    meta = {"lsn": max lsn, "gen": max generation, "n": N,
+            "segments": {seg_id: [covered_end, min_lsn]}, "names": [[namespace, tenant], ...]}
+
+Loading is a handful of bulk conversions (``array.frombytes`` + ``tolist``) and
+one slice per key: no per-entry decoding (a 1M-entry index loads in a fraction
+of a second). Recovery loads it, then scans every segment from its
+``covered_end`` (0 for a segment the snapshot does not list). The file is
+written to a temporary name, fsynced and renamed, so a crash leaves either the
+old or the new snapshot. A snapshot of another format is ignored (the log is
+replayed in full).
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
+from array import array
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -24,16 +35,68 @@ import xxhash
 
 from memkv.flash.segment import fsync_dir
 
-MAGIC = b"MKVSNAP1"
+MAGIC = b"MKVSNAP2"
 NAME = "index.snap"
+
+# (name, array typecode, item size); u64 columns first so that every column stays 8-byte aligned
+COLUMNS = (("lengths", "Q", 8), ("checksums", "Q", 8), ("generations", "Q", 8), ("voffs", "Q", 8),
+           ("rsizes", "Q", 8), ("lsns", "Q", 8), ("expires", "d", 8), ("sids", "I", 4), ("names_idx", "I", 4),
+           ("key_lens", "I", 4), ("parent_lens", "i", 4))
+for _name, _code, _size in COLUMNS:
+    assert array(_code).itemsize == _size, (_name, _code)
+_SWAP = sys.byteorder != "little"
 
 
 class SnapshotError(Exception):
     pass
 
 
-def write_snapshot(directory: str, data: dict[str, Any]) -> int:
-    body = msgpack.packb(data, use_bin_type=True)
+@dataclass
+class Snapshot:
+    """A loaded snapshot: parallel lists (one item per entry)."""
+
+    lsn: int
+    gen: int
+    segments: dict[int, list[int]]
+    names: list[tuple[str, str]]
+    keys: list[bytes] = field(default_factory=list)
+    parents: list[bytes | None] = field(default_factory=list)
+    cols: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def encode_snapshot(lsn: int, gen: int, segments: dict[int, list[int]], rows: list[tuple]) -> bytes:
+    """The body of a snapshot; ``rows`` are ``(ns, tenant, key, parent, length, checksum, generation,
+    expires_wall, seg_id, value_off, rec_size, lsn)``."""
+    n = len(rows)
+    names: dict[tuple[str, str], int] = {}
+    if n:
+        nss, tns, keys, parents, lengths, sums, gens, exps, sids, voffs, rsizes, lsns = zip(*rows)
+        nidx = [names.setdefault(nt, len(names)) for nt in zip(nss, tns)]
+    else:
+        keys = parents = lengths = sums = gens = exps = sids = voffs = rsizes = lsns = ()
+        nidx = []
+    data = {"lengths": lengths, "checksums": sums, "generations": gens, "voffs": voffs, "rsizes": rsizes,
+            "lsns": lsns, "expires": [float(x) for x in exps], "sids": sids, "names_idx": nidx,
+            "key_lens": [len(k) for k in keys], "parent_lens": [-1 if p is None else len(p) for p in parents]}
+    meta = msgpack.packb({"lsn": lsn, "gen": gen, "n": n, "segments": segments,
+                          "names": [list(nt) for nt in names]}, use_bin_type=True)
+    head = struct.pack("<I", len(meta)) + meta
+    parts = [head, b"\0" * (-(len(head) + 16) % 8)]  # the body starts at file offset 16
+    for name, code, _ in COLUMNS:
+        a = array(code, data[name])
+        if _SWAP:
+            a.byteswap()
+        parts.append(a.tobytes())
+    parts.append(b"".join(keys))
+    parts.append(b"".join(p for p in parents if p))
+    return b"".join(parts)
+
+
+def write_snapshot(directory: str, lsn: int, gen: int, segments: dict[int, list[int]], rows: list[tuple]) -> int:
+    body = encode_snapshot(lsn, gen, segments, rows)
     path = os.path.join(directory, NAME)
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -51,7 +114,7 @@ def write_snapshot(directory: str, data: dict[str, Any]) -> int:
     return len(body) + 16
 
 
-def read_snapshot(directory: str) -> dict[str, Any] | None:
+def read_snapshot(directory: str) -> Snapshot | None:
     """The snapshot, None if there is none; raises ``SnapshotError`` if it is damaged."""
     path = os.path.join(directory, NAME)
     try:
@@ -59,16 +122,57 @@ def read_snapshot(directory: str) -> dict[str, Any] | None:
             raw = f.read()
     except FileNotFoundError:
         return None
-    if len(raw) < 16 or raw[:8] != MAGIC:
-        raise SnapshotError("bad snapshot header")
-    body = memoryview(raw)[16:]
-    if xxhash.xxh3_64_intdigest(body) != struct.unpack_from("<Q", raw, 8)[0]:
+    if len(raw) < 20 or raw[:8] != MAGIC:
+        raise SnapshotError("bad snapshot header (or an older format)")
+    mv = memoryview(raw)
+    if xxhash.xxh3_64_intdigest(mv[16:]) != struct.unpack_from("<Q", raw, 8)[0]:
         raise SnapshotError("snapshot checksum mismatch")
     try:
-        data = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=False)
+        return _decode(raw, mv)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a damaged snapshot
         raise SnapshotError(f"cannot decode snapshot: {exc}") from exc
-    return data
+
+
+def _decode(raw: bytes, mv: memoryview) -> Snapshot:
+    (meta_len,) = struct.unpack_from("<I", raw, 16)
+    pos = 20 + meta_len
+    meta = msgpack.unpackb(mv[20:pos], raw=False, strict_map_key=False)
+    pos += -pos % 8
+    n = int(meta["n"])
+    snap = Snapshot(int(meta["lsn"]), int(meta["gen"]), {int(k): v for k, v in meta["segments"].items()},
+                    [(a, b) for a, b in meta["names"]])
+    for name, code, size in COLUMNS:
+        a = array(code)
+        a.frombytes(mv[pos:pos + n * size])
+        if len(a) != n:
+            raise SnapshotError("snapshot is truncated")
+        if _SWAP:
+            a.byteswap()
+        snap.cols[name] = a.tolist()
+        pos += n * size
+    key_lens = snap.cols.pop("key_lens")
+    parent_lens = snap.cols.pop("parent_lens")
+    keys = []
+    append = keys.append
+    for kl in key_lens:
+        end = pos + kl
+        append(raw[pos:end])
+        pos = end
+    snap.keys = keys
+    if any(pl >= 0 for pl in parent_lens):
+        parents: list[bytes | None] = []
+        for pl in parent_lens:
+            if pl < 0:
+                parents.append(None)
+            else:
+                parents.append(raw[pos:pos + pl])
+                pos += pl
+        snap.parents = parents
+    else:
+        snap.parents = [None] * n
+    if pos != len(raw):
+        raise SnapshotError("snapshot has trailing or missing bytes")
+    return snap
 
 
 def remove_snapshot(directory: str) -> None:

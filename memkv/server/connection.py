@@ -20,6 +20,7 @@ from memkv.errors import MemKVError, ProtocolError, ServerError
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Flag, Op
 from memkv.server.handlers import Reply
+from memkv.server.limits import Watched
 from memkv.server.session import Session
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class PeerGone(Exception):
     pass
 
 
-class Connection:
+class Connection(Watched):
     """Serves one socket.
 
     The socket is a plain non-blocking stdlib socket driven with trio's
@@ -54,6 +55,9 @@ class Connection:
     def __init__(self, node: Node, sock: socket.socket, peer: str) -> None:
         self.node = node
         self.sock = sock
+        # [limits] (memkv/server/limits.py): deadlines of waits on the peer, in-flight bytes.
+        self.hard = getattr(node, "hardening", None)
+        self.flush_at = FLUSH_AT if self.hard is None else min(FLUSH_AT, self.hard.max_inflight)
         self.reader = c.FrameReader(node.limits)
         self.session = Session(auth_required=bool(node.config.tenants), peer=peer)
         self.out: list[memoryview | bytes] = []
@@ -68,7 +72,7 @@ class Connection:
             try:
                 n = self.sock.recv_into(view)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                await self._wait_readable()
                 continue
             except OSError as exc:
                 raise PeerGone from exc
@@ -136,7 +140,7 @@ class Connection:
             try:
                 sent = self.sock.sendmsg(chunk)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+                await self._wait_writable()
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT):
@@ -170,12 +174,16 @@ class Connection:
                     await self.flush()
                     return
                 if isinstance(head, c.NeedData):
+                    if self.reader.buffered:  # part of a frame: [limits] frame_timeout runs
+                        self._phase_frame()
+                    else:
+                        self._phase_idle()
                     if self.out or self.durable:
                         await self.flush()
                         if not self.reader.buffered:
                             # A request-response client sends nothing until it has our
                             # reply: skip the recv that would only return EAGAIN.
-                            await trio.lowlevel.wait_readable(self.sock)
+                            await self._wait_readable()
                     await self._recv_some()
                     since_yield += 1
                     if since_yield >= self.YIELD_EVERY:
@@ -186,55 +194,95 @@ class Connection:
                 op = head.op
                 name = _OP_NAMES.get(op) or str(op)
                 m.ops[name] += 1
+                self._frame_t0 = None
                 await self._handle(head)
                 m.latency[name].observe(time.perf_counter() - t0)
-                if self.out_bytes >= FLUSH_AT:
+                if self.out_bytes >= self.flush_at:  # also the per-connection in-flight throttle
                     await self.flush()
         except PeerGone:
             return
 
     async def _handle(self, head: c.Frame) -> None:
         op, rid, meta = head.op, head.request_id, head.meta
-        handlers = self.node.handlers
+        if head.payload_len:  # [limits]: the payload must arrive at min_payload_rate
+            self._phase_payload(head.payload_len)
         if head.is_response:
             await self._discard_payload()
             self._queue_error(op, rid, ProtocolError("clients send requests, not responses"))
             return
         if op in (Op.PUT, Op.PUT_MANY):
-            try:
-                plan = handlers.begin_put(self.session, op, meta, head.payload_len)
-            except MemKVError as exc:
-                await self._discard_payload()
-                self._queue_error(op, rid, exc)
+            hard, tenant, nbytes = self.hard, self.session.tenant, head.payload_len
+            if hard is not None:
+                # Per-connection in-flight bytes: drain queued replies (not reading meanwhile)
+                # before reserving; refuse what could never fit. Then the tenant's share.
+                if self.out_bytes and self.out_bytes + nbytes > hard.max_inflight:
+                    await self.flush()
+                try:
+                    hard.check_put(nbytes)
+                    hard.reserve_tenant(tenant, nbytes)
+                except MemKVError as exc:
+                    await self._discard_payload()
+                    self._queue_error(op, rid, exc)
+                    return
+                try:
+                    await self._put(head, op, rid, meta)
+                finally:
+                    hard.release_tenant(tenant, nbytes)
                 return
-            try:
-                for res, length in zip(plan.reservations, plan.lengths, strict=True):
-                    if res is None:
-                        left = length
-                        while left:
-                            chunk = memoryview(_DISCARD)[: min(left, len(_DISCARD))]
-                            await self._recv_exact_into(chunk)
-                            left -= len(chunk)
-                    else:
-                        await self._recv_exact_into(res.view)
-                self.reader.payload_done()
-            except BaseException:
-                handlers.abort_put(plan)
-                raise
-            self.node.metrics.bytes_in += head.payload_len
-            fl = self.flash
-            if fl is not None:
-                fl.touched = 0
-            try:
-                reply = handlers.finish_put(op, plan)
-            except MemKVError as exc:
-                self._queue_error(op, rid, exc)
-                return
-            if fl is not None and fl.touched:  # durable namespace: reply after the group commit
-                self._defer(op, rid, reply, fl.touched)
-            else:
-                self._queue(op, rid, reply)
+            await self._put(head, op, rid, meta)
             return
+        await self._simple(head, op, rid, meta)
+
+    def notify_timeout(self) -> None:
+        """Closed by a [limits] timeout: say so with a typed error frame when the stream allows it."""
+        log.info("closing connection %s: %s timeout", self.session.peer, self.timed_out)
+        if self.timed_out == "write" or getattr(self, "tls", None) is not None:
+            return  # mid-reply, or encrypted: a plaintext frame would only garble the stream
+        from memkv.errors import TimeoutError as MemKVTimeout
+
+        try:
+            self.sock.send(c.encode_error(0, 0, MemKVTimeout.code, f"closed: {self.timed_out} timeout"))
+        except OSError:
+            pass
+
+    async def _put(self, head: c.Frame, op: int, rid: int, meta: dict) -> None:
+        handlers = self.node.handlers
+        try:
+            plan = handlers.begin_put(self.session, op, meta, head.payload_len)
+        except MemKVError as exc:
+            await self._discard_payload()
+            self._queue_error(op, rid, exc)
+            return
+        try:
+            for res, length in zip(plan.reservations, plan.lengths, strict=True):
+                if res is None:
+                    left = length
+                    while left:
+                        chunk = memoryview(_DISCARD)[: min(left, len(_DISCARD))]
+                        await self._recv_exact_into(chunk)
+                        left -= len(chunk)
+                else:
+                    await self._recv_exact_into(res.view)
+            self.reader.payload_done()
+        except BaseException:
+            handlers.abort_put(plan)
+            raise
+        self.node.metrics.bytes_in += head.payload_len
+        fl = self.flash
+        if fl is not None:
+            fl.touched = 0
+        try:
+            reply = handlers.finish_put(op, plan)
+        except MemKVError as exc:
+            self._queue_error(op, rid, exc)
+            return
+        if fl is not None and fl.touched:  # durable namespace: reply after the group commit
+            self._defer(op, rid, reply, fl.touched)
+        else:
+            self._queue(op, rid, reply)
+
+    async def _simple(self, head: c.Frame, op: int, rid: int, meta: dict) -> None:
+        handlers = self.node.handlers
         if head.payload_len:
             await self._discard_payload()
             self._queue_error(op, rid, ProtocolError(f"{Op(op).name} takes no payload"))

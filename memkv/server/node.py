@@ -77,6 +77,10 @@ class Node:
                 self.flash.close()
             self.store.close()
             raise
+        # Resource limits: max connections, in-flight bytes, slowloris timeouts (memkv/server/limits.py).
+        from memkv.server.limits import install as install_limits
+
+        self.hardening = install_limits(self)
 
     def _stats_extra(self) -> dict[str, Any]:
         extra = {"node_id": self.node_id, "server": self.metrics.snapshot(),
@@ -129,17 +133,32 @@ class Node:
             # Hand the connection a plain non-blocking socket (see Connection).
             raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
             raw.setblocking(False)
+            if not self.hardening.admit():  # [limits] max_connections: a typed refusal, then close
+                from memkv.errors import TooManyConnections
+
+                msg = f"node is at its limit of {self.hardening.max_connections} connections"
+                nursery.start_soon(self.hardening.refuse, raw, c.encode_error(0, 0, TooManyConnections.code, msg))
+                continue
             nursery.start_soon(self._run_connection, raw, f"{addr[0]}:{addr[1]}")
 
     async def _run_connection(self, sock: socket.socket, peer: str) -> None:
         self.metrics.connections += 1
         self.metrics.connections_total += 1
+        conn = None
         try:
             with sock:
-                await self.connection_class(self, sock, peer).serve()
+                conn = self.connection_class(self, sock, peer)
+                with trio.CancelScope() as scope:
+                    self.hardening.register(conn, scope)
+                    await conn.serve()
+                if conn.timed_out:  # closed by [limits] timeouts (memkv/server/limits.py)
+                    conn.notify_timeout()
         except Exception:
             log.exception("connection %s failed", peer)
         finally:
+            if conn is not None:
+                self.hardening.unregister(conn)
+            self.hardening.closed()
             self.metrics.connections -= 1
 
     async def _housekeeping(self) -> None:

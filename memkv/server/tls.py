@@ -80,7 +80,7 @@ class TLSConnection(Connection):
             try:
                 data = self.sock.recv(RECV_CHUNK)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                await self._wait_readable()  # [limits] deadlines (memkv/server/limits.py)
                 continue
             except OSError as exc:
                 raise PeerGone from exc
@@ -99,7 +99,7 @@ class TLSConnection(Connection):
                 try:
                     n = self.sock.send(view)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.sock)
+                    await self._wait_writable()
                     continue
                 except OSError as exc:
                     if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT):
