@@ -98,7 +98,13 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
     for row in table:
         load.update(row)
 
+    # Nodes above ``hard`` after a membership change (nodes were added, the mean fell)
+    # are rebalanced by 3a; below it, leaving them be saves moves.
+    hard = max(cap, int(total / len(ids) * 1.08))
+    over_before = {n for n in ids if load[n] > hard}
+
     # 2. fill empty positions: ring walk, bounded load, zone-aware
+    all_zones = set(members.values())
     alive = _Alive(ring)
     for n in ids:
         if load[n] >= cap:
@@ -108,7 +114,7 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
         while len(row) < r_eff:
             pick = None
             used_zones = {members[n] for n in row}
-            for want_new_zone in (True, False):
+            for want_new_zone in ((True, False) if used_zones != all_zones else (False,)):
                 i = alive.next_alive(ring.start(points[s]))
                 steps = 0
                 while i is not None and steps < alive.size:
@@ -121,7 +127,7 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
                 if pick is not None:
                     break
             if pick is None:  # everyone eligible is full: exceed the bound rather than under-replicate
-                pick = next(n for n in ring.walk(points[s]) if n not in row)
+                pick = min((n for n in ids if n not in row), key=lambda n: (load[n], n))
             row.append(pick)
             load[pick] += 1
             if load[pick] >= cap:
@@ -133,19 +139,6 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
         row.append(thief)
         load[victim] -= 1
         load[thief] += 1
-
-    # 3a. overloaded nodes give slots to the least loaded eligible node
-    for o in ids:
-        if load[o] <= cap:
-            continue
-        for s in sorted((s for s in range(slots) if o in table[s]), key=lambda s: points[s]):
-            if load[o] <= cap:
-                break
-            others = [n for n in table[s] if n != o]
-            cands = [n for n in ids if load[n] < cap and n not in table[s]
-                     and _zone_ok(members, n, others, o)]
-            if cands:
-                move(s, o, min(cands, key=lambda n: (load[n], ring.distance_to(n, points[s]), n)))
 
     # 3b. newcomers (far below the mean) take slots from the most loaded nodes
     for u in sorted(ids, key=lambda n: (load[n], n)):
@@ -164,6 +157,20 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
             victim = max(victims, key=lambda n: (load[n], n))
             if _zone_ok(members, u, [n for n in row if n != victim], victim):
                 move(s, victim, u)
+    # 3a. nodes that were over the bound before (it shrank: nodes were added) give slots
+    #     to the least loaded eligible node
+    for o in sorted(over_before):
+        if load[o] <= hard:
+            continue
+        for s in sorted((s for s in range(slots) if o in table[s]), key=lambda s: points[s]):
+            if load[o] <= cap:
+                break
+            others = [n for n in table[s] if n != o]
+            cands = [n for n in ids if load[n] < cap and n not in table[s]
+                     and _zone_ok(members, n, others, o)]
+            if cands:
+                move(s, o, min(cands, key=lambda n: (load[n], ring.distance_to(n, points[s]), n)))
+
     return [tuple(row) for row in table]
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -89,7 +90,7 @@ class FlashTier:
         try:
             self.recovered = recover(self.dir, self.log.segments, self.scope)
             self.lsn = self.snapshot_lsn = self.recovered.max_lsn
-            self.recovered_entries = len(self.recovered.rows)
+            self.recovered_entries = self.recovered.entries
             self._adopt_all()
         finally:
             if gc_was_on:
@@ -112,15 +113,21 @@ class FlashTier:
 
     def _adopt_all(self) -> None:
         store = self.store
-        mono_off = store.clock() - time.time()
-        gen = self.recovered.max_gen
+        rec = self.recovered
+        cols = rec.cols
+        gen = rec.max_gen
         if gen > store.generation:
             store.generation = gen
-        store.adopt_many(
-            (key, ns, tenant, length, cs, generation, exp + mono_off if exp else None, parent,
-             (sid, voff, rsize, lsn, 0))
-            for (ns, tenant, key, parent, length, cs, generation, exp, sid, voff, rsize, lsn) in self.recovered.rows)
-        self.recovered.rows = []
+        exps = cols["expires"]
+        if any(exps):
+            mono_off = store.clock() - time.time()
+            exps = [x + mono_off if x else None for x in exps]
+        else:
+            exps = repeat(None, len(cols["keys"]))
+        store.adopt_columns(rec.names, cols["keys"], cols["names_idx"], cols["parents"], cols["lengths"],
+                            cols["checksums"], cols["generations"], exps,
+                            zip(cols["sids"], cols["voffs"], cols["rsizes"], cols["lsns"], repeat(0)))
+        rec.cols = {}
 
     # -- hooks called by the Store
     def admit(self, key: bytes, length: int) -> None:
@@ -269,7 +276,7 @@ class FlashTier:
         self.store.report_corrupt(e)
 
     # -- snapshots
-    def _capture(self) -> tuple[dict[str, Any], int]:
+    def _capture(self) -> tuple[tuple[int, int, dict[int, list[int]], list[tuple]], int]:
         flog = self.log
         segs = {sid: [s.size, s.min_lsn] for sid, s in flog.segments.items()}
         wall = time.time() - self.store.clock()
@@ -278,13 +285,13 @@ class FlashTier:
              0.0 if e.expires is None else e.expires + wall, loc[0], loc[1], loc[2], loc[3])
             for e in self.store._index.values() if (loc := e.flash) is not None
         ]
-        return {"lsn": self.lsn, "gen": self.store.generation, "segments": segs, "entries": rows}, flog.seq
+        return (self.lsn, self.store.generation, segs, rows), flog.seq
 
     async def snapshot(self) -> None:
         lsn = self.lsn
         data, seq = self._capture()
         await self.log.wait(seq)  # the snapshot may only point at durable records
-        await trio.to_thread.run_sync(write_snapshot, self.dir, data)
+        await trio.to_thread.run_sync(write_snapshot, self.dir, *data)
         self.snapshots += 1
         self.snapshot_lsn = lsn
 
@@ -305,7 +312,7 @@ class FlashTier:
         try:
             self.log.flush_sync()
             data, _ = self._capture()
-            write_snapshot(self.dir, data)
+            write_snapshot(self.dir, *data)
         except OSError as exc:
             log.warning("flash: shutdown snapshot failed: %s", exc)
         finally:

@@ -24,6 +24,7 @@ The server never imports ``memkv.client``/``memkv.cluster`` otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hmac
@@ -51,6 +52,7 @@ from memkv.errors import (
     QuotaExceeded,
 )
 from memkv.protocol import resp as R
+from memkv.server.limits import Watched
 from memkv.server.session import Session
 
 if TYPE_CHECKING:
@@ -203,6 +205,10 @@ class RespServer:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
                     raw.setblocking(False)
+                    hard = getattr(self.node, "hardening", None)
+                    if hard is not None and not hard.admit():  # [limits] max_connections (node-wide)
+                        nursery.start_soon(hard.refuse, raw, b"-ERR max number of clients reached\r\n")
+                        continue
                     nursery.start_soon(self._run, raw, f"{addr[0]}:{addr[1]}")
         finally:
             listener.close()
@@ -215,14 +221,26 @@ class RespServer:
         self.clients_total += 1
         self.next_client_id += 1
         conn = RespConnection(self, sock, peer, self.next_client_id)
+        hard = getattr(self.node, "hardening", None)
         try:
             with sock:
-                await conn.serve()
+                with trio.CancelScope() as scope:
+                    if hard is not None:
+                        hard.register(conn, scope)
+                    await conn.serve()
+                if conn.timed_out:  # closed by a [limits] timeout (memkv/server/limits.py)
+                    log.info("closing RESP connection %s: %s timeout", peer, conn.timed_out)
+                    if conn.timed_out != "write":
+                        with contextlib.suppress(OSError):
+                            sock.send(f"-ERR closed: {conn.timed_out} timeout\r\n".encode())
         except Exception:
             log.exception("RESP connection %s failed", peer)
         finally:
             conn.abort_reservations()
             self.clients -= 1
+            if hard is not None:
+                hard.unregister(conn)
+                hard.closed()
 
 
 def attach_resp(node: Node, port: int | None = None) -> RespServer:
@@ -297,7 +315,7 @@ def _glob(pattern: bytes) -> Callable[[bytes], bool]:
     return lambda k: fnmatch.fnmatchcase(k, pat)
 
 
-class RespConnection:
+class RespConnection(Watched):
     YIELD_EVERY = 16
 
     def __init__(self, server: RespServer, sock: socket.socket, peer: str, client_id: int) -> None:
@@ -321,6 +339,12 @@ class RespConnection:
         self.quit = False
         self.reservations: list[Reservation] = []
         self.quarantine_s = float(getattr(self.store, "quarantine_s", 2.0))
+        # [limits] (memkv/server/limits.py) and the security hooks (memkv/server/security.py)
+        self.hard = getattr(self.node, "hardening", None)
+        self.sec = getattr(self.node, "security", None)
+        self.cmd_bytes = 0  # bytes received for the command being parsed (in-flight in the parser)
+        self.reserved = 0  # bytes of streamed values reserved for the command being parsed
+        self.reserved_tenant = ""
 
     @property
     def ns(self) -> str:
@@ -367,6 +391,9 @@ class RespConnection:
             try:
                 sent = self.sock.sendmsg(chunk)
             except BlockingIOError:
+                if self.hard is not None:  # no progress for write_timeout: the reaper closes it
+                    self.deadline = time.monotonic() + self.hard.write_timeout
+                    self.wait_kind = "write"
                 if not t0:
                     t0 = time.monotonic()
                 elif time.monotonic() - t0 > self.quarantine_s / 2 and self._stale():
@@ -374,7 +401,7 @@ class RespConnection:
                     # slow reader gets it: close rather than risk sending recycled bytes.
                     log.warning("RESP client %s too slow for a value that was freed; closing", self.peer)
                     raise PeerGone from None
-                await trio.lowlevel.wait_writable(self.sock)
+                await self._wait_writable()
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT):
@@ -400,7 +427,7 @@ class RespConnection:
             try:
                 n = self.sock.recv_into(view)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                await self._wait_readable()
                 continue
             except OSError as exc:
                 raise PeerGone from exc
@@ -408,7 +435,14 @@ class RespConnection:
                 raise PeerGone
             return n
 
+    def _release_reserved(self) -> None:
+        """The command's streamed values are committed or aborted: its tenant bytes are no longer in flight."""
+        if self.reserved and self.hard is not None:
+            self.hard.release_tenant(self.reserved_tenant, self.reserved)
+        self.reserved = 0
+
     def abort_reservations(self) -> None:
+        self._release_reserved()
         for res in self.reservations:
             self.store.abort(res)
         self.reservations.clear()
@@ -434,9 +468,23 @@ class RespConnection:
                     await self.flush()
                     return
                 if isinstance(ev, R.NeedData):
+                    if reader.buffered or reader._nargs is not None:  # a partial command: frame_timeout
+                        self._phase_frame()
+                    else:
+                        self._phase_idle()
                     if self.out:
                         await self.flush()
-                    reader.received(await self._recv_into(reader.recv_buffer()))
+                    n = await self._recv_into(reader.recv_buffer())
+                    reader.received(n)
+                    hard = self.hard
+                    if hard is not None:
+                        self.cmd_bytes += n
+                        if self.cmd_bytes + self.out_bytes + self.reserved > hard.max_inflight:
+                            hard.counters["inflight_refusals"] += 1
+                            self.w_error(f"ERR command exceeds the per-connection in-flight limit of "
+                                         f"{hard.max_inflight} bytes ([limits] max_inflight_bytes)")
+                            await self.flush()
+                            return
                     since_yield += 1
                     if since_yield >= self.YIELD_EVERY:
                         since_yield = 0
@@ -445,11 +493,14 @@ class RespConnection:
                 if isinstance(ev, R.LargeArg):
                     await self._large(ev)
                     continue
+                self._frame_t0 = None
+                self.cmd_bytes = reader.buffered  # what is left belongs to the next command
                 try:
                     await self.dispatch(ev)
                 finally:
                     self._release_args(ev)
                     self.reservations.clear()
+                    self._release_reserved()
                 if self.out_bytes >= FLUSH_AT:
                     await self.flush()
             if self.out:
@@ -472,10 +523,21 @@ class RespConnection:
             reader.buffer_large()
             return
         ph = Streamed(None, length=ev.length)
+        hard = self.hard
+        if hard is not None:
+            self._phase_payload(ev.length)
         try:
             if len(key) > self.node.limits.max_key:
                 raise KeyTooLarge(f"key of {len(key)} bytes is over the limit of {self.node.limits.max_key}")
             self.session.require(self.ns, "rw")
+            if hard is not None:  # [limits]: this connection's and this tenant's writes in flight
+                if self.reserved + ev.length > hard.max_inflight:
+                    hard.check_put(self.reserved + ev.length)
+                if self.reserved and self.reserved_tenant != self.session.tenant:
+                    self._release_reserved()
+                hard.reserve_tenant(self.session.tenant, ev.length)
+                self.reserved_tenant = self.session.tenant
+                self.reserved += ev.length
             old = self.store.peek(key, namespace=self.ns, tenant=self.session.tenant)
             cs = old.checksum if old is not None and old.length == ev.length else 0
             ph.res = self.store.reserve(key, ev.length, namespace=self.ns, tenant=self.session.tenant,
@@ -529,6 +591,15 @@ class RespConnection:
             self._fail_multi()
             self.w_error(_err_args(name).text)
             return
+        if self.sec is not None and name not in _NOAUTH_OK:
+            # The binary protocol's per-request guard: revocation and the tenant's rate limit.
+            try:
+                self.sec.guard(self.session)
+            except MemKVError as exc:
+                self._fail_multi()
+                self.node.metrics.errors[type(exc).__name__] += 1
+                self.w_error(error_text(exc, self.session))
+                return
         if self.session.auth_required and not self.session.authenticated and name not in _NOAUTH_OK:
             self._fail_multi()
             self.w_error("NOAUTH Authentication required.")
@@ -622,6 +693,7 @@ class RespConnection:
             self.node.metrics.auth_failures += 1
             raise CommandError("WRONGPASS invalid username-password pair or user is disabled.")
         self.session.login(found)
+        self.session.tenant_cfg = found  # type: ignore[attr-defined]  # revocation check (security.guard)
 
     def c_auth(self, args: list[Any]) -> None:
         if len(args) == 2:
@@ -920,6 +992,10 @@ class RespConnection:
         if keep and old is not None and old.expires is not None:
             left = old.expires - self.store.clock()
             ttl = max(left, 1e-6)
+        sec = self.sec
+        no_store = sec is not None and sec.no_store_for(self.session)
+        if no_store:
+            ttl = sec.cap_ttl(ttl)
         if isinstance(value, Streamed):
             if value.error is not None:
                 raise value.error
@@ -927,9 +1003,19 @@ class RespConnection:
             assert res is not None
             res.ttl = ttl
             res.checksum = _checksum(res.view)
-            self.store.commit(res)
+            if sec is None:
+                entry = self.store.commit(res)
+            else:
+                with sec.storing(no_store):
+                    entry = self.store.commit(res)
+        elif sec is None:
+            entry = self.store.put(key, value, namespace=ns, tenant=tenant, ttl=ttl)
         else:
-            self.store.put(key, value, namespace=ns, tenant=tenant, ttl=ttl)
+            with sec.storing(no_store):
+                entry = self.store.put(key, value, namespace=ns, tenant=tenant, ttl=ttl)
+        if sec is not None:  # the audit log, as for a binary PUT
+            sec.audit_write("put", self.session, ns, key, no_store=no_store, len=entry.length,
+                            cs=entry.checksum, gen=entry.generation, via="resp")
         if as_int:
             self.w(R.ONE)
         elif get:
@@ -967,7 +1053,10 @@ class RespConnection:
         for k in args[1:]:
             key = self._key(k)
             if self._local(key, True):
-                n += self.store.delete(key, namespace=ns, tenant=self.session.tenant)
+                if self.store.delete(key, namespace=ns, tenant=self.session.tenant):
+                    n += 1
+                    if self.sec is not None:
+                        self.sec.audit_write("delete", self.session, ns, key, via="resp")
             else:
                 n += await self._remote().delete(self.session, ns, key)
         self.w(R.integer(n))
@@ -1104,7 +1193,8 @@ class RespConnection:
                 raise _err_syntax()
         _, keys = self.store.scan(namespace=ns, tenant=self.session.tenant, after=0, count=1 << 62)
         for k in keys:
-            self.store.delete(k, namespace=ns, tenant=self.session.tenant)
+            if self.store.delete(k, namespace=ns, tenant=self.session.tenant) and self.sec is not None:
+                self.sec.audit_write("delete", self.session, ns, k, via="resp")
         self.w(R.OK)
 
     # -- transactions (local commands run without a scheduling point in between)

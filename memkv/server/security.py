@@ -374,6 +374,33 @@ class Security:
         audited(Op.PIN, "pin", True)
         audited(Op.UNPIN, "unpin", True)
 
+    # -- the same hooks for other front ends (RESP: memkv/server/resp.py) -----------------------
+    def no_store_for(self, session: Session) -> bool:
+        """Writes of this session are DRAM-only (tenant ``no_store``)."""
+        t = self.tenants.get(session.tenant) if session.tenant else None
+        return t is not None and t.no_store
+
+    def cap_ttl(self, ttl: float | None) -> float:
+        return self.no_store_ttl if ttl is None or ttl <= 0 else min(ttl, self.no_store_ttl)
+
+    @contextlib.contextmanager
+    def storing(self, no_store: bool) -> Iterator[None]:
+        """Around a store write: with ``no_store`` the flash tier never sees it."""
+        if not no_store:
+            yield
+            return
+        self._no_store_active = True
+        try:
+            yield
+        finally:
+            self._no_store_active = False
+
+    def audit_write(self, op: str, session: Session, ns: str, key: bytes, *, no_store: bool = False,
+                    **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.append(op, tenant=session.tenant, ns=ns, **_key_fields(key, no_store),
+                              nostore=True if no_store else None, **fields)
+
     # -- ADMIN ---------------------------------------------------------------------------------
     def _require_admin(self, session: Session) -> None:
         if not self.tenants and not session.auth_required:

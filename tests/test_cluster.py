@@ -1,0 +1,213 @@
+"""Cluster tests with a real etcd and real node processes (tests/conftest_etcd.py).
+
+No wall-clock speed asserts: every wait is a generous poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+from memkv.client import Client, SyncClient
+from memkv.client.cluster_map import key_slot, node_key
+from memkv.client.etcd import Etcd
+from memkv.client.ops import StandaloneRouter
+from memkv.client.url import NodeAddress
+from memkv.errors import Fenced, Moved
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def poll(cond: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
+        time.sleep(0.1)
+
+
+def direct(node: Any) -> SyncClient:
+    """A client talking to one node without routing (no epoch in requests)."""
+    return SyncClient.connect(node.url, transport="tcp", timeout=5.0)
+
+
+def test_registration_map_and_revoke(start_cluster: Any) -> None:
+    cl = start_cluster(1, replicas=1, lease_ttl=30)
+    st = cl.state()
+    assert set(st.nodes) == {"n1"}
+    assert st.nodes["n1"].addr == cl.nodes["n1"].address
+    sm = st.slotmap
+    assert sm is not None and sm.epoch >= 1 and sm.slots == 4096 and sm.replicas == 1
+    assert all(row == ("n1",) for row in sm.table)
+    assert st.leader == "n1"
+    etcd = Etcd(cl.etcd.endpoint)
+    try:
+        kv, _ = etcd.get(node_key(cl.name, "n1"))
+        assert kv is not None
+        # a clean shutdown revokes the lease: the key goes long before its 30 s TTL
+        cl.nodes["n1"].stop()
+        poll(lambda: etcd.get(node_key(cl.name, "n1"))[0] is None, 15, "node key removed on shutdown")
+    finally:
+        etcd.close()
+
+
+def test_lease_expiry_after_kill_and_map_recomputed(start_cluster: Any) -> None:
+    cl = start_cluster(3, replicas=2, lease_ttl=2)
+    epoch = cl.state().slotmap.epoch
+    cl.nodes["n3"].kill()
+    st = cl.wait_members({"n1", "n2"})
+    assert st.slotmap.epoch > epoch
+    assert all(len(row) == 2 and "n3" not in row for row in st.slotmap.table)
+
+
+def test_routing_every_key_on_its_replicas(start_cluster: Any) -> None:
+    cl = start_cluster(3, replicas=2)
+    keys = [f"route-{i}".encode() for i in range(300)]
+    with SyncClient.connect(cl.url, transport="tcp") as c:
+        c.put_many({k: k * 3 for k in keys[:150]})
+        for k in keys[150:]:
+            c.put(k, k * 3)
+        assert c.get_many(keys) == [k * 3 for k in keys]
+    sm = cl.state().slotmap
+    for node_id, proc in cl.nodes.items():
+        with direct(proc) as d:
+            present = d.exists_many(keys)
+        for k, there in zip(keys, present, strict=True):
+            assert there == (node_id in sm.table[key_slot(k, sm.slots)]), (node_id, k)
+
+
+def test_kill_one_node_loses_no_acknowledged_key(start_cluster: Any) -> None:
+    cl = start_cluster(3, replicas=2, lease_ttl=2)
+    keys = [f"durable-{i}".encode() for i in range(200)]
+    with SyncClient.connect(cl.url, transport="tcp", timeout=5.0) as c:
+        c.put_many({k: b"v" + k for k in keys})
+        cl.nodes["n2"].kill()  # kill -9
+        # at once (map still names n2): reads fail over to the other replica
+        assert c.get_many(keys) == [b"v" + k for k in keys]
+        assert all(c.get(k) == b"v" + k for k in keys[:50])
+        # writes keep succeeding on the live replicas
+        c.put(b"after-kill", b"x")
+        # after the lease expired and the map was recomputed: still everything
+        cl.wait_members({"n1", "n3"})
+        poll(lambda: c.router.state.slotmap is not None and "n2" not in c.router.state.slotmap.members, 30,
+             "client sees the new map")
+        assert c.get_many(keys) == [b"v" + k for k in keys]
+        assert c.get(b"after-kill") == b"x"
+
+
+def test_moved_after_map_change(start_cluster: Any) -> None:
+    cl = start_cluster(2, replicas=1)
+    with SyncClient.connect(cl.url, transport="tcp") as c:
+        c.put(b"before", b"1")
+        old_epoch = c.router.epoch
+        c.router.view.stop()  # freeze the client's map: it learns the change only from MOVED
+        cl.add_node("n3")
+        st = cl.wait_members({"n1", "n2", "n3"})
+        assert st.slotmap.epoch > old_epoch
+        for i in range(100):  # writes carry the old epoch -> MOVED -> refresh -> retry
+            c.put(f"after-{i}", b"2")
+        assert c.router.epoch == st.slotmap.epoch
+        for i in range(100):
+            assert c.get(f"after-{i}") == b"2"
+
+
+def test_node_refuses_slots_it_does_not_own(start_cluster: Any) -> None:
+    cl = start_cluster(2, replicas=1)
+    sm = cl.state().slotmap
+    key = next(f"k{i}".encode() for i in range(10_000) if sm.owners(f"k{i}".encode()) == ("n2",))
+
+    class Stamped(StandaloneRouter):
+        def stamp(self, meta: dict[str, Any]) -> None:
+            meta["ep"] = sm.epoch
+
+    n1 = cl.nodes["n1"]
+    with direct(n1) as d:
+        d.router = Stamped(NodeAddress(n1.host, n1.port))
+        with pytest.raises(Moved) as err:
+            d.get(key)
+        assert err.value.epoch == sm.epoch
+        with pytest.raises(Moved):
+            d.put(key, b"nope")
+
+
+def test_fenced_when_etcd_is_gone(start_cluster: Any) -> None:
+    cl = start_cluster(1, replicas=1, lease_ttl=2)
+    node = cl.nodes["n1"]
+    with direct(node) as d:
+        d.put(b"k", b"v")
+        cl.etcd.stop()
+
+        def fenced() -> bool:
+            try:
+                d.put(b"k2", b"v")
+            except Fenced:
+                return True
+            return False
+
+        poll(fenced, 30, "node refuses writes once its lease could not be renewed")
+        assert d.get(b"k") == b"v"  # reads go on
+        assert d.stats()["cluster"]["fenced"] is True
+        cl.etcd.start()
+
+        def accepts() -> bool:
+            try:
+                d.put(b"k3", b"v")
+                return True
+            except Fenced:
+                return False
+
+        poll(accepts, 60, "node accepts writes again after etcd came back")
+
+
+def test_etcd_restart_clients_keep_serving_and_resync(start_cluster: Any) -> None:
+    cl = start_cluster(2, replicas=2, lease_ttl=10)
+    with SyncClient.connect(cl.url, transport="tcp") as c:
+        c.put(b"a", b"1")
+        cl.etcd.stop()
+        # cached map: reads and writes go on while etcd is down (leases outlive the outage)
+        assert c.get(b"a") == b"1"
+        c.put(b"b", b"2")
+        cl.etcd.start()
+        cl.add_node("n3")
+        st = cl.wait_members({"n1", "n2", "n3"})
+        # the client's watch came back by itself: it sees the new map without any MOVED
+        poll(lambda: c.router.epoch == st.slotmap.epoch and "n3" in c.router.state.nodes, 60,
+             "client watch resynced after the etcd restart")
+        assert c.get(b"a") == b"1" and c.get(b"b") == b"2"
+
+
+async def test_async_client_routes_and_fails_over(start_cluster: Any) -> None:
+    cl = await trio.to_thread.run_sync(lambda: start_cluster(3, replicas=2, lease_ttl=2))
+    keys = [f"async-{i}".encode() for i in range(120)]
+    async with Client.connect(cl.url, transport="tcp", timeout=5.0) as c:
+        await c.put_many({k: k for k in keys})
+        for k in keys[:20]:
+            await c.put(k + b"-single", k)
+        assert await c.get_many(keys) == keys
+        await trio.to_thread.run_sync(cl.nodes["n1"].kill)
+        assert await c.get_many(keys) == keys
+        assert [await c.get(k + b"-single") for k in keys[:20]] == keys[:20]
+        assert await c.exists_many(keys[:10]) == [True] * 10
+        st = await c.stats()
+        assert len(st["nodes"]) >= 2
+
+
+def test_status_and_up_parsers(start_cluster: Any, capsys: Any) -> None:
+    from memkv.cli import main
+
+    cl = start_cluster(2, replicas=2)
+    assert main(["status", cl.url, "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["epoch"] >= 1 and {n["node_id"] for n in data["nodes"]} == {"n1", "n2"}
+    assert all(n["health"] == "up" for n in data["nodes"])
+    assert sum(n["slots_primary"] for n in data["nodes"]) == 4096
+    assert main(["status", cl.url]) == 0
