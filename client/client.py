@@ -210,9 +210,10 @@ class Client:
                 return stop.value
             except Moved as exc:  # cluster: the slot map changed under us; refresh, run the op again
                 moved += 1
-                if not hasattr(gen, "restart") or moved > MOVED_RETRIES:
+                refresh = getattr(self.router, "refresh", None)
+                if refresh is None or not hasattr(gen, "restart") or moved > MOVED_RETRIES:
                     raise
-                await self.router.refresh(exc.epoch)
+                await refresh(exc.epoch)
                 gen = gen.restart()
                 value, error = None, None
                 continue

@@ -125,17 +125,8 @@ class ClusterView:
         return self.state
 
     def refresh(self) -> ClusterState:
-        """Read the slot map again right now (after a MOVED); raises EtcdUnavailable."""
-        kv, rev = self.etcd.get(self._slotmap_key)
-        if kv is not None:
-            st = self.state
-            try:
-                sm = SlotMap.decode(kv.value)
-            except (ValueError, KeyError, IndexError):
-                return st
-            if st.slotmap is None or sm.epoch > st.slotmap.epoch:
-                self._publish(ClusterState(st.nodes, sm, kv.mod_revision, st.leader, max(st.revision, rev)))
-        return self.state
+        """Read nodes and slot map again right now (after a MOVED); raises EtcdUnavailable."""
+        return self.load()
 
     def wait_for(self, predicate: Callable[[ClusterState], bool], timeout: float) -> bool:
         with self._changed:

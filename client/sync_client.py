@@ -133,9 +133,10 @@ class SyncClient:
                 return stop.value
             except Moved as exc:  # cluster: the slot map changed under us; refresh, run the op again
                 moved += 1
-                if not hasattr(gen, "restart") or moved > MOVED_RETRIES:
+                refresh = getattr(self.router, "refresh", None)
+                if refresh is None or not hasattr(gen, "restart") or moved > MOVED_RETRIES:
                     raise
-                self.router.refresh(exc.epoch)
+                refresh(exc.epoch)
                 gen = gen.restart()
                 value, error = None, None
                 continue

@@ -63,7 +63,7 @@ def publish_next_map(member: ClusterMember, st: ClusterState) -> SlotMap | None:
 async def run_leader(member: ClusterMember) -> None:
     await member.registered.wait()
     assert member.etcd is not None and member.view is not None
-    etcd, view = member.etcd, member.view
+    etcd = member.etcd
     key = leader_key(member.cluster)
     while True:
         lease = member.lease_id
@@ -71,7 +71,8 @@ async def run_leader(member: ClusterMember) -> None:
             await trio.sleep(POLL_S)
             continue
         try:
-            mine = await trio.to_thread.run_sync(lambda: etcd.create(key, member.node_id, lease=lease))
+            mine = await trio.to_thread.run_sync(
+                lambda lease=lease: etcd.create(key, member.node_id, lease=lease))
             if not mine:
                 current, _ = await trio.to_thread.run_sync(etcd.get, key)
                 mine = current is not None and current.value.decode() == member.node_id

@@ -9,11 +9,13 @@ previous map:
 2. Fill the empty replica positions by walking the ring (``memkv.cluster.ring``)
    clockwise from the slot's point, taking the first node that is not full
    (load < ceil(mean) + 1.5%) and, when possible, is in a zone the slot does not use yet.
-3. Balance: a node above ceil(mean) gives slots away; a node far below the
-   mean (a newcomer) takes slots from the most loaded nodes, preferring the
-   slots whose ring point lies closest before its own points.
+3. Balance: a node far below the mean (a newcomer) takes slots from the
+   most loaded nodes, preferring the slots whose ring point lies closest
+   before its own points; then nodes still above 1.08 x the mean (the mean
+   fell because nodes joined) give slots to the least loaded nodes.
 
-So the most loaded node holds at most ~1.016 x the mean, adding a node moves
+So the most loaded node holds at most ~1.016 x the mean (1.08 x after
+nodes joined, when moving less is worth more), adding a node moves
 about S*R/(N+1) ownerships (all to the newcomer), and removing a node moves
 only that node's ownerships. New replicas are appended at the end of a
 slot's list (primary first = the replica most likely to hold the data).

@@ -191,12 +191,12 @@ async def test_async_client_routes_and_fails_over(start_cluster: Any) -> None:
         for k in keys[:20]:
             await c.put(k + b"-single", k)
         assert await c.get_many(keys) == keys
+        st = await c.stats()
+        assert len(st["nodes"]) == 3
         await trio.to_thread.run_sync(cl.nodes["n1"].kill)
         assert await c.get_many(keys) == keys
         assert [await c.get(k + b"-single") for k in keys[:20]] == keys[:20]
         assert await c.exists_many(keys[:10]) == [True] * 10
-        st = await c.stats()
-        assert len(st["nodes"]) >= 2
 
 
 def test_status_and_up_parsers(start_cluster: Any, capsys: Any) -> None:
@@ -211,3 +211,12 @@ def test_status_and_up_parsers(start_cluster: Any, capsys: Any) -> None:
     assert all(n["health"] == "up" for n in data["nodes"])
     assert sum(n["slots_primary"] for n in data["nodes"]) == 4096
     assert main(["status", cl.url]) == 0
+
+
+def test_default_transport_in_cluster_mode(start_cluster: Any) -> None:
+    cl = start_cluster(2, replicas=2)
+    with SyncClient.connect(cl.url) as c:  # transport="auto"
+        c.put_many({f"auto-{i}": b"z" * 100 for i in range(50)})
+        assert c.get_many([f"auto-{i}" for i in range(50)]) == [b"z" * 100] * 50
+        assert c.get("auto-1") == b"z" * 100
+        assert c.lookup_prefix([f"auto-{i}" for i in range(10)]) == 10

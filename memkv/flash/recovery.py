@@ -216,6 +216,7 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
             if not ok:
                 item = next(r.scan(mv, pos, end))
                 if isinstance(item, r.Damage):
+                    item.error.__traceback__ = None  # its frames hold views of the mapping
                     if isinstance(item.error, r.Truncated) or (item.end >= end and last):
                         out.torn_tail += 1
                     else:
@@ -223,6 +224,7 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
                         log.warning("flash: damaged record in segment %d at offset %d (%s); skipped",
                                     sid, item.offset, item.error)
                     pos = item.end
+                    del item
                     continue
                 # the careful decoder accepted what the fast path did not (should not happen): use it
                 kind, flags, lsn, gen, exp, vl, vcs = (item.kind, 1 if item.parent is not None else 0, item.lsn,
