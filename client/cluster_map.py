@@ -82,6 +82,9 @@ class SlotMap:
     replicas: int  # the target replication factor R
     table: tuple[tuple[str, ...], ...]  # len == slots
     members: dict[str, str] = field(default_factory=dict)  # node id -> zone it was computed for
+    # Rebalancer (memkv.cluster.rebalancer): slot -> nodes being filled by a migration. They are
+    # also at the end of the slot's table row, so clients write to them (and read them last).
+    pending: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def owners(self, key: bytes) -> tuple[str, ...]:
         return self.table[key_slot(key, self.slots)]
@@ -98,10 +101,11 @@ class SlotMap:
     def encode(self) -> bytes:
         ids = sorted({n for r in self.table for n in r} | set(self.members))
         index = {n: i for i, n in enumerate(ids)}
-        return json.dumps({"epoch": self.epoch, "slots": self.slots, "replicas": self.replicas, "nodes": ids,
-                           "members": self.members,
-                           "table": [[index[n] for n in r] for r in self.table]},
-                          separators=(",", ":")).encode()
+        d: dict[str, Any] = {"epoch": self.epoch, "slots": self.slots, "replicas": self.replicas, "nodes": ids,
+                             "members": self.members, "table": [[index[n] for n in r] for r in self.table]}
+        if self.pending:
+            d["pending"] = {str(s): [index[n] for n in ns] for s, ns in self.pending.items()}
+        return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> SlotMap:
@@ -110,5 +114,6 @@ class SlotMap:
         table = tuple(tuple(ids[i] for i in r) for r in d["table"])
         if len(table) != int(d["slots"]):
             raise ValueError("slot map table length does not match its slot count")
+        pending = {int(s): tuple(ids[i] for i in ns) for s, ns in d.get("pending", {}).items()}
         return cls(int(d["epoch"]), int(d["slots"]), int(d["replicas"]), table,
-                   {str(k): str(v) for k, v in d.get("members", {}).items()})
+                   {str(k): str(v) for k, v in d.get("members", {}).items()}, pending)

@@ -116,3 +116,5 @@ def add_parsers(sub: Any) -> None:
 
 if add_parsers not in EXTRA_PARSERS:
     EXTRA_PARSERS.append(add_parsers)
+
+from memkv.cluster import rebalance_cli as _rebalance_cli  # noqa: E402,F401 - `rebalancer`, `drain`, `throttle`

@@ -177,6 +177,9 @@ def attach_cluster(node: Any) -> ClusterMember:
     member = ClusterMember(node)
     node.cluster_member = member
     node.handlers.route_checks.append(member.check)
+    from memkv.cluster.migration import install as install_migration  # slot migration ops (rebalancer)
+
+    install_migration(node, member)
     node.background.append(member.run)
     previous = node.handlers.stats_extra
 

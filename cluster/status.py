@@ -29,6 +29,9 @@ def cluster_status(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
     etcd = Etcd([(n.host, n.port) for n in parsed.nodes], timeout=timeout)
     try:
         st = ClusterView(etcd, parsed.cluster).load()
+        from memkv.cluster.rebalancer import migration_status  # migrations, under-replicated slots
+
+        moving = migration_status(etcd, parsed.cluster, st)
     finally:
         etcd.close()
     sm = st.slotmap
@@ -63,8 +66,7 @@ def cluster_status(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
         nodes.append(row)
     return {"cluster": parsed.cluster, "url": url, "epoch": sm.epoch if sm else 0,
             "slots": sm.slots if sm else 0, "replicas": sm.replicas if sm else 0,
-            "leader": st.leader, "nodes": nodes,
-            "migrations": []}  # filled in by the rebalancer (DESIGN.md §7)
+            "leader": st.leader, "nodes": nodes, **moving}
 
 
 def show_cluster_status(url: str, *, as_json: bool = False) -> int:
@@ -87,4 +89,7 @@ def show_cluster_status(url: str, *, as_json: bool = False) -> int:
                   f"{r['entries']:,}" if "entries" in r else "-",
                   f"{rate:.0%}" if rate is not None else "-")
     Console().print(t)
+    from memkv.cluster.rebalance_status import print_migrations
+
+    print_migrations(data)
     return 0

@@ -2,6 +2,8 @@
 # memkv container entrypoint: MEMKV_* environment variables -> `memkv serve` flags.
 #
 #   memkv-entrypoint serve [extra flags]   a storage node configured by the environment
+#   memkv-entrypoint rebalancer [flags]    `memkv rebalancer etcd://$MEMKV_ETCD/$MEMKV_CLUSTER`
+#                                          (MEMKV_REBALANCER_ID, MEMKV_REBALANCE_MBPS, MEMKV_REPLICAS)
 #   memkv-entrypoint loadgen [flags]       compose/loadgen.py (load generator)
 #   memkv-entrypoint health                the healthcheck (compose/healthcheck.py)
 #   memkv-entrypoint ANY COMMAND           runs it as is (memkv status ..., sh, python ...)
@@ -62,6 +64,17 @@ serve)
     while [ "$n" -gt 0 ]; do set -- "$@" "$1"; shift; n=$((n - 1)); done
     [ "${MEMKV_VERBOSE:-0}" = 1 ] && set -- -v serve "$@" || set -- serve "$@"
     mkdir -p "${MEMKV_DATA_DIR:-/data}"
+    echo "memkv-entrypoint: memkv $*" >&2
+    exec memkv "$@"
+    ;;
+rebalancer)
+    # memkv rebalancer etcd://$MEMKV_ETCD/$MEMKV_CLUSTER: a leader-elected rebalancer candidate
+    : "${MEMKV_ETCD:?MEMKV_ETCD is required for the rebalancer}"
+    set -- rebalancer "etcd://$MEMKV_ETCD/${MEMKV_CLUSTER:-default}" \
+        --id "${MEMKV_REBALANCER_ID:-$(uname -n)}" \
+        --mbps "${MEMKV_REBALANCE_MBPS:-200}" \
+        --replicas "${MEMKV_REPLICAS:-2}" "$@"
+    [ "${MEMKV_VERBOSE:-0}" = 1 ] && set -- -v "$@"
     echo "memkv-entrypoint: memkv $*" >&2
     exec memkv "$@"
     ;;

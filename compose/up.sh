@@ -46,7 +46,7 @@ log "all ${#ids[@]} containers running and healthy in $((SECONDS - t_up))s"
 # Every node of the compose file registered, up, and owning slots in the slot map.
 cluster="${MEMKV_CLUSTER_NAME:-memkv}"
 url="etcd://127.0.0.1:${MEMKV_ETCD_HOST_PORT:-2379}/$cluster"
-nodes="$("${COMPOSE[@]}" ps --services | grep -cE '^n[0-9]+$' || true)"
+nodes="$(grep -cE '^/memkv-n[0-9]+ ' <<<"$states" || true)"  # the node containers started above
 if [[ -x "$ROOT/.venv/bin/memkv" ]]; then
     status=("$ROOT/.venv/bin/memkv" status "$url")
 else  # no host install: ask from inside the deployment

@@ -129,6 +129,9 @@ class NodeConfig:
     zone: str = "z0"
     metrics_port: int | None = None
     resp_port: int | None = None
+    # One-sided reads map the whole region, every tenant's values included: with
+    # tenants configured they are off unless all tenants are trusted ([node] onesided_tenants).
+    onesided_tenants: bool = False
     namespaces: dict[str, NamespacePolicy] = field(default_factory=default_namespaces)
     pools: dict[str, PoolConfig] = field(default_factory=default_pools)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
@@ -171,6 +174,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
     for key in ("metrics_port", "resp_port"):
         if key in node:
             setattr(cfg, key, int(node[key]))
+    if "onesided_tenants" in node:
+        cfg.onesided_tenants = bool(node["onesided_tenants"])
     if "memory" in node:
         cfg.memory = parse_size(node["memory"])
     if "disk" in node:

@@ -26,14 +26,14 @@ from hypothesis import strategies as st
 
 from memkv.admin_cli import admin_call
 from memkv.client import SyncClient
-from memkv.client.calls import SimpleCall
 from memkv.client.sync_connection import BlockingConnection
 from memkv.client.url import parse_url
 from memkv.engine.checksum import checksum
-from memkv.errors import ResourceLimit, TimeoutError as MemKVTimeout, TooManyConnections
+from memkv.errors import ResourceLimit, TooManyConnections
+from memkv.errors import TimeoutError as MemKVTimeout
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Op
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_port
 
 # --------------------------------------------------------------------------------------- helpers
 
@@ -89,6 +89,14 @@ def _stats(node) -> dict:
         return cl.stats()
 
 
+def _resp_node(start_node, config: str):
+    """A node with a RESP port; returns (node, RESP port) once both listeners accept."""
+    port = free_port()
+    node = start_node("--resp-port", str(port), config=config)
+    wait_for_port("127.0.0.1", port, 10, alive=lambda: node.running)
+    return node, port
+
+
 def _resp(port: int, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
@@ -135,8 +143,7 @@ def _limits(maxc: int = 64, inflight: str = "8MiB", tenant: str = "64MiB", idle:
 
 
 def test_max_connections_binary_and_resp(start_node):
-    port = free_port()
-    node = start_node("--resp-port", str(port), config=_limits(maxc=4))
+    node, port = _resp_node(start_node, _limits(maxc=4))
     held = [_raw(node) for _ in range(3)]
     for s in held:
         _ping(s)
@@ -265,8 +272,7 @@ def test_idle_timeout_closes_with_a_typed_error(start_node):
 
 
 def test_slowloris_partial_frame_is_closed(start_node):
-    port = free_port()
-    node = start_node("--resp-port", str(port), config=_limits(frame="1s"))
+    node, port = _resp_node(start_node, _limits(frame="1s"))
     s = _raw(node)
     frame = c.encode_frame(Op.PING, 1, {"pad": "x" * 200})
     t0 = time.monotonic()
@@ -328,8 +334,7 @@ def test_slow_put_payload_is_cut_off(start_node):
 
 
 def test_resp_inflight_limit(start_node):
-    port = free_port()
-    node = start_node("--resp-port", str(port), config=_limits(inflight="1MiB"))
+    node, port = _resp_node(start_node, _limits(inflight="1MiB"))
     r = _resp(port)
     r.sendall(_resp_cmd("ECHO", b"e" * (3 << 20)))  # buffered in the parser: refused, then closed
     assert _resp_line(r).startswith(b"-ERR command exceeds the per-connection in-flight limit")
@@ -359,8 +364,7 @@ burst = 20
 
 
 def test_resp_writes_are_audited_rate_limited_and_revocable(start_node):
-    port = free_port()
-    node = start_node("--resp-port", str(port), config=RESP_TENANTS)
+    node, port = _resp_node(start_node, RESP_TENANTS)
     r = _resp(port)
     r.sendall(_resp_cmd("AUTH", "alice", "alice-secret"))
     assert _resp_line(r) == b"+OK\r\n"
@@ -510,14 +514,14 @@ def _resp_fuzz_inputs() -> st.SearchStrategy[bytes]:
     arg = st.one_of(_fuzz_keys(), st.binary(max_size=30), st.sampled_from([b"EX", b"PX", b"NX", b"-1", b"99999999999"]))
     cmd = st.builds(lambda n, a: _resp_cmd(n, *a), st.sampled_from(names), st.lists(arg, max_size=5))
     raw = st.binary(max_size=200)
-    inline = st.builds(lambda n, a: n + b" " + b" ".join(a) + b"\r\n", st.sampled_from(names), st.lists(arg, max_size=3))
+    inline = st.builds(lambda n, a: n + b" " + b" ".join(a) + b"\r\n", st.sampled_from(names),
+                       st.lists(arg, max_size=3))
     return st.lists(st.one_of(cmd, cmd.map(lambda b: b[: len(b) // 2]), raw, inline), min_size=1, max_size=5).map(
         b"".join)
 
 
 def test_fuzzed_live_node_survives_with_data_intact(start_node, tmp_path):
-    port = free_port()
-    node = start_node("--resp-port", str(port), config=FUZZ_CONFIG)
+    node, port = _resp_node(start_node, FUZZ_CONFIG)
     rng = __import__("random").Random(9)
     known = {f"known-{i}".encode(): rng.randbytes(rng.choice([1, 100, 4096, 70_000])) for i in range(60)}
     session_known = {f"sknown-{i}".encode(): rng.randbytes(500) for i in range(20)}

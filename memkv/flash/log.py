@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +40,9 @@ class Pending:
 
 
 class FlashLog:
-    def __init__(self, directory: str, *, segment_size: int, budget: int) -> None:
+    def __init__(self, directory: str, *, segment_size: int, budget: int, parallel: int = 2) -> None:
         self.dir = directory
+        self.parallel = max(1, int(parallel))  # batches in flight (write + fdatasync each)
         self.segment_size = int(segment_size)
         self.budget = int(budget)
         self.segments: dict[int, Segment] = {}
@@ -57,6 +59,7 @@ class FlashLog:
         self.enospc_at: float | None = None
         self.fsyncs = 0
         self.bytes_written = 0
+        self._stats_lock = threading.Lock()  # two writer threads may update the counters
         self._work = trio.Event()
         self._flushed = trio.Event()
         self.closed = False
@@ -100,13 +103,53 @@ class FlashLog:
                 raise type(exc)(exc.message)
 
     async def run(self) -> None:
-        """The flusher task."""
-        while True:
-            await self._work.wait()
-            self._work = trio.Event()
-            await self.flush_once()
+        """The flusher task: up to ``parallel`` batches in flight, settled in order.
+
+        A batch is taken as soon as a slot is free, so the next batch's ``pwritev`` +
+        ``fdatasync`` overlaps the previous one's (the device sees a queue depth of 2,
+        and puts that arrive during an fsync wait for less than a whole fsync more).
+        A batch is reported durable only after its own fdatasync returned *and* every
+        earlier batch has settled, so ``durable_seq`` only moves forward in order.
+        """
+        slots = trio.Semaphore(self.parallel)
+        prev = trio.Event()
+        prev.set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._work.wait()
+                await slots.acquire()
+                self._work = trio.Event()
+                batch, self.batch = self.batch, []
+                if not batch:
+                    slots.release()
+                    continue
+                done = trio.Event()
+                nursery.start_soon(self._flush_batch, batch, prev, done, slots)
+                prev = done
+
+    async def _flush_batch(self, batch: list[Pending], prev: trio.Event, done: trio.Event,
+                           slots: trio.Semaphore) -> None:
+        with trio.CancelScope(shield=True):  # a batch that was written is always settled
+            error: OSError | None = None
+            try:
+                await trio.to_thread.run_sync(self._write, batch, abandon_on_cancel=False)
+            except OSError as exc:
+                error = exc
+            await prev.wait()
+            try:
+                if error is not None:
+                    self._failed(batch, error)
+                else:
+                    self._succeeded(batch)
+            finally:
+                self.durable_seq = batch[-1].seq
+                old, self._flushed = self._flushed, trio.Event()
+                old.set()
+                done.set()
+                slots.release()
 
     async def flush_once(self) -> None:
+        """Write and sync everything queued now (one batch), in a worker thread."""
         batch, self.batch = self.batch, []
         if not batch:
             return
@@ -148,12 +191,14 @@ class FlashLog:
                 end += batch[i].size
                 i += 1
             pwritev_all(seg.fd, bufs, start)
-            self.bytes_written += end - start
+            with self._stats_lock:
+                self.bytes_written += end - start
             if seg not in touched:
                 touched.append(seg)
         for seg in touched:
             os.fdatasync(seg.fd)
-            self.fsyncs += 1
+            with self._stats_lock:
+                self.fsyncs += 1
             if not seg.dir_synced:
                 fsync_dir(self.dir)
                 seg.dir_synced = True

@@ -24,6 +24,10 @@ class Op(enum.IntEnum):
     REPORT_CORRUPT = 21  # a reader saw a checksum mismatch
     # Control plane and admin operations (cluster, security) use 40+.
     ADMIN = 40
+    # Slot migration (memkv/cluster/migration.py): rebalancer -> node, node -> node.
+    SLOT_SIZES = 61
+    MIGRATE_PUSH = 62
+    DROP_SLOTS = 63
 
 
 class Flag(enum.IntFlag):

@@ -38,6 +38,9 @@ class PutPlan:
     lengths: list[int]
     reservations: list[Any]
     errors: list[MemKVError | None]
+    # "nx" (rebalancer copies, memkv/cluster/migration.py): store only keys that do not exist,
+    # checked again at commit, so a copy never overwrites a newer client write.
+    nx: bool = False
 
 
 class Handlers:
@@ -124,9 +127,13 @@ class Handlers:
             if sum(lengths) != payload_len:
                 raise ProtocolError("value lengths do not add up to the payload length")
         self._route(session, meta, keys, True)
-        plan = PutPlan(lengths, [], [])
+        plan = PutPlan(lengths, [], [], bool(meta.get("nx")))
         try:
             for key, length, cs, parent in zip(keys, lengths, sums, parents, strict=True):
+                if plan.nx and self.store.peek(key, namespace=ns, tenant=session.tenant) is not None:
+                    plan.reservations.append(None)  # already there: a newer write wins over a copy
+                    plan.errors.append(None)
+                    continue
                 try:
                     res = self.store.reserve(key, length, namespace=ns, tenant=session.tenant, checksum=cs,
                                              ttl=ttl, pin=pin, parent=parent)
@@ -156,6 +163,11 @@ class Handlers:
             err = plan.errors[i]
             if res is not None:
                 plan.reservations[i] = None
+                if plan.nx and self.store.peek(res.key, namespace=res.namespace, tenant=res.tenant) is not None:
+                    self.store.abort(res)  # a client write landed while the copy's payload was arriving
+                    gens.append(0)
+                    errs.append(None)
+                    continue
                 try:
                     entry = self.store.commit(res)
                 except MemKVError as exc:

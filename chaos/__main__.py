@@ -1,0 +1,106 @@
+"""``python -m chaos``: list | run SCENARIO... | all [--fast] | check HISTORY.jsonl
+
+    python -m chaos list
+    python -m chaos run kill9 --set lease_ttl=3 --set victim=n1
+    python -m chaos run pause_zombie etcd_partition --target local
+    python -m chaos all                     # every scenario, JSON report under chaos/results/
+    python -m chaos all --target compose    # against the compose deployment (make compose-up first)
+    python -m chaos check chaos/results/kill9-local-...history.jsonl
+
+Local runs re-execute themselves in a private network namespace (``unshare -n``, only
+``lo``) when run as root, so the partition scenarios' iptables rules never touch the
+host; ``--no-netns`` turns that off (partition scenarios are then skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from chaos.report import markdown_table, print_table
+from chaos.runner import parse_value, run_scenario, write_report
+from chaos.scenarios import SCENARIOS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _reexec_in_netns(argv: list[str]) -> int | None:
+    if os.environ.get("MEMKV_CHAOS_NETNS") == "1" or os.geteuid() != 0:
+        return None
+    if not (shutil.which("unshare") and shutil.which("ip") and shutil.which("iptables")):
+        return None
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    env = dict(os.environ, MEMKV_CHAOS_NETNS="1")
+    cmd = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+           sys.executable, "-m", "chaos", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="the scenarios")
+    for name in ("run", "all"):
+        s = sub.add_parser(name)
+        if name == "run":
+            s.add_argument("scenarios", nargs="+", choices=sorted(SCENARIOS), metavar="SCENARIO")
+        else:
+            s.add_argument("--fast", action="store_true", help="only the fast subset (what make test runs)")
+        s.add_argument("--target", choices=("local", "compose"), default="local")
+        s.add_argument("--set", action="append", default=[], metavar="K=V", help="scenario parameter")
+        s.add_argument("--results", default=str(RESULTS), help="where the JSON report goes")
+        s.add_argument("--keep", action="store_true", help="keep node data dirs and logs")
+        s.add_argument("--no-netns", action="store_true", help="do not re-execute in a private network namespace")
+        s.add_argument("--markdown", action="store_true", help="also print the Markdown table (README)")
+    c = sub.add_parser("check", help="run the checker over a recorded history")
+    c.add_argument("history")
+    c.add_argument("--read-bound", type=float, default=10.0)
+    args = p.parse_args(argv)
+
+    if args.cmd == "list":
+        for sc in SCENARIOS.values():
+            tags = ",".join((["fast"] if sc.fast else []) + list(sc.needs))
+            print(f"{sc.name:30s} {('[' + tags + ']') if tags else '':24s} {sc.doc}")
+        return 0
+    if args.cmd == "check":
+        from chaos.checker import check
+        from chaos.history import History
+
+        v = check(History.load(args.history), read_bound_s=args.read_bound)
+        print(json.dumps({"passed": v.passed, "violations": v.violations, "metrics": v.metrics}, indent=2))
+        return 0 if v.passed else 1
+
+    if args.target == "local" and not args.no_netns:
+        rc = _reexec_in_netns(argv)
+        if rc is not None:
+            return rc
+    names = args.scenarios if args.cmd == "run" else [n for n, s in SCENARIOS.items() if s.fast or not args.fast]
+    overrides = {}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        overrides[k.strip()] = parse_value(v.strip())
+    results = []
+    for name in names:
+        r = run_scenario(name, target=args.target, overrides=overrides, results_dir=Path(args.results), keep=args.keep,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+        results.append(r)
+        print(f"[{name}] {r['status']}" + (f": {r.get('reason')}" if r.get("reason") else "")
+              + "".join(f"\n    violation: {v}" for v in r.get("violations", [])), file=sys.stderr, flush=True)
+    path = write_report(results, Path(args.results), args.target)
+    print_table(results, title=f"memkv chaos ({args.target}) — {path.name}")
+    if args.markdown:
+        print(markdown_table(results))
+    print(f"report: {path}")
+    return 1 if any(r["status"] in ("failed", "error") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Rebalancer subcommands of ``memkv``: ``rebalancer``, ``drain``, ``throttle``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+from typing import Any
+
+from memkv.cli import EXTRA_PARSERS
+
+
+def _etcd_for(url: str) -> tuple[Any, str]:
+    from memkv.client.etcd import Etcd
+    from memkv.client.url import parse_url
+
+    parsed = parse_url(url)
+    if parsed.scheme == "memkv":
+        raise SystemExit("memkv: give the cluster URL etcd://HOST:PORT/CLUSTER")
+    return Etcd([(n.host, n.port) for n in parsed.nodes], timeout=3.0), parsed.cluster
+
+
+def _rebalancer(args: argparse.Namespace) -> int:
+    import logging
+
+    from memkv.cluster.rebalancer import run_standalone
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    run_standalone(args.url, identity=args.id, mbps=args.mbps, lease_ttl=args.lease_ttl, slots=args.slots,
+                   replicas=args.replicas, stop=stop)
+    return 0
+
+
+def _slots_on(st: Any, node: str) -> int:
+    sm = st.slotmap
+    return 0 if sm is None else sum(1 for row in sm.table if node in row)
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from memkv.client.cluster_view import ClusterView
+    from memkv.client.etcd import EtcdUnavailable
+    from memkv.cluster.rebalancer import drain_prefix
+
+    etcd, cluster = _etcd_for(args.url)
+    console = Console(stderr=True)
+    key = drain_prefix(cluster) + args.node_id
+    try:
+        if args.undo:
+            etcd.delete(key)
+            console.print(f"node {args.node_id}: drain cancelled; the rebalancer gives it slots again")
+            return 0
+        view = ClusterView(etcd, cluster)
+        st = view.load()
+        if args.node_id not in st.nodes and _slots_on(st, args.node_id) == 0:
+            console.print(f"node {args.node_id} is not in cluster {cluster}")
+            return 1
+        etcd.put(key, json.dumps({"since": time.time()}))
+        total = max(1, _slots_on(st, args.node_id))
+        deadline = time.monotonic() + args.timeout
+        with Progress(TextColumn("[bold]drain {task.fields[node]}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} slots moved"),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                      disable=args.quiet) as progress:
+            task = progress.add_task("drain", total=total, node=args.node_id, info="")
+            while True:
+                try:
+                    st = view.load()
+                    left = _slots_on(st, args.node_id)
+                    progress.update(task, completed=total - left, info=f"epoch {st.epoch}")
+                    if left == 0 and st.slotmap is not None and not any(
+                            args.node_id in p for p in st.slotmap.pending.values()):
+                        break
+                except EtcdUnavailable:
+                    pass
+                if time.monotonic() > deadline:
+                    console.print(f"node {args.node_id} still holds slots after {args.timeout:.0f}s "
+                                  "(is a rebalancer running? is there another node to take them?)")
+                    return 1
+                time.sleep(0.3)
+        console.print(f"node {args.node_id} holds no slots: it can be stopped now (its drain mark is removed "
+                      "once it has left)")
+        print(args.node_id, "drained", flush=True)
+        return 0
+    finally:
+        etcd.close()
+
+
+def _throttle(args: argparse.Namespace) -> int:
+    from memkv.cluster.rebalancer import throttle_key
+
+    etcd, cluster = _etcd_for(args.url)
+    try:
+        if args.mbps is None:
+            etcd.delete(throttle_key(cluster))
+        else:
+            etcd.put(throttle_key(cluster), str(args.mbps))
+    finally:
+        etcd.close()
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    r = sub.add_parser("rebalancer", help="run a rebalancer candidate for a cluster (leader-elected through etcd)")
+    r.add_argument("url", help="etcd://HOST:PORT[,HOST:PORT]/CLUSTER")
+    r.add_argument("--mbps", type=float, default=200.0, help="copy throttle in MB/s (0: unthrottled)")
+    r.add_argument("--id", help="candidate id (default rebalancer-HOST-PID)")
+    r.add_argument("--lease-ttl", type=int, default=5, help="leadership lease TTL in seconds")
+    r.add_argument("--replicas", type=int, default=2, help="R, only used if this creates the first slot map")
+    r.add_argument("--slots", type=int, default=4096, help="slots, only used if this creates the first slot map")
+    r.set_defaults(func=_rebalancer)
+    d = sub.add_parser("drain", help="move every slot off a node; exits 0 when the node can be stopped")
+    d.add_argument("url", help="etcd://HOST:PORT[,HOST:PORT]/CLUSTER")
+    d.add_argument("node_id")
+    d.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (exit 1)")
+    d.add_argument("--undo", action="store_true", help="cancel a drain: the node takes slots again")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_drain)
+    t = sub.add_parser("throttle", help="set the rebalancer copy throttle of a running cluster (MB/s)")
+    t.add_argument("url", help="etcd://HOST:PORT[,HOST:PORT]/CLUSTER")
+    t.add_argument("mbps", type=float, nargs="?", help="MB/s (0: unthrottled); omit to go back to the config")
+    t.set_defaults(func=_throttle)
+
+
+if add_parsers not in EXTRA_PARSERS:
+    EXTRA_PARSERS.append(add_parsers)

@@ -1,0 +1,663 @@
+"""The rebalancer (DESIGN.md §7): leader-elected, moves slots while the cluster serves.
+
+One rebalancer leads per cluster: whoever creates ``/memkv/<c>/rebalancer/leader``
+with its lease (every node runs a candidate unless ``[cluster] rebalancer =
+false``; ``memkv rebalancer URL`` runs one as its own process with its own
+lease). When the leader dies its lease expires and another candidate takes
+over within about one lease TTL.
+
+What it does, in a loop, from the state in etcd (nothing is kept in memory
+that a new leader would need):
+
+1. **Loss**: nodes whose lease expired are removed from every slot's replica
+   list at once (they cannot serve; survivors move up to primary).
+2. **Target**: the slot map for the live, non-draining members
+   (``memkv.cluster.slotmap.compute_table``, sticky to the current map).
+3. **Rounds**: the slots whose target adds a replica are moved in rounds,
+   sized by bytes (``throttle`` MB/s x ``ROUND_S``; empty slots cost nothing).
+   A round:
+
+   a. publishes the map with each moving slot's destination appended to its
+      row and listed in ``pending`` (etcd transaction on the map's revision
+      and on our leadership; epoch + 1). Clients now send every write of the
+      slot to the old replicas *and* the destination ("double write"); reads
+      still go to the old primary. A record ``migrations/<id>`` says what moves;
+   b. copies: the source node pushes the slot's values to the destination
+      (``MIGRATE_PUSH``, memkv/cluster/migration.py) chunk by chunk, throttled;
+      the copy is store-if-absent, so it never overwrites a double-written
+      newer value; progress goes to the record;
+   c. flips, in one etcd transaction guarded by the map's revision and our
+      leadership (epoch + 1): the destination becomes a full replica and the
+      replicas the target drops leave the row (never below R replicas);
+   d. frees the old copies (``DROP_SLOTS`` on each node that left a row, once
+      its own map has the flip) and deletes the record.
+
+   If the destination dies (or leaves) mid-copy, the round drops it from the
+   pending rows instead: the slot stays with its old owners.
+4. **Resume**: a map that still has ``pending`` slots is an unfinished round
+   of an earlier leader: the new leader copies them again (the same job id when
+   the record is still there, so the source continues its cursor; else from
+   the start, which is harmless with store-if-absent) and flips.
+
+Drain: ``/memkv/<c>/drain/<node>`` (``memkv drain``) takes the node out of the
+target; the key is deleted once the node has left and holds no slot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from memkv.client.cluster_map import SlotMap, leader_key, slotmap_key
+from memkv.client.cluster_view import ClusterView
+from memkv.client.etcd import Etcd, EtcdUnavailable
+from memkv.cluster.migration import OP_DROP_SLOTS, OP_MIGRATE_PUSH, OP_SLOT_SIZES
+from memkv.cluster.slotmap import compute_slot_map, compute_table
+from memkv.errors import MemKVError
+
+log = logging.getLogger("memkv.rebalancer")
+
+DEFAULT_MBPS = 200.0
+ROUND_S = 2.0
+POLL_S = 0.2
+SETTLE_S = 0.5
+RECORD_EVERY_S = 0.5
+MAX_PUSH_FAILURES = 6
+
+
+def migrations_prefix(cluster: str) -> str:
+    return f"/memkv/{cluster}/migrations/"
+
+
+def drain_prefix(cluster: str) -> str:
+    return f"/memkv/{cluster}/drain/"
+
+
+def throttle_key(cluster: str) -> str:
+    return f"/memkv/{cluster}/rebalancer/throttle"
+
+
+def progress_key(cluster: str) -> str:
+    return f"/memkv/{cluster}/rebalancer/progress"
+
+
+@dataclass
+class Move:
+    slot: int
+    src: str
+    dst: str
+
+
+@dataclass
+class Group:
+    src: str
+    dst: str
+    slots: list[int]
+    bytes_total: int = 0
+    bytes_done: int = 0
+    values_done: int = 0
+    done: bool = False
+    failed: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"src": self.src, "dst": self.dst, "slots": self.slots, "bytes_total": self.bytes_total,
+                "bytes_done": self.bytes_done, "values_done": self.values_done, "done": self.done,
+                "failed": self.failed}
+
+
+@dataclass
+class Round:
+    id: str
+    epoch: int
+    groups: list[Group]
+    target: dict[int, tuple[str, ...]]
+    started: float = field(default_factory=time.time)
+    resumed: bool = False
+
+    def record(self, leader: str, state: str) -> bytes:
+        return json.dumps({"id": self.id, "leader": leader, "state": state, "epoch": self.epoch,
+                           "started": self.started, "updated": time.time(), "resumed": self.resumed,
+                           "moves": [g.to_json() for g in self.groups]}).encode()
+
+
+def under_replicated(sm: SlotMap, live: set[str]) -> int:
+    want = min(sm.replicas, max(1, len(live)))
+    n = 0
+    for s, row in enumerate(sm.table):
+        pend = sm.pending.get(s, ())
+        if sum(1 for x in row if x in live and x not in pend) < want:
+            n += 1
+    return n
+
+
+class Rebalancer:
+    def __init__(self, etcd: Etcd, view: ClusterView, cluster: str, identity: str, *,
+                 lease: Callable[[], int | None], alive: Callable[[], bool], mbps: float = DEFAULT_MBPS,
+                 slots: int = 4096, replicas: int = 1, settle_s: float = SETTLE_S) -> None:
+        from memkv.client.pool import BlockingPool
+
+        self.etcd = etcd
+        self.view = view
+        self.cluster = cluster
+        self.identity = identity
+        self.lease = lease
+        self.alive = alive
+        self.mbps = mbps
+        self.slots = slots
+        self.replicas = replicas
+        self.settle_s = settle_s
+        self.pool = BlockingPool(timeout=60.0, connect_timeout=3.0)
+        self.stop = threading.Event()
+        self.leading = False
+        self._lease_held: int | None = None
+        self._seen: Any = None
+        self._seen_at = 0.0
+        self._tlock = threading.Lock()
+        self._next_t = 0.0
+        self.bytes_moved = 0
+        self.rounds = 0
+        self._idle = False
+
+    # -- election
+    def run(self, stop: threading.Event | None = None) -> None:
+        if stop is not None:
+            self.stop = stop
+        key = leader_key(self.cluster)
+        while not self.stop.is_set():
+            lease = self.lease()
+            if lease is None or not self.alive():
+                self.stop.wait(POLL_S)
+                continue
+            try:
+                mine = self.etcd.create(key, self.identity, lease=lease)
+                if not mine:
+                    kv, _ = self.etcd.get(key)
+                    mine = kv is not None and kv.value.decode() == self.identity
+            except EtcdUnavailable:
+                self.stop.wait(0.5)
+                continue
+            if not mine:
+                self.stop.wait(POLL_S * 2)
+                continue
+            log.info("%s leads the rebalancer of cluster %s", self.identity, self.cluster)
+            self.leading, self._lease_held = True, lease
+            try:
+                self._lead()
+            except Exception:  # noqa: BLE001 - keep campaigning whatever happens
+                log.exception("rebalancer step failed")
+                self.stop.wait(0.5)
+            finally:
+                self.leading = False
+        self.pool.close()
+
+    def still_leader(self) -> bool:
+        if self.stop.is_set() or not self.alive() or self.lease() != self._lease_held:
+            return False
+        leader = self.view.state.leader
+        return leader is None or leader == self.identity
+
+    def _lead(self) -> None:
+        while self.still_leader():
+            try:
+                acted = self.step()
+            except EtcdUnavailable as exc:
+                log.warning("rebalancer: etcd unavailable (%s)", exc.message)
+                self.stop.wait(0.5)
+                continue
+            if not acted:
+                self.stop.wait(POLL_S)
+
+    # -- etcd helpers
+    def _publish(self, sm: SlotMap, revision: int) -> bool:
+        ok = self.etcd.put_if(slotmap_key(self.cluster), sm.encode(), mod_revision=revision,
+                              guard=(leader_key(self.cluster), self.identity))
+        if ok:
+            self.view.wait_for(lambda st: st.epoch >= sm.epoch, 2.0)
+        return ok
+
+    def _read_map(self) -> tuple[SlotMap | None, int]:
+        kv, _ = self.etcd.get(slotmap_key(self.cluster))
+        if kv is None:
+            return None, 0
+        return SlotMap.decode(kv.value), kv.mod_revision
+
+    def _drains(self) -> set[str]:
+        kvs, _ = self.etcd.get_prefix(drain_prefix(self.cluster))
+        return {kv.key.rsplit("/", 1)[1] for kv in kvs}
+
+    def _throttle(self) -> float:
+        try:
+            kv, _ = self.etcd.get(throttle_key(self.cluster))
+            if kv is not None:
+                return float(kv.value.decode())
+        except (EtcdUnavailable, ValueError):
+            pass
+        return self.mbps
+
+    def _progress(self, state: str, **extra: Any) -> None:
+        d = {"leader": self.identity, "state": state, "bytes_moved": self.bytes_moved, "rounds": self.rounds,
+             "updated": time.time(), **extra}
+        try:
+            self.etcd.put(progress_key(self.cluster), json.dumps(d))
+        except EtcdUnavailable:
+            pass
+
+    def _call(self, addr: str, op: int, meta: dict[str, Any]) -> dict[str, Any]:
+        from memkv.client.calls import SimpleCall
+        from memkv.client.url import NodeAddress
+
+        host, _, port = addr.rpartition(":")
+        return self.pool.call(NodeAddress(host.strip("[]"), int(port)), SimpleCall(op, meta))  # type: ignore[arg-type]
+
+    # -- one step of the loop; True when it changed something
+    def step(self) -> bool:
+        st = self.view.state
+        live = {n: info.zone for n, info in st.nodes.items()}
+        if not live:
+            return False
+        sm = st.slotmap
+        if sm is None:
+            first = compute_slot_map(live, slots=self.slots, replicas=self.replicas)
+            return self._publish(first, 0)
+        drains = self._drains()
+        in_map = {n for row in sm.table for n in row}
+        for n in drains - set(live) - in_map:
+            self.etcd.delete(drain_prefix(self.cluster) + n)
+        members = {n: z for n, z in live.items() if n not in drains} or dict(live)
+
+        # 1. loss: dead nodes leave every row and every pending list at once
+        if any(n not in live for n in in_map):
+            table = tuple(tuple(n for n in row if n in live) for row in sm.table)
+            pending = {s: p2 for s, p in sm.pending.items() if (p2 := tuple(n for n in p if n in live))}
+            lost = sorted(n for n in in_map if n not in live)
+            log.info("rebalancer: nodes %s are gone; %d slots lose a replica", lost,
+                     sum(1 for row in sm.table if any(n not in live for n in row)))
+            return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, table, sm.members, pending),
+                                 st.slotmap_revision)
+
+        base = [tuple(n for n in row if n not in sm.pending.get(s, ())) for s, row in enumerate(sm.table)]
+        target = compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=base)
+
+        if sm.pending:
+            return self._resume(sm, st.slotmap_revision, base, target, members)
+
+        if base == target:
+            if sm.members != members:
+                return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, sm.table, members),
+                                     st.slotmap_revision)
+            if not self._idle:
+                self._clear_records()
+                self._idle = True
+            return False
+        # let membership settle (several nodes starting together join in one plan)
+        key = (frozenset(members.items()), frozenset(live))
+        now = time.monotonic()
+        if key != self._seen:
+            self._seen, self._seen_at = key, now
+            return False
+        if now - self._seen_at < self.settle_s:
+            return False
+
+        moves: list[Move] = []
+        orphans: dict[int, tuple[str, ...]] = {}
+        for s in range(sm.slots):
+            adds = [n for n in target[s] if n not in base[s]]
+            if not adds:
+                continue
+            if not base[s]:
+                orphans[s] = target[s]  # every replica was lost: nothing to copy
+                continue
+            moves.append(Move(s, base[s][0], adds[0]))
+        if orphans:
+            table = list(sm.table)
+            for s, row in orphans.items():
+                table[s] = row
+            log.warning("rebalancer: %d slots had no replica left; assigned empty", len(orphans))
+            return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members),
+                                 st.slotmap_revision)
+        if not moves:  # only removals left (e.g. a replica over R): flip them
+            return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(target),
+                                         members), st.slotmap_revision)
+        return self._start_round(sm, st.slotmap_revision, moves, target, members, len(moves))
+
+    def _slot_sizes(self, node: str, nslots: int) -> dict[int, int]:
+        info = self.view.state.nodes.get(node)
+        if info is None:
+            return {}
+        try:
+            r = self._call(info.addr, OP_SLOT_SIZES, {"nslots": nslots})
+        except MemKVError as exc:
+            log.warning("rebalancer: slot sizes of %s: %s", node, exc.message)
+            return {}
+        return dict(zip(r["slots"], r["bytes"], strict=True))
+
+    def _start_round(self, sm: SlotMap, revision: int, moves: list[Move], target: list[tuple[str, ...]],
+                     members: dict[str, str], left: int) -> bool:
+        mbps = self._throttle()
+        budget = int(mbps * 1e6 * ROUND_S) if mbps > 0 else 1 << 30
+        sizes: dict[str, dict[int, int]] = {}
+        by_group: dict[tuple[str, str], list[Move]] = {}
+        for m in moves:
+            by_group.setdefault((m.src, m.dst), []).append(m)
+        for src in {m.src for m in moves}:
+            sizes[src] = self._slot_sizes(src, sm.slots)
+        # interleave groups until the byte budget is used (empty slots are free)
+        chosen: dict[tuple[str, str], list[int]] = {}
+        used = 0
+        queues = {g: list(ms) for g, ms in by_group.items()}
+        while queues and used < budget:
+            for g in list(queues):
+                q = queues[g]
+                # all empty slots of the group first, then one non-empty
+                while q and sizes[g[0]].get(q[0].slot, 0) == 0:
+                    chosen.setdefault(g, []).append(q.pop(0).slot)
+                if q and used < budget:
+                    m = q.pop(0)
+                    chosen.setdefault(g, []).append(m.slot)
+                    used += sizes[g[0]].get(m.slot, 0)
+                if not q:
+                    del queues[g]
+        groups = [Group(src, dst, slots, sum(sizes[src].get(s, 0) for s in slots))
+                  for (src, dst), slots in chosen.items()]
+        table = list(sm.table)
+        pending: dict[int, tuple[str, ...]] = {}
+        for g in groups:
+            for s in g.slots:
+                table[s] = sm.table[s] + (g.dst,)
+                pending[s] = (g.dst,)
+        new = SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members, pending)
+        rnd = Round(uuid.uuid4().hex[:12], new.epoch, groups, {s: target[s] for s in pending})
+        self.etcd.put(migrations_prefix(self.cluster) + rnd.id, rnd.record(self.identity, "starting"))
+        if not self._publish(new, revision):
+            self.etcd.delete(migrations_prefix(self.cluster) + rnd.id)
+            return True
+        log.info("rebalancer: round %s: %d slots (%s), %d moves left", rnd.id, len(pending),
+                 ", ".join(f"{g.src}->{g.dst}:{len(g.slots)}" for g in groups), left)
+        self._progress("migrating", moves_left=left, round=rnd.id)
+        return self._run_round(rnd, members, mbps)
+
+    def _resume(self, sm: SlotMap, revision: int, base: list[tuple[str, ...]], target: list[tuple[str, ...]],
+                members: dict[str, str]) -> bool:
+        live = self.view.state.nodes
+        bad = [s for s, p in sm.pending.items() if len(p) != 1 or p[0] not in target[s] or not base[s]
+               or p[0] not in live]
+        if bad:  # cannot finish these (destination gone or no longer wanted): back to the old owners
+            table = list(sm.table)
+            pending = dict(sm.pending)
+            for s in bad:
+                table[s] = base[s]
+                pending.pop(s)
+            log.info("rebalancer: abandoning %d pending slots", len(bad))
+            return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members, pending),
+                                 revision)
+        by_group: dict[tuple[str, str], list[int]] = {}
+        for s, p in sorted(sm.pending.items()):
+            by_group.setdefault((base[s][0], p[0]), []).append(s)
+        rid, old_groups = None, {}
+        try:
+            kvs, _ = self.etcd.get_prefix(migrations_prefix(self.cluster))
+        except EtcdUnavailable:
+            kvs = []
+        for kv in kvs:
+            try:
+                rec = json.loads(kv.value)
+            except ValueError:
+                continue
+            slots = {s for mv in rec.get("moves", []) for s in mv.get("slots", [])}
+            if slots == set(sm.pending) and rid is None:
+                rid = rec["id"]
+                old_groups = {(mv["src"], mv["dst"]): mv for mv in rec["moves"]}
+            else:
+                self.etcd.delete(kv.key)
+        groups = []
+        for (src, dst), slots in by_group.items():
+            g = Group(src, dst, slots)
+            old = old_groups.get((src, dst))
+            if old is not None:
+                g.bytes_total, g.bytes_done, g.values_done = old["bytes_total"], old["bytes_done"], old["values_done"]
+            groups.append(g)
+        rnd = Round(rid or uuid.uuid4().hex[:12], sm.epoch, groups, {s: target[s] for s in sm.pending},
+                    resumed=True)
+        log.info("rebalancer: resuming round %s (%d pending slots)", rnd.id, len(sm.pending))
+        self._progress("migrating", round=rnd.id, resumed=True)
+        return self._run_round(rnd, members, self._throttle())
+
+    # -- copying
+    def _pace(self, nbytes: int, mbps: float) -> None:
+        if mbps <= 0 or nbytes <= 0:
+            return
+        with self._tlock:
+            now = time.monotonic()
+            self._next_t = max(self._next_t, now) + nbytes / (mbps * 1e6)
+            wait = self._next_t - now
+        if wait > 0:
+            self.stop.wait(wait)
+
+    def _copy(self, rnd: Round, g: Group, mbps: float) -> None:
+        chunk = int(min(8 << 20, max(256 << 10, mbps * 1e6 * 0.25))) if mbps > 0 else 8 << 20
+        failures = 0
+        while True:
+            nodes = self.view.state.nodes
+            if not self.still_leader():
+                g.failed = "leadership lost"
+                return
+            if g.dst not in nodes:
+                g.failed = f"destination {g.dst} is gone"
+                return
+            if g.src not in nodes:
+                g.failed = f"source {g.src} is gone"
+                return
+            try:
+                r = self._call(nodes[g.src].addr, OP_MIGRATE_PUSH,
+                               {"job": f"{rnd.id}:{g.src}:{g.dst}", "slots": g.slots, "nslots": self.view.state.slotmap.slots,  # type: ignore[union-attr]
+                                "dest": nodes[g.dst].addr, "epoch": rnd.epoch, "max_bytes": chunk})
+            except MemKVError as exc:
+                failures += 1
+                log.warning("rebalancer: push %s->%s failed (%s)", g.src, g.dst, exc.message)
+                if failures >= MAX_PUSH_FAILURES:
+                    g.failed = exc.message
+                    return
+                self.stop.wait(0.5)
+                continue
+            failures = 0
+            g.bytes_done += int(r.get("bytes", 0))
+            g.values_done += int(r.get("values", 0))
+            self.bytes_moved += int(r.get("bytes", 0))
+            if r.get("done"):
+                g.done = True
+                return
+            self._pace(int(r.get("bytes", 0)), mbps)
+
+    def _run_round(self, rnd: Round, members: dict[str, str], mbps: float) -> bool:
+        self._idle = False
+        key = migrations_prefix(self.cluster) + rnd.id
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(rnd.groups))),
+                                thread_name_prefix="memkv-migrate") as ex:
+            futures = [ex.submit(self._copy, rnd, g, mbps) for g in rnd.groups]
+            while not all(f.done() for f in futures):
+                try:
+                    self.etcd.put(key, rnd.record(self.identity, "copying"))
+                except EtcdUnavailable:
+                    pass
+                time.sleep(RECORD_EVERY_S)
+            for f in futures:
+                f.result()
+        if not self.still_leader():
+            return True  # the next leader resumes from the map's pending slots
+        try:
+            self.etcd.put(key, rnd.record(self.identity, "flipping"))
+        except EtcdUnavailable:
+            pass
+        ok_slots = {s: g.dst for g in rnd.groups if g.done for s in g.slots}
+        drops: dict[str, set[int]] = {}
+        for _ in range(10):
+            sm, rev = self._read_map()
+            if sm is None:
+                return True
+            live = self.view.state.nodes
+            table = list(sm.table)
+            pending = dict(sm.pending)
+            drops = {}
+            r_eff = min(sm.replicas, len(members))
+            for g in rnd.groups:
+                for s in g.slots:
+                    if pending.get(s) != (g.dst,):
+                        continue
+                    row_wo = tuple(n for n in sm.table[s] if n != g.dst)
+                    if ok_slots.get(s) == g.dst and g.dst in live:
+                        tgt = rnd.target.get(s, ())
+                        kept = [n for n in row_wo if n in tgt]
+                        removed = [n for n in row_wo if n not in tgt]
+                        need = max(0, r_eff - len(kept) - 1)
+                        table[s] = (*kept, g.dst, *removed[:need])
+                        for n in removed[need:]:
+                            drops.setdefault(n, set()).add(s)
+                    else:
+                        table[s] = row_wo
+                    pending.pop(s)
+            done_members = sm.members
+            if not pending:
+                base = [tuple(r) for r in table]
+                if base == compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=base):
+                    done_members = members
+            new = SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), done_members, pending)
+            if not self.still_leader():
+                return True
+            if self._publish(new, rev):
+                break
+        else:
+            return True
+        failed = [f"{g.src}->{g.dst}: {g.failed}" for g in rnd.groups if not g.done]
+        if failed:
+            log.warning("rebalancer: round %s left slots with their old owners: %s", rnd.id, "; ".join(failed))
+        self.rounds += 1
+        log.info("rebalancer: round %s flipped at epoch %d (%d slots moved)", rnd.id, new.epoch, len(ok_slots))
+        for node, slots in drops.items():
+            info = self.view.state.nodes.get(node)
+            if info is None:
+                continue
+            try:
+                self._call(info.addr, OP_DROP_SLOTS, {"slots": sorted(slots), "nslots": new.slots,
+                                                      "epoch": new.epoch})
+            except MemKVError as exc:
+                log.warning("rebalancer: freeing %d slots on %s failed: %s", len(slots), node, exc.message)
+        try:
+            self.etcd.delete(key)
+        except EtcdUnavailable:
+            pass
+        return True
+
+    def _clear_records(self) -> None:
+        kvs, _ = self.etcd.get_prefix(migrations_prefix(self.cluster))
+        for kv in kvs:
+            self.etcd.delete(kv.key)
+        kv, _ = self.etcd.get(progress_key(self.cluster))
+        if kv is None or json.loads(kv.value).get("state") != "idle":
+            self._progress("idle")
+
+
+# -- runners -------------------------------------------------------------------------------------
+
+class LeaseHolder:
+    """A lease of our own, kept alive by a thread (for ``memkv rebalancer``)."""
+
+    def __init__(self, etcd: Etcd, ttl: int) -> None:
+        self.etcd = etcd
+        self.ttl = ttl
+        self.lease: int | None = None
+        self.valid_until = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memkv-rebalancer-lease", daemon=True)
+
+    def start(self) -> LeaseHolder:
+        self._thread.start()
+        return self
+
+    def ok(self) -> bool:
+        return time.monotonic() < self.valid_until
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                t0 = time.monotonic()
+                if self.lease is None:
+                    self.lease = self.etcd.grant(self.ttl)
+                    self.valid_until = t0 + self.ttl * 0.9
+                else:
+                    ttl = self.etcd.keepalive(self.lease)
+                    if ttl <= 0:
+                        self.lease, self.valid_until = None, 0.0
+                        continue
+                    self.valid_until = t0 + min(ttl, self.ttl) * 0.9
+            except EtcdUnavailable:
+                pass
+            self._stop.wait(self.ttl / 3)
+
+    def stop(self) -> None:
+        self._stop.set()
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            try:
+                self.etcd.revoke(lease)
+            except EtcdUnavailable:
+                pass
+
+
+def run_standalone(url: str, *, identity: str | None = None, mbps: float = DEFAULT_MBPS, lease_ttl: int = 5,
+                   slots: int = 4096, replicas: int = 2, stop: threading.Event | None = None) -> None:
+    """``memkv rebalancer URL``: campaign and lead until ``stop`` is set."""
+    import os
+    import socket
+
+    from memkv.client.url import parse_url
+
+    parsed = parse_url(url)
+    etcd = Etcd([(n.host, n.port) for n in parsed.nodes], timeout=max(1.0, min(3.0, lease_ttl / 2)))
+    view = ClusterView(etcd, parsed.cluster)
+    view.start()
+    holder = LeaseHolder(etcd, lease_ttl).start()
+    ident = identity or f"rebalancer-{socket.gethostname()}-{os.getpid()}"
+    rb = Rebalancer(etcd, view, parsed.cluster, ident, lease=lambda: holder.lease, alive=holder.ok, mbps=mbps,
+                    slots=slots, replicas=replicas)
+    try:
+        rb.run(stop)
+    finally:
+        holder.stop()
+        view.stop()
+        etcd.close()
+
+
+def migration_status(etcd: Etcd, cluster: str, st: Any) -> dict[str, Any]:
+    """For ``memkv status``: migrations in flight (bytes, rate, ETA), under-replicated slots, progress."""
+    kvs, _ = etcd.get_prefix(migrations_prefix(cluster))
+    now = time.time()
+    out = []
+    for kv in kvs:
+        try:
+            rec = json.loads(kv.value)
+        except ValueError:
+            continue
+        elapsed = max(1e-3, now - float(rec.get("started", now)))
+        for mv in rec.get("moves", []):
+            done, total = int(mv.get("bytes_done", 0)), int(mv.get("bytes_total", 0))
+            rate = done / elapsed
+            left = max(0, total - done)
+            out.append({"round": rec.get("id"), "state": rec.get("state"), "src": mv.get("src"),
+                        "dst": mv.get("dst"), "slots": len(mv.get("slots", [])), "bytes_done": done,
+                        "bytes_total": total, "values_done": int(mv.get("values_done", 0)),
+                        "rate": rate, "eta_s": (left / rate) if rate > 0 else None,
+                        "done": bool(mv.get("done")), "failed": mv.get("failed"), "resumed": rec.get("resumed")})
+    kv, _ = etcd.get(progress_key(cluster))
+    progress = json.loads(kv.value) if kv is not None else None
+    drains = sorted(k.key.rsplit("/", 1)[1] for k in etcd.get_prefix(drain_prefix(cluster))[0])
+    sm = st.slotmap
+    return {"migrations": out, "rebalancer": progress, "draining": drains,
+            "slots_moving": len(sm.pending) if sm is not None else 0,
+            "under_replicated": under_replicated(sm, set(st.nodes)) if sm is not None else 0}

@@ -1,0 +1,177 @@
+"""The chaos suite (chaos/, issue 8): the history checker on hand-made histories (pure,
+fast), then the fast subset of scenarios against local processes (real etcd + nodes).
+
+The scenario tests take ~20-40 s each on 2 cores; the full set (partitions, rolling
+restart, rebalancer scenarios) is `make chaos`. No speed asserts: the bounds checked
+are the failover/convergence bounds of the invariants, which are generous.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chaos.checker import (  # noqa: E402
+    allowed_final,
+    check,
+    invalid_reads,
+    lost_writes,
+    slot_map_problems,
+    stale_reads,
+    time_to_converge,
+    unavailability,
+    zombie_writes,
+)
+from chaos.history import Event, History, Op  # noqa: E402
+
+
+def put(key: str, t0: float, t1: float, crc: int, acked: bool = True, **kw) -> Op:
+    return Op("put", key, t0, t1, acked, "ok" if acked else "error", crc, **kw)
+
+
+def get(key: str, t0: float, t1: float, crc: int | None, *, ok: bool = True, phase: str = "load") -> Op:
+    if not ok:
+        return Op("get", key, t0, t1, False, "error", None, phase=phase, error="NodeUnavailable")
+    return Op("get", key, t0, t1, True, "miss" if crc is None else "ok", crc, phase=phase)
+
+
+# -- invalid reads
+def test_read_of_written_value_is_valid() -> None:
+    ops = [put("a", 0, 1, 11), get("a", 2, 3, 11)]
+    assert invalid_reads(ops) == []
+
+
+def test_read_of_bytes_never_written_for_that_key_fails() -> None:
+    ops = [put("a", 0, 1, 11), put("b", 0, 1, 22), get("a", 2, 3, 22), get("a", 2, 3, 99)]
+    assert [o.crc for o in invalid_reads(ops)] == [22, 99]
+
+
+def test_read_may_see_concurrent_or_unacked_write_but_not_a_future_one() -> None:
+    ops = [put("a", 0, 5, 11, acked=False), get("a", 1, 2, 11),  # unacked, in flight: fine
+           get("a", 1, 2, 33), put("a", 3, 4, 33)]                 # returned before the write began: invalid
+    assert [o.crc for o in invalid_reads(ops)] == [33]
+
+
+# -- lost writes
+def test_final_read_of_last_acked_value_passes() -> None:
+    ops = [put("a", 0, 1, 1), put("a", 2, 3, 2), get("a", 10, 11, 2, phase="final")]
+    assert lost_writes(ops) == ([], 0)
+
+
+def test_final_miss_of_acked_write_is_a_loss() -> None:
+    ops = [put("a", 0, 1, 1), get("a", 10, 11, None, phase="final")]
+    losses, _ = lost_writes(ops)
+    assert [(x.key, x.why) for x in losses] == [("a", "miss")]
+
+
+def test_final_older_value_is_a_loss_but_overlapping_or_unacked_is_not() -> None:
+    ops = [put("a", 0, 1, 1), put("a", 2, 3, 2), get("a", 10, 11, 1, phase="final")]
+    losses, _ = lost_writes(ops)
+    assert [(x.key, x.why, x.got_crc) for x in losses] == [("a", "stale", 1)]
+    # an unacknowledged write may have happened after the last acked one
+    assert allowed_final([put("a", 0, 1, 1), put("a", 2, 3, 2), put("a", 4, 9, 3, acked=False)]) == {2, 3}
+    # two acked writes that overlap: either may be last
+    assert allowed_final([put("a", 0, 5, 1), put("a", 1, 2, 2)]) == {1, 2}
+
+
+def test_final_error_is_a_loss_and_missing_final_is_unverified() -> None:
+    ops = [put("a", 0, 1, 1), put("b", 0, 1, 2), get("a", 10, 11, None, ok=False, phase="final")]
+    losses, unverified = lost_writes(ops)
+    assert [(x.key, x.why) for x in losses] == [("a", "error")] and unverified == 1
+
+
+def test_never_acked_key_cannot_be_lost() -> None:
+    assert lost_writes([put("a", 0, 1, 1, acked=False), get("a", 10, 11, None, phase="final")]) == ([], 0)
+
+
+def test_stale_reads_are_counted() -> None:
+    ops = [put("a", 0, 1, 1), put("a", 2, 3, 2), get("a", 4, 5, 1), get("a", 4, 5, None), get("a", 4, 5, 2)]
+    assert [o.crc for o in stale_reads(ops)] == [1, None]
+
+
+# -- unavailability
+def test_unavailability_windows() -> None:
+    ops = [get("a", 0, 0.1, 1), get("a", 1, 2.5, None, ok=False), get("a", 3, 3.5, None, ok=False),
+           get("a", 4, 4.2, 1), get("a", 5, 5.1, None, ok=False)]
+    ws = unavailability(ops, "get")
+    assert [(w.start, w.end, w.failed, w.recovered) for w in ws] == [(1, 4.2, 2, True), (5, 5.1, 1, False)]
+    assert unavailability([get("a", 0, 3, 1)], "get", slow_s=2.0)[0].recovered is False
+
+
+# -- convergence
+def test_slot_map_problems() -> None:
+    assert slot_map_problems([("n1", "n2"), ("n2", "n3")], {"n1", "n2", "n3"}, 2) == []
+    assert slot_map_problems([("n1",), ("n2", "n2"), ("n1", "n4")], {"n1", "n2", "n3"}, 2) == [0, 1, 2]
+    assert slot_map_problems([("n1",)], {"n1"}, 2) == []  # R capped by live nodes
+
+
+def test_time_to_converge() -> None:
+    samples = [(0, True), (1, False), (2, True), (3, False), (4, True), (5, True)]
+    assert time_to_converge(samples, 1.5) == 2.5
+    assert time_to_converge(samples + [(6, False)], 1.5) is None
+
+
+# -- the whole verdict
+def test_check_passes_clean_history() -> None:
+    h = History([put("a", 0, 1, 1), get("a", 2, 2.1, 1), get("a", 9, 9.1, 1, phase="final")],
+                [Event(1.5, "fault", "kill -9 n2"), Event(3, "heal", "restart n2")])
+    v = check(h, read_bound_s=5, converge_samples=[(3.5, True)], healed_at=3)
+    assert v.passed, v.violations
+    assert v.metrics["ops_attempted"] == 2 and v.metrics["faults"] == ["kill -9 n2"]
+    assert v.metrics["time_to_converge_s"] == 0.5
+
+
+def test_check_fails_on_every_violation() -> None:
+    h = History([
+        put("lost", 0, 1, 1), get("lost", 20, 21, None, phase="final"),
+        get("lost", 2, 3, 77),                                   # invalid read
+        get("lost", 4, 5, None, ok=False), get("lost", 15, 16, 1),  # 12 s without reads
+        put("z", 6, 7, 5, acked=True, phase="probe", expect="refused"),  # zombie write
+    ], [Event(3, "heal", "x")])
+    v = check(h, read_bound_s=5, converge_samples=[(4, False)], healed_at=3)
+    assert not v.passed
+    text = " | ".join(v.violations)
+    for what in ("lost", "never written", "unavailable", "zombie", "converge"):
+        assert what in text, (what, text)
+    assert zombie_writes(h.ops)[0].key == "z"
+
+
+def test_history_roundtrip(tmp_path: Path) -> None:
+    h = History([put("a", 0, 1, 1, ns="blocks", error=""), get("a", 2, 3, None)], [Event(1, "fault", "f")])
+    h.dump(tmp_path / "h.jsonl")
+    h2 = History.load(tmp_path / "h.jsonl")
+    assert h2.ops == h.ops and h2.events == h.events
+
+
+# -- scenarios against local processes (real etcd + node processes)
+def _need_etcd() -> None:
+    from memkv.cluster.local import find_etcd
+
+    if find_etcd() is None:
+        pytest.skip("no etcd binary (apt-get install etcd-server)")
+
+
+FAST = ["kill9", "pause_zombie", "etcd_outage", "corrupt_segment", "disk_full"]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("name", FAST)
+def test_scenario_local(name: str, tmp_path: Path) -> None:
+    _need_etcd()
+    from chaos.runner import run_scenario
+
+    r = run_scenario(name, target="local", overrides={"warmup_s": 1.5, "after_s": 1.0, "rate": 30.0},
+                     results_dir=tmp_path, log=lambda m: None)
+    detail = {k: r.get(k) for k in ("status", "reason", "violations", "metrics", "notes", "traceback")}
+    assert r["status"] == "passed", detail
+    m = r["metrics"]
+    assert m["writes_acknowledged"] > 0 and m["final_reads"] > 0 and m["faults"], detail
+    assert m["acked_writes_lost"] == 0 and m["invalid_reads"] == 0 and m["zombie_writes"] == 0, detail
+    if name == "pause_zombie":
+        assert m["probes"] == 2, detail
+    if name == "disk_full":
+        assert m["writes_acknowledged"] < m["writes_attempted"], "the budget never ran out: " + str(detail)
