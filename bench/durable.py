@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(doc))
     if "target" in doc:
         t = doc["target"]
-        print(f"\ntarget: durable/memory at 1 MiB x8 = {t['ratio']:.2f} (>= {TARGET}): {'met' if t['met'] else 'MISSED'}")
+        verdict = "met" if t["met"] else "MISSED"
+        print(f"\ntarget: durable/memory at 1 MiB x8 = {t['ratio']:.2f} (>= {TARGET}): {verdict}")
     print(f"-> {out / 'durable.json'}, {out / 'durable.png'}")
     return 0
 

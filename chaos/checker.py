@@ -120,7 +120,8 @@ def stale_reads(ops: Sequence[Op]) -> list[Op]:
             out.append(o)
             continue
         w = max(before, key=lambda p: (p.t0, p.t1))
-        superseded = {p.crc for p in before if p.t1 < w.t0} - {p.crc for p in puts[o.key] if p.t1 >= w.t0 or not p.acked}
+        still = {p.crc for p in puts[o.key] if p.t1 >= w.t0 or not p.acked}
+        superseded = {p.crc for p in before if p.t1 < w.t0} - still
         if o.crc in superseded:
             out.append(o)
     return out

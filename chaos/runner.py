@@ -22,10 +22,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from chaos.checker import check, slot_map_problems
+from chaos.checker import check
 from chaos.history import Recorder
 from chaos.load import LoadConfig, LoadGenerator, verify
-from chaos.scenarios import SCENARIOS, Ctx, rebalancer_missing
+from chaos.scenarios import SCENARIOS, Ctx, converged, rebalancer_missing
 from chaos.targets import ComposeTarget, LocalTarget, Unsupported
 
 COMMON = {"nodes": 3, "replicas": 2, "lease_ttl": 2, "victim": "n2", "warmup_s": 2.0, "after_s": 2.0,
@@ -50,16 +50,6 @@ def parse_value(text: str) -> Any:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     return text
-
-
-def converged(target: Any, st: Any, expect_gone: set[str]) -> bool:
-    if st.slotmap is None:
-        return False
-    alive = target.alive() - expect_gone
-    registered = set(st.nodes)
-    live = alive & registered
-    return (alive <= registered and set(st.slotmap.members) == live and not getattr(st.slotmap, "pending", None)
-            and not slot_map_problems(st.slotmap.table, live, st.slotmap.replicas))
 
 
 class Sampler(threading.Thread):

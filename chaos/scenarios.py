@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chaos.checker import slot_map_problems
 from chaos.history import Op, Recorder, crc
 from chaos.load import BLOCKS_NS, LoadGenerator, make_value
 from chaos.targets import Unsupported
@@ -65,9 +66,26 @@ class Ctx:
         self.wait(lambda st: node_id not in st.nodes and st.slotmap is not None
                   and node_id not in st.slotmap.members, timeout or self.ttl * 4 + 20, f"{node_id} out of the map")
 
+    def wait_converged(self, timeout: float | None = None) -> None:
+        """Until every slot is back on R live replicas with nothing pending (see :func:`converged`)."""
+        gone = set(self.p.get("expect_gone", ()))
+        self.wait(lambda st: converged(self.target, st, gone), timeout or float(self.p["converge_timeout_s"]),
+                  "converged")
+
     def wait_member(self, node_id: str, timeout: float = 60.0) -> None:
         self.wait(lambda st: node_id in st.nodes and st.slotmap is not None and node_id in st.slotmap.members,
                   timeout, f"{node_id} back in the map")
+
+
+def converged(target: Any, st: Any, expect_gone: set[str]) -> bool:
+    if st.slotmap is None:
+        return False
+    alive = target.alive() - expect_gone
+    registered = set(st.nodes)
+    live = alive & registered
+    return (alive <= registered and set(st.slotmap.members) == live and not getattr(st.slotmap, "pending", None)
+            and not slot_map_problems(st.slotmap.table, live, st.slotmap.replicas))
+
 
 
 # -- probes: requests sent straight to one node, outside the load generator
@@ -229,6 +247,7 @@ def rolling_restart(ctx: Ctx) -> None:
         ctx.target.start(nid)
         ctx.heal(f"start {nid}")
         ctx.wait_member(nid)
+        ctx.wait_converged()  # every slot on R replicas again before the next node goes down
         ctx.sleep(float(ctx.p.get("gap_s", 1.0)))
 
 

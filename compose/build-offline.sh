@@ -6,8 +6,8 @@
 #   3. the base image memkv-base:bookworm from `debootstrap --variant=minbase` (python3,
 #      python3-venv, etcd-server, etcd-client) + `docker import` -- skipped when it exists,
 #   4. the wheelhouse compose/wheelhouse (memkv + its runtime dependencies, built on the host),
-#   5. `docker compose build` with BASE_IMAGE=memkv-base:bookworm and the etcd service on
-#      the same base image (Debian's etcd).
+#   5. the memkv image (compose/Dockerfile) with BASE_IMAGE=memkv-base:bookworm; the etcd
+#      service runs on the same base image (Debian's etcd). compose/.env records both.
 #
 # With a registry, the base images can come from it instead: MEMKV_BASE_IMAGE=python:3.11-slim
 # (etcd then defaults to quay.io/coreos/etcd, override with MEMKV_ETCD_IMAGE).
@@ -15,6 +15,7 @@
 # Environment knobs:
 #   MEMKV_BASE_IMAGE     base image for the memkv image (default memkv-base:bookworm, built here)
 #   MEMKV_ETCD_IMAGE     etcd image (default: the offline base image, which has Debian's etcd)
+#   MEMKV_IMAGE          tag of the memkv image (default memkv:latest)
 #   MEMKV_DEBIAN_MIRROR  debootstrap mirror (default http://deb.debian.org/debian)
 #   MEMKV_REBUILD_BASE=1 rebuild the base image even when it exists
 #   MEMKV_SKIP_APT=1     never apt-get install anything
@@ -142,17 +143,23 @@ fi
 ls "$WHEELHOUSE"/memkv-*.whl >/dev/null
 step_done
 
-# --- 5. compose build -------------------------------------------------------------------
-export BASE_IMAGE MEMKV_ETCD_IMAGE="$ETCD_IMAGE"
-# shellcheck source=compose/compose.sh
-source "$COMPOSE_DIR/compose.sh"
-step_start "compose build (BASE_IMAGE=$BASE_IMAGE, MEMKV_ETCD_IMAGE=$ETCD_IMAGE) with: ${COMPOSE[*]}"
-"${COMPOSE[@]}" build >&2
+# --- 5. image build -----------------------------------------------------------------------
+# One `docker build` for the image every memkv service uses (compose would build it once
+# per service); `compose up` then finds it. The compose file's build: section is the same.
+IMAGE="${MEMKV_IMAGE:-memkv:latest}"
+step_start "docker build -t $IMAGE --build-arg BASE_IMAGE=$BASE_IMAGE compose/"
+docker build -t "$IMAGE" --build-arg "BASE_IMAGE=$BASE_IMAGE" "$COMPOSE_DIR" >&2
 step_done
+if [[ "$ETCD_IMAGE" != "$OFFLINE_BASE" ]] && ! docker image inspect "$ETCD_IMAGE" >/dev/null 2>&1; then
+    step_start "docker pull $ETCD_IMAGE"
+    docker pull "$ETCD_IMAGE" >&2
+    step_done
+fi
 # compose/.env: later `docker compose` commands (up, down, the chaos runner) use the same images.
 cat >"$COMPOSE_DIR/.env" <<ENV
 # written by compose/build-offline.sh
 BASE_IMAGE=$BASE_IMAGE
 MEMKV_ETCD_IMAGE=$ETCD_IMAGE
+MEMKV_IMAGE=$IMAGE
 ENV
 log "all done in $((SECONDS - t0))s"

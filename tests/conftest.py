@@ -102,6 +102,9 @@ class NodeProc:
         self._log = log
         try:
             wait_for_port(self.host, self.port, timeout, alive=lambda: self.running)
+            if "--resp-port" in self.args:  # the RESP listener starts in its own task
+                resp_port = int(self.args[self.args.index("--resp-port") + 1])
+                wait_for_port(self.host, resp_port, timeout, alive=lambda: self.running)
             return self
         except (RuntimeError, TimeoutError) as exc:
             why = str(exc)

@@ -68,6 +68,13 @@ TRANSPORTS = ["tcp", "shm", "rdma"]
 ONESIDED = ["shm", "rdma"]
 
 
+@pytest.fixture(autouse=True)
+def _no_inline(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """The conformance suite checks that bytes really travel one-sided: no inline replies."""
+    if "inline" not in request.node.name:
+        monkeypatch.setattr(onesided_mod, "INLINE_MAX", 0)
+
+
 @pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
     if request.param == "rdma":
@@ -339,3 +346,19 @@ def test_stale_region_files_of_dead_nodes_are_swept(start_node):
     finally:
         if os.path.exists(stale):
             os.unlink(stale)
+
+
+def test_small_values_come_inline_large_ones_one_sided(memkv_node, onesided):
+    small, large = os.urandom(1000), os.urandom(onesided_mod.INLINE_MAX + 1)
+    with SyncClient.connect(memkv_node.url, transport=onesided) as c:
+        c.put(b"small", small)
+        c.put(b"large", large)
+        c.put(b"empty", b"")
+        assert c.get(b"small") == small and c.get(b"large") == large and c.get(b"empty") == b""
+        bufs = [bytearray(len(large)) for _ in range(3)]
+        assert c.get_many_into([b"small", b"large", b"empty"], bufs) == [len(small), len(large), 0]
+        assert bufs[0][: len(small)] == small and bufs[1] == large
+        counters = c.onesided.counters
+        assert counters["inline"] == 4 and counters["onesided"] == 2 and counters["tcp"] == 0
+        with pytest.raises(InvalidArgument):  # a buffer too small for an inline value: the typed error
+            c.get_into(b"small", bytearray(10))

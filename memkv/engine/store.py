@@ -389,7 +389,8 @@ class Store:
         if len(info) == 1:
             ns, tenant, scope, pool = info[0]
             for key, parent, length, checksum, generation, exp, flash in zip(keys, parents, lengths, checksums,
-                                                                            generations, expires, flashes):
+                                                                            generations, expires, flashes,
+                                                                            strict=True):
                 ikey = (ns, scope, key)
                 e = index[ikey] = Entry(key, ns, tenant, -1, length, checksum, generation, now, exp, None, parent,
                                         pool, ikey, 0)
@@ -399,7 +400,7 @@ class Store:
         else:
             for key, ni, parent, length, checksum, generation, exp, flash in zip(keys, names_idx, parents, lengths,
                                                                                 checksums, generations, expires,
-                                                                                flashes):
+                                                                                flashes, strict=True):
                 ns, tenant, scope, pool = info[ni]
                 ikey = (ns, scope, key)
                 e = index[ikey] = Entry(key, ns, tenant, -1, length, checksum, generation, now, exp, None, parent,
@@ -419,7 +420,7 @@ class Store:
             sums = {0: [sum(lengths), n]}
         else:
             sums = {}
-            for ni, length in zip(names_idx, lengths):
+            for ni, length in zip(names_idx, lengths, strict=True):
                 agg = sums.get(ni)
                 if agg is None:
                     agg = sums[ni] = [0, 0]
@@ -433,7 +434,7 @@ class Store:
         # chain links among the adopted entries
         if any(p is not None for p in parents):
             linked: set[tuple[str, str, bytes]] = set()
-            for key, ni, parent in zip(keys, names_idx, parents):
+            for ni, parent in zip(names_idx, parents, strict=True):
                 if parent is not None:
                     pk = (info[ni][0], info[ni][2], parent)
                     children[pk] = children.get(pk, 0) + 1

@@ -129,14 +129,14 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
             continue
         rows.append(row)
     if rows:
-        for name, col in zip(COLS, zip(*rows)):
+        for name, col in zip(COLS, zip(*rows, strict=True), strict=True):
             if cols[name]:
                 cols[name].extend(col)
             else:
                 cols[name] = list(col)
     out.names = names.names
     live: dict[int, int] = {}
-    for sid, rsize in zip(cols["sids"], cols["rsizes"]):
+    for sid, rsize in zip(cols["sids"], cols["rsizes"], strict=True):
         live[sid] = live.get(sid, 0) + rsize
     for sid, nbytes in live.items():
         segments[sid].live += nbytes
@@ -153,12 +153,12 @@ def _take_snapshot(snap: Any, segments: dict[int, Segment], covered: dict[int, l
     scoped = names.scoped
     if any(s is None for s in scoped) or any(sid not in segments or sid not in covered for sid in set(sc["sids"])):
         keep = [scoped[ni] is not None and sid in segments and sid in covered
-                for ni, sid in zip(sc["names_idx"], sc["sids"])]
+                for ni, sid in zip(sc["names_idx"], sc["sids"], strict=True)]
         out.skipped_namespaces += sum(1 for ni in sc["names_idx"] if scoped[ni] is None)
     if any(sc["expires"]):
         exp_keep = [not (x and x <= now_wall) for x in sc["expires"]]
         out.expired += exp_keep.count(False)
-        keep = exp_keep if keep is None else [a and b for a, b in zip(keep, exp_keep)]
+        keep = exp_keep if keep is None else [a and b for a, b in zip(keep, exp_keep, strict=True)]
     if table:
         tail_keys = {ik[2] for ik in table}
         hit = [i for i, k in enumerate(snap.keys) if k in tail_keys]

@@ -73,8 +73,8 @@ def encode_snapshot(lsn: int, gen: int, segments: dict[int, list[int]], rows: li
     n = len(rows)
     names: dict[tuple[str, str], int] = {}
     if n:
-        nss, tns, keys, parents, lengths, sums, gens, exps, sids, voffs, rsizes, lsns = zip(*rows)
-        nidx = [names.setdefault(nt, len(names)) for nt in zip(nss, tns)]
+        nss, tns, keys, parents, lengths, sums, gens, exps, sids, voffs, rsizes, lsns = zip(*rows, strict=True)
+        nidx = [names.setdefault(nt, len(names)) for nt in zip(nss, tns, strict=True)]
     else:
         keys = parents = lengths = sums = gens = exps = sids = voffs = rsizes = lsns = ()
         nidx = []

@@ -135,7 +135,8 @@ _DEFAULT_UNPACK = _unpack_options(DEFAULT_LIMITS)
 def unpack_meta(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Decode a meta map; anything but a well-formed map with str keys is a ProtocolError."""
     try:
-        meta = msgpack.unpackb(data, **(_DEFAULT_UNPACK if limits is DEFAULT_LIMITS else _unpack_options(limits)))
+        opts = _DEFAULT_UNPACK if limits == DEFAULT_LIMITS else _unpack_options(limits)
+        meta = msgpack.unpackb(data, **opts)
     except Exception as exc:  # msgpack raises many unrelated types on bad input
         raise ProtocolError(f"malformed meta: {type(exc).__name__}") from None
     if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):

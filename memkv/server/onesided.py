@@ -119,9 +119,12 @@ class OneSided:
             return Reply({"r": self.region_id, "d": [False] * len(keys), "lease": 0.0, "valid": 0.0})
         lease = c.get_opt_float(meta, "lease")
         lease = 2.0 if lease is None else max(0.0, min(lease, MAX_LEASE_S))
+        inline = c.get_int(meta, "inline", 0)
         store = self.store
         until = store.clock() + lease
         descs: list[Any] = []
+        views: list[memoryview] = []
+        total = 0
         get = store.get
         for key in keys:
             e = get(key, namespace=ns, tenant=session.tenant)
@@ -129,6 +132,12 @@ class OneSided:
                 descs.append(None)
             elif e.offset < 0:
                 descs.append(False)
+            elif e.length <= inline:
+                # Small values travel in the reply: a one-sided copy would cost a
+                # second step for a few bytes. Offset -1 marks them.
+                descs.append([-1, e.length, e.checksum, e.generation])
+                views.append(store.view(e))
+                total += e.length
             else:
                 store.expose(e)
                 if e.lease_until < until:
@@ -136,7 +145,7 @@ class OneSided:
                 descs.append([e.offset, e.length, e.checksum, e.generation])
         self.locates += 1
         self.located += len(keys)
-        return Reply({"r": self.region_id, "d": descs, "lease": lease, "valid": store.quarantine_s})
+        return Reply({"r": self.region_id, "d": descs, "lease": lease, "valid": store.quarantine_s}, views, total)
 
     def rdma_connect(self, session: Session, meta: dict[str, Any]) -> Reply:
         session.require_login()
