@@ -69,7 +69,8 @@ def _drain(args: argparse.Namespace) -> int:
         etcd.put(key, json.dumps({"since": time.time()}))
         total = max(1, _slots_on(st, args.node_id))
         deadline = time.monotonic() + args.timeout
-        with Progress(TextColumn("[bold]drain {task.fields[node]}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} slots moved"),
+        with Progress(TextColumn("[bold]drain {task.fields[node]}"), BarColumn(),
+                      TextColumn("{task.completed:.0f}/{task.total:.0f} slots moved"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                       disable=args.quiet) as progress:
             task = progress.add_task("drain", total=total, node=args.node_id, info="")

@@ -455,8 +455,9 @@ class Rebalancer:
                 g.failed = f"source {g.src} is gone"
                 return
             try:
+                nslots = self.view.state.slotmap.slots  # type: ignore[union-attr]
                 r = self._call(nodes[g.src].addr, OP_MIGRATE_PUSH,
-                               {"job": f"{rnd.id}:{g.src}:{g.dst}", "slots": g.slots, "nslots": self.view.state.slotmap.slots,  # type: ignore[union-attr]
+                               {"job": f"{rnd.id}:{g.src}:{g.dst}", "slots": g.slots, "nslots": nslots,
                                 "dest": nodes[g.dst].addr, "epoch": rnd.epoch, "max_bytes": chunk})
             except MemKVError as exc:
                 failures += 1

@@ -22,12 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest_etcd import LocalCluster
 
 from memkv.client import SyncClient
 from memkv.client.cluster_map import key_slot, leader_key
 from memkv.client.etcd import Etcd
 from memkv.cluster.rebalancer import migrations_prefix, throttle_key, under_replicated
-from conftest_etcd import LocalCluster
 
 pytestmark = pytest.mark.timeout(240)
 
