@@ -149,6 +149,9 @@ step_done
 IMAGE="${MEMKV_IMAGE:-memkv:latest}"
 step_start "docker build -t $IMAGE --build-arg BASE_IMAGE=$BASE_IMAGE compose/"
 docker build -t "$IMAGE" --build-arg "BASE_IMAGE=$BASE_IMAGE" "$COMPOSE_DIR" >&2
+# Earlier builds leave untagged images (old memkv images, the venv stage); drop those more
+# than a day old, keeping recent ones as build cache.
+docker image prune -f --filter label=org.memkv.image --filter until=24h >/dev/null || true
 step_done
 if [[ "$ETCD_IMAGE" != "$OFFLINE_BASE" ]] && ! docker image inspect "$ETCD_IMAGE" >/dev/null 2>&1; then
     step_start "docker pull $ETCD_IMAGE"

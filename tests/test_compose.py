@@ -3,7 +3,7 @@
 Always run (cheap, no docker): the entrypoint maps MEMKV_* variables to ``memkv
 serve`` flags, and the compose file declares what the deployment promises (etcd,
 >= 3 nodes in >= 2 zones, healthchecks, a named data volume per node, the load
-generator, fixed container names for the chaos runner).
+generator, two rebalancer candidates, fixed container names for the chaos runner).
 
 ``MEMKV_TEST_COMPOSE=1`` also runs the real thing (minutes; root, dockerd, network
 to Debian's mirror for the first base image build): ``compose/up.sh`` (what ``make
@@ -74,12 +74,15 @@ def test_compose_file_shape() -> None:
     doc = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
     services = doc["services"]
     assert "etcd" in services and "loadgen" in services
+    rebalancers = [name for name in services if name.startswith("rebalancer")]
+    assert len(rebalancers) >= 2  # leader-elected: one can die
     nodes = {name: s for name, s in services.items()
              if re.fullmatch(r"n\d+", name) and not s.get("profiles")}
     assert len(nodes) >= 3
     assert len({s["environment"]["MEMKV_ZONE"] for s in nodes.values()}) >= 2
     volumes = set(doc["volumes"])
-    for name, s in {**nodes, "etcd": services["etcd"], "loadgen": services["loadgen"]}.items():
+    named = {**nodes, **{r: services[r] for r in rebalancers}, "etcd": services["etcd"], "loadgen": services["loadgen"]}
+    for name, s in named.items():
         assert s["container_name"] == f"memkv-{name}"  # the chaos runner addresses containers by name
     for name, s in nodes.items():
         assert s["healthcheck"]["test"], name
@@ -126,6 +129,7 @@ def test_compose_deployment() -> None:
         up = [n for n in st["nodes"] if n["health"] == "up"]
         assert len(up) >= 3 and len({n["zone"] for n in up}) >= 2, st
         assert st["slots"] > 0 and st["replicas"] == 2, st
+        assert (st["leader"] or "").startswith("rebalancer-"), st  # the rebalancer services lead
         assert all(n["slots_primary"] + n["slots_replica"] > 0 for n in up), st
 
         key, value = b"compose-test/durable", os.urandom(64 * 1024)
