@@ -23,7 +23,8 @@ help:
 	@echo "make bench        single-node benchmark vs Redis (BENCH_ARGS=--quick)"
 	@echo "make lint         ruff check"
 	@echo "make compose-up   docker-compose cluster (offline image build); make compose-down stops it"
-	@echo "make chaos | test-rdma   (not yet available)"
+	@echo "make chaos        every chaos scenario (CHAOS_TARGET=local|compose), report in chaos/results/"
+	@echo "make test-rdma    RDMA transport suite under Soft-RoCE in a qemu VM"
 
 install:
 	bash scripts/bootstrap.sh
