@@ -60,7 +60,7 @@ from memkv.client.cluster_view import ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
 from memkv.cluster.migration import OP_DROP_SLOTS, OP_MIGRATE_PUSH, OP_SLOT_SIZES
 from memkv.cluster.slotmap import compute_slot_map, compute_table
-from memkv.errors import MemKVError
+from memkv.errors import AuthError, MemKVError, PermissionDenied
 
 log = logging.getLogger("memkv.rebalancer")
 
@@ -105,6 +105,7 @@ class Group:
     values_done: int = 0
     done: bool = False
     failed: str | None = None
+    unauthorized: bool = False  # nodes require authentication: flip without copying (see README)
 
     def to_json(self) -> dict[str, Any]:
         return {"src": self.src, "dst": self.dst, "slots": self.slots, "bytes_total": self.bytes_total,
@@ -459,6 +460,11 @@ class Rebalancer:
                 r = self._call(nodes[g.src].addr, OP_MIGRATE_PUSH,
                                {"job": f"{rnd.id}:{g.src}:{g.dst}", "slots": g.slots, "nslots": nslots,
                                 "dest": nodes[g.dst].addr, "epoch": rnd.epoch, "max_bytes": chunk})
+            except (AuthError, PermissionDenied) as exc:
+                log.warning("rebalancer: push %s->%s refused (%s): the nodes require authentication, which "
+                            "node-to-node copies do not have; flipping without copying", g.src, g.dst, exc.message)
+                g.failed, g.unauthorized = exc.message, True
+                return
             except MemKVError as exc:
                 failures += 1
                 log.warning("rebalancer: push %s->%s failed (%s)", g.src, g.dst, exc.message)
@@ -496,7 +502,7 @@ class Rebalancer:
             self.etcd.put(key, rnd.record(self.identity, "flipping"))
         except EtcdUnavailable:
             pass
-        ok_slots = {s: g.dst for g in rnd.groups if g.done for s in g.slots}
+        ok_slots = {s: g.dst for g in rnd.groups if g.done or g.unauthorized for s in g.slots}
         drops: dict[str, set[int]] = {}
         for _ in range(10):
             sm, rev = self._read_map()
@@ -535,7 +541,7 @@ class Rebalancer:
                 break
         else:
             return True
-        failed = [f"{g.src}->{g.dst}: {g.failed}" for g in rnd.groups if not g.done]
+        failed = [f"{g.src}->{g.dst}: {g.failed}" for g in rnd.groups if not g.done and not g.unauthorized]
         if failed:
             log.warning("rebalancer: round %s left slots with their old owners: %s", rnd.id, "; ".join(failed))
         self.rounds += 1
