@@ -46,8 +46,10 @@ bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # chaos suite, every scenario (README "Chaos suite"): CHAOS_TARGET=local (processes
-# started here, in a private netns) or compose (the running compose deployment);
-# JSON report under chaos/results/. CHAOS_ARGS e.g. --set lease_ttl=3
+# started here, in a private netns) or compose (builds the images with
+# compose/build-offline.sh -- starts dockerd if needed, reuses cached images -- then a
+# fresh deployment per scenario with MEMKV_RESTART_POLICY=no, torn down at the end);
+# JSON report under chaos/results/. CHAOS_ARGS e.g. --set lease_ttl=3, --keep-deployment
 CHAOS_TARGET ?= local
 CHAOS_ARGS   ?=
 chaos: install

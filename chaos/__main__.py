@@ -4,7 +4,9 @@
     python -m chaos run kill9 --set lease_ttl=3 --set victim=n1
     python -m chaos run pause_zombie etcd_partition --target local
     python -m chaos all                     # every scenario, JSON report under chaos/results/
-    python -m chaos all --target compose    # against the compose deployment (make compose-up first)
+    python -m chaos all --target compose    # against the compose deployment: builds the images
+                                            # (compose/build-offline.sh), a fresh deployment per
+                                            # scenario, torn down at the end (--keep-deployment)
     python -m chaos check chaos/results/kill9-local-...history.jsonl
 
 Local runs re-execute themselves in a private network namespace (``unshare -n``, only
@@ -20,11 +22,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from chaos.report import markdown_table, print_table
 from chaos.runner import parse_value, run_scenario, write_report
 from chaos.scenarios import SCENARIOS
+from chaos.targets import ComposeDeployment, ComposeTarget
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--keep", action="store_true", help="keep node data dirs and logs")
         s.add_argument("--no-netns", action="store_true", help="do not re-execute in a private network namespace")
         s.add_argument("--markdown", action="store_true", help="also print the Markdown table (README)")
+        s.add_argument("--keep-deployment", action="store_true",
+                       help="compose: leave the last scenario's deployment up (default: down -v at the end)")
+        s.add_argument("--no-build", action="store_true",
+                       help="compose: use the images as built (skip compose/build-offline.sh; dockerd must run)")
     c = sub.add_parser("check", help="run the checker over a recorded history")
     c.add_argument("history")
     c.add_argument("--read-bound", type=float, default=10.0)
@@ -88,17 +96,35 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = kv.partition("=")
         overrides[k.strip()] = parse_value(v.strip())
     results = []
-    for name in names:
-        r = run_scenario(name, target=args.target, overrides=overrides, results_dir=Path(args.results), keep=args.keep,
-                         log=lambda m: print(m, file=sys.stderr, flush=True))
-        results.append(r)
-        print(f"[{name}] {r['status']}" + (f": {r.get('reason')}" if r.get("reason") else "")
-              + "".join(f"\n    violation: {v}" for v in r.get("violations", [])), file=sys.stderr, flush=True)
-    path = write_report(results, Path(args.results), args.target)
+    t0 = time.monotonic()
+    deployment = None
+    if args.target == "compose":
+        deployment = ComposeTarget.deployment = ComposeDeployment(build=not args.no_build, keep=args.keep_deployment)
+        try:
+            deployment.prepare()
+        except Exception as exc:  # noqa: BLE001 - no image, no scenario
+            print(f"compose: could not build the images / reach docker: {exc}", file=sys.stderr)
+            return 1
+    try:
+        for name in names:
+            r = run_scenario(name, target=args.target, overrides=overrides, results_dir=Path(args.results),
+                             keep=args.keep, log=lambda m: print(m, file=sys.stderr, flush=True))
+            results.append(r)
+            print(f"[{name}] {r['status']}" + (f": {r.get('reason')}" if r.get("reason") else "")
+                  + "".join(f"\n    violation: {v}" for v in r.get("violations", [])), file=sys.stderr, flush=True)
+    finally:
+        if deployment is not None:
+            deployment.teardown()
+    timing = {"total_s": round(time.monotonic() - t0, 1)}
+    if deployment is not None:
+        timing.update(build_s=deployment.build_s, deployment_up_s=deployment.up_s)
+    path = write_report(results, Path(args.results), args.target, timing)
     print_table(results, title=f"memkv chaos ({args.target}) — {path.name}")
     if args.markdown:
         print(markdown_table(results))
-    print(f"report: {path}")
+    print(f"report: {path} ({timing['total_s']:.0f} s"
+          + (f", image build {deployment.build_s:.0f} s" if deployment is not None and deployment.build_s else "")
+          + ")")
     return 1 if any(r["status"] in ("failed", "error") for r in results) else 0
 
 

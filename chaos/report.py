@@ -14,7 +14,9 @@ def row(r: dict[str, Any]) -> dict[str, str]:
     m = r.get("metrics") or {}
     faults = "; ".join(m.get("faults", [])) or "-"
     status = r["status"]
-    if status in ("pending", "skipped", "error") and r.get("reason"):
+    if status == "unsupported" and r.get("reason"):
+        status = r["reason"]  # "unsupported on <target>: why"
+    elif status in ("pending", "skipped", "error") and r.get("reason"):
         status = f"{status}: {r['reason']}"
     if not m:
         return {"scenario": r["scenario"], "status": status, "faults": "-", "ops": "-", "lost": "-",
@@ -39,7 +41,8 @@ def print_table(results: list[dict[str, Any]], title: str = "memkv chaos") -> No
     t = Table(title=title, show_lines=False)
     for _, head in COLUMNS:
         t.add_column(head, overflow="fold")
-    styles = {"passed": "green", "failed": "bold red", "error": "red", "pending": "yellow", "skipped": "yellow"}
+    styles = {"passed": "green", "failed": "bold red", "error": "red", "pending": "yellow", "skipped": "yellow",
+              "unsupported": "yellow"}
     for r in results:
         cells = row(r)
         t.add_row(*[cells[k] for k, _ in COLUMNS], style=styles.get(r["status"], ""))

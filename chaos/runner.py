@@ -1,6 +1,7 @@
 """One scenario end to end.
 
-1. bring the target up (local: etcd + N nodes started here; compose: the running deployment);
+1. bring the target up (local: etcd + N nodes started here; compose: a fresh deployment,
+   chaos.targets.ComposeDeployment);
 2. start the load generator, wait until it has acknowledged writes, warm up;
 3. run the scenario (faults + heals, recorded as events), while a sampler records
    whether the slot map is converged (every slot on min(R, live) distinct live nodes,
@@ -76,8 +77,9 @@ class Sampler(threading.Thread):
 
 def make_target(kind: str, workdir: Path, p: dict[str, Any], node_args: Any) -> Any:
     if kind == "compose":
-        return ComposeTarget(workdir, replicas=p["replicas"], lease_ttl=p["lease_ttl"])
-    t = LocalTarget(workdir, nodes=int(p["nodes"]), replicas=int(p["replicas"]), lease_ttl=int(p["lease_ttl"]))
+        t: Any = ComposeTarget(workdir, replicas=p["replicas"], lease_ttl=p["lease_ttl"])
+    else:
+        t = LocalTarget(workdir, nodes=int(p["nodes"]), replicas=int(p["replicas"]), lease_ttl=int(p["lease_ttl"]))
     if node_args is not None:
         t.node_args = node_args(t, p)
     return t
@@ -141,8 +143,8 @@ def run_scenario(name: str, *, target: str = "local", overrides: dict[str, Any] 
             result["history"] = str(hist)
         if not verdict.passed and tgt is not None:
             result["node_logs"] = {k: v[-1500:] for k, v in tgt.node_logs().items()}
-    except Unsupported as exc:
-        result.update(status="skipped", reason=str(exc))
+    except Unsupported as exc:  # the target cannot inject this fault: said in the report, not a pass
+        result.update(status="unsupported", reason=f"unsupported on {target}: {exc}")
     except Exception as exc:  # noqa: BLE001 - reported, the suite goes on
         result.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:400]}",
                       traceback=traceback.format_exc()[-3000:])
@@ -165,9 +167,10 @@ def run_scenario(name: str, *, target: str = "local", overrides: dict[str, Any] 
     return result
 
 
-def write_report(results: list[dict[str, Any]], results_dir: Path, target: str) -> Path:
+def write_report(results: list[dict[str, Any]], results_dir: Path, target: str,
+                 timing: dict[str, Any] | None = None) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"run-{target}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"target": target, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                "results": results}, indent=2, default=str))
+                                "timing": timing or {}, "results": results}, indent=2, default=str))
     return path

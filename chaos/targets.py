@@ -331,17 +331,105 @@ class LocalTarget:
                               timeout=timeout)
 
 
-class ComposeTarget(LocalTarget):
-    """The compose/ deployment (container names from compose/docker-compose.yml).
+COMPOSE_DIR = Path(__file__).resolve().parents[1] / "compose"
+# node flags the compose deployment can take per node, as MEMKV_<NODE>_<VAR> (compose/docker-compose.yml)
+COMPOSE_NODE_FLAGS = {"--disk": "DISK", "--segment-size": "SEGMENT_SIZE"}
 
-    The deployment must be up (``make compose-up``) with MEMKV_RESTART_POLICY=no so that
-    a killed container stays down until the runner starts it. Clients run on the
-    docker host and reach the nodes at their advertised bridge addresses.
+
+def compose_command(*args: str) -> list[str]:
+    """``docker compose`` (v2 plugin) or ``docker-compose`` (v1 / v2 binary), as picked by
+    compose/compose.sh, for project memkv and compose/docker-compose.yml, with ``args``."""
+    return ["bash", "-c", f'source "{COMPOSE_DIR}/compose.sh" && exec "${{COMPOSE[@]}}" "$@"', "compose", *args]
+
+
+class ComposeDeployment:
+    """The compose/ deployment a chaos run drives (one per run, shared by its scenarios).
+
+    ``prepare`` builds the images once per run (compose/build-offline.sh: starts dockerd
+    when needed, reuses the cached base image and the docker build cache) so the image is
+    the code under test. Every scenario then gets a fresh deployment: ``reset`` removes the
+    containers and volumes of the previous one and runs compose/up.sh with
+    MEMKV_RESTART_POLICY=no (a killed container stays down until the runner starts it) plus
+    the scenario's per-node environment. ``teardown`` removes it at the end of the run
+    unless ``keep`` (then the last scenario's deployment stays up).
+    """
+
+    def __init__(self, *, build: bool = True, keep: bool = False, log: Any = None) -> None:
+        self.build = build
+        self.keep = keep
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.prepared = False
+        self.used = False
+        self.build_s: float | None = None  # compose/build-offline.sh, once per run
+        self.up_s: list[float] = []        # down + compose/up.sh, per scenario
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return dict(os.environ, MEMKV_RESTART_POLICY="no", MEMKV_COMPOSE_SKIP_BUILD="1", **(extra or {}))
+
+    def _run(self, cmd: list[str], what: str, *, env: dict[str, str] | None = None, timeout: float = 600,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(cmd, cwd=COMPOSE_DIR.parent, env=env or self.env(), capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{what} exited {r.returncode}:\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
+        return r
+
+    def compose(self, *args: str, env_extra: dict[str, str] | None = None, timeout: float = 300) -> str:
+        return self._run(compose_command(*args), f"compose {' '.join(args)}", env=self.env(env_extra),
+                         timeout=timeout).stdout
+
+    def prepare(self) -> None:
+        if self.prepared:
+            return
+        t0 = time.monotonic()
+        if self.build:
+            self.log("[compose] building the images (compose/build-offline.sh)")
+            self._run(["bash", "compose/build-offline.sh"], "compose/build-offline.sh", timeout=1800)
+        else:
+            if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
+                raise RuntimeError("--no-build: docker is not running (compose/build-offline.sh starts it)")
+        self.build_s = round(time.monotonic() - t0, 1)
+        running = subprocess.run(["docker", "ps", "-q", "--filter", "name=^memkv-"], capture_output=True,
+                                 text=True).stdout.split()
+        if running:
+            self.log(f"[compose] a deployment is up ({len(running)} containers): every scenario replaces it "
+                     "with a fresh one (volumes dropped)")
+        self.prepared = True
+
+    def reset(self, node_env: dict[str, str]) -> None:
+        """A fresh deployment (empty volumes) with ``node_env`` (MEMKV_<NODE>_DISK, ...)."""
+        self.prepare()
+        t0 = time.monotonic()
+        self.compose("--profile", "join", "down", "-v", "--remove-orphans", timeout=300)
+        self._run(["bash", "compose/up.sh"], "compose/up.sh", env=self.env(node_env), timeout=600)
+        self.used = True
+        self.up_s.append(round(time.monotonic() - t0, 1))
+
+    def teardown(self) -> None:
+        if not self.used:
+            return
+        if self.keep:
+            self.log("[compose] deployment kept (--keep-deployment): make compose-down COMPOSE_DOWN_ARGS=-v stops it")
+            return
+        self.log("[compose] tearing the deployment down (containers + volumes)")
+        self.compose("--profile", "join", "down", "-v", "--remove-orphans", timeout=300)
+        self.used = False
+
+
+class ComposeTarget(LocalTarget):
+    """The compose/ deployment (container names from compose/docker-compose.yml), brought
+    up fresh for each scenario by :class:`ComposeDeployment`.
+
+    Clients run on the docker host and reach the nodes at their advertised bridge addresses,
+    etcd at 127.0.0.1:MEMKV_ETCD_HOST_PORT. Per-node flags (``node_args`` / ``start(extra=)``)
+    become MEMKV_<NODE>_DISK / _SEGMENT_SIZE (the only ones the compose file takes); anything
+    else raises :class:`Unsupported`.
     """
 
     name = "compose"
+    deployment: ComposeDeployment | None = None  # set by `python -m chaos`; made on first use otherwise
 
-    def __init__(self, workdir: Path, *, project_dir: Path = Path("compose"), **kw: Any) -> None:
+    def __init__(self, workdir: Path, *, project_dir: Path = COMPOSE_DIR, **kw: Any) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.project_dir = project_dir
@@ -351,8 +439,14 @@ class ComposeTarget(LocalTarget):
         self.lease_ttl = int(kw.get("lease_ttl", 5))
         self.initial = ["n1", "n2", "n3"]
         self.nodes = {}  # type: ignore[assignment]
+        self.node_args: dict[str, list[str]] = {}
+        self.node_env: dict[str, str] = {}
         self._paused: set[str] = set()
         self._rules = []
+        self._disconnected: set[str] = set()
+        if ComposeTarget.deployment is None:
+            ComposeTarget.deployment = ComposeDeployment()
+        self.dep = ComposeTarget.deployment
 
     @staticmethod
     def container(node_id: str) -> str:
@@ -370,45 +464,77 @@ class ComposeTarget(LocalTarget):
 
     @property
     def can_partition(self) -> bool:
-        return shutil.which("nsenter") is not None
+        return shutil.which("nsenter") is not None and shutil.which("iptables") is not None
+
+    @staticmethod
+    def _env_for(node_id: str, flags: list[str]) -> dict[str, str]:
+        env = {}
+        it = iter(flags)
+        for flag in it:
+            name, eq, value = flag.partition("=")
+            if not eq:
+                value = next(it, "")
+            if name not in COMPOSE_NODE_FLAGS:
+                raise Unsupported(f"compose nodes take no {name} flag (only {', '.join(COMPOSE_NODE_FLAGS)} "
+                                  "per node, as MEMKV_<NODE>_* environment)")
+            env[f"MEMKV_{node_id.upper()}_{COMPOSE_NODE_FLAGS[name]}"] = value
+        return env
 
     def up(self, timeout: float = 120.0) -> None:
-        if shutil.which("docker") is None:
-            raise Unsupported("no docker client")
-        for nid in self.initial:
-            if self.docker("inspect", "-f", "{{.State.Running}}", self.container(nid), check=False).strip() != "true":
-                self.docker("start", self.container(nid))
+        self.node_env = {}
+        for nid, flags in self.node_args.items():
+            self.node_env.update(self._env_for(nid, flags))
+        self.dep.reset(self.node_env)  # type: ignore[union-attr]
         self.wait(lambda st: set(self.initial) <= set(st.nodes) and st.slotmap is not None
-                  and set(self.initial) <= set(st.slotmap.members), timeout, "compose cluster healthy")
+                  and set(self.initial) <= set(st.slotmap.members) and not st.slotmap.pending
+                  and all(len(r) == self.replicas for r in st.slotmap.table), timeout, "compose cluster formed")
 
     def close(self) -> None:
         for rule in reversed(self._rules):
-            self._nsenter(rule[0], ["iptables", "-D", *rule[1]], check=False)
+            with contextlib.suppress(Exception):
+                self._nsenter(rule[0], ["iptables", "-D", *rule[1]], check=False)
         self._rules.clear()
+        for nid in list(self._disconnected):
+            with contextlib.suppress(Exception):
+                self.heal(("net", nid))
         for nid in list(self._paused):
             self.docker("unpause", self.container(nid), check=False)
+        self._paused.clear()
+
+    def _recreate(self, service: str, env_extra: dict[str, str]) -> None:
+        profile = ["--profile", "join"] if service == "n4" else []
+        self.dep.compose(*profile, "up", "-d", "--no-deps", "--force-recreate", service,  # type: ignore[union-attr]
+                         env_extra=env_extra)
 
     def add_node(self, node_id: str, *, zone: str | None = None, wait: bool = True,
                  extra: list[str] | None = None) -> Any:
         if node_id != "n4":
             raise Unsupported("compose has one extra node (n4, profile join)")
-        subprocess.run(["docker", "compose", "-f", str(self.project_dir / "docker-compose.yml"), "--profile", "join",
-                        "up", "-d", "n4"], check=True, capture_output=True, timeout=300)
+        if zone is not None:
+            raise Unsupported("compose n4's zone is fixed (zone-a)")
+        self.node_env.update(self._env_for(node_id, list(extra or [])))
+        self.dep.compose("--profile", "join", "up", "-d", "--no-deps", "n4",  # type: ignore[union-attr]
+                         env_extra=self.node_env)
         if wait:
             self.wait(lambda st: node_id in st.nodes, 60, f"{node_id} registered")
         return node_id
 
     def start(self, node_id: str, *, extra: list[str] | None = None, timeout: float = 60.0) -> None:
-        if extra:
-            raise Unsupported("compose nodes take their flags from the environment")
-        self.docker("start", self.container(node_id))
+        if extra is not None and node_id.startswith("n"):
+            # new flags: recreate the container (same named volume) with its MEMKV_<NODE>_* environment
+            pre = f"MEMKV_{node_id.upper()}_"
+            self.node_env = {k: v for k, v in self.node_env.items() if not k.startswith(pre)}
+            self.node_env.update(self._env_for(node_id, extra))
+            self._recreate(node_id, self.node_env)
+        else:
+            self.docker("start", self.container(node_id))
         self._paused.discard(node_id)
 
     def kill(self, node_id: str) -> None:
         self.docker("kill", "-s", "KILL", self.container(node_id), check=False)
 
     def stop(self, node_id: str, timeout: float = 15.0) -> None:
-        self.docker("stop", "-t", str(int(timeout)), self.container(node_id))
+        self.docker("stop", "-t", str(int(timeout)), self.container(node_id), timeout=timeout + 60)
 
     def pause(self, node_id: str) -> None:
         self.docker("pause", self.container(node_id))
@@ -418,18 +544,25 @@ class ComposeTarget(LocalTarget):
         self.docker("unpause", self.container(node_id))
         self._paused.discard(node_id)
 
+    def _states(self) -> dict[str, str]:
+        out = self.docker("ps", "-a", "--filter", "name=^memkv-n[0-9]+$", "--format", "{{.Names}} {{.State}}",
+                          check=False)
+        return {name.removeprefix("memkv-"): state for name, _, state in
+                (line.partition(" ") for line in out.splitlines() if line.strip())}
+
     def running(self, node_id: str) -> bool:
-        return self.docker("inspect", "-f", "{{.State.Running}}", self.container(node_id),
-                           check=False).strip() == "true"
+        return self._states().get(node_id) == "running"
 
     def alive(self) -> set[str]:
-        ids = set(self.initial) | ({"n4"} if self.docker("inspect", self.container("n4"), check=False) else set())
-        return {i for i in ids if i not in self._paused and self.running(i)}
+        return {i for i, s in self._states().items() if s == "running" and i not in self._paused}
 
     def address(self, node_id: str) -> tuple[str, int]:
-        st = self.state()
-        host, _, port = st.nodes[node_id].addr.rpartition(":")
-        return host.strip("[]"), int(port)
+        # from docker, not from etcd: a node cut from etcd (or fenced) has no registration to read
+        ip = self.docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+                         self.container(node_id)).split()
+        if not ip:
+            raise RuntimeError(f"{node_id}: no address on memkv-net")
+        return ip[0], 7400
 
     def _pid(self, node_id: str) -> str:
         return self.docker("inspect", "-f", "{{.State.Pid}}", self.container(node_id)).strip()
@@ -457,11 +590,13 @@ class ComposeTarget(LocalTarget):
 
     def network_disconnect(self, node_id: str) -> Any:
         self.docker("network", "disconnect", "memkv-net", self.container(node_id))
+        self._disconnected.add(node_id)
         return ("net", node_id)
 
     def heal(self, handle: Any) -> None:
         if isinstance(handle, tuple) and handle[0] == "net":
             self.docker("network", "connect", "--alias", handle[1], "memkv-net", self.container(handle[1]))
+            self._disconnected.discard(handle[1])
             return
         for node_id, r in handle:
             self._nsenter(node_id, ["iptables", "-D", *r], check=False)
@@ -477,21 +612,31 @@ class ComposeTarget(LocalTarget):
 
     def corrupt_segment(self, node_id: str, flips: int, rnd: random.Random) -> str:
         c = self.container(node_id)
-        names = self.docker("run", "--rm", "--volumes-from", c, "--entrypoint", "sh", "memkv:latest", "-c",
-                            "ls /data/flash/ 2>/dev/null | grep '^seg-' || true").split()
-        if not names:
-            raise Unsupported(f"{node_id} has no segment file")
-        local = self.workdir / names[-1]
-        self.docker("cp", f"{c}:/data/flash/{names[-1]}", str(local))
+        image = os.environ.get("MEMKV_IMAGE", "memkv:latest")
+        listing = self.docker("run", "--rm", "--volumes-from", c, "--entrypoint", "sh", image, "-c",
+                              "cd /data/flash 2>/dev/null && for f in seg-*.log; do [ -f \"$f\" ] && "
+                              "echo \"$f $(wc -c < \"$f\")\"; done; true")
+        segs = [(n, int(s)) for n, s in (line.split() for line in listing.splitlines() if line.strip())]
+        segs = [n for n, size in sorted(segs) if size > 8192]
+        if not segs:
+            raise Unsupported(f"{node_id} has no segment file with data")
+        local = self.workdir / segs[-1]
+        self.docker("cp", f"{c}:/data/flash/{segs[-1]}", str(local))
         offs = corrupt_file(local, flips, rnd)
-        self.docker("cp", str(local), f"{c}:/data/flash/{names[-1]}")
-        return f"{names[-1]}: {len(offs)} byte(s) flipped"
+        self.docker("cp", str(local), f"{c}:/data/flash/{segs[-1]}")
+        return f"{segs[-1]}: {len(offs)} byte(s) flipped"
 
     def disk_args(self, disk: str, segment: str) -> list[str]:
-        raise Unsupported("compose nodes have a fixed --disk budget (MEMKV_DISK); run disk_full with --target local")
+        return ["--disk", disk, "--segment-size", segment]  # -> MEMKV_<NODE>_DISK / _SEGMENT_SIZE
 
     def node_logs(self) -> dict[str, str]:
-        return {i: self.docker("logs", "--tail", "60", self.container(i), check=False) for i in self.initial}
+        out = {}
+        for i in [*self.initial, "n4", "rebalancer-1", "rebalancer-2"]:
+            r = subprocess.run(["docker", "logs", "--tail", "60", self.container(i)], capture_output=True,
+                               text=True, timeout=60)
+            if r.returncode == 0:
+                out[i] = r.stdout + r.stderr
+        return out
 
     def state(self) -> ClusterState:
         etcd = Etcd(self.etcd_endpoint, timeout=2.0)

@@ -153,7 +153,9 @@ class Client:
         last: MemKVError | None = None
         for node in nodes:
             try:
-                return await self._call_node(node, send)
+                result = await self._call_node(node, send)
+                send.extra["served_by"] = node  # read fallback / repair (ops.get) skips it
+                return result
             except FAILOVER_ERRORS as exc:
                 last = exc
                 if send.write:
@@ -233,12 +235,12 @@ class Client:
     async def get(self, key: bytes | str, *, namespace: str = "shared") -> bytes | None:
         if self.onesided is not None:
             return await self.onesided.aread(self, [key], namespace, single=True)
-        return await self._drive(ops.get(key, namespace=namespace))
+        return await self._drive(ops.get(key, namespace=namespace, router=self.router))
 
     async def get_into(self, key: bytes | str, buffer: Any, *, namespace: str = "shared") -> int | None:
         if self.onesided is not None:
             return await self.onesided.aread(self, [key], namespace, single=True, into=buffer)
-        return await self._drive(ops.get(key, namespace=namespace, into=buffer))
+        return await self._drive(ops.get(key, namespace=namespace, into=buffer, router=self.router))
 
     async def put_many(self, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *,
                        namespace: str = "shared", ttl: float | None = None, pin: bool = False,

@@ -13,6 +13,7 @@ from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from memkv.client.buffers import byte_view
 from memkv.client.calls import (
     Call,
     GetCall,
@@ -151,13 +152,70 @@ def put(key: bytes | str, value: Any, *, namespace: str, ttl: float | None, pin:
 
 
 @restartable
-def get(key: bytes | str, *, namespace: str, into: Any = None) -> Op_:
+def get(key: bytes | str, *, namespace: str, into: Any = None, router: Router | None = None) -> Op_:
     k = as_key(key)
     call = GetCall(k, namespace=namespace, into=into)
-    result = yield Send(call, k)
+    send = Send(call, k)
+    result = yield send
     if call.corrupt:
         yield from _report_corrupt(call, namespace)
+    if result is None and router is not None and getattr(router, "clustered", False):
+        out = [None]
+        yield from _fallback_reads(router, [k], out, [0], send.extra.get("served_by"), namespace,
+                                   [into] if into is not None else None)
+        result = out[0]
     return result
+
+
+def _fallback_reads(router: Router, keys: list[bytes], out: list[Any], missing: list[int], served: Any,
+                    namespace: str, intos: list[Any] | None) -> Op_:
+    """Read fallback and read repair (cluster reads; README "Cluster", consistency).
+
+    ``out[i]`` for ``i`` in ``missing`` was a miss from replica ``served``. A write acknowledged
+    while one replica was skipped (timed out, refused, fenced) is not on that replica, which may
+    still be (or become again) the slot's first replica: ask the slot's other replicas, in
+    order, before answering a miss, and store a value found there back on every replica that
+    answered a miss -- store-if-absent (``nx``), so the repair never replaces a value written
+    meanwhile. Errors of the extra requests are ignored (the miss stands); best effort."""
+    missed: dict[Any, list[int]] = {}  # node -> indices it answered a miss for
+    if served is not None:
+        missed[served] = list(missing)
+    left = list(missing)
+    nodes_of = {i: [n for n in router.replicas(keys[i]) if n != served] for i in left}
+    while left:
+        node = next((nodes_of[i][0] for i in left if nodes_of[i]), None)
+        if node is None:
+            break
+        ask = [i for i in left if nodes_of[i] and nodes_of[i][0] == node]
+        for i in ask:
+            nodes_of[i].pop(0)
+        call = GetManyCall([keys[i] for i in ask], namespace=namespace,
+                           intos=[intos[i] for i in ask] if intos is not None else None)
+        try:
+            res = yield Send(call, keys[ask[0]], node=node)
+        except MemKVError:
+            continue
+        found = set()
+        for i, r in zip(ask, res, strict=True):
+            if r is None:
+                missed.setdefault(node, []).append(i)
+            else:
+                out[i] = r
+                found.add(i)
+        if call.corrupt:
+            yield from _report_corrupt(call, namespace)
+        left = [i for i in left if i not in found]
+    # repair: the values found, onto the replicas that answered a miss for them
+    for node, idx in missed.items():
+        fix = [i for i in idx if out[i] is not None]
+        if not fix:
+            continue
+        vals = [out[i] if intos is None else bytes(byte_view(intos[i])[:out[i]]) for i in fix]
+        try:
+            yield Send(PutManyCall([keys[i] for i in fix], vals, namespace=namespace, ttl=None, pin=False,
+                                   extra={"nx": True}), keys[fix[0]], node=node)
+        except MemKVError:
+            pass
 
 
 def group_by_replicas(router: Router, keys: Sequence[bytes]) -> dict[tuple[NodeAddress, ...], list[int]]:
@@ -213,7 +271,8 @@ def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
     groups = _split(router, ks)
     calls = [GetManyCall([ks[i] for i in idx], namespace=namespace,
                          intos=[intos[i] for i in idx] if intos is not None else None) for _, idx in groups]
-    results = yield [Send(call, ks[idx[0]]) for call, (_, idx) in zip(calls, groups, strict=True)]
+    sends = [Send(call, ks[idx[0]]) for call, (_, idx) in zip(calls, groups, strict=True)]
+    results = yield sends
     out: list[Any] = [None] * len(ks)
     for (_, idx), res in zip(groups, results, strict=True):
         for i, r in zip(idx, res, strict=True):
@@ -221,6 +280,12 @@ def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
     for call in calls:
         if call.corrupt:
             yield from _report_corrupt(call, namespace)
+    if getattr(router, "clustered", False):
+        for send, (_, idx) in zip(sends, groups, strict=True):
+            missing = [i for i in idx if out[i] is None]
+            if missing:
+                yield from _fallback_reads(router, ks, out, missing, send.extra.get("served_by"), namespace,
+                                           intos)
     return out
 
 

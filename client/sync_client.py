@@ -86,7 +86,9 @@ class SyncClient:
         last: MemKVError | None = None
         for node in nodes:
             try:
-                return self._call_node(node, send)
+                result = self._call_node(node, send)
+                send.extra["served_by"] = node  # read fallback / repair (ops.get) skips it
+                return result
             except FAILOVER_ERRORS as exc:
                 last = exc
                 if send.write:
@@ -155,12 +157,12 @@ class SyncClient:
     def get(self, key: bytes | str, *, namespace: str = "shared") -> bytes | None:
         if self.onesided is not None:
             return self.onesided.sread(self, [key], namespace, single=True)
-        return self._drive(ops.get(key, namespace=namespace))
+        return self._drive(ops.get(key, namespace=namespace, router=self.router))
 
     def get_into(self, key: bytes | str, buffer: Any, *, namespace: str = "shared") -> int | None:
         if self.onesided is not None:
             return self.onesided.sread(self, [key], namespace, single=True, into=buffer)
-        return self._drive(ops.get(key, namespace=namespace, into=buffer))
+        return self._drive(ops.get(key, namespace=namespace, into=buffer, router=self.router))
 
     def put_many(self, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *, namespace: str = "shared",
                  ttl: float | None = None, pin: bool = False, parents: list[bytes | None] | None = None,

@@ -39,7 +39,7 @@ async def run_leader(member: ClusterMember) -> None:
     rb = Rebalancer(member.etcd, member.view, member.cluster, member.node_id,
                     lease=lambda: member.lease_id, alive=lambda: not member.fenced(),
                     mbps=float(opts.get("rebalance_mbps", DEFAULT_MBPS)), slots=member.slots,
-                    replicas=member.replicas)
+                    replicas=member.replicas, credentials=member.credentials)
     member.rebalancer = rb  # type: ignore[attr-defined]
     stop = threading.Event()
     try:

@@ -20,6 +20,10 @@ node (``install`` is called by ``attach_cluster``):
   waits for the node's map to reach ``epoch``, then deletes the values of the
   listed slots that the node does not own (pending included) in its map.
 
+Once the node has tenants, all three need the cluster identity (``__cluster__``, token derived from the
+cluster secret: memkv/cluster/identity.py); the push logs in to ``dest`` as it too and stores every value
+for its own tenant (``PUT_MANY`` ``owner``), so tenant-scoped values keep their scope.
+
 Also: Prometheus gauges/counters on the node's /metrics (slots moving and
 under-replicated slots as this node's map says, bytes and values it pushed).
 """
@@ -79,7 +83,8 @@ class MigrationService:
         if self._pool is None:
             from memkv.client.pool import BlockingPool
 
-            self._pool = BlockingPool(timeout=30.0, connect_timeout=3.0)
+            # as the cluster identity (memkv/cluster/identity.py), over TLS when the nodes serve TLS
+            self._pool = BlockingPool(timeout=30.0, connect_timeout=3.0, **self.member.credentials.pool_kwargs())
         return self._pool
 
     async def _wait_epoch(self, epoch: int) -> Any:
@@ -108,6 +113,11 @@ class MigrationService:
                 await trio.sleep(0)
         return out, top
 
+    def _require_internal(self, session: Any, what: str) -> None:
+        """Only the cluster identity once the node has tenants (a tenant, even an admin, gets PermissionDenied)."""
+        sec = getattr(self.node, "security", None)
+        session.require_internal(what, auth_enabled=bool(sec is not None and sec.tenants))
+
     @staticmethod
     def _slots(meta: dict[str, Any]) -> tuple[frozenset[int], int]:
         slots, nslots = meta.get("slots"), meta.get("nslots")
@@ -117,7 +127,7 @@ class MigrationService:
 
     # -- ops
     async def slot_sizes(self, session: Any, meta: dict[str, Any]) -> Reply:
-        session.require("*", "admin")
+        self._require_internal(session, "SLOT_SIZES")
         nslots = meta.get("nslots")
         if not isinstance(nslots, int) or nslots <= 0:
             raise InvalidArgument("nslots (int) is required")
@@ -137,7 +147,7 @@ class MigrationService:
                       "values": [sizes[s][1] for s in ordered]})
 
     async def push(self, session: Any, meta: dict[str, Any]) -> Reply:
-        session.require("*", "admin")
+        self._require_internal(session, "MIGRATE_PUSH")
         slots, nslots = self._slots(meta)
         job_id = str(meta.get("job", ""))
         dest = str(meta.get("dest", ""))
@@ -159,8 +169,10 @@ class MigrationService:
         groups: dict[tuple[str, str, float | None], tuple[list[bytes], list[bytes]]] = {}
         nbytes = 0
         clock = self.store.clock()
+        taken: list[tuple[str, str, bytes]] = []  # this chunk's keys, put back if sending fails
         while job.keys and nbytes < max_bytes:
             ikey = job.keys.popleft()
+            taken.append(ikey)
             e = self.store._index.get(ikey)
             if e is None or (e.expires is not None and e.expires <= clock):
                 continue
@@ -187,7 +199,14 @@ class MigrationService:
                 done = not groups
         values = sum(len(ks) for ks, _ in groups.values())
         if groups:
-            await trio.to_thread.run_sync(self._send, dest, groups)
+            try:
+                await trio.to_thread.run_sync(self._send, dest, groups)
+            except BaseException:
+                # Not (entirely) delivered -- e.g. the pooled connection was to the destination's
+                # previous process (it restarted on the same address). The rebalancer calls again
+                # with the same job: resend this chunk (the copy is idempotent), never skip it.
+                job.keys.extendleft(reversed(taken))
+                raise
         self.bytes_pushed += nbytes
         self.values_pushed += values
         if done:
@@ -201,17 +220,19 @@ class MigrationService:
         host, _, port = dest.rpartition(":")
         addr = NodeAddress(host.strip("[]"), int(port))
         pool = self._pool_()
-        for (ns, _tenant, ttl), (ks, vs) in groups.items():
-            # (values of tenant-scoped namespaces land in the node session's scope: see README "Rebalancing")
+        for (ns, tenant, ttl), (ks, vs) in groups.items():
+            # "owner": each value is stored for its own tenant (and in its tenant-scoped namespace's scope);
+            # only the cluster identity may set it (Handlers.owner)
+            extra = {"nx": True, "owner": tenant}
             for i in range(0, len(ks), 512):
-                call = PutManyCall(ks[i:i + 512], vs[i:i + 512], namespace=ns, ttl=ttl, pin=False, extra={"nx": True})
+                call = PutManyCall(ks[i:i + 512], vs[i:i + 512], namespace=ns, ttl=ttl, pin=False, extra=extra)
                 res = pool.call(addr, call)
                 bad = [r for r in res if isinstance(r, MemKVError)]
                 if bad and len(bad) == len(res):
                     raise bad[0]
 
     async def drop(self, session: Any, meta: dict[str, Any]) -> Reply:
-        session.require("*", "admin")
+        self._require_internal(session, "DROP_SLOTS")
         slots, nslots = self._slots(meta)
         sm = await self._wait_epoch(int(meta.get("epoch", 0)))
         me = self.member.node_id

@@ -54,6 +54,13 @@ class ClusterMember:
         self.valid_until = 0.0  # monotonic time until which our lease is surely alive
         self.registered = trio.Event()
         self.info: NodeInfo | None = None
+        # the cluster identity of node-to-node calls (memkv/cluster/identity.py): the secret comes from the
+        # config ([cluster] secret / secret_file, MEMKV_CLUSTER_SECRET) or from etcd (``run``, before registering)
+        from memkv.cluster import identity
+
+        self.secret = identity.configured_secret(opts)
+        self.credentials = (identity.install_secret(node, self.secret, self.cluster) if self.secret
+                            else identity.Credentials(tls=identity.node_tls(cfg)))
 
     # -- the request-path check (sync, no I/O)
     def fenced(self) -> bool:
@@ -115,6 +122,7 @@ class ClusterMember:
         self.view = ClusterView(self.etcd, self.cluster, resync_s=10.0)
         self.view.start()
         try:
+            await self._load_secret()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._lease_loop)
                 from memkv.cluster.leader import run_leader
@@ -123,6 +131,23 @@ class ClusterMember:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._shutdown)
+
+    async def _load_secret(self) -> None:
+        """The cluster secret from etcd (created on first formation), before this node registers: a node
+        takes slots only once it can authenticate its node-to-node calls and accept its peers'."""
+        if self.secret is not None:
+            return
+        from memkv.cluster import identity
+
+        while True:
+            try:
+                self.secret = await trio.to_thread.run_sync(identity.etcd_secret, self.etcd, self.cluster)
+                break
+            except EtcdUnavailable as exc:
+                log.warning("node %s: cannot read the cluster secret from etcd (%s); retrying", self.node_id,
+                            exc.message)
+                await trio.sleep(0.5)
+        self.credentials = identity.install_secret(self.node, self.secret, self.cluster)
 
     def _shutdown(self) -> None:
         lease, self.lease_id = self.lease_id, None

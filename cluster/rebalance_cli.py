@@ -35,8 +35,9 @@ def _rebalancer(args: argparse.Namespace) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
+    tls = {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key} if args.tls_ca else None
     run_standalone(args.url, identity=args.id, mbps=args.mbps, lease_ttl=args.lease_ttl, slots=args.slots,
-                   replicas=args.replicas, stop=stop)
+                   replicas=args.replicas, stop=stop, secret_file=args.secret_file, tls=tls)
     return 0
 
 
@@ -119,6 +120,11 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--lease-ttl", type=int, default=5, help="leadership lease TTL in seconds")
     r.add_argument("--replicas", type=int, default=2, help="R, only used if this creates the first slot map")
     r.add_argument("--slots", type=int, default=4096, help="slots, only used if this creates the first slot map")
+    r.add_argument("--secret-file", help="the cluster secret (default: MEMKV_CLUSTER_SECRET, else etcd's "
+                   "/memkv/CLUSTER/secret); must match the nodes' [cluster] secret")
+    r.add_argument("--tls-ca", help="the nodes serve TLS: verify them with this CA bundle")
+    r.add_argument("--tls-cert", help="client certificate, for nodes that require one (mutual TLS)")
+    r.add_argument("--tls-key", help="key of --tls-cert")
     r.set_defaults(func=_rebalancer)
     d = sub.add_parser("drain", help="move every slot off a node; exits 0 when the node can be stopped")
     d.add_argument("url", help="etcd://HOST:PORT[,HOST:PORT]/CLUSTER")

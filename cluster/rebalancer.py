@@ -105,7 +105,6 @@ class Group:
     values_done: int = 0
     done: bool = False
     failed: str | None = None
-    unauthorized: bool = False  # nodes require authentication: flip without copying (see README)
 
     def to_json(self) -> dict[str, Any]:
         return {"src": self.src, "dst": self.dst, "slots": self.slots, "bytes_total": self.bytes_total,
@@ -141,7 +140,7 @@ def under_replicated(sm: SlotMap, live: set[str]) -> int:
 class Rebalancer:
     def __init__(self, etcd: Etcd, view: ClusterView, cluster: str, identity: str, *,
                  lease: Callable[[], int | None], alive: Callable[[], bool], mbps: float = DEFAULT_MBPS,
-                 slots: int = 4096, replicas: int = 1, settle_s: float = SETTLE_S) -> None:
+                 slots: int = 4096, replicas: int = 1, settle_s: float = SETTLE_S, credentials: Any = None) -> None:
         from memkv.client.pool import BlockingPool
 
         self.etcd = etcd
@@ -154,7 +153,13 @@ class Rebalancer:
         self.slots = slots
         self.replicas = replicas
         self.settle_s = settle_s
-        self.pool = BlockingPool(timeout=60.0, connect_timeout=3.0)
+        # calls to nodes log in as the cluster identity, over TLS when the nodes serve it (cluster/identity.py)
+        self.credentials = credentials
+        self.pool = BlockingPool(timeout=60.0, connect_timeout=3.0,
+                                 **(credentials.pool_kwargs() if credentials is not None else {}))
+        # after a round that could not copy some slots (they stayed with their old owners): wait before retrying
+        self._retry_at = 0.0
+        self._failed_rounds = 0
         self.stop = threading.Event()
         self.leading = False
         self._lease_held: int | None = None
@@ -304,6 +309,8 @@ class Rebalancer:
             self._seen, self._seen_at = key, now
             return False
         if now - self._seen_at < self.settle_s:
+            return False
+        if now < self._retry_at:  # the last round could not copy everything: back off before the next
             return False
 
         moves: list[Move] = []
@@ -460,14 +467,13 @@ class Rebalancer:
                 r = self._call(nodes[g.src].addr, OP_MIGRATE_PUSH,
                                {"job": f"{rnd.id}:{g.src}:{g.dst}", "slots": g.slots, "nslots": nslots,
                                 "dest": nodes[g.dst].addr, "epoch": rnd.epoch, "max_bytes": chunk})
-            except (AuthError, PermissionDenied) as exc:
-                log.warning("rebalancer: push %s->%s refused (%s): the nodes require authentication, which "
-                            "node-to-node copies do not have; flipping without copying", g.src, g.dst, exc.message)
-                g.failed, g.unauthorized = exc.message, True
-                return
             except MemKVError as exc:
+                # a refused push (AuthError/PermissionDenied: no or a wrong cluster secret) is a failure like
+                # any other: the slots stay with their old owners and a later round retries; never flip uncopied
                 failures += 1
-                log.warning("rebalancer: push %s->%s failed (%s)", g.src, g.dst, exc.message)
+                hint = (" (is the cluster secret the same on every node and rebalancer? see README \"Security\")"
+                        if isinstance(exc, AuthError | PermissionDenied) else "")
+                log.warning("rebalancer: push %s->%s failed (%s)%s", g.src, g.dst, exc.message, hint)
                 if failures >= MAX_PUSH_FAILURES:
                     g.failed = exc.message
                     return
@@ -502,7 +508,7 @@ class Rebalancer:
             self.etcd.put(key, rnd.record(self.identity, "flipping"))
         except EtcdUnavailable:
             pass
-        ok_slots = {s: g.dst for g in rnd.groups if g.done or g.unauthorized for s in g.slots}
+        ok_slots = {s: g.dst for g in rnd.groups if g.done for s in g.slots}
         drops: dict[str, set[int]] = {}
         for _ in range(10):
             sm, rev = self._read_map()
@@ -541,9 +547,13 @@ class Rebalancer:
                 break
         else:
             return True
-        failed = [f"{g.src}->{g.dst}: {g.failed}" for g in rnd.groups if not g.done and not g.unauthorized]
+        failed = [f"{g.src}->{g.dst}: {g.failed}" for g in rnd.groups if not g.done]
         if failed:
+            self._failed_rounds += 1
+            self._retry_at = time.monotonic() + min(30.0, 0.5 * 2 ** self._failed_rounds)
             log.warning("rebalancer: round %s left slots with their old owners: %s", rnd.id, "; ".join(failed))
+        else:
+            self._failed_rounds = 0
         self.rounds += 1
         log.info("rebalancer: round %s flipped at epoch %d (%d slots moved)", rnd.id, new.epoch, len(ok_slots))
         for node, slots in drops.items():
@@ -618,21 +628,40 @@ class LeaseHolder:
 
 
 def run_standalone(url: str, *, identity: str | None = None, mbps: float = DEFAULT_MBPS, lease_ttl: int = 5,
-                   slots: int = 4096, replicas: int = 2, stop: threading.Event | None = None) -> None:
-    """``memkv rebalancer URL``: campaign and lead until ``stop`` is set."""
+                   slots: int = 4096, replicas: int = 2, stop: threading.Event | None = None,
+                   secret_file: str | None = None, tls: dict[str, Any] | None = None) -> None:
+    """``memkv rebalancer URL``: campaign and lead until ``stop`` is set.
+
+    Node calls use the cluster identity: the secret from ``secret_file`` / ``MEMKV_CLUSTER_SECRET``, else
+    etcd's ``/memkv/<c>/secret``; ``tls`` (``ca``, ``cert``, ``key``, ``check_hostname``) when the nodes
+    serve TLS (cluster/identity.py)."""
     import os
     import socket
 
     from memkv.client.url import parse_url
+    from memkv.cluster import identity as cid
 
     parsed = parse_url(url)
     etcd = Etcd([(n.host, n.port) for n in parsed.nodes], timeout=max(1.0, min(3.0, lease_ttl / 2)))
+    secret = cid.configured_secret({}, secret_file=secret_file)
+    while secret is None:
+        try:
+            secret = cid.etcd_secret(etcd, parsed.cluster)
+        except EtcdUnavailable as exc:
+            log.warning("rebalancer: cannot read the cluster secret from etcd (%s); retrying", exc.message)
+            if (stop or threading.Event()).wait(0.5):
+                etcd.close()
+                return
+    t = tls or {}
+    ctx = cid.client_tls({}, {"tls_ca": t.get("ca"), "tls_cert": t.get("cert"), "tls_key": t.get("key"),
+                              "tls_check_hostname": t.get("check_hostname", True)}) if t.get("ca") else None
+    creds = cid.credentials(secret, parsed.cluster, ctx)
     view = ClusterView(etcd, parsed.cluster)
     view.start()
     holder = LeaseHolder(etcd, lease_ttl).start()
     ident = identity or f"rebalancer-{socket.gethostname()}-{os.getpid()}"
     rb = Rebalancer(etcd, view, parsed.cluster, ident, lease=lambda: holder.lease, alive=holder.ok, mbps=mbps,
-                    slots=slots, replicas=replicas)
+                    slots=slots, replicas=replicas, credentials=creds)
     try:
         rb.run(stop)
     finally:

@@ -173,7 +173,36 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
             if cands:
                 move(s, o, min(cands, key=lambda n: (load[n], ring.distance_to(n, points[s]), n)))
 
+    _balance_primaries(table, ids)
     return [tuple(row) for row in table]
+
+
+def _balance_primaries(table: list[list[str]], ids: list[str]) -> None:
+    """4. Primaries (first replica: where reads go) about as even as ownerships.
+
+    Rows are only reordered (no ownership moves, so the movement bounds hold): a node
+    holding more than ceil(mean) + 1.5% primaries hands rows to the least loaded other
+    replica of the row, in slot order. Sticky: a balanced previous map is left as it is,
+    so ``compute_table(prev=compute_table(...))`` changes nothing."""
+    rows = [row for row in table if len(row) > 1]
+    if not rows:
+        return
+    prim: Counter[str] = Counter({n: 0 for n in ids})
+    prim.update(row[0] for row in table if row)
+    n_rows = sum(1 for row in table if row)
+    cap = -(-n_rows // len(ids))
+    cap += max(1, cap // 64)
+    for row in rows:
+        p = row[0]
+        if prim[p] <= cap:
+            continue
+        q = min(row[1:], key=lambda n: (prim[n], n))
+        if prim[q] + 1 >= prim[p] or prim[q] >= cap:
+            continue
+        row.remove(q)
+        row.insert(0, q)
+        prim[p] -= 1
+        prim[q] += 1
 
 
 def compute_slot_map(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, replicas: int = 1,

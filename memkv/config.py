@@ -205,6 +205,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
             parse_size(quota) if quota is not None else None,
         )
     for name, t in raw.get("tenants", {}).items():
+        if name.startswith("__"):
+            raise InvalidArgument(f"tenant name {name!r} is reserved (names starting with '__' are cluster-internal)")
         if "token" not in t:
             raise InvalidArgument(f"tenant {name}: token is required")
         quota = t.get("quota")

@@ -155,13 +155,14 @@ def _need_etcd() -> None:
         pytest.skip("no etcd binary (apt-get install etcd-server)")
 
 
-# Open finding (README "Chaos suite"): when etcd goes away the nodes fence at slightly different
-# moments; a write acknowledged by the not-yet-fenced replica only is then read as a miss from the
-# other one (no repair). Reported by the suite, not hidden: xfail, not strict (most runs pass).
-ETCD_OUTAGE_FINDING = pytest.mark.xfail(strict=False, reason="open finding: write acked by one replica "
-                                        "while the other was fenced is later read as a miss")
-FAST = ["kill9", "pause_zombie", pytest.param("etcd_outage", marks=ETCD_OUTAGE_FINDING), "corrupt_segment",
-        "disk_full"]
+# etcd_outage: the nodes fence at slightly different moments, so a write may be acknowledged by the
+# not-yet-fenced replica only. The misses this caused are fixed (read fallback + repair,
+# client/ops.py). What can remain is a *stale overwrite* of a session key (no cross-replica
+# versions; README "Chaos suite", open findings): xfail, not strict, for that reason only.
+STALE_OVERWRITE_FINDING = pytest.mark.xfail(strict=False, reason="open finding: a replica that missed an "
+                                            "overwrite can serve the older value (no cross-replica versions)")
+FAST = ["kill9", "pause_zombie", pytest.param("etcd_outage", marks=STALE_OVERWRITE_FINDING),
+        "corrupt_segment", "disk_full"]
 
 
 @pytest.mark.timeout(150)

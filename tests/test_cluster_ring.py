@@ -116,3 +116,17 @@ def test_ring_walk_visits_every_node_once() -> None:
     assert sorted(order) == sorted(members(10, 3))
     pref = ring.preference(12345, 3)
     assert len({ring.members[n] for n in pref}) == 3
+
+
+@pytest.mark.parametrize("n,replicas", [(3, 2), (5, 2), (6, 3)])
+def test_primaries_balanced_when_nodes_join_one_by_one(n: int, replicas: int) -> None:
+    """Chaos finding: a cluster grown from its first node kept that node primary of ~every slot
+    (replicas are appended), so all reads leaned on it. Primaries are now as even as ownerships."""
+    ids = list(members(n))
+    table = compute_table({ids[0]: "z0"}, slots=S, replicas=replicas)
+    for i in range(2, n + 1):
+        table = compute_table({x: "z0" for x in ids[:i]}, slots=S, replicas=replicas, prev=table)
+    prim = Counter(row[0] for row in table)
+    assert len(prim) == n and max(prim.values()) <= 1.1 * S / n + 1
+    assert all(loads(table)[x] - prim[x] > 0 for x in ids)  # everyone also holds replica-only slots
+    assert compute_table({x: "z0" for x in ids}, slots=S, replicas=replicas, prev=table) == table  # sticky

@@ -40,3 +40,19 @@ def tenant_salt(token: str, tenant: str) -> bytes:
     probe for) another tenant's keys.
     """
     return hmac.new(token.encode(), b"memkv-chain-salt\0" + tenant.encode(), hashlib.sha256).digest()[:16]
+
+
+# -- the cluster-internal identity (memkv/cluster... node-to-node calls) ------------------------------
+#: The reserved tenant name of cluster-internal calls (rebalancer -> node, node -> node). No configured
+#: or etcd tenant may take this name; a node accepts it only with the token derived from the cluster secret.
+INTERNAL_TENANT = "__cluster__"
+
+
+def internal_token(secret: str, cluster: str) -> str:
+    """The token of :data:`INTERNAL_TENANT` in cluster ``cluster``, derived from the cluster secret."""
+    msg = b"memkv-cluster-internal\0" + cluster.encode()
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def is_reserved_tenant(name: str) -> bool:
+    return name.startswith("__")

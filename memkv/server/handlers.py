@@ -50,6 +50,9 @@ class Handlers:
         self.tenants = tenants
         self.limits = limits
         self.stats_extra = stats_extra
+        # The cluster-internal identity (a TenantConfig named auth.INTERNAL_TENANT whose token is derived
+        # from the cluster secret; set by memkv.cluster.identity), or None: nobody can log in as it.
+        self.internal: Any = None
         # Hooks for the cluster layer: called with (session, meta, keys, write) before
         # any work; they raise Moved/Fenced to refuse the request.
         self.route_checks: list[Callable[[Session, dict[str, Any], list[bytes], bool], None]] = []
@@ -94,18 +97,32 @@ class Handlers:
         cnonce = c.get_key(meta, "cnonce")
         proof = c.get_key(meta, "proof")
         snonce, session.server_nonce = session.server_nonce, None  # one try per nonce
-        tenant = self.tenants.get(tenant_name)
+        internal = tenant_name == auth.INTERNAL_TENANT
+        tenant = self.internal if internal else self.tenants.get(tenant_name)
         if snonce is None:
             raise AuthError("send HELLO first")
         if tenant is None or not auth.verify(
                 auth.client_proof(tenant.token, tenant_name, snonce, cnonce), proof):
             raise AuthError("authentication failed")
-        session.login(tenant)
+        session.login(tenant, internal=internal)
         return Reply({"proof": auth.server_proof(tenant.token, tenant_name, snonce, cnonce)})
 
     # -- writes
+    def owner(self, session: Session, meta: dict[str, Any]) -> str:
+        """The tenant a write is stored for: the session's, or ``meta["owner"]`` (a migrated value keeps its
+        tenant, and so its scope in tenant-scoped namespaces), which only the cluster identity may set."""
+        if "owner" not in meta:
+            return session.tenant
+        owner = c.get_str(meta, "owner", None, 128)
+        if owner != session.tenant and not session.internal and (session.auth_required or self.tenants):
+            from memkv.errors import PermissionDenied
+
+            raise PermissionDenied("only the cluster identity may write on behalf of another tenant")
+        return owner
+
     def begin_put(self, session: Session, op: int, meta: dict[str, Any], payload_len: int) -> PutPlan:
         ns = self._ns(session, meta, "rw")
+        tenant = self.owner(session, meta)
         ttl = c.get_opt_float(meta, "ttl")
         pin = c.get_bool(meta, "pin")
         if op == Op.PUT:
@@ -130,12 +147,12 @@ class Handlers:
         plan = PutPlan(lengths, [], [], bool(meta.get("nx")))
         try:
             for key, length, cs, parent in zip(keys, lengths, sums, parents, strict=True):
-                if plan.nx and self.store.peek(key, namespace=ns, tenant=session.tenant) is not None:
+                if plan.nx and self.store.peek(key, namespace=ns, tenant=tenant) is not None:
                     plan.reservations.append(None)  # already there: a newer write wins over a copy
                     plan.errors.append(None)
                     continue
                 try:
-                    res = self.store.reserve(key, length, namespace=ns, tenant=session.tenant, checksum=cs,
+                    res = self.store.reserve(key, length, namespace=ns, tenant=tenant, checksum=cs,
                                              ttl=ttl, pin=pin, parent=parent)
                 except MemKVError as exc:
                     if op == Op.PUT:

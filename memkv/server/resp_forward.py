@@ -31,25 +31,33 @@ class ClientForwarder:
         cfg = server.node.config
         self.server = server
         self.url = url or f"etcd://{cfg.etcd}/{cfg.cluster}"
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[tuple[str, str | None], Any] = {}
         self._lock = trio.Lock()
 
     async def _client(self, session: Session) -> Any:
         tenant = session.tenant
-        client = self._clients.get(tenant)
+        token = None
+        if tenant:
+            t = self.server.node.config.tenants.get(tenant)
+            token = t.token if t is not None else None
+        key = (tenant, token)  # a re-provisioned tenant (new token) gets a new client
+        client = self._clients.get(key)
         if client is not None:
             return client
         async with self._lock:
-            client = self._clients.get(tenant)
+            client = self._clients.get(key)
             if client is None:
                 from memkv.client import Client
 
-                token = None
-                if tenant:
-                    t = self.server.node.config.tenants.get(tenant)
-                    token = t.token if t is not None else None
-                client = await Client.connect(self.url, tenant=tenant or None, token=token)
-                self._clients[tenant] = client
+                stale = [k for k in self._clients if k[0] == tenant]
+                for k in stale:
+                    await self._clients.pop(k).aclose()
+                # over TLS with the cluster CA when the nodes serve TLS (memkv/cluster/identity.py)
+                member = getattr(self.server.node, "cluster_member", None)
+                creds = getattr(member, "credentials", None)
+                tls = creds.tls if creds is not None else None
+                client = await Client.connect(self.url, tenant=tenant or None, token=token, tls=tls)
+                self._clients[key] = client
         return client
 
     async def get_many(self, session: Session, namespace: str, keys: list[bytes]) -> list[bytes | None]:

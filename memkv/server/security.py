@@ -85,8 +85,11 @@ def tenant_to_json(t: TenantConfig, *, with_token: bool) -> dict[str, Any]:
 
 
 def tenant_from_json(name: str, d: dict[str, Any]) -> TenantConfig:
+    from memkv.protocol.auth import is_reserved_tenant
     from memkv.sizes import parse_size
 
+    if is_reserved_tenant(name):
+        raise InvalidArgument(f"tenant name {name!r} is reserved (names starting with '__' are cluster-internal)")
     if not isinstance(d, dict) or not isinstance(d.get("token"), str) or not d["token"]:
         raise InvalidArgument(f"tenant {name}: a non-empty token is required")
     grants = d.get("grants") or {}
@@ -251,6 +254,8 @@ class Security:
 
     # -- the request path ------------------------------------------------------------------
     def guard(self, session: Session) -> None:
+        if session.internal:
+            return  # the cluster identity (node-to-node): not a tenant, no rate limit, no revocation
         if not session.auth_required:
             if self.tenants:  # tenants were added after this connection was opened
                 session.auth_required = True
@@ -303,7 +308,8 @@ class Security:
         orig_begin, orig_finish = handlers.begin_put, handlers.finish_put
 
         def begin_put(session: Session, op: int, meta: dict[str, Any], payload_len: int) -> Any:
-            t = self.tenants.get(session.tenant) if session.tenant else None
+            who = self.node.handlers.owner(session, meta)  # a migrated value: its own tenant's settings
+            t = self.tenants.get(who) if who else None
             no_store = c.get_bool(meta, "nostore") or (t is not None and t.no_store)
             model = meta.get("model")
             if model is not None:
@@ -400,6 +406,11 @@ class Security:
         if self.audit is not None:
             self.audit.append(op, tenant=session.tenant, ns=ns, **_key_fields(key, no_store),
                               nostore=True if no_store else None, **fields)
+
+    # -- cluster-internal ops (memkv/cluster/migration.py) ----------------------------------------
+    def require_internal(self, session: Session, what: str) -> None:
+        """Once the node has tenants, only the cluster identity may run ``what`` (PermissionDenied)."""
+        session.require_internal(what, auth_enabled=bool(self.tenants))
 
     # -- ADMIN ---------------------------------------------------------------------------------
     def _require_admin(self, session: Session) -> None:

@@ -18,15 +18,26 @@ class Session:
     server_nonce: bytes | None = None
     grants: dict[str, str] = field(default_factory=dict)
     peer: str = ""
+    # the cluster-internal identity (memkv.protocol.auth.INTERNAL_TENANT): rebalancer and node-to-node calls
+    internal: bool = False
 
-    def login(self, tenant: TenantConfig) -> None:
+    def login(self, tenant: TenantConfig, *, internal: bool = False) -> None:
         self.tenant = tenant.name
         self.grants = dict(tenant.grants)
         self.authenticated = True
+        self.internal = internal
 
     def require_login(self) -> None:
         if self.auth_required and not self.authenticated:
             raise AuthError("authentication required")
+
+    def require_internal(self, what: str, *, auth_enabled: bool) -> None:
+        """Cluster-internal ops (slot migration): only the cluster identity, once the node has tenants."""
+        if self.internal or not (auth_enabled or self.auth_required):
+            return
+        if not self.authenticated:
+            raise AuthError("authentication required")
+        raise PermissionDenied(f"{what} is a cluster-internal operation: tenant {self.tenant!r} may not use it")
 
     def require(self, namespace: str, level: str) -> None:
         """Raise unless this session may ``level`` ("r", "rw", "admin") ``namespace``."""
