@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="start a local node/cluster and run a workload")
     d.add_argument("--json", help="also write the results as JSON to this file")
-    d.add_argument("--nodes", type=int, default=1, help="storage nodes to start")
+    d.add_argument("--nodes", type=int, default=2,
+                   help="storage nodes: 2+ start a local cluster (etcd + nodes), 1 a standalone node")
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="quick put/get benchmark against a running node or cluster")

@@ -12,9 +12,9 @@ and without memkv, and that the generated tokens are identical.
 Each replica is ``python -m memkv.demo replica URL`` reading one JSON request
 per line on stdin and answering one JSON line on stdout.
 
-TODO(cluster): the node is a standalone ``memkv serve``; once ``memkv.cluster``
-provides a local-cluster starter (``memkv up``), ``--nodes N`` should start N
-nodes behind etcd and the replicas should connect with the etcd:// URL.
+With ``--nodes N`` (default 2) the store is a local cluster started with
+``memkv up`` (etcd and N nodes, two replicas per slot); the replicas connect
+with its etcd:// URL. ``--nodes 1`` uses one standalone ``memkv serve``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -127,26 +128,26 @@ def _conversation() -> list[str]:
     ]
 
 
-def run_demo(json_path: str | None = None, nodes: int = 1) -> int:
+def run_demo(json_path: str | None = None, nodes: int = 2) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from memkv.client import SyncClient
-    from memkv.localproc import start_node
+    from memkv.localproc import LocalCluster, start_node
     from memkv.status import node_table
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     t_start = time.perf_counter()
-    if nodes != 1:
-        console.print(f"[yellow]--nodes {nodes}: the local cluster starter is not available yet; "
-                      "using one standalone node[/yellow]")
-    console.print(f"[bold]memkv demo[/bold]: a storage node and two replicas of {MODEL_ID} "
+    store_kind = f"a local cluster of {nodes} nodes" if nodes > 1 else "a storage node"
+    console.print(f"[bold]memkv demo[/bold]: {store_kind} and two replicas of {MODEL_ID} "
                   f"({os.cpu_count()} CPUs here)")
-    node = start_node(memory="1GiB")
-    results: dict[str, Any] = {"url": node.url, "model": MODEL_ID, "block_tokens": BLOCK_TOKENS, "turns": []}
+    workdir = tempfile.mkdtemp(prefix="memkv-demo-")
+    node = LocalCluster.start(nodes, directory=workdir, memory="512MiB") if nodes > 1 else start_node(memory="1GiB")
+    results: dict[str, Any] = {"url": node.url, "nodes": nodes, "model": MODEL_ID, "block_tokens": BLOCK_TOKENS,
+                               "turns": []}
     replicas: list[Replica] = []
     try:
-        console.print(f"node is up at {node.url}; starting replicas A and B (model init)...")
+        console.print(f"store is up at {node.url}; starting replicas A and B (model init)...")
         a, b = Replica("A", node.url), Replica("B", node.url)
         replicas += [a, b]
         a.ready(), b.ready()
@@ -187,7 +188,8 @@ def run_demo(json_path: str | None = None, nodes: int = 1) -> int:
                       f"{sum(x['cached'] for x in on)} tokens of prefill avoided (~{saved_cpu:.1f} CPU-s)")
         with SyncClient.connect(node.url) as client:
             st = client.stats()
-        console.print(node_table("node stats", st))
+        for addr, node_stats in (st.get("nodes") or {node.url: st}).items():
+            console.print(node_table(f"node {node_stats.get('node_id', '')} at {addr}", node_stats))
         results["stats"] = st
     finally:
         for rep in replicas:

@@ -71,3 +71,46 @@ def start_node(*extra: str, port: int | None = None, memory: str = "256MiB", qui
         node.kill()
         raise
     return node
+
+
+@dataclass
+class LocalCluster:
+    """``memkv up`` as a child process: etcd and N nodes; ``url`` is its etcd:// URL.
+
+    Started through the CLI (not imported) so that the ``memkv`` package keeps
+    its one-way dependency on ``memkv.cluster``.
+    """
+
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    @classmethod
+    def start(cls, nodes: int, *, directory: str, memory: str = "256MiB", timeout: float = 90.0) -> LocalCluster:
+        import select
+
+        proc = subprocess.Popen([sys.executable, "-m", "memkv.cli", "up", "--nodes", str(nodes), "--dir", directory,
+                                 "--memory", memory, "--zones", str(min(nodes, 2))],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        line = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                line = proc.stdout.readline()
+                if line.startswith(b"etcd://"):
+                    return cls(proc, line.decode().strip())
+            if proc.poll() is not None:
+                break
+        proc.kill()
+        proc.wait()
+        raise NodeUnavailable(f"memkv up did not come up within {timeout}s (logs in {directory})")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
