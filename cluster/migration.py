@@ -19,6 +19,8 @@ node (``install`` is called by ``attach_cluster``):
 - ``DROP_SLOTS {slots, nslots, epoch}``: after the flip, free the old copy:
   waits for the node's map to reach ``epoch``, then deletes the values of the
   listed slots that the node does not own (pending included) in its map.
+  With ``pending``: (sent by a source before it copies) delete the values of the listed slots
+  where this node is only a pending destination -- old values from an earlier ownership.
 
 Once the node has tenants, all three need the cluster identity (``__cluster__``, token derived from the
 cluster secret: memkv/cluster/identity.py); the push logs in to ``dest`` as it too and stores every value
@@ -162,6 +164,11 @@ class MigrationService:
         if job is None or job.slots != slots or job.dest != dest:
             await self._wait_epoch(epoch)
             ready = time.monotonic()
+            # The destination may hold old values of these slots (it owned them before a restart or
+            # an outage and missed overwrites since): store-if-absent would keep them. Free them
+            # first (only where it is still just a pending destination); what it gets from now on
+            # is the copy below and the clients' double writes.
+            await trio.to_thread.run_sync(self._purge, dest, sorted(slots), nslots, epoch)
             keys, top = await self._scan(slots, nslots)
             job = self.jobs[job_id] = _Job(slots, nslots, dest, deque(keys), top, ready)
         job.last_used = now
@@ -231,20 +238,41 @@ class MigrationService:
                 if bad and len(bad) == len(res):
                     raise bad[0]
 
+    def _purge(self, dest: str, slots: list[int], nslots: int, epoch: int) -> None:
+        from memkv.client.calls import SimpleCall
+        from memkv.client.url import NodeAddress
+
+        host, _, port = dest.rpartition(":")
+        self._pool_().call(NodeAddress(host.strip("[]"), int(port)),
+                           SimpleCall(Op.DROP_SLOTS, {"slots": slots, "nslots": nslots, "epoch": epoch,
+                                                      "pending": True}))
+
     async def drop(self, session: Any, meta: dict[str, Any]) -> Reply:
+        """Free slots this node no longer owns; with ``pending``, the values it holds of slots
+        where it is only a pending migration destination (before the copy starts)."""
         self._require_internal(session, "DROP_SLOTS")
         slots, nslots = self._slots(meta)
         sm = await self._wait_epoch(int(meta.get("epoch", 0)))
         me = self.member.node_id
-        mine = {s for s in slots if s < len(sm.table) and me in sm.table[s]}
+        pending_only = bool(meta.get("pending"))
+        if pending_only:
+            mine = {s for s in slots if me not in sm.pending.get(s, ())}
+        else:
+            mine = {s for s in slots if s < len(sm.table) and me in sm.table[s]}
         gone = slots - mine
         n = nbytes = 0
         entries = list(self.store._index.values())
         for i, e in enumerate(entries):
             if key_slot(e.key, nslots) in gone:
                 cur = self.member.view.state.slotmap
-                if cur is not None and me in cur.table[key_slot(e.key, cur.slots)]:
-                    continue  # the map changed meanwhile and gave us the slot again
+                if cur is not None:
+                    cs = key_slot(e.key, cur.slots)
+                    if pending_only and me not in cur.pending.get(cs, ()):
+                        continue  # no longer a pending destination (flipped or abandoned)
+                    if not pending_only and me in cur.table[cs]:
+                        continue  # the map changed meanwhile and gave us the slot again
+                if self.store._index.get(e.ikey) is not e:
+                    continue  # written again since the listing (a double write): keep it
                 if self.store.delete(e.key, namespace=e.ikey[0], tenant=e.ikey[1]):
                     n += 1
                     nbytes += e.length

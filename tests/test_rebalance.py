@@ -392,6 +392,7 @@ def test_migrate_push_resends_a_chunk_that_failed_to_send() -> None:
             got.extend(ks)
 
     svc._send = send  # type: ignore[method-assign]
+    svc._purge = lambda *a: None  # type: ignore[method-assign]
     meta = {"job": "j1", "slots": list(range(nslots)), "nslots": nslots, "dest": "127.0.0.1:1", "epoch": 7,
             "max_bytes": 40}
 
