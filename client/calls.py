@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memkv.client.buffers import byte_view
+from memkv.client.buffers import byte_view, finish_bytes, new_bytes
 from memkv.engine.checksum import checksum
 from memkv.errors import InvalidArgument
 from memkv.protocol.codec import Frame
@@ -126,8 +126,8 @@ class GetCall(Call):
     def destinations(self, frame: Frame) -> list[memoryview]:
         n = frame.payload_len
         if self.into is None:
-            self._buf = bytearray(n)
-            return [memoryview(self._buf)]
+            self._buf, view = new_bytes(n)
+            return [view]
         if self.into.nbytes < n:
             self.too_small = n
             return [memoryview(bytearray(n))]  # drain it; finish() raises
@@ -145,7 +145,7 @@ class GetCall(Call):
             self.corrupt.append(CorruptRead(self.key, int(frame.meta.get("gen", 0))))
             return None
         if self.into is None:
-            return bytes(self._buf) if frame.payload_len else b""
+            return finish_bytes(self._buf) if frame.payload_len else b""
         return frame.payload_len
 
 
@@ -162,14 +162,14 @@ class GetManyCall(Call):
 
     def destinations(self, frame: Frame) -> list[memoryview]:
         dests: list[memoryview] = []
-        self._bufs: list[bytearray | None] = []
+        self._bufs: list[bytes | bytearray] = []
         for i, n in enumerate(frame.meta.get("ls", [])):
             if n < 0:
                 continue
             if self.intos is None:
-                buf = bytearray(n)
+                buf, view = new_bytes(n)
                 self._bufs.append(buf)
-                dests.append(memoryview(buf))
+                dests.append(view)
             elif self.intos[i].nbytes < n:
                 self.too_small.append(i)
                 dests.append(memoryview(bytearray(n)))
@@ -195,7 +195,8 @@ class GetManyCall(Call):
                 self.corrupt.append(CorruptRead(self.keys[i], int(gens[i])))
                 out.append(None)
             elif self.intos is None:
-                out.append(bytes(dest))
+                bufs = getattr(self, "_bufs", ())
+                out.append(finish_bytes(bufs[j - 1]) if j - 1 < len(bufs) else bytes(dest))
             else:
                 out.append(n)
         return out

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memkv.client import ops
-from memkv.client.buffers import byte_view
+from memkv.client.buffers import byte_view, finish_bytes, new_bytes
 from memkv.client.calls import SimpleCall
 from memkv.client.ops import Send, as_key, group_by_owner
 from memkv.client.url import NodeAddress
@@ -55,7 +55,7 @@ class LocateCall(SimpleCall):
     def __init__(self, meta: dict[str, Any], dests: list[memoryview | None]) -> None:
         super().__init__(Op.LOCATE, meta)
         self.dests = dests
-        self.inline: dict[int, tuple[memoryview, bytearray | None]] = {}
+        self.inline: dict[int, tuple[memoryview, bytes | bytearray | None]] = {}
 
     def destinations(self, frame: Any) -> list[memoryview]:
         views: list[memoryview] = []
@@ -68,8 +68,7 @@ class LocateCall(SimpleCall):
             if want is not None and want.nbytes >= n:
                 view, own = want[:n], None
             else:
-                own = bytearray(n)
-                view = memoryview(own)
+                own, view = new_bytes(n)
             self.inline[j] = (view, own)
             views.append(view)
         return views
@@ -234,7 +233,7 @@ class OneSided:
                 self._forget(node)  # the node restarted: new region
             tcp.extend(idx)
             return
-        todo: list[tuple[int, int, int, memoryview, bytearray | None]] = []  # (i, n, cs, dest, own buffer)
+        todo: list[tuple[int, int, int, memoryview, bytes | bytearray | None]] = []  # (i, n, cs, dest, own buffer)
         reqs: list[tuple[int, int, memoryview]] = []
         inline = rep.get("_inline") or {}
         for j, (i, d) in enumerate(zip(idx, descs, strict=True)):
@@ -245,7 +244,7 @@ class OneSided:
                 view, own = inline[j]
                 if checksum(view) == d[2]:
                     self.counters["inline"] += 1
-                    out[i] = bytes(own) if own is not None and dests_in[i] is None else view.nbytes
+                    out[i] = finish_bytes(own) if own is not None and dests_in[i] is None else view.nbytes
                     if own is not None and dests_in[i] is not None:
                         tcp.append(i)  # the caller's buffer was too small: TCP raises the right error
                 else:
@@ -258,8 +257,7 @@ class OneSided:
             off, n, cs, _gen = d
             want = dests_in[i]
             if want is None:
-                buf = bytearray(n)
-                dest = memoryview(buf)
+                buf, dest = new_bytes(n)
             elif want.nbytes < n:
                 tcp.append(i)  # the TCP path raises the right error
                 continue
@@ -295,7 +293,7 @@ class OneSided:
         in_time = time.monotonic() - t0 <= valid * SAFETY
         for i, n, cs, dest, buf in todo:
             if in_time and checksum(dest) == cs:
-                out[i] = bytes(buf) if buf is not None else n
+                out[i] = finish_bytes(buf) if buf is not None else n
                 self.counters["onesided"] += 1
                 self.counters["onesided_bytes"] += n
             else:
