@@ -268,6 +268,7 @@ class OneSided:
             reqs.append((off, n, dest))
         if not todo:
             return
+        sums: list[int] = []
         try:
             if t.kind == "rdma":
                 while not t.lock.acquire(blocking=False):
@@ -281,8 +282,7 @@ class OneSided:
                 finally:
                     t.lock.release()
             else:
-                for off, n, dest in reqs:
-                    t.copy(off, n, dest)
+                sums = [t.copy_checksummed(off, n, dest) for off, n, dest in reqs]
         except (GeneratorExit, KeyboardInterrupt):
             raise
         except Exception:
@@ -291,8 +291,10 @@ class OneSided:
             tcp.extend(i for i, *_ in todo)
             return
         in_time = time.monotonic() - t0 <= valid * SAFETY
-        for i, n, cs, dest, buf in todo:
-            if in_time and checksum(dest) == cs:
+        if t.kind == "rdma":
+            sums = [checksum(dest) for _i, _n, _cs, dest, _buf in todo]
+        for (i, n, cs, _dest, buf), got in zip(todo, sums, strict=True):
+            if in_time and got == cs:
                 out[i] = finish_bytes(buf) if buf is not None else n
                 self.counters["onesided"] += 1
                 self.counters["onesided_bytes"] += n
