@@ -135,18 +135,7 @@ class TrioConnection:
                 sent = await self.sock.sendmsg(chunk)
             except OSError as exc:
                 raise ConnectionLost(f"send to {self.address} failed: {exc}") from None
-            i = 0
-            while i < len(chunk):
-                size = memoryview(chunk[i]).nbytes
-                if sent >= size:
-                    sent -= size
-                    i += 1
-                else:
-                    break
-            if i < len(chunk) and sent:
-                bufs = [memoryview(chunk[i]).cast("B")[sent:], *bufs[i + 1:]]
-            else:
-                bufs = bufs[i:]
+            bufs = c.advance(bufs, len(chunk), sent)
 
     async def _recv_some(self) -> None:
         try:

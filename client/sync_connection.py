@@ -88,18 +88,7 @@ class BlockingConnection:
         while bufs:
             chunk = bufs[:IOV_MAX]
             sent = self.sock.sendmsg(chunk)
-            i = 0
-            while i < len(chunk):
-                size = memoryview(chunk[i]).nbytes
-                if sent >= size:
-                    sent -= size
-                    i += 1
-                else:
-                    break
-            if i < len(chunk) and sent:
-                bufs = [memoryview(chunk[i]).cast("B")[sent:], *bufs[i + 1:]]
-            else:
-                bufs = bufs[i:]
+            bufs = c.advance(bufs, len(chunk), sent)
 
     def _fill(self, view: memoryview) -> None:
         got = self.reader.take_payload_into(view)

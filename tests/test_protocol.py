@@ -143,3 +143,12 @@ def test_meta_must_be_a_map_with_string_keys():
     for bad in (msgpack.packb([1, 2]), msgpack.packb({1: 2}), b"\xc1", msgpack.packb({"a": 1})[:-1]):
         with pytest.raises(ProtocolError):
             c.unpack_meta(bad)
+
+
+@given(sizes=st.lists(st.integers(0, 50), min_size=1, max_size=8), data=st.data())
+def test_advance_keeps_exactly_the_unsent_bytes(sizes, data):
+    bufs = [bytes([i]) * n for i, n in enumerate(sizes)]
+    chunk_len = data.draw(st.integers(1, len(bufs)))
+    sent = data.draw(st.integers(0, sum(sizes[:chunk_len])))
+    left = c.advance(list(bufs), chunk_len, sent)
+    assert b"".join(bytes(b) for b in left) == b"".join(bufs)[sent:]

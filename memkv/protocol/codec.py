@@ -93,6 +93,26 @@ def encode_error(op: int, request_id: int, code: int, message: str) -> bytes:
     return encode_head(op, request_id, {"code": code, "msg": message}, 0, _ERROR_REPLY)
 
 
+def advance(bufs: list[Any], chunk_len: int, sent: int) -> list[Any]:
+    """What is left to send after ``sendmsg(bufs[:chunk_len])`` sent ``sent`` bytes.
+
+    Fully sent buffers are dropped; a partly sent one is replaced by a view of
+    its unsent tail. Pure bookkeeping shared by every sender (node, clients,
+    RESP), so a partial write is handled the same way everywhere.
+    """
+    i = 0
+    while i < chunk_len:
+        b = bufs[i]
+        size = len(b) if isinstance(b, bytes) else memoryview(b).nbytes
+        if sent < size:
+            break
+        sent -= size
+        i += 1
+    if i < chunk_len and sent:
+        return [memoryview(bufs[i]).cast("B")[sent:], *bufs[i + 1:]]
+    return bufs[i:]
+
+
 # --- decoding ---------------------------------------------------------------
 
 @dataclass(frozen=True)

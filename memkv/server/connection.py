@@ -146,19 +146,7 @@ class Connection(Watched):
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT):
                     raise PeerGone from exc
                 raise
-            # Drop fully-sent buffers; keep the unsent tail of a partial one.
-            i = 0
-            while i < len(chunk):
-                size = len(chunk[i]) if isinstance(chunk[i], bytes) else chunk[i].nbytes
-                if sent >= size:
-                    sent -= size
-                    i += 1
-                else:
-                    break
-            if i < len(chunk) and sent:
-                bufs = [memoryview(chunk[i]).cast("B")[sent:], *bufs[i + 1:]]
-            else:
-                bufs = bufs[i:]
+            bufs = c.advance(bufs, len(chunk), sent)
 
     # -- main loop
     async def serve(self) -> None:

@@ -52,6 +52,7 @@ from memkv.errors import (
     QuotaExceeded,
 )
 from memkv.protocol import resp as R
+from memkv.protocol.codec import advance
 from memkv.server.limits import Watched
 from memkv.server.session import Session
 
@@ -407,18 +408,7 @@ class RespConnection(Watched):
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT):
                     raise PeerGone from exc
                 raise
-            i = 0
-            while i < len(chunk):
-                size = len(chunk[i]) if isinstance(chunk[i], bytes) else chunk[i].nbytes
-                if sent >= size:
-                    sent -= size
-                    i += 1
-                else:
-                    break
-            if i < len(chunk) and sent:
-                bufs = [memoryview(chunk[i]).cast("B")[sent:], *bufs[i + 1:]]
-            else:
-                bufs = bufs[i:]
+            bufs = advance(bufs, len(chunk), sent)
         self.out_entries.clear()
 
     # -- input
