@@ -5,12 +5,11 @@ No wall-clock speed asserts: every wait is a generous poll with a deadline.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
+from conftest_etcd import poll
 
 from memkv.client import Client, SyncClient
 from memkv.client.cluster_map import key_slot, node_key
@@ -20,17 +19,6 @@ from memkv.client.url import NodeAddress
 from memkv.errors import Fenced, Moved
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def poll(cond: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
-        time.sleep(0.1)
 
 
 def direct(node: Any) -> SyncClient:

@@ -13,7 +13,6 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -46,17 +45,6 @@ def _tenants_in_etcd(etcd_server: Any, name: str) -> None:
             etcd.put(f"/memkv/{name}/tenants/{t}", json.dumps(spec))
     finally:
         etcd.close()
-
-
-def _poll(cond: Callable[[], Any], timeout: float = 90.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
-        time.sleep(0.2)
 
 
 def _settled(cl: LocalCluster, ids: set[str]) -> Any:

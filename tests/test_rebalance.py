@@ -18,11 +18,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest_etcd import LocalCluster
+from conftest_etcd import LocalCluster, poll
 
 from memkv.client import SyncClient
 from memkv.client.cluster_map import key_slot, leader_key
@@ -37,17 +36,6 @@ PRELOAD = 2500  # ~10 MB, x R=2
 
 def value_of(key: bytes) -> bytes:
     return (hashlib.sha256(key).digest() * (VALUE // 32 + 1))[:VALUE]
-
-
-def poll(cond: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
-        time.sleep(0.1)
 
 
 class Load:
