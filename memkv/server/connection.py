@@ -12,6 +12,7 @@ import errno
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -37,6 +38,25 @@ _DISCARD = bytearray(1 << 20)
 
 class PeerGone(Exception):
     pass
+
+
+async def recv_nonblocking(sock: socket.socket, view: memoryview, wait_readable: Callable[[], Awaitable[None]]) -> int:
+    """``recv_into`` on a non-blocking socket: try the call, park in ``wait_readable`` only on EAGAIN.
+
+    Shared by the binary-protocol and RESP connections. A closed or failed
+    peer raises ``PeerGone``; the result is never 0.
+    """
+    while True:
+        try:
+            n = sock.recv_into(view)
+        except BlockingIOError:
+            await wait_readable()
+            continue
+        except OSError as exc:
+            raise PeerGone from exc
+        if n == 0:
+            raise PeerGone
+        return n
 
 
 class Connection(Watched):
@@ -68,17 +88,7 @@ class Connection(Watched):
 
     # -- socket helpers
     async def _recv_into(self, view: memoryview) -> int:
-        while True:
-            try:
-                n = self.sock.recv_into(view)
-            except BlockingIOError:
-                await self._wait_readable()
-                continue
-            except OSError as exc:
-                raise PeerGone from exc
-            if n == 0:
-                raise PeerGone
-            return n
+        return await recv_nonblocking(self.sock, view, self._wait_readable)
 
     async def _recv_some(self) -> None:
         self.reader.received(await self._recv_into(self.reader.recv_buffer()))

@@ -53,6 +53,7 @@ from memkv.errors import (
 )
 from memkv.protocol import resp as R
 from memkv.protocol.codec import advance
+from memkv.server.connection import PeerGone, recv_nonblocking
 from memkv.server.limits import Watched
 from memkv.server.session import Session
 
@@ -66,10 +67,6 @@ IOV_MAX = 512
 FLUSH_AT = 1 << 20
 _DISCARD = bytearray(1 << 20)
 Buffer = bytes | memoryview
-
-
-class PeerGone(Exception):
-    pass
 
 
 class CommandError(Exception):
@@ -413,17 +410,7 @@ class RespConnection(Watched):
 
     # -- input
     async def _recv_into(self, view: memoryview) -> int:
-        while True:
-            try:
-                n = self.sock.recv_into(view)
-            except BlockingIOError:
-                await self._wait_readable()
-                continue
-            except OSError as exc:
-                raise PeerGone from exc
-            if n == 0:
-                raise PeerGone
-            return n
+        return await recv_nonblocking(self.sock, view, self._wait_readable)
 
     def _release_reserved(self) -> None:
         """The command's streamed values are committed or aborted: its tenant bytes are no longer in flight."""
