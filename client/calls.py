@@ -16,6 +16,7 @@ from memkv.engine.checksum import checksum
 from memkv.errors import InvalidArgument
 from memkv.protocol.codec import Frame
 from memkv.protocol.opcodes import Op
+from memkv.protocol.versions import CLOCK
 
 
 @dataclass
@@ -70,6 +71,9 @@ class PutCall(Call):
         meta: dict[str, Any] = {"k": key, "cs": checksum(view)}
         if extra:  # security options: "model", "nostore" (memkv/server/security.py)
             meta.update(extra)
+        if "ver" not in meta:
+            # the write's version, the same on every replica (memkv/protocol/versions.py)
+            meta["ver"] = CLOCK.next()
         if ttl is not None:
             meta["ttl"] = ttl
         if pin:
@@ -81,6 +85,7 @@ class PutCall(Call):
         self.payload_len = view.nbytes
 
     def finish(self, frame: Frame, dests: list[memoryview]) -> int:
+        CLOCK.observe(int(frame.meta.get("ver", 0)))
         return int(frame.meta.get("gen", 0))
 
 
@@ -92,8 +97,10 @@ class PutManyCall(Call):
         views = [byte_view(v) for v in values]
         meta: dict[str, Any] = {"ks": keys, "ls": [v.nbytes for v in views],
                                 "cs": [checksum(v) for v in views]}
-        if extra:  # security options: "model", "nostore" (memkv/server/security.py)
+        if extra:  # security options: "model", "nostore" (memkv/server/security.py); "vers" (repairs, copies)
             meta.update(extra)
+        if "ver" not in meta and "vers" not in meta:
+            meta["ver"] = CLOCK.next()
         if ttl is not None:
             meta["ttl"] = ttl
         if pin:
@@ -109,6 +116,9 @@ class PutManyCall(Call):
         from memkv.errors import error_from_code
 
         errs = frame.meta.get("errs") or [None] * len(frame.meta.get("gens", []))
+        vers = frame.meta.get("vers")
+        if vers:
+            CLOCK.observe(max(vers))
         out: list[Any] = []
         for gen, err in zip(frame.meta.get("gens", []), errs, strict=False):
             out.append(error_from_code(err[0], err[1]) if err else gen)
@@ -122,6 +132,8 @@ class GetCall(Call):
         super().__init__(_with_ns({"k": key}, namespace))
         self.key = key
         self.into = byte_view(into, writable=True) if into is not None else None
+        self.version = 0  # of the value returned (0: a miss)
+        self.overwrite = False  # the namespace allows overwrites: replicas may disagree (client/ops.py)
 
     def destinations(self, frame: Frame) -> list[memoryview]:
         n = frame.payload_len
@@ -134,8 +146,13 @@ class GetCall(Call):
         return [self.into[:n]]
 
     def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
-        if not frame.meta.get("f"):
+        meta = frame.meta
+        self.overwrite = bool(meta.get("ow"))
+        if not meta.get("f"):
+            self.version = 0
             return None
+        self.version = int(meta.get("ver", 0))
+        CLOCK.observe(self.version)
         if getattr(self, "too_small", 0):
             raise InvalidArgument(f"buffer of {self.into.nbytes if self.into else 0} bytes is too small "
                                   f"for a value of {self.too_small} bytes")
@@ -143,6 +160,7 @@ class GetCall(Call):
             dests = [memoryview(b"")]
         if checksum(dests[0]) != frame.meta.get("cs"):
             self.corrupt.append(CorruptRead(self.key, int(frame.meta.get("gen", 0))))
+            self.version = 0
             return None
         if self.into is None:
             return finish_bytes(self._buf) if frame.payload_len else b""
@@ -159,6 +177,8 @@ class GetManyCall(Call):
             raise InvalidArgument("get_many_into needs one buffer per key")
         self.intos = [byte_view(b, writable=True) for b in intos] if intos is not None else None
         self.too_small: list[int] = []
+        self.versions: list[int] = []  # per key, of the value returned (0: a miss)
+        self.overwrite = False
 
     def destinations(self, frame: Frame) -> list[memoryview]:
         dests: list[memoryview] = []
@@ -181,6 +201,10 @@ class GetManyCall(Call):
         lens = frame.meta.get("ls", [])
         sums = frame.meta.get("cs", [])
         gens = frame.meta.get("gens", [])
+        self.versions = list(frame.meta.get("vers") or [0] * len(lens))
+        self.overwrite = bool(frame.meta.get("ow"))
+        if self.versions:
+            CLOCK.observe(max(self.versions))
         if self.too_small:
             raise InvalidArgument(f"buffers too small for keys at positions {self.too_small}")
         out: list[Any] = []
@@ -193,6 +217,7 @@ class GetManyCall(Call):
             j += 1
             if checksum(dest) != sums[i]:
                 self.corrupt.append(CorruptRead(self.keys[i], int(gens[i])))
+                self.versions[i] = 0
                 out.append(None)
             elif self.intos is None:
                 bufs = getattr(self, "_bufs", ())

@@ -100,6 +100,7 @@ class OneSided:
                          "locates": 0, "inline": 0}
         self.closed = False
         self.inline_max = INLINE_MAX
+        self.overwritable: set[str] = set()  # namespaces a LOCATE reply said are overwritable
 
     def transport_of(self, node: NodeAddress) -> str:
         t = self.nodes.get(node)
@@ -178,14 +179,19 @@ class OneSided:
             dests_in = [byte_view(b, writable=True) for b in intos]
         else:
             dests_in = [None] * len(ks)
-        groups = group_by_owner(router, ks)
+        if namespace in self.overwritable and getattr(router, "clustered", False):
+            # replicas of an overwritable namespace may disagree: the TCP path compares their
+            # versions (ops._newest_reads); one-sided reads stay for write-once data (KV blocks)
+            groups = {}
+        else:
+            groups = group_by_owner(router, ks)
         for node in groups:
             while node in self._pending:  # another task is setting this node up
                 yield WAIT
             if node not in self.nodes:
                 yield from self._setup(node)
         out: list[Any] = [None] * len(ks)
-        tcp: list[int] = []
+        tcp: list[int] = [] if groups else list(range(len(ks)))
         active = [(node, idx, self.nodes.get(node)) for node, idx in groups.items()]
         for _node, idx, t in active:
             if t is None:
@@ -212,12 +218,24 @@ class OneSided:
             else:
                 self.counters["locates"] += len(active)
                 for (node, idx, t), rep in zip(active, replies, strict=True):
+                    if rep.get("ow") and getattr(router, "clustered", False):
+                        self.overwritable.add(namespace)
+                        tcp.extend(idx)
+                        continue
                     yield from self._copy(node, t, idx, rep, ks, dests_in, out, tcp, t0)
+                    if getattr(router, "clustered", False):
+                        missed = [i for i, d in zip(idx, rep.get("d") or (), strict=False) if d is None]
+                        if missed:  # a replica that missed a write: ask the others (ops._fallback_reads)
+                            res = yield Fallback(ops.read_elsewhere(
+                                router, [ks[i] for i in missed], node, namespace=namespace,
+                                intos=[dests_in[i] for i in missed] if dests_in[missed[0]] is not None else None))
+                            for i, v in zip(missed, res, strict=True):
+                                out[i] = v
         if tcp:
             tcp.sort()
             self.counters["tcp"] += len(tcp)
             if single:
-                return (yield Fallback(ops.get(ks[0], namespace=namespace, into=into)))
+                return (yield Fallback(ops.get(ks[0], namespace=namespace, into=into, router=router)))
             res = yield Fallback(ops.get_many(router, [ks[i] for i in tcp], namespace=namespace,
                                               intos=[intos[i] for i in tcp] if intos is not None else None))
             for i, r in zip(tcp, res, strict=True):

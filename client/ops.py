@@ -159,10 +159,14 @@ def get(key: bytes | str, *, namespace: str, into: Any = None, router: Router | 
     result = yield send
     if call.corrupt:
         yield from _report_corrupt(call, namespace)
-    if result is None and router is not None and getattr(router, "clustered", False):
-        out = [None]
-        yield from _fallback_reads(router, [k], out, [0], send.extra.get("served_by"), namespace,
-                                   [into] if into is not None else None)
+    if router is not None and getattr(router, "clustered", False):
+        out = [result]
+        intos = [into] if into is not None else None
+        if result is None:
+            yield from _fallback_reads(router, [k], out, [0], send.extra.get("served_by"), namespace, intos)
+        elif call.overwrite:
+            yield from _newest_reads(router, [k], out, [call.version], [0], send.extra.get("served_by"),
+                                     namespace, intos)
         result = out[0]
     return result
 
@@ -175,9 +179,10 @@ def _fallback_reads(router: Router, keys: list[bytes], out: list[Any], missing: 
     while one replica was skipped (timed out, refused, fenced) is not on that replica, which may
     still be (or become again) the slot's first replica: ask the slot's other replicas, in
     order, before answering a miss, and store a value found there back on every replica that
-    answered a miss -- store-if-absent (``nx``), so the repair never replaces a value written
+    answered a miss, with its version (``_repair``), so the repair never replaces a value written
     meanwhile. Errors of the extra requests are ignored (the miss stands); best effort."""
     missed: dict[Any, list[int]] = {}  # node -> indices it answered a miss for
+    versions: dict[int, int] = {}  # index -> version of the value found
     if served is not None:
         missed[served] = list(missing)
     left = list(missing)
@@ -196,26 +201,110 @@ def _fallback_reads(router: Router, keys: list[bytes], out: list[Any], missing: 
         except MemKVError:
             continue
         found = set()
-        for i, r in zip(ask, res, strict=True):
+        for i, r, v in zip(ask, res, call.versions, strict=True):
             if r is None:
                 missed.setdefault(node, []).append(i)
             else:
                 out[i] = r
+                versions[i] = v
                 found.add(i)
         if call.corrupt:
             yield from _report_corrupt(call, namespace)
         left = [i for i in left if i not in found]
     # repair: the values found, onto the replicas that answered a miss for them
-    for node, idx in missed.items():
+    yield from _repair(missed, keys, out, versions, namespace, intos)
+
+
+def _repair(stale: dict[Any, list[int]], keys: list[bytes], out: list[Any], versions: dict[int, int],
+            namespace: str, intos: list[Any] | None) -> Op_:
+    """Store ``out[i]`` with its version on each node listed for ``i`` (best effort). The node keeps
+    whichever of its value and the repair is newer (``Store.commit``), so a repair never replaces
+    a value written meanwhile; values without a version (0) go store-if-absent (``nx``)."""
+    for node, idx in stale.items():
         fix = [i for i in idx if out[i] is not None]
         if not fix:
             continue
         vals = [out[i] if intos is None else bytes(byte_view(intos[i])[:out[i]]) for i in fix]
+        vers = [versions.get(i, 0) for i in fix]
+        extra: dict[str, Any] = {"vers": vers} if all(vers) else {"nx": True}
         try:
             yield Send(PutManyCall([keys[i] for i in fix], vals, namespace=namespace, ttl=None, pin=False,
-                                   extra={"nx": True}), keys[fix[0]], node=node)
+                                   extra=extra), keys[fix[0]], node=node)
         except MemKVError:
             pass
+
+
+def _newest_reads(router: Router, keys: list[bytes], out: list[Any], versions: list[int], hits: list[int],
+                  served: Any, namespace: str, intos: list[Any] | None) -> Op_:
+    """Newest-version reads of an overwritable namespace (README "Cluster", consistency).
+
+    A replica that was down, fenced or unreachable while a key was overwritten still holds the
+    older value, and may be the one that answered (``served``). So for the keys in ``hits``
+    (``out[i]`` read with ``versions[i]``) ask the slot's other replicas for their versions only
+    (``EXISTS_MANY`` + ``v``: no values move), fetch the value from a replica that has a newer
+    one, and repair the newest onto every replica that is behind. Write-once namespaces never
+    need this (a value cannot change); their misses go through ``_fallback_reads``. A replica
+    that does not answer is skipped: the read returns the newest of those that did."""
+    newest: dict[int, tuple[int, Any]] = {i: (versions[i], served) for i in hits}  # i -> (version, node)
+    behind: dict[Any, list[int]] = {}
+    seen: dict[Any, dict[int, int]] = {}  # node -> i -> version it holds
+    by_node: dict[Any, list[int]] = {}
+    for i in hits:
+        for n in router.replicas(keys[i]):
+            if n != served:
+                by_node.setdefault(n, []).append(i)
+    for node, idx in by_node.items():
+        m: dict[str, Any] = {"ks": [keys[i] for i in idx], "v": True}
+        if namespace != "shared":
+            m["ns"] = namespace
+        try:
+            vers = yield Send(SimpleCall(Op.EXISTS_MANY, m, "vers"), keys[idx[0]], node=node)
+        except MemKVError:
+            continue
+        if not isinstance(vers, list) or len(vers) != len(idx):
+            continue
+        seen[node] = dict(zip(idx, vers, strict=True))
+        for i, v in zip(idx, vers, strict=True):
+            if v > newest[i][0]:
+                newest[i] = (v, node)
+    # fetch the newer values, one request per replica that has some
+    fetch: dict[Any, list[int]] = {}
+    for i in hits:
+        v, node = newest[i]
+        if node != served:
+            fetch.setdefault(node, []).append(i)
+    got: dict[int, int] = {}
+    for node, idx in fetch.items():
+        call = GetManyCall([keys[i] for i in idx], namespace=namespace,
+                           intos=[intos[i] for i in idx] if intos is not None else None)
+        try:
+            res = yield Send(call, keys[idx[0]], node=node)
+        except MemKVError:
+            continue
+        for i, r, v in zip(idx, res, call.versions, strict=True):
+            if r is not None and v >= newest[i][0]:
+                out[i] = r
+                got[i] = v
+        if call.corrupt:
+            yield from _report_corrupt(call, namespace)
+    final = {i: got.get(i, versions[i]) for i in hits}
+    for i in hits:
+        if final[i] > versions[i] and served is not None:
+            behind.setdefault(served, []).append(i)
+        for node, held in seen.items():
+            if i in held and held[i] < final[i] and node != newest[i][1]:
+                behind.setdefault(node, []).append(i)
+    yield from _repair(behind, keys, out, final, namespace, intos)
+
+
+@restartable
+def read_elsewhere(router: Router, keys: list[bytes], served: NodeAddress, *, namespace: str,
+                   intos: list[Any] | None = None) -> Op_:
+    """``keys`` were misses on replica ``served`` (a one-sided read): the read fallback and repair
+    of ``get``/``get_many``, over TCP."""
+    out: list[Any] = [None] * len(keys)
+    yield from _fallback_reads(router, keys, out, list(range(len(keys))), served, namespace, intos)
+    return out
 
 
 def group_by_replicas(router: Router, keys: Sequence[bytes]) -> dict[tuple[NodeAddress, ...], list[int]]:
@@ -281,11 +370,18 @@ def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
         if call.corrupt:
             yield from _report_corrupt(call, namespace)
     if getattr(router, "clustered", False):
-        for send, (_, idx) in zip(sends, groups, strict=True):
+        for call, send, (_, idx) in zip(calls, sends, groups, strict=True):
+            served = send.extra.get("served_by")
             missing = [i for i in idx if out[i] is None]
+            if call.overwrite:
+                hits = [i for i in idx if out[i] is not None]
+                if hits:
+                    vers = [0] * len(ks)
+                    for i, v in zip(idx, call.versions, strict=True):
+                        vers[i] = v
+                    yield from _newest_reads(router, ks, out, vers, hits, served, namespace, intos)
             if missing:
-                yield from _fallback_reads(router, ks, out, missing, send.extra.get("served_by"), namespace,
-                                           intos)
+                yield from _fallback_reads(router, ks, out, missing, served, namespace, intos)
     return out
 
 

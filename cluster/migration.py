@@ -7,14 +7,16 @@ node (``install`` is called by ``attach_cluster``):
   key -> slot with the clients' mmh3), so the rebalancer can size its rounds.
 - ``MIGRATE_PUSH {job, slots, nslots, dest, epoch, max_bytes}``: the *source*
   pushes the next ``max_bytes`` of the slots' values to ``dest`` with
-  ``PUT_MANY`` + ``nx`` (store only if absent: a copy never overwrites a newer
-  client write, see ``Handlers.begin_put``). The first call of a job waits
+  ``PUT_MANY`` + ``vers`` (each value keeps its write version, and the destination
+  keeps the newer of what it has and the copy: a copy never overwrites a newer
+  client write, and replaces an older value the destination kept from before,
+  see ``Store.commit``). The first call of a job waits
   until this node's own slot map has reached ``epoch`` (the map that lists
   ``dest`` as a pending replica, so from then on every write this node accepts
   is also sent to ``dest`` by the client) and lists the slots' keys; the last
   call re-lists the values written since the listing (writes that passed the
   ownership check just before the map changed) at least ``CATCHUP_DELAY_S``
-  after the map changed. Calling it again is harmless (``nx``), so a new
+  after the map changed. Calling it again is harmless (versions), so a new
   rebalancer leader simply starts a job again.
 - ``DROP_SLOTS {slots, nslots, epoch}``: after the flip, free the old copy:
   waits for the node's map to reach ``epoch``, then deletes the values of the
@@ -173,7 +175,7 @@ class MigrationService:
             job = self.jobs[job_id] = _Job(slots, nslots, dest, deque(keys), top, ready)
         job.last_used = now
         # values of this chunk, grouped by (namespace, tenant, ttl)
-        groups: dict[tuple[str, str, float | None], tuple[list[bytes], list[bytes]]] = {}
+        groups: dict[tuple[str, str, float | None], tuple[list[bytes], list[bytes], list[int]]] = {}
         nbytes = 0
         clock = self.store.clock()
         taken: list[tuple[str, str, bytes]] = []  # this chunk's keys, put back if sending fails
@@ -188,9 +190,10 @@ class MigrationService:
             except MemKVError:
                 continue
             ttl = None if e.expires is None else max(1.0, round(e.expires - clock))
-            ks, vs = groups.setdefault((ikey[0], e.tenant, ttl), ([], []))
+            ks, vs, vers = groups.setdefault((ikey[0], e.tenant, ttl), ([], [], []))
             ks.append(e.key)
             vs.append(value)
+            vers.append(e.version)
             nbytes += len(value)
         done = False
         if not job.keys:
@@ -204,7 +207,7 @@ class MigrationService:
                 done = not more and not groups
             else:
                 done = not groups
-        values = sum(len(ks) for ks, _ in groups.values())
+        values = sum(len(ks) for ks, _, _ in groups.values())
         if groups:
             try:
                 await trio.to_thread.run_sync(self._send, dest, groups)
@@ -220,18 +223,19 @@ class MigrationService:
             self.jobs.pop(job_id, None)
         return Reply({"bytes": nbytes, "values": values, "done": done, "left": len(job.keys)})
 
-    def _send(self, dest: str, groups: dict[tuple[str, str, float | None], tuple[list[bytes], list[bytes]]]) -> None:
+    def _send(self, dest: str,
+              groups: dict[tuple[str, str, float | None], tuple[list[bytes], list[bytes], list[int]]]) -> None:
         from memkv.client.calls import PutManyCall
         from memkv.client.url import NodeAddress
 
         host, _, port = dest.rpartition(":")
         addr = NodeAddress(host.strip("[]"), int(port))
         pool = self._pool_()
-        for (ns, tenant, ttl), (ks, vs) in groups.items():
+        for (ns, tenant, ttl), (ks, vs, vers) in groups.items():
             # "owner": each value is stored for its own tenant (and in its tenant-scoped namespace's scope);
-            # only the cluster identity may set it (Handlers.owner)
-            extra = {"nx": True, "owner": tenant}
+            # only the cluster identity may set it (Handlers.owner). "vers": the values keep their versions.
             for i in range(0, len(ks), 512):
+                extra = {"owner": tenant, "vers": vers[i:i + 512]}
                 call = PutManyCall(ks[i:i + 512], vs[i:i + 512], namespace=ns, ttl=ttl, pin=False, extra=extra)
                 res = pool.call(addr, call)
                 bad = [r for r in res if isinstance(r, MemKVError)]

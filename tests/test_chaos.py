@@ -156,13 +156,9 @@ def _need_etcd() -> None:
 
 
 # etcd_outage: the nodes fence at slightly different moments, so a write may be acknowledged by the
-# not-yet-fenced replica only. The misses this caused are fixed (read fallback + repair,
-# client/ops.py). What can remain is a *stale overwrite* of a session key (no cross-replica
-# versions; README "Chaos suite", open findings): xfail, not strict, for that reason only.
-STALE_OVERWRITE_FINDING = pytest.mark.xfail(strict=False, reason="open finding: a replica that missed an "
-                                            "overwrite can serve the older value (no cross-replica versions)")
-FAST = ["kill9", "pause_zombie", pytest.param("etcd_outage", marks=STALE_OVERWRITE_FINDING),
-        "corrupt_segment", "disk_full"]
+# not-yet-fenced replica only; reads find it through the read fallback (misses) and the replicas'
+# write versions (overwrites of session keys), and repair the replica that is behind (client/ops.py).
+FAST = ["kill9", "pause_zombie", "etcd_outage", "corrupt_segment", "disk_full"]
 
 
 @pytest.mark.timeout(150)

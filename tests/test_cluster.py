@@ -236,3 +236,49 @@ def test_read_fallback_and_repair_of_a_write_that_skipped_a_replica(start_cluste
     for node_id, ks in by_primary.items():
         with direct(cl.nodes[node_id]) as d:
             assert d.get_many(ks) == [b"v" + k for k in ks], node_id
+
+
+def test_reads_of_an_overwritable_namespace_return_the_newest_replica(start_cluster: Any) -> None:
+    """Chaos kill9 / etcd_outage / rolling_restart (compose): an overwrite acknowledged while one
+    replica was down or fenced is not on that replica, which still holds the previous value and
+    may be the slot's first replica; it used to answer that older value forever. Reads of an
+    overwritable namespace now compare the replicas' versions, return the newest and repair it
+    onto the replica that is behind; an older write arriving late never replaces it."""
+    cl = start_cluster(3, replicas=2)
+    sm = cl.state().slotmap
+    keys = [f"ow-{i}".encode() for i in range(40)]
+    by_primary: dict[str, list[bytes]] = {}
+    with SyncClient.connect(cl.url, transport="tcp", timeout=5.0) as c:
+        c.put_many({k: b"old " + k for k in keys}, namespace="session")  # both replicas
+        # what an overwrite that skipped the primary leaves behind: the new value on the other replica only
+        for k in keys:
+            row = sm.table[key_slot(k, sm.slots)]
+            by_primary.setdefault(row[0], []).append(k)
+            with direct(cl.nodes[row[1]]) as d:
+                d.put(k, b"new " + k, namespace="session")
+        with direct(cl.nodes[sm.table[key_slot(keys[0], sm.slots)][0]]) as d:
+            assert d.get(keys[0], namespace="session") == b"old " + keys[0]  # the primary is behind
+        assert c.get(keys[0], namespace="session") == b"new " + keys[0]            # single get
+        assert c.get_many(keys, namespace="session") == [b"new " + k for k in keys]  # batched
+        bufs = [bytearray(64) for _ in keys]
+        assert c.get_many_into(keys, bufs, namespace="session") == [len(k) + 4 for k in keys]
+        assert [bytes(b[:len(k) + 4]) for b, k in zip(bufs, keys, strict=True)] == [b"new " + k for k in keys]
+    # repaired: every primary holds the newest value now
+    for node_id, ks in by_primary.items():
+        with direct(cl.nodes[node_id]) as d:
+            assert d.get_many(ks, namespace="session") == [b"new " + k for k in ks], node_id
+    # one-sided reads (transport auto) of an overwritable namespace take the same path
+    with SyncClient.connect(cl.url, timeout=5.0) as c:
+        k = keys[1]
+        row = sm.table[key_slot(k, sm.slots)]
+        with direct(cl.nodes[row[1]]) as d:
+            d.put(k, b"newer " + k, namespace="session")
+        assert c.get(k, namespace="session") == b"newer " + k
+        assert c.get_many([k], namespace="session") == [b"newer " + k]
+        # ... and a one-sided miss on a replica that missed a write falls back to the other replica
+        only = [f"os-{i}".encode() for i in range(10)]
+        for k in only:
+            with direct(cl.nodes[sm.table[key_slot(k, sm.slots)][1]]) as d:
+                d.put(k, b"v" + k)
+        assert c.get(only[0]) == b"v" + only[0]
+        assert c.get_many(only) == [b"v" + k for k in only]

@@ -597,3 +597,37 @@ def test_many_entries_churn_keeps_accounting_exact(make_store, clock) -> None:
         assert o1 + s1 <= o2
     for e in live:
         assert s.verify(e)
+
+
+# -- write versions (memkv/protocol/versions.py) -----------------------------------------------
+
+def test_newer_version_wins_whatever_the_arrival_order(store) -> None:
+    """Replicas receive the writes of one key in any order (a slow send, a read repair, a slot
+    copy): every replica must end with the newest."""
+    put(store, b"a", b"old", ns="session", version=1_000)
+    put(store, b"a", b"new", ns="session", version=2_000)
+    late = put(store, b"a", b"old", ns="session", version=1_000)  # the older write arrives again, late
+    assert bytes(store.view(late)) == b"new" and late.version == 2_000
+    assert store.stats()["superseded_writes"] == 1
+    put(store, b"b", b"new", ns="session", version=2_000)
+    e = put(store, b"b", b"old", ns="session", version=1_000)
+    assert bytes(store.view(e)) == b"new" and e.version == 2_000
+    # equal versions, different bytes (two clients in the same microsecond): every replica picks the same
+    x = put(store, b"c", b"xxxx", ns="session", version=5_000)
+    y = put(store, b"c", b"yyyy", ns="session", version=5_000)
+    winner = max((b"xxxx", b"yyyy"), key=checksum)
+    assert bytes(store.view(y)) == winner and x.version == y.version == 5_000
+
+
+def test_store_assigns_increasing_versions_and_same_bytes_take_the_newer(store) -> None:
+    e1 = put(store, b"k", b"one", ns="session")
+    e2 = put(store, b"k", b"two", ns="session")
+    assert 0 < e1.version < e2.version
+    # the same bytes with a newer version: a new entry (its flash record must carry the version)
+    e3 = put(store, b"k", b"two", ns="session", version=e2.version + 10)
+    assert e3 is not e2 and e3.version == e2.version + 10
+    # ... and with an older version: kept as it is
+    assert put(store, b"k", b"two", ns="session", version=e2.version) is e3
+    # write-once namespace: the same bytes are idempotent whatever the version
+    w1 = put(store, b"w", b"once", version=100)
+    assert put(store, b"w", b"once", version=50) is w1 and w1.version == 100

@@ -360,7 +360,7 @@ def test_migrate_push_resends_a_chunk_that_failed_to_send() -> None:
     for i in range(40):
         k = b"k%d" % i
         e = types.SimpleNamespace(key=k, ikey=("blocks", "", k), generation=i + 1, expires=None, tenant="",
-                                  length=4, value=b"v%03d" % i)
+                                  length=4, value=b"v%03d" % i, version=1000 + i)
         entries[e.ikey] = e
     store = types.SimpleNamespace(_index=entries, clock=time.monotonic, view=lambda e: e.value)
     sm = types.SimpleNamespace(epoch=7, slots=nslots, table=[("a", "b")] * nslots)
@@ -376,7 +376,7 @@ def test_migrate_push_resends_a_chunk_that_failed_to_send() -> None:
         if fails[0]:
             fails[0] -= 1
             raise ConnectionLost("127.0.0.1:1 closed the connection")
-        for ks, _vs in groups.values():
+        for ks, _vs, _vers in groups.values():
             got.extend(ks)
 
     svc._send = send  # type: ignore[method-assign]

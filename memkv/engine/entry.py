@@ -14,12 +14,13 @@ class Entry:
     the bytes the entry takes in the region (length rounded up). ``exposed``
     is set once a reader may have learnt where the bytes are (get, view,
     lookup_prefix); only then does freeing the extent need the quarantine.
+    ``version`` orders the writes of one key across replicas (memkv/protocol/versions.py).
     """
 
     __slots__ = (
         "key", "namespace", "tenant", "offset", "length", "checksum", "generation",
         "created", "expires", "pin_until", "lease_until", "parent", "children", "pool",
-        "hits", "flash", "ikey", "size", "exposed",
+        "hits", "flash", "ikey", "size", "exposed", "version",
     )
 
     def __init__(
@@ -38,6 +39,7 @@ class Entry:
         pool: str = "shared",
         ikey: tuple[str, str, bytes] | None = None,
         size: int = 0,
+        version: int = 0,
     ) -> None:
         self.key = key
         self.namespace = namespace
@@ -58,6 +60,7 @@ class Entry:
         self.ikey = ikey if ikey is not None else (namespace, tenant, key)
         self.size = size
         self.exposed = False  # a one-sided reader may hold a descriptor (Store.expose)
+        self.version = version
 
     def evictable(self, now: float) -> bool:
         """Not pinned, not leased and not the head of a live chain tail."""
@@ -75,5 +78,5 @@ class Entry:
     def __repr__(self) -> str:
         return (
             f"<Entry {self.namespace}/{self.tenant}/{self.key!r} off={self.offset} len={self.length} "
-            f"gen={self.generation}>"
+            f"gen={self.generation} ver={self.version}>"
         )

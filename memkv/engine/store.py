@@ -53,6 +53,7 @@ from memkv.errors import (
     UnknownNamespace,
     ValueTooLarge,
 )
+from memkv.protocol.versions import CLOCK, newer
 
 # indices into the per-namespace / per-tenant counter lists
 _HITS, _MISSES, _PUTS, _BYTES, _ENTRIES = range(5)
@@ -64,11 +65,11 @@ class Reservation:
 
     __slots__ = (
         "key", "namespace", "tenant", "ikey", "offset", "length", "size", "checksum", "ttl", "pin",
-        "parent", "view", "pool", "policy", "done",
+        "parent", "view", "pool", "policy", "done", "version",
     )
 
     def __init__(self, key, namespace, tenant, ikey, offset, length, size, checksum, ttl, pin, parent,
-                 view, pool, policy) -> None:
+                 view, pool, policy, version=0) -> None:
         self.key: bytes = key
         self.namespace: str = namespace
         self.tenant: str = tenant
@@ -84,6 +85,7 @@ class Reservation:
         self.pool: _Pool = pool
         self.policy: NamespacePolicy = policy
         self.done = False
+        self.version: int = version  # the writer's (memkv/protocol/versions.py); 0: the store assigns one
 
     def __repr__(self) -> str:
         return f"<Reservation {self.namespace}/{self.key!r} off={self.offset} len={self.length}>"
@@ -169,6 +171,7 @@ class Store:
         self.evictions = 0
         self.expirations = 0
         self.checksum_mismatches = 0
+        self.superseded = 0  # writes dropped because the key already held a newer version
         self.closed = False
         # The flash tier (memkv.flash.tier.FlashTier) of durable namespaces, or None.
         self.flash: Any = None
@@ -286,7 +289,7 @@ class Store:
             pass
 
     def adopt(self, key: bytes, namespace: str, tenant: str, length: int, checksum: int, generation: int,
-              expires: float | None, parent: bytes | None, flash: object) -> Entry:
+              expires: float | None, parent: bytes | None, flash: object, version: int = 0) -> Entry:
         """Index a value that lives only on flash (recovery): ``offset`` -1, no region bytes."""
         pol = self._ns(namespace)
         ikey = (namespace, tenant if pol.tenant_scoped else "", key)
@@ -295,9 +298,10 @@ class Store:
         if old is not None:
             self._drop(old, now, "replace")
         e = Entry(key, namespace, tenant, -1, length, checksum, generation, now, expires, None, parent, pol.pool,
-                  ikey, 0)
+                  ikey, 0, version)
         e.flash = flash
         self._index[ikey] = e
+        CLOCK.observe(version)
         if generation > self.generation:
             self.generation = generation
         n = self._children.get(ikey)
@@ -321,7 +325,7 @@ class Store:
 
     def adopt_many(self, rows: Iterable[tuple]) -> int:
         """Bulk ``adopt`` for a restart (keys must be new): rows of
-        ``(key, namespace, tenant, length, checksum, generation, expires, parent, flash)``."""
+        ``(key, namespace, tenant, length, checksum, generation, expires, parent, flash, version)``."""
         index = self._index
         children = self._children
         expiry = self._expiry
@@ -332,14 +336,17 @@ class Store:
         gen_max = self.generation
         sums: dict[tuple[str, str], list[int]] = {}
         n = 0
-        for key, namespace, tenant, length, checksum, generation, expires, parent, flash in rows:
+        ver_max = 0
+        for key, namespace, tenant, length, checksum, generation, expires, parent, flash, version in rows:
             ikey = (namespace, tenant if scoped[namespace] else "", key)
             if ikey in index:
-                self.adopt(key, namespace, tenant, length, checksum, generation, expires, parent, flash)
+                self.adopt(key, namespace, tenant, length, checksum, generation, expires, parent, flash, version)
                 n += 1
                 continue
             e = Entry(key, namespace, tenant, -1, length, checksum, generation, now, expires, None, parent,
-                      pools[namespace], ikey, 0)
+                      pools[namespace], ikey, 0, version)
+            if version > ver_max:
+                ver_max = version
             e.flash = flash
             index[ikey] = e
             if generation > gen_max:
@@ -360,6 +367,7 @@ class Store:
                 st[_BYTES] += nbytes
                 st[_ENTRIES] += count
         self.generation = max(self.generation, gen_max)
+        CLOCK.observe(ver_max)
         for pk, c in children.items():  # chain links among the adopted entries
             p = index.get(pk)
             if p is not None and p.offset < 0:
@@ -368,7 +376,8 @@ class Store:
 
     def adopt_columns(self, names: list[tuple[str, str]], keys: list[bytes], names_idx: list[int],
                       parents: list[bytes | None], lengths: list[int], checksums: list[int],
-                      generations: list[int], expires: Iterable[float | None], flashes: Iterable[object]) -> int:
+                      generations: list[int], expires: Iterable[float | None], flashes: Iterable[object],
+                      versions: list[int] | None = None) -> int:
         """Bulk ``adopt`` of flash-only values for a restart, as parallel columns (the fast path
         of recovery: one ``Entry`` and one dict insert per value, everything else in bulk).
 
@@ -377,6 +386,8 @@ class Store:
         """
         if not keys:
             return 0
+        if versions is None:
+            versions = [0] * len(keys)
         index = self._index
         children = self._children
         now = self.clock()
@@ -388,23 +399,22 @@ class Store:
         expiring: list[Entry] = []
         if len(info) == 1:
             ns, tenant, scope, pool = info[0]
-            for key, parent, length, checksum, generation, exp, flash in zip(keys, parents, lengths, checksums,
-                                                                            generations, expires, flashes,
-                                                                            strict=True):
+            for key, parent, length, checksum, generation, exp, flash, ver in zip(
+                    keys, parents, lengths, checksums, generations, expires, flashes, versions, strict=True):
                 ikey = (ns, scope, key)
                 e = index[ikey] = Entry(key, ns, tenant, -1, length, checksum, generation, now, exp, None, parent,
-                                        pool, ikey, 0)
+                                        pool, ikey, 0, ver)
                 e.flash = flash
                 if exp is not None:
                     expiring.append(e)
         else:
-            for key, ni, parent, length, checksum, generation, exp, flash in zip(keys, names_idx, parents, lengths,
-                                                                                checksums, generations, expires,
-                                                                                flashes, strict=True):
+            for key, ni, parent, length, checksum, generation, exp, flash, ver in zip(
+                    keys, names_idx, parents, lengths, checksums, generations, expires, flashes, versions,
+                    strict=True):
                 ns, tenant, scope, pool = info[ni]
                 ikey = (ns, scope, key)
                 e = index[ikey] = Entry(key, ns, tenant, -1, length, checksum, generation, now, exp, None, parent,
-                                        pool, ikey, 0)
+                                        pool, ikey, 0, ver)
                 e.flash = flash
                 if exp is not None:
                     expiring.append(e)
@@ -415,6 +425,7 @@ class Store:
             heapq.heappush(self._expiry, (e.expires, next(self._seq), e))
         if generations:
             self.generation = max(self.generation, max(generations))
+            CLOCK.observe(max(versions))
         # accounting per (namespace, tenant)
         if len(info) == 1:
             sums = {0: [sum(lengths), n]}
@@ -482,6 +493,7 @@ class Store:
         ttl: float | None = None,
         pin: bool = False,
         parent: bytes | None = None,
+        version: int = 0,
     ) -> Reservation:
         """Make room for a value of ``length`` bytes and allocate it (see the module doc)."""
         pol = self._ns(namespace)
@@ -565,7 +577,7 @@ class Store:
             parent = None
         return Reservation(
             key, namespace, tenant, ikey, off, length, size, checksum, ttl, pin, parent,
-            self.region.view[off:off + length], pool, pol,
+            self.region.view[off:off + length], pool, pol, version,
         )
 
     def _release(self, res: Reservation, *, immediate: bool) -> None:
@@ -591,7 +603,12 @@ class Store:
         self._release(res, immediate=False)
 
     def commit(self, res: Reservation) -> Entry:
-        """Verify the payload's checksum and index it; returns the live entry."""
+        """Verify the payload's checksum and index it; returns the live entry.
+
+        Of two writes of one key the newer version stays, whatever order they arrive in: an
+        older write arriving late (a slow replica send, a read repair or a slot copy racing a
+        client write) is dropped and the current entry returned (``Store.superseded`` counts
+        them). The same bytes again keep the entry, which takes the newer version."""
         if res.done:
             raise InvalidArgument("reservation already committed or aborted")
         res.done = True
@@ -604,6 +621,11 @@ class Store:
             )
         now = self.clock()
         pol = res.policy
+        version = res.version
+        if version:
+            CLOCK.observe(version)
+        else:
+            version = CLOCK.next()
         ttl = res.ttl if res.ttl is not None else pol.ttl
         expires = now + ttl if ttl is not None and ttl > 0 else None
         index = self._index
@@ -616,8 +638,12 @@ class Store:
         ts = self._tstats(res.tenant)
         ns[_PUTS] += 1
         ts[_PUTS] += 1
-        if old is not None and old.checksum == cs and old.length == res.length:
-            # idempotent re-put: keep the old value, refresh its TTL / pin
+        if (old is not None and old.checksum == cs and old.length == res.length
+                and (not pol.overwrite or version <= old.version)):
+            # idempotent re-put: keep the old value, refresh its TTL / pin. (In an overwritable
+            # namespace, the same bytes with a newer version replace the entry like any write:
+            # the flash record must carry the newer version, or a restart would bring back the
+            # older one, which could then lose against a value written in between.)
             self._release(res, immediate=True)
             if expires is not None or old.expires is not None:
                 old.expires = expires
@@ -625,17 +651,23 @@ class Store:
                     heapq.heappush(self._expiry, (expires, next(self._seq), old))
             if res.pin:
                 old.pin_until = math.inf
+            if version > old.version:
+                old.version = version
             if self.flash is not None and pol.durability == "durable":
                 self.flash.committed(old)
             return old
         if old is not None and not pol.overwrite:
             self._release(res, immediate=True)
             raise KeyExists(f"key {res.key!r} exists in namespace {res.namespace} with different bytes")
+        if old is not None and not newer(version, cs, old.version, old.checksum):
+            self._release(res, immediate=True)
+            self.superseded += 1
+            return old
         self.generation += 1
         pool = res.pool
         e = Entry(
             res.key, res.namespace, res.tenant, res.offset, res.length, cs, self.generation, now,
-            expires, math.inf if res.pin else None, res.parent, pool.name, ikey, res.size,
+            expires, math.inf if res.pin else None, res.parent, pool.name, ikey, res.size, version,
         )
         if old is not None:
             self._drop(old, now, "replace")
@@ -670,11 +702,11 @@ class Store:
         return e
 
     def put(self, key: bytes, value, *, namespace: str, tenant: str = "", ttl: float | None = None,
-            pin: bool = False, parent: bytes | None = None) -> Entry:
+            pin: bool = False, parent: bytes | None = None, version: int = 0) -> Entry:
         """Convenience: reserve, copy ``value`` (any buffer) into the region, commit."""
         mv = memoryview(value).cast("B")
         res = self.reserve(key, mv.nbytes, namespace=namespace, tenant=tenant, checksum=_checksum(mv),
-                           ttl=ttl, pin=pin, parent=parent)
+                           ttl=ttl, pin=pin, parent=parent, version=version)
         try:
             res.view[:] = mv
         except BaseException:
@@ -911,6 +943,7 @@ class Store:
             "tenants": {t: dict(zip(_STAT_NAMES, s, strict=True)) for t, s in self._tenant_stats.items()},
             "corrupt": self.corrupt,
             "checksum_mismatches": self.checksum_mismatches,
+            "superseded_writes": self.superseded,
             "evictions": self.evictions,
             "expirations": self.expirations,
         }

@@ -2,19 +2,22 @@
 
 A segment file is a sequence of records::
 
-    header (64 bytes) | namespace | tenant | key | parent | value
+    header (72 bytes) | namespace | tenant | key | parent | value
 
 Header fields (little endian)::
 
     magic u32 | hcs u32 | kind u8 | flags u8 | ns_len u16 | tenant_len u16 | parent_len u16 |
-    key_len u32 | value_len u64 | value_cs u64 | lsn u64 | generation u64 | expires f64 | reserved u32
+    key_len u32 | value_len u64 | value_cs u64 | lsn u64 | generation u64 | version u64 | expires f64 |
+    reserved u32
 
 ``hcs`` is xxh32 over the header after it and the name bytes (namespace .. parent), so
 a torn or flipped header is detected before its lengths are trusted; ``value_cs``
 is the value's xxh3-64 (the same checksum the index and the clients use), so a
 torn or flipped value is detected too. ``lsn`` orders records globally (the
 newest record of a key wins at recovery; a copy made by compaction keeps its
-lsn). ``expires`` is wall-clock seconds (0 = never).
+lsn). ``version`` is the write's version (memkv/protocol/versions.py: how replicas
+tell the newer of two values apart, also after a restart). ``expires`` is wall-clock
+seconds (0 = never).
 
 ``scan`` walks a buffer, skipping damaged bytes by searching for the next
 header that checks out, so one bad record costs only itself.
@@ -30,9 +33,9 @@ import xxhash
 
 MAGIC = 0x52564B4D  # b"MKVR" little endian
 MAGIC_BYTES = struct.pack("<I", MAGIC)
-HEADER = struct.Struct("<IIBBHHHIQQQQdI")
-HEADER_SIZE = HEADER.size  # 64
-assert HEADER_SIZE == 64
+HEADER = struct.Struct("<IIBBHHHIQQQQQdI")
+HEADER_SIZE = HEADER.size  # 72
+assert HEADER_SIZE == 72
 
 PUT = 1
 DELETE = 2
@@ -82,6 +85,7 @@ class Record(NamedTuple):
     expires: float
     offset: int  # start of the record
     value_off: int  # start of the value
+    version: int = 0
 
     @property
     def size(self) -> int:
@@ -93,7 +97,7 @@ class Record(NamedTuple):
 
 
 def encode_head(kind: int, namespace: str, tenant: str, key: bytes, parent: bytes | None, value_len: int,
-                value_cs: int, lsn: int, generation: int, expires: float | None) -> bytes:
+                value_cs: int, lsn: int, generation: int, expires: float | None, version: int = 0) -> bytes:
     """Header + name bytes of a record; the value bytes follow it (written separately, zero-copy)."""
     if kind not in KINDS:
         raise ValueError(f"bad record kind {kind}")
@@ -106,16 +110,16 @@ def encode_head(kind: int, namespace: str, tenant: str, key: bytes, parent: byte
         raise ValueError("a tombstone has no value")
     names = b"".join((ns, tn, key, pr))
     rest = HEADER.pack(MAGIC, 0, kind, FLAG_PARENT if parent is not None else 0, len(ns), len(tn), len(pr),
-                       len(key), value_len, value_cs, lsn, generation, float(expires or 0.0), 0)[8:]
+                       len(key), value_len, value_cs, lsn, generation, version, float(expires or 0.0), 0)[8:]
     hcs = _xxh32(rest + names)
     return MAGIC_BYTES + struct.pack("<I", hcs) + rest + names
 
 
 def encode(kind: int, namespace: str, tenant: str, key: bytes, value: bytes = b"", *, parent: bytes | None = None,
-           lsn: int = 0, generation: int = 0, expires: float | None = None) -> bytes:
+           lsn: int = 0, generation: int = 0, expires: float | None = None, version: int = 0) -> bytes:
     """A whole record as bytes (tests and small records; the log writes the value zero-copy)."""
     return encode_head(kind, namespace, tenant, key, parent, len(value), _xxh3(value) if kind == PUT else 0, lsn,
-                       generation, expires) + bytes(value)
+                       generation, expires, version) + bytes(value)
 
 
 def decode_head(buf, offset: int = 0, end: int | None = None) -> Record:
@@ -127,8 +131,8 @@ def decode_head(buf, offset: int = 0, end: int | None = None) -> Record:
         end = len(buf)
     if offset + HEADER_SIZE > end:
         raise Truncated("buffer ends inside a record header", offset)
-    (magic, hcs, kind, flags, ns_len, tn_len, pr_len, key_len, value_len, value_cs, lsn, generation, expires,
-     _reserved) = HEADER.unpack_from(buf, offset)
+    (magic, hcs, kind, flags, ns_len, tn_len, pr_len, key_len, value_len, value_cs, lsn, generation, version,
+     expires, _reserved) = HEADER.unpack_from(buf, offset)
     if magic != MAGIC:
         raise BadHeader(f"bad magic {magic:#x}", offset)
     names_end = offset + HEADER_SIZE + ns_len + tn_len + key_len + pr_len
@@ -150,7 +154,7 @@ def decode_head(buf, offset: int = 0, end: int | None = None) -> Record:
     p += key_len
     parent = bytes(mv[p:p + pr_len]) if flags & FLAG_PARENT else None
     p += pr_len
-    return Record(kind, ns, tn, key, parent, value_len, value_cs, lsn, generation, expires, offset, p)
+    return Record(kind, ns, tn, key, parent, value_len, value_cs, lsn, generation, expires, offset, p, version)
 
 
 def verify_value(buf, rec: Record) -> None:

@@ -4,6 +4,10 @@ The newest record (highest lsn) of a key wins; a tombstone hides older puts;
 a compaction copy has the same lsn as its original (either location is fine).
 Records whose value fails its checksum are torn writes (the tail) or damaged
 bytes (elsewhere): they are skipped and counted, every other record is used.
+The log writes two batches in parallel (``FlashLog.parallel``), so a crash can also
+leave a torn batch *before* a whole one in the last segment: the unwritten rest of
+the torn batch reads as zeros (a hole), which tells it apart from damage. Neither
+batch was acknowledged before its own fsync and every earlier one completed.
 
 Speed (1M entries must restart in seconds): the snapshot is loaded as columns
 (``snapshot.read_snapshot``) and passed on as such; the log replay decodes each
@@ -32,9 +36,9 @@ log = logging.getLogger("memkv.flash")
 
 # the columns of a recovered index (parallel lists, one item per entry)
 COLS = ("keys", "names_idx", "parents", "lengths", "checksums", "generations", "expires", "sids", "voffs",
-        "rsizes", "lsns")
+        "rsizes", "lsns", "versions")
 # a replayed put in the table (in COLS order): (key, name index, parent, length, checksum, generation, expires_wall,
-#                                seg_id, value_off, rec_size, lsn)
+#                                seg_id, value_off, rec_size, lsn, version)
 LSN = 10
 
 
@@ -194,6 +198,7 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
     xxh32 = r._xxh32
     xxh3 = r._xxh3
     magic_ok = r.MAGIC
+    hsize = r.HEADER_SIZE
     put, delete = r.PUT, r.DELETE
     sid = seg.id
     scoped = names.scoped
@@ -206,9 +211,9 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
     try:
         while pos < end:
             ok = False
-            if pos + 64 <= end:
-                magic, hcs, kind, flags, nl, tl, pl, kl, vl, vcs, lsn, gen, exp, _ = unpack(mm, pos)
-                p = pos + 64
+            if pos + hsize <= end:
+                magic, hcs, kind, flags, nl, tl, pl, kl, vl, vcs, lsn, gen, ver, exp, _ = unpack(mm, pos)
+                p = pos + hsize
                 ne = p + nl + tl + kl + pl
                 ve = ne + vl
                 ok = (magic == magic_ok and ve <= end and kl and xxh32(mv[pos + 8:ne]) == hcs
@@ -217,7 +222,8 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
                 item = next(r.scan(mv, pos, end))
                 if isinstance(item, r.Damage):
                     item.error.__traceback__ = None  # its frames hold views of the mapping
-                    if isinstance(item.error, r.Truncated) or (item.end >= end and last):
+                    if isinstance(item.error, r.Truncated) or (item.end >= end and last) or (
+                            last and unwritten_hole(mv, item.offset, item.end)):
                         out.torn_tail += 1
                     else:
                         out.damaged.append((sid, item.offset, str(item.error)))
@@ -227,8 +233,9 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
                     del item
                     continue
                 # the careful decoder accepted what the fast path did not (should not happen): use it
-                kind, flags, lsn, gen, exp, vl, vcs = (item.kind, 1 if item.parent is not None else 0, item.lsn,
-                                                       item.generation, item.expires, item.value_len, item.value_cs)
+                kind, flags, lsn, gen, exp, vl, vcs, ver = (
+                    item.kind, 1 if item.parent is not None else 0, item.lsn, item.generation, item.expires,
+                    item.value_len, item.value_cs, item.version)
                 ni = names.of(item.namespace, item.tenant)
                 key, parent, ne, ve = item.key, item.parent, item.value_off, item.end
             else:
@@ -255,7 +262,8 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
             ikey = (nsnames[ni][0], sc, key)
             cur = get(ikey)
             if cur is None or lsn >= (cur if cur.__class__ is int else cur[LSN]):
-                table[ikey] = lsn if kind == delete else (key, ni, parent, vl, vcs, gen, exp, sid, ne, ve - pos, lsn)
+                table[ikey] = lsn if kind == delete else (key, ni, parent, vl, vcs, gen, exp, sid, ne, ve - pos, lsn,
+                                                              ver)
             pos = ve
     finally:
         mv.release()
@@ -263,6 +271,12 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
         out.replayed += replayed
         out.skipped_namespaces += skipped
         seg.tombstones += tombstones
+
+
+def unwritten_hole(mv: memoryview, start: int, end: int) -> bool:
+    """Whether a damaged stretch ends in bytes never written (zeros): a batch cut by a crash
+    while a later batch was written (flipped or overwritten bytes do not end in a zero run)."""
+    return end - start >= 8 and not any(mv[end - 8:end])
 
 
 def file_size(path: str) -> int:

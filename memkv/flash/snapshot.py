@@ -1,10 +1,11 @@
 """Index snapshots: the durable part of the index in one checksummed, columnar file.
 
-Layout: ``MKVSNAP2`` | xxh3-64 of the body (u64 LE) | body::
+Layout: ``MKVSNAP3`` | xxh3-64 of the body (u64 LE) | body::
 
     meta_len u32 | meta (msgpack) | zero padding to a multiple of 8 |
     columns (N little-endian values each, in this order):
-        length u64, checksum u64, generation u64, value_off u64, rec_size u64, lsn u64, expires_wall f64,
+        length u64, checksum u64, generation u64, value_off u64, rec_size u64, lsn u64, version u64,
+        expires_wall f64,
         seg_id u32, name u32 (index into meta "names"), key_len u32, parent_len i32 (-1: no parent) |
     keys (concatenated) | parents (concatenated)
 
@@ -35,13 +36,13 @@ import xxhash
 
 from memkv.flash.segment import fsync_dir
 
-MAGIC = b"MKVSNAP2"
+MAGIC = b"MKVSNAP3"
 NAME = "index.snap"
 
 # (name, array typecode, item size); u64 columns first so that every column stays 8-byte aligned
 COLUMNS = (("lengths", "Q", 8), ("checksums", "Q", 8), ("generations", "Q", 8), ("voffs", "Q", 8),
-           ("rsizes", "Q", 8), ("lsns", "Q", 8), ("expires", "d", 8), ("sids", "I", 4), ("names_idx", "I", 4),
-           ("key_lens", "I", 4), ("parent_lens", "i", 4))
+           ("rsizes", "Q", 8), ("lsns", "Q", 8), ("versions", "Q", 8), ("expires", "d", 8), ("sids", "I", 4),
+           ("names_idx", "I", 4), ("key_lens", "I", 4), ("parent_lens", "i", 4))
 for _name, _code, _size in COLUMNS:
     assert array(_code).itemsize == _size, (_name, _code)
 _SWAP = sys.byteorder != "little"
@@ -69,17 +70,18 @@ class Snapshot:
 
 def encode_snapshot(lsn: int, gen: int, segments: dict[int, list[int]], rows: list[tuple]) -> bytes:
     """The body of a snapshot; ``rows`` are ``(ns, tenant, key, parent, length, checksum, generation,
-    expires_wall, seg_id, value_off, rec_size, lsn)``."""
+    expires_wall, seg_id, value_off, rec_size, lsn, version)``."""
     n = len(rows)
     names: dict[tuple[str, str], int] = {}
     if n:
-        nss, tns, keys, parents, lengths, sums, gens, exps, sids, voffs, rsizes, lsns = zip(*rows, strict=True)
+        nss, tns, keys, parents, lengths, sums, gens, exps, sids, voffs, rsizes, lsns, vers = zip(*rows,
+                                                                                                    strict=True)
         nidx = [names.setdefault(nt, len(names)) for nt in zip(nss, tns, strict=True)]
     else:
-        keys = parents = lengths = sums = gens = exps = sids = voffs = rsizes = lsns = ()
+        keys = parents = lengths = sums = gens = exps = sids = voffs = rsizes = lsns = vers = ()
         nidx = []
     data = {"lengths": lengths, "checksums": sums, "generations": gens, "voffs": voffs, "rsizes": rsizes,
-            "lsns": lsns, "expires": [float(x) for x in exps], "sids": sids, "names_idx": nidx,
+            "lsns": lsns, "versions": vers, "expires": [float(x) for x in exps], "sids": sids, "names_idx": nidx,
             "key_lens": [len(k) for k in keys], "parent_lens": [-1 if p is None else len(p) for p in parents]}
     meta = msgpack.packb({"lsn": lsn, "gen": gen, "n": n, "segments": segments,
                           "names": [list(nt) for nt in names]}, use_bin_type=True)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memkv.flash")
 
-NAME_SLACK = 64 + 3 * 128  # header + namespace/tenant/parent upper bound, for admission
+NAME_SLACK = r.HEADER_SIZE + 3 * 128  # header + namespace/tenant/parent upper bound, for admission
 READ_LEASE_S = 2.0  # a value promoted for a reply is not evicted before the reply is sent
 
 
@@ -126,7 +126,8 @@ class FlashTier:
             exps = repeat(None, len(cols["keys"]))
         store.adopt_columns(rec.names, cols["keys"], cols["names_idx"], cols["parents"], cols["lengths"],
                             cols["checksums"], cols["generations"], exps,
-                            zip(cols["sids"], cols["voffs"], cols["rsizes"], cols["lsns"], repeat(0)))
+                            zip(cols["sids"], cols["voffs"], cols["rsizes"], cols["lsns"], repeat(0)),
+                            cols["versions"])
         rec.cols = {}
 
     # -- hooks called by the Store
@@ -154,7 +155,7 @@ class FlashTier:
         lsn = self.lsn
         exp = 0.0 if e.expires is None else e.expires - store.clock() + time.time()
         head = r.encode_head(r.PUT, e.namespace, e.tenant, e.key, e.parent, e.length, e.checksum, lsn,
-                             e.generation, exp)
+                             e.generation, exp, e.version)
         size = len(head) + e.length
         view = store.view(e)
         p = self.log.append([head, view], size, lsn)
@@ -282,7 +283,7 @@ class FlashTier:
         wall = time.time() - self.store.clock()
         rows = [
             (e.namespace, e.tenant, e.key, e.parent, e.length, e.checksum, e.generation,
-             0.0 if e.expires is None else e.expires + wall, loc[0], loc[1], loc[2], loc[3])
+             0.0 if e.expires is None else e.expires + wall, loc[0], loc[1], loc[2], loc[3], e.version)
             for e in self.store._index.values() if (loc := e.flash) is not None
         ]
         return (self.lsn, self.store.generation, segs, rows), flog.seq
@@ -414,6 +415,7 @@ class FlashTier:
         lens: list[int] = []
         sums: list[int] = []
         gens: list[int] = []
+        vers: list[int] = []
         views: list[Any] = []
         total = 0
         for i, e in enumerate(entries):
@@ -426,17 +428,20 @@ class FlashTier:
                 lens.append(-1)
                 sums.append(0)
                 gens.append(0)
+                vers.append(0)
                 continue
             lens.append(e.length)
             sums.append(e.checksum)
             gens.append(e.generation)
+            vers.append(e.version)
             views.append(view)
             total += e.length
+        ow = {"ow": True} if store.namespaces[ns].overwrite else {}  # as Handlers.get
         if not many:
             if lens[0] < 0:
                 return Reply({"f": False})
-            return Reply({"f": True, "cs": sums[0], "gen": gens[0]}, views, total)
-        return Reply({"ls": lens, "cs": sums, "gens": gens}, views, total)
+            return Reply({"f": True, "cs": sums[0], "gen": gens[0], "ver": vers[0], **ow}, views, total)
+        return Reply({"ls": lens, "cs": sums, "gens": gens, "vers": vers, **ow}, views, total)
 
     async def _read_private(self, e: Entry) -> bytearray | None:
         loc = e.flash

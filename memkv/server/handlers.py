@@ -19,6 +19,7 @@ from memkv.errors import InvalidArgument, MemKVError, ProtocolError
 from memkv.protocol import auth
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Op
+from memkv.protocol.versions import CLOCK
 from memkv.server.session import Session
 
 Buffer = memoryview | bytes
@@ -38,9 +39,25 @@ class PutPlan:
     lengths: list[int]
     reservations: list[Any]
     errors: list[MemKVError | None]
-    # "nx" (rebalancer copies, memkv/cluster/migration.py): store only keys that do not exist,
-    # checked again at commit, so a copy never overwrites a newer client write.
+    # "nx" (read repairs of values without a version, client/ops.py): store only keys that do
+    # not exist, checked again at commit. (Versioned copies and repairs rely on Store.commit.)
     nx: bool = False
+
+
+def write_versions(meta: dict[str, Any], n: int) -> list[int]:
+    """The writer's version per value: ``vers`` (one per key: read repairs, slot copies keep the
+    versions they copy), else ``ver`` for all, else 0 (the store assigns one). A version far in
+    the future is refused: it would make the key un-overwritable (memkv/protocol/versions.py)."""
+    if "vers" in meta:
+        vers = c.get_ints(meta, "vers", n)
+    elif "ver" in meta:
+        vers = [c.get_int(meta, "ver")] * n
+    else:
+        return [0] * n
+    for v in vers:
+        if v and not CLOCK.plausible(v):  # 0: none (the store assigns one)
+            raise InvalidArgument(f"write version {v} is not plausible (zero, negative or far in the future)")
+    return vers
 
 
 class Handlers:
@@ -144,16 +161,17 @@ class Handlers:
             if sum(lengths) != payload_len:
                 raise ProtocolError("value lengths do not add up to the payload length")
         self._route(session, meta, keys, True)
+        vers = write_versions(meta, len(keys))
         plan = PutPlan(lengths, [], [], bool(meta.get("nx")))
         try:
-            for key, length, cs, parent in zip(keys, lengths, sums, parents, strict=True):
+            for key, length, cs, parent, ver in zip(keys, lengths, sums, parents, vers, strict=True):
                 if plan.nx and self.store.peek(key, namespace=ns, tenant=tenant) is not None:
                     plan.reservations.append(None)  # already there: a newer write wins over a copy
                     plan.errors.append(None)
                     continue
                 try:
                     res = self.store.reserve(key, length, namespace=ns, tenant=tenant, checksum=cs,
-                                             ttl=ttl, pin=pin, parent=parent)
+                                             ttl=ttl, pin=pin, parent=parent, version=ver)
                 except MemKVError as exc:
                     if op == Op.PUT:
                         raise
@@ -174,7 +192,10 @@ class Handlers:
         plan.reservations = [None] * len(plan.reservations)
 
     def finish_put(self, op: int, plan: PutPlan) -> Reply:
+        """Commit; the reply has per value the generation and the version now stored (newer than
+        the write's own when the write was superseded: ``Store.commit``)."""
         gens: list[int] = []
+        vers: list[int] = []
         errs: list[list[Any] | None] = []
         for i, res in enumerate(plan.reservations):
             err = plan.errors[i]
@@ -183,6 +204,7 @@ class Handlers:
                 if plan.nx and self.store.peek(res.key, namespace=res.namespace, tenant=res.tenant) is not None:
                     self.store.abort(res)  # a client write landed while the copy's payload was arriving
                     gens.append(0)
+                    vers.append(0)
                     errs.append(None)
                     continue
                 try:
@@ -191,15 +213,17 @@ class Handlers:
                     err = exc
                 else:
                     gens.append(entry.generation)
+                    vers.append(entry.version)
                     errs.append(None)
                     continue
             if op == Op.PUT and err is not None:
                 raise err
             gens.append(0)
+            vers.append(0)
             errs.append([err.code, err.message] if err is not None else None)
         if op == Op.PUT:
-            return Reply({"gen": gens[0]})
-        return Reply({"gens": gens, "errs": errs})
+            return Reply({"gen": gens[0], "ver": vers[0]})
+        return Reply({"gens": gens, "vers": vers, "errs": errs})
 
     # -- reads
     def get(self, session: Session, meta: dict[str, Any]) -> Reply:
@@ -210,7 +234,10 @@ class Handlers:
         if entry is None:
             return Reply({"f": False})
         view = self.store.view(entry)
-        return Reply({"f": True, "cs": entry.checksum, "gen": entry.generation}, [view], entry.length)
+        m = {"f": True, "cs": entry.checksum, "gen": entry.generation, "ver": entry.version}
+        if self.store.namespaces[ns].overwrite:
+            m["ow"] = True  # replicas may disagree: cluster clients compare versions (client/ops.py)
+        return Reply(m, [view], entry.length)
 
     def get_many(self, session: Session, meta: dict[str, Any]) -> Reply:
         ns = self._ns(session, meta, "r")
@@ -219,6 +246,7 @@ class Handlers:
         lens: list[int] = []
         sums: list[int] = []
         gens: list[int] = []
+        vers: list[int] = []
         views: list[Buffer] = []
         total = 0
         get = self.store.get
@@ -228,18 +256,32 @@ class Handlers:
                 lens.append(-1)
                 sums.append(0)
                 gens.append(0)
+                vers.append(0)
                 continue
             lens.append(entry.length)
             sums.append(entry.checksum)
             gens.append(entry.generation)
+            vers.append(entry.version)
             views.append(self.store.view(entry))
             total += entry.length
-        return Reply({"ls": lens, "cs": sums, "gens": gens}, views, total)
+        m = {"ls": lens, "cs": sums, "gens": gens, "vers": vers}
+        if self.store.namespaces[ns].overwrite:
+            m["ow"] = True
+        return Reply(m, views, total)
 
     def exists_many(self, session: Session, meta: dict[str, Any]) -> Reply:
+        """Which keys exist; with ``v``, the version of each instead (0: absent), so that a cluster
+        client can compare replicas without moving their values (client/ops.py)."""
         ns = self._ns(session, meta, "r")
         keys = c.get_keys(meta, "ks", self.limits)
         self._route(session, meta, keys, False)
+        if c.get_bool(meta, "v"):
+            peek = self.store.peek
+            out = []
+            for k in keys:
+                e = peek(k, namespace=ns, tenant=session.tenant)
+                out.append(0 if e is None else e.version)
+            return Reply({"vers": out})
         return Reply({"ex": [self.store.exists(k, namespace=ns, tenant=session.tenant) for k in keys]})
 
     def delete(self, session: Session, meta: dict[str, Any]) -> Reply:

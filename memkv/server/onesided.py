@@ -145,7 +145,10 @@ class OneSided:
                 descs.append([e.offset, e.length, e.checksum, e.generation])
         self.locates += 1
         self.located += len(keys)
-        return Reply({"r": self.region_id, "d": descs, "lease": lease, "valid": store.quarantine_s}, views, total)
+        out = {"r": self.region_id, "d": descs, "lease": lease, "valid": store.quarantine_s}
+        if store.namespaces[ns].overwrite:
+            out["ow"] = True  # as Handlers.get: a cluster client compares replica versions, over TCP
+        return Reply(out, views, total)
 
     def rdma_connect(self, session: Session, meta: dict[str, Any]) -> Reply:
         session.require_login()
