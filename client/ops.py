@@ -275,16 +275,25 @@ def _newest_reads(router: Router, keys: list[bytes], out: list[Any], versions: l
             fetch.setdefault(node, []).append(i)
     got: dict[int, int] = {}
     for node, idx in fetch.items():
-        call = GetManyCall([keys[i] for i in idx], namespace=namespace,
-                           intos=[intos[i] for i in idx] if intos is not None else None)
+        # into fresh buffers, not the caller's: a fetch that fails half-way must leave the
+        # value already read there intact
+        call = GetManyCall([keys[i] for i in idx], namespace=namespace)
         try:
             res = yield Send(call, keys[idx[0]], node=node)
         except MemKVError:
             continue
         for i, r, v in zip(idx, res, call.versions, strict=True):
-            if r is not None and v >= newest[i][0]:
-                out[i] = r
-                got[i] = v
+            if r is None:
+                continue
+            if intos is not None:
+                dest = byte_view(intos[i], writable=True)
+                if len(r) > dest.nbytes:
+                    raise InvalidArgument(f"buffer of {dest.nbytes} bytes is too small for a value of "
+                                          f"{len(r)} bytes")
+                dest[:len(r)] = r
+                r = len(r)
+            out[i] = r
+            got[i] = v
         if call.corrupt:
             yield from _report_corrupt(call, namespace)
     final = {i: got.get(i, versions[i]) for i in hits}
