@@ -288,106 +288,18 @@ class Store:
         except BufferError:
             pass
 
-    def adopt(self, key: bytes, namespace: str, tenant: str, length: int, checksum: int, generation: int,
-              expires: float | None, parent: bytes | None, flash: object, version: int = 0) -> Entry:
-        """Index a value that lives only on flash (recovery): ``offset`` -1, no region bytes."""
-        pol = self._ns(namespace)
-        ikey = (namespace, tenant if pol.tenant_scoped else "", key)
-        now = self.clock()
-        old = self._index.get(ikey)
-        if old is not None:
-            self._drop(old, now, "replace")
-        e = Entry(key, namespace, tenant, -1, length, checksum, generation, now, expires, None, parent, pol.pool,
-                  ikey, 0, version)
-        e.flash = flash
-        self._index[ikey] = e
-        CLOCK.observe(version)
-        if generation > self.generation:
-            self.generation = generation
-        n = self._children.get(ikey)
-        if n:
-            e.children = n
-        if parent is not None:
-            pk = (namespace, ikey[1], parent)
-            self._children[pk] = self._children.get(pk, 0) + 1
-            p = self._index.get(pk)
-            if p is not None:
-                p.children += 1
-        if expires is not None:
-            heapq.heappush(self._expiry, (expires, next(self._seq), e))
-        ns = self._ns_stats[namespace]
-        ns[_BYTES] += length
-        ns[_ENTRIES] += 1
-        ts = self._tstats(tenant)
-        ts[_BYTES] += length
-        ts[_ENTRIES] += 1
-        return e
-
-    def adopt_many(self, rows: Iterable[tuple]) -> int:
-        """Bulk ``adopt`` for a restart (keys must be new): rows of
-        ``(key, namespace, tenant, length, checksum, generation, expires, parent, flash, version)``."""
-        index = self._index
-        children = self._children
-        expiry = self._expiry
-        seq = self._seq
-        scoped = {n: p.tenant_scoped for n, p in self.namespaces.items()}
-        pools = {n: p.pool for n, p in self.namespaces.items()}
-        now = self.clock()
-        gen_max = self.generation
-        sums: dict[tuple[str, str], list[int]] = {}
-        n = 0
-        ver_max = 0
-        for key, namespace, tenant, length, checksum, generation, expires, parent, flash, version in rows:
-            ikey = (namespace, tenant if scoped[namespace] else "", key)
-            if ikey in index:
-                self.adopt(key, namespace, tenant, length, checksum, generation, expires, parent, flash, version)
-                n += 1
-                continue
-            e = Entry(key, namespace, tenant, -1, length, checksum, generation, now, expires, None, parent,
-                      pools[namespace], ikey, 0, version)
-            if version > ver_max:
-                ver_max = version
-            e.flash = flash
-            index[ikey] = e
-            if generation > gen_max:
-                gen_max = generation
-            if parent is not None:
-                pk = (namespace, ikey[1], parent)
-                children[pk] = children.get(pk, 0) + 1
-            if expires is not None:
-                heapq.heappush(expiry, (expires, next(seq), e))
-            agg = sums.get((namespace, tenant))
-            if agg is None:
-                agg = sums[(namespace, tenant)] = [0, 0]
-            agg[0] += length
-            agg[1] += 1
-            n += 1
-        for (namespace, tenant), (nbytes, count) in sums.items():
-            for st in (self._ns_stats[namespace], self._tstats(tenant)):
-                st[_BYTES] += nbytes
-                st[_ENTRIES] += count
-        self.generation = max(self.generation, gen_max)
-        CLOCK.observe(ver_max)
-        for pk, c in children.items():  # chain links among the adopted entries
-            p = index.get(pk)
-            if p is not None and p.offset < 0:
-                p.children = c
-        return n
-
     def adopt_columns(self, names: list[tuple[str, str]], keys: list[bytes], names_idx: list[int],
                       parents: list[bytes | None], lengths: list[int], checksums: list[int],
                       generations: list[int], expires: Iterable[float | None], flashes: Iterable[object],
-                      versions: list[int] | None = None) -> int:
-        """Bulk ``adopt`` of flash-only values for a restart, as parallel columns (the fast path
-        of recovery: one ``Entry`` and one dict insert per value, everything else in bulk).
+                      versions: list[int]) -> int:
+        """Index values that live only on flash (recovery: ``offset`` -1, no region bytes), given as
+        parallel columns (one ``Entry`` and one dict insert per value, everything else in bulk).
 
         ``names[names_idx[i]]`` is entry i's ``(namespace, tenant)``; ``expires`` are monotonic
         times or None. The keys must be new and distinct (the index of a starting node).
         """
         if not keys:
             return 0
-        if versions is None:
-            versions = [0] * len(keys)
         index = self._index
         children = self._children
         now = self.clock()
