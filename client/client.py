@@ -183,7 +183,7 @@ class Client:
         return replicated_outcome(outcomes)
 
     async def _exec_many(self, sends: list[Send]) -> list[Any]:
-        if len(sends) == 1:
+        if len(sends) == 1 and not sends[0].tolerant:
             return [await self._exec(sends[0])]
         results: list[Any] = [None] * len(sends)
         errors: list[BaseException] = []
@@ -192,7 +192,10 @@ class Client:
             try:
                 results[i] = await self._exec(s)
             except MemKVError as exc:
-                errors.append(exc)
+                if s.tolerant:
+                    results[i] = exc
+                else:
+                    errors.append(exc)
 
         async with trio.open_nursery() as nursery:
             for i, s in enumerate(sends):

@@ -38,6 +38,9 @@ class ClusterRouter:
     def __init__(self, view: ClusterView) -> None:
         self.view = view
         self._addr_cache: dict[str, NodeAddress] = {}
+        # namespaces the nodes said are overwritable (replies marked "ow"): reads of these ask the
+        # other replicas for their versions in parallel with the read itself (client/ops.py)
+        self.overwritable: set[str] = set()
 
     @property
     def state(self) -> ClusterState:

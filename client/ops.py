@@ -65,6 +65,9 @@ class Send:
     write: bool = False
     node: NodeAddress | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # in a parallel list: a failure is returned as the result (the error object) instead of
+    # failing the whole list (best-effort side requests, e.g. version probes)
+    tolerant: bool = False
 
 
 Op_ = Generator[Send | list[Send], Any, Any]
@@ -156,19 +159,71 @@ def get(key: bytes | str, *, namespace: str, into: Any = None, router: Router | 
     k = as_key(key)
     call = GetCall(k, namespace=namespace, into=into)
     send = Send(call, k)
-    result = yield send
+    clustered = router is not None and getattr(router, "clustered", False)
+    seen = None
+    if clustered and namespace in _overwritable(router):
+        # known overwritable: the other replicas' versions are asked for alongside the read
+        probes = _probe_targets(router, [k], [0])
+        replies = yield [send, *_probe_sends(probes, [k], namespace)]
+        result = replies[0]
+        seen = _probe_results(probes, replies[1:])
+    else:
+        result = yield send
     if call.corrupt:
         yield from _report_corrupt(call, namespace)
-    if router is not None and getattr(router, "clustered", False):
+    if clustered:
+        _learn_overwritable(router, namespace, call.overwrite)
         out = [result]
         intos = [into] if into is not None else None
         if result is None:
             yield from _fallback_reads(router, [k], out, [0], send.extra.get("served_by"), namespace, intos)
         elif call.overwrite:
             yield from _newest_reads(router, [k], out, [call.version], [0], send.extra.get("served_by"),
-                                     namespace, intos)
+                                     namespace, intos, seen)
         result = out[0]
     return result
+
+
+def _overwritable(router: Router) -> set[str]:
+    return getattr(router, "overwritable", set())
+
+
+def _learn_overwritable(router: Router, namespace: str, overwrite: bool) -> None:
+    known = getattr(router, "overwritable", None)
+    if known is not None:
+        if overwrite:
+            known.add(namespace)
+        else:
+            known.discard(namespace)
+
+
+def _probe_targets(router: Router, keys: list[bytes], idx: list[int]) -> dict[Any, list[int]]:
+    """Per replica other than each key's first: the indices to ask the versions of."""
+    by_node: dict[Any, list[int]] = {}
+    for i in idx:
+        for n in router.replicas(keys[i])[1:]:
+            by_node.setdefault(n, []).append(i)
+    return by_node
+
+
+def _probe_sends(probes: dict[Any, list[int]], keys: list[bytes], namespace: str) -> list[Send]:
+    """``EXISTS_MANY`` + ``v``: the versions a replica holds (0: none), no values; best effort."""
+    sends = []
+    for node, idx in probes.items():
+        m: dict[str, Any] = {"ks": [keys[i] for i in idx], "v": True}
+        if namespace != "shared":
+            m["ns"] = namespace
+        sends.append(Send(SimpleCall(Op.EXISTS_MANY, m, "vers"), keys[idx[0]], node=node, tolerant=True))
+    return sends
+
+
+def _probe_results(probes: dict[Any, list[int]], replies: list[Any]) -> dict[Any, dict[int, int]]:
+    """node -> index -> version, for the probes that answered."""
+    seen: dict[Any, dict[int, int]] = {}
+    for (node, idx), vers in zip(probes.items(), replies, strict=True):
+        if isinstance(vers, list) and len(vers) == len(idx):
+            seen[node] = dict(zip(idx, vers, strict=True))
+    return seen
 
 
 def _fallback_reads(router: Router, keys: list[bytes], out: list[Any], missing: list[int], served: Any,
@@ -235,7 +290,8 @@ def _repair(stale: dict[Any, list[int]], keys: list[bytes], out: list[Any], vers
 
 
 def _newest_reads(router: Router, keys: list[bytes], out: list[Any], versions: list[int], hits: list[int],
-                  served: Any, namespace: str, intos: list[Any] | None) -> Op_:
+                  served: Any, namespace: str, intos: list[Any] | None,
+                  seen: dict[Any, dict[int, int]] | None = None) -> Op_:
     """Newest-version reads of an overwritable namespace (README "Cluster", consistency).
 
     A replica that was down, fenced or unreachable while a key was overwritten still holds the
@@ -244,28 +300,23 @@ def _newest_reads(router: Router, keys: list[bytes], out: list[Any], versions: l
     (``EXISTS_MANY`` + ``v``: no values move), fetch the value from a replica that has a newer
     one, and repair the newest onto every replica that is behind. Write-once namespaces never
     need this (a value cannot change); their misses go through ``_fallback_reads``. A replica
-    that does not answer is skipped: the read returns the newest of those that did."""
+    that does not answer is skipped: the read returns the newest of those that did. ``seen``:
+    versions already probed alongside the read (node -> index -> version)."""
     newest: dict[int, tuple[int, Any]] = {i: (versions[i], served) for i in hits}  # i -> (version, node)
     behind: dict[Any, list[int]] = {}
-    seen: dict[Any, dict[int, int]] = {}  # node -> i -> version it holds
-    by_node: dict[Any, list[int]] = {}
-    for i in hits:
-        for n in router.replicas(keys[i]):
-            if n != served:
-                by_node.setdefault(n, []).append(i)
-    for node, idx in by_node.items():
-        m: dict[str, Any] = {"ks": [keys[i] for i in idx], "v": True}
-        if namespace != "shared":
-            m["ns"] = namespace
-        try:
-            vers = yield Send(SimpleCall(Op.EXISTS_MANY, m, "vers"), keys[idx[0]], node=node)
-        except MemKVError:
+    if seen is None:
+        probes: dict[Any, list[int]] = {}
+        for i in hits:
+            for n in router.replicas(keys[i]):
+                if n != served:
+                    probes.setdefault(n, []).append(i)
+        seen = _probe_results(probes, (yield _probe_sends(probes, keys, namespace))) if probes else {}
+    for node, held in seen.items():
+        if node == served:
             continue
-        if not isinstance(vers, list) or len(vers) != len(idx):
-            continue
-        seen[node] = dict(zip(idx, vers, strict=True))
-        for i, v in zip(idx, vers, strict=True):
-            if v > newest[i][0]:
+        for i in hits:
+            v = held.get(i)
+            if v is not None and v > newest[i][0]:
                 newest[i] = (v, node)
     # fetch the newer values, one request per replica that has some
     fetch: dict[Any, list[int]] = {}
@@ -301,7 +352,7 @@ def _newest_reads(router: Router, keys: list[bytes], out: list[Any], versions: l
         if final[i] > versions[i] and served is not None:
             behind.setdefault(served, []).append(i)
         for node, held in seen.items():
-            if i in held and held[i] < final[i] and node != newest[i][1]:
+            if node != served and i in held and held[i] < final[i] and node != newest[i][1]:
                 behind.setdefault(node, []).append(i)
     yield from _repair(behind, keys, out, final, namespace, intos)
 
@@ -370,7 +421,16 @@ def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
     calls = [GetManyCall([ks[i] for i in idx], namespace=namespace,
                          intos=[intos[i] for i in idx] if intos is not None else None) for _, idx in groups]
     sends = [Send(call, ks[idx[0]]) for call, (_, idx) in zip(calls, groups, strict=True)]
-    results = yield sends
+    clustered = getattr(router, "clustered", False)
+    seen = None
+    if clustered and namespace in _overwritable(router):
+        # known overwritable: the other replicas' versions are asked for alongside the reads
+        probes = _probe_targets(router, ks, list(range(len(ks))))
+        replies = yield [*sends, *_probe_sends(probes, ks, namespace)]
+        results = replies[:len(sends)]
+        seen = _probe_results(probes, replies[len(sends):])
+    else:
+        results = yield sends
     out: list[Any] = [None] * len(ks)
     for (_, idx), res in zip(groups, results, strict=True):
         for i, r in zip(idx, res, strict=True):
@@ -378,8 +438,9 @@ def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
     for call in calls:
         if call.corrupt:
             yield from _report_corrupt(call, namespace)
-    if getattr(router, "clustered", False):
+    if clustered:
         for call, send, (_, idx) in zip(calls, sends, groups, strict=True):
+            _learn_overwritable(router, namespace, call.overwrite)
             served = send.extra.get("served_by")
             missing = [i for i in idx if out[i] is None]
             if call.overwrite:
@@ -388,7 +449,7 @@ def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str,
                     vers = [0] * len(ks)
                     for i, v in zip(idx, call.versions, strict=True):
                         vers[i] = v
-                    yield from _newest_reads(router, ks, out, vers, hits, served, namespace, intos)
+                    yield from _newest_reads(router, ks, out, vers, hits, served, namespace, intos, seen)
             if missing:
                 yield from _fallback_reads(router, ks, out, missing, served, namespace, intos)
     return out

@@ -117,12 +117,20 @@ class SyncClient:
 
     def _exec_many(self, sends: list[Send]) -> list[Any]:
         if len(sends) == 1:
-            return [self._exec(sends[0])]
-        # Parts of a batch owned by different nodes run in parallel.
+            return [self._exec_tolerant(sends[0]) if sends[0].tolerant else self._exec(sends[0])]
+        # Parts of a batch owned by different nodes run in parallel: the first on this thread
+        # (no hand-off for the request the caller waits on anyway), the others in the pool.
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="memkv-batch")
-        futures = [self._executor.submit(self._exec, s) for s in sends]
-        return [f.result() for f in futures]
+        futures = [self._executor.submit(self._exec_tolerant if s.tolerant else self._exec, s) for s in sends[1:]]
+        first = self._exec_tolerant(sends[0]) if sends[0].tolerant else self._exec(sends[0])
+        return [first] + [f.result() for f in futures]
+
+    def _exec_tolerant(self, send: Send) -> Any:
+        try:
+            return self._exec(send)
+        except MemKVError as exc:
+            return exc
 
     def _drive(self, gen: ops.Op_) -> Any:
         value: Any = None
