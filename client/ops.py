@@ -197,12 +197,15 @@ def _learn_overwritable(router: Router, namespace: str, overwrite: bool) -> None
             known.discard(namespace)
 
 
-def _probe_targets(router: Router, keys: list[bytes], idx: list[int]) -> dict[Any, list[int]]:
-    """Per replica other than each key's first: the indices to ask the versions of."""
+def _probe_targets(router: Router, keys: list[bytes], idx: list[int], served: Any = None) -> dict[Any, list[int]]:
+    """Per replica other than the one that served the read (None: not known yet, so each key's
+    first replica, which the read goes to): the indices to ask the versions of."""
     by_node: dict[Any, list[int]] = {}
     for i in idx:
-        for n in router.replicas(keys[i])[1:]:
-            by_node.setdefault(n, []).append(i)
+        nodes = router.replicas(keys[i])
+        for n in (nodes[1:] if served is None else nodes):
+            if n != served:
+                by_node.setdefault(n, []).append(i)
     return by_node
 
 
@@ -305,11 +308,7 @@ def _newest_reads(router: Router, keys: list[bytes], out: list[Any], versions: l
     newest: dict[int, tuple[int, Any]] = {i: (versions[i], served) for i in hits}  # i -> (version, node)
     behind: dict[Any, list[int]] = {}
     if seen is None:
-        probes: dict[Any, list[int]] = {}
-        for i in hits:
-            for n in router.replicas(keys[i]):
-                if n != served:
-                    probes.setdefault(n, []).append(i)
+        probes = _probe_targets(router, keys, hits, served)
         seen = _probe_results(probes, (yield _probe_sends(probes, keys, namespace))) if probes else {}
     for node, held in seen.items():
         if node == served:

@@ -19,7 +19,7 @@ from memkv.errors import InvalidArgument, MemKVError, ProtocolError
 from memkv.protocol import auth
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Op
-from memkv.protocol.versions import CLOCK
+from memkv.protocol.versions import CLOCK, newer
 from memkv.server.session import Session
 
 Buffer = memoryview | bytes
@@ -163,12 +163,19 @@ class Handlers:
         self._route(session, meta, keys, True)
         vers = write_versions(meta, len(keys))
         plan = PutPlan(lengths, [], [], bool(meta.get("nx")))
+        copies = "vers" in meta  # slot copies and read repairs: per-key versions of existing writes
         try:
             for key, length, cs, parent, ver in zip(keys, lengths, sums, parents, vers, strict=True):
-                if plan.nx and self.store.peek(key, namespace=ns, tenant=tenant) is not None:
-                    plan.reservations.append(None)  # already there: a newer write wins over a copy
-                    plan.errors.append(None)
-                    continue
+                if plan.nx or copies:
+                    cur = self.store.peek(key, namespace=ns, tenant=tenant)
+                    # already there (nx), or a copy no newer than what the node holds: Store.commit
+                    # would drop it, so take no room for it -- a copy onto a node whose flash is full
+                    # must not fail on values it already has. (A client's retried write still goes
+                    # through commit: its reply waits until the value it repeats is on disk.)
+                    if cur is not None and (plan.nx or not newer(ver, cs, cur.version, cur.checksum)):
+                        plan.reservations.append(None)
+                        plan.errors.append(None)
+                        continue
                 try:
                     res = self.store.reserve(key, length, namespace=ns, tenant=tenant, checksum=cs,
                                              ttl=ttl, pin=pin, parent=parent, version=ver)
