@@ -32,6 +32,17 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeou
     raise NodeUnavailable(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM (the process shuts down cleanly: snapshots, lease revoke), SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class NodeProcess:
     port: int
@@ -43,13 +54,7 @@ class NodeProcess:
         return f"memkv://127.0.0.1:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -107,10 +112,4 @@ class LocalCluster:
         raise NodeUnavailable(f"memkv up did not come up within {timeout}s (logs in {directory})")
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
