@@ -170,6 +170,9 @@ def test_scenario_local(name: str, tmp_path: Path) -> None:
     r = run_scenario(name, target="local", overrides={"warmup_s": 1.5, "after_s": 1.0, "rate": 30.0},
                      results_dir=tmp_path, log=lambda m: None)
     detail = {k: r.get(k) for k in ("status", "reason", "violations", "metrics", "notes", "traceback")}
+    if r["status"] != "passed":  # the nodes' and rebalancers' own words, for whoever reads the CI log
+        for who, text in (r.get("node_logs") or {}).items():
+            print(f"===== {name}: log of {who} (tail)\n{text[-4000:]}")
     assert r["status"] == "passed", detail
     m = r["metrics"]
     assert m["writes_acknowledged"] > 0 and m["final_reads"] > 0 and m["faults"], detail
