@@ -56,7 +56,7 @@ def write_versions(meta: dict[str, Any], n: int) -> list[int]:
         return [0] * n
     for v in vers:
         if v and not CLOCK.plausible(v):  # 0: none (the store assigns one)
-            raise InvalidArgument(f"write version {v} is not plausible (zero, negative or far in the future)")
+            raise InvalidArgument(f"write version {v} is too far in the future (node clock + 5 min)")
     return vers
 
 
