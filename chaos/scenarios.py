@@ -26,6 +26,7 @@ from memkv.client import SyncClient
 from memkv.client.cluster_map import key_slot, prefix
 from memkv.client.ops import StandaloneRouter
 from memkv.client.url import NodeAddress
+from memkv.cluster.slotmap import compute_table
 from memkv.errors import MemKVError
 
 
@@ -78,13 +79,23 @@ class Ctx:
 
 
 def converged(target: Any, st: Any, expect_gone: set[str]) -> bool:
-    if st.slotmap is None:
+    """The map is where the rebalancer will leave it: every live node a member, nothing moving,
+    every slot on R live replicas, and the table equal to the rebalancer's own target for these
+    members -- not merely fully replicated. (A node that restarts after its slots were
+    re-replicated elsewhere is a member holding nothing until the next round moves slots back;
+    counting that as converged ended the wait just before that round, which then looked like
+    a cluster that never converged.)"""
+    sm = st.slotmap
+    if sm is None:
         return False
     alive = target.alive() - expect_gone
     registered = set(st.nodes)
     live = alive & registered
-    return (alive <= registered and set(st.slotmap.members) == live and not getattr(st.slotmap, "pending", None)
-            and not slot_map_problems(st.slotmap.table, live, st.slotmap.replicas))
+    if (not alive <= registered or set(sm.members) != live or getattr(sm, "pending", None)
+            or slot_map_problems(sm.table, live, sm.replicas)):
+        return False
+    members = {n: st.nodes[n].zone for n in live}
+    return compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=sm.table) == list(sm.table)
 
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -124,7 +125,10 @@ class LocalTarget:
                  memory: str = "64MiB", node_args: dict[str, list[str]] | None = None, spare: int = 2) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.cluster = "chaos"
+        # A name of its own per run: a node left over from an earlier run (its runner was killed) keeps
+        # retrying its etcd address, and a later run's etcd may get that port: with a shared name it
+        # would join the new cluster (and, holding another secret, fail every migration to it).
+        self.cluster = f"chaos-{secrets.token_hex(3)}"
         self.replicas = replicas
         self.lease_ttl = lease_ttl
         self.memory = memory

@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from memkv.client.cluster_map import key_slot
-from memkv.errors import InvalidArgument, MemKVError, NodeUnavailable
+from memkv.errors import ConnectionLost, InvalidArgument, MemKVError, NodeUnavailable
 from memkv.protocol.opcodes import Op
 from memkv.server.handlers import Reply
 
@@ -230,14 +230,13 @@ class MigrationService:
 
         host, _, port = dest.rpartition(":")
         addr = NodeAddress(host.strip("[]"), int(port))
-        pool = self._pool_()
         for (ns, tenant, ttl), (ks, vs, vers) in groups.items():
             # "owner": each value is stored for its own tenant (and in its tenant-scoped namespace's scope);
             # only the cluster identity may set it (Handlers.owner). "vers": the values keep their versions.
             for i in range(0, len(ks), 512):
                 extra = {"owner": tenant, "vers": vers[i:i + 512]}
                 call = PutManyCall(ks[i:i + 512], vs[i:i + 512], namespace=ns, ttl=ttl, pin=False, extra=extra)
-                res = pool.call(addr, call)
+                res = self._call(addr, call)
                 bad = [r for r in res if isinstance(r, MemKVError)]
                 if bad and len(bad) == len(res):
                     raise bad[0]
@@ -247,9 +246,24 @@ class MigrationService:
         from memkv.client.url import NodeAddress
 
         host, _, port = dest.rpartition(":")
-        self._pool_().call(NodeAddress(host.strip("[]"), int(port)),
-                           SimpleCall(Op.DROP_SLOTS, {"slots": slots, "nslots": nslots, "epoch": epoch,
-                                                      "pending": True}))
+        self._call(NodeAddress(host.strip("[]"), int(port)),
+                   SimpleCall(Op.DROP_SLOTS, {"slots": slots, "nslots": nslots, "epoch": epoch, "pending": True}))
+
+    def _call(self, addr: Any, call: Any) -> Any:
+        """One call to the destination; once more on a fresh connection if the pooled one was dead.
+
+        A destination that restarted on the same address leaves this node's pool holding
+        connections to its previous process: the first call on each fails with ConnectionLost.
+        Both calls made here are idempotent (versioned copies, DROP_SLOTS ``pending``), so
+        dropping the stale connections and calling again is safe, and it spares the rebalancer
+        a failed push and a retry round-trip every time a node comes back.
+        """
+        pool = self._pool_()
+        try:
+            return pool.call(addr, call)
+        except ConnectionLost:
+            pool.drop(addr)
+            return pool.call(addr, call)
 
     async def drop(self, session: Any, meta: dict[str, Any]) -> Reply:
         """Free slots this node no longer owns; with ``pending``, the values it holds of slots

@@ -109,6 +109,28 @@ def test_slot_map_problems() -> None:
     assert slot_map_problems([("n1",)], {"n1"}, 2) == []  # R capped by live nodes
 
 
+def test_converged_means_where_the_rebalancer_leaves_the_map() -> None:
+    """A node that came back after its slots were re-replicated elsewhere is a member of a fully
+    replicated map, yet the rebalancer is about to move slots to it: not converged (counting it
+    as converged ended the chaos wait just before that round; disk_full then failed)."""
+    import types
+
+    from chaos.scenarios import converged
+    from memkv.client.cluster_map import NodeInfo, SlotMap
+    from memkv.client.cluster_view import ClusterState
+    from memkv.cluster.slotmap import compute_slot_map
+
+    three = {"n1": "z0", "n2": "z0", "n3": "z0"}
+    nodes = {n: NodeInfo(n, f"127.0.0.1:{i + 1}", "z0") for i, n in enumerate(three)}
+    target = types.SimpleNamespace(alive=lambda: set(three))
+    balanced = compute_slot_map(three, slots=256, replicas=2)
+    assert converged(target, ClusterState(nodes, balanced), set())
+    two = compute_slot_map({"n1": "z0", "n3": "z0"}, slots=256, replicas=2)
+    empty_member = SlotMap(two.epoch + 1, 256, 2, two.table, dict(three))
+    assert converged(target, ClusterState(nodes, empty_member), set()) is False
+    assert converged(target, ClusterState({n: nodes[n] for n in ("n1", "n3")}, two), {"n2"})
+
+
 def test_time_to_converge() -> None:
     samples = [(0, True), (1, False), (2, True), (3, False), (4, True), (5, True)]
     assert time_to_converge(samples, 1.5) == 2.5

@@ -395,3 +395,32 @@ def test_migrate_push_resends_a_chunk_that_failed_to_send() -> None:
 
     trio.run(main)
     assert sorted(got) == sorted(e.key for e in entries.values())
+
+
+# -- regression (chaos disk_full): pooled connections to a destination's previous process
+def test_migration_copies_survive_a_destination_restarted_on_its_address(start_node: Any) -> None:
+    """A destination that restarted on the same address leaves the source's pool holding
+    connections to its previous process. The source's copy calls (idempotent) drop them and
+    call again on a fresh connection instead of failing the push (which cost the rebalancer a
+    failed push and a retry round every time a node came back)."""
+    import types
+
+    from memkv.client.sync_connection import BlockingConnection
+    from memkv.client.url import NodeAddress
+    from memkv.cluster.migration import MigrationService
+
+    dest = start_node()
+    member = types.SimpleNamespace(node_id="src", credentials=types.SimpleNamespace(pool_kwargs=dict))
+    svc = MigrationService(types.SimpleNamespace(store=None), member)
+    pool = svc._pool_()
+    try:
+        for _ in range(3):  # idle pooled connections to the first process
+            pool._queue(NodeAddress(dest.host, dest.port)).put(BlockingConnection.open(dest.host, dest.port))
+        svc._send(dest.address, {("shared", "", None): ([b"k1"], [b"v1"], [5])})
+        dest.stop()
+        dest.start()
+        svc._send(dest.address, {("shared", "", None): ([b"k2", b"k3"], [b"v2", b"v3"], [6, 7])})
+        with SyncClient.connect(dest.url, transport="tcp") as c:
+            assert c.get(b"k3", namespace="shared") == b"v3"
+    finally:
+        pool.close()
