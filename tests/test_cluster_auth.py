@@ -53,6 +53,17 @@ def _settled(cl: LocalCluster, ids: set[str]) -> Any:
                    and set(st.slotmap.members) == ids, 120, f"slots on exactly {sorted(ids)}")
 
 
+def _two_nodes_with_data(etcd_server: Any, name: str, start: Any, tag: str) -> tuple[LocalCluster, Any]:
+    """n1 + n2 (R = 1) settled, with every tenant's test values written."""
+    cl = LocalCluster(etcd_server, name, start, "[cluster]\nreplicas = 1\nlease_ttl = 2\n")
+    cl.add_node("n1")
+    cl.add_node("n2")
+    _settled(cl, {"n1", "n2"})
+    data = Data(tag)
+    data.write(cl.url)
+    return cl, data
+
+
 def _connect(url: str, tenant: str, **kw: Any) -> SyncClient:
     return SyncClient.connect(url, tenant=tenant, token=TENANTS[tenant]["token"], transport="tcp", timeout=10.0, **kw)
 
@@ -104,12 +115,7 @@ def test_join_drain_and_resp_forwarding_with_tenants(etcd_server: Any, start_nod
         resp[args[args.index("--node-id") + 1]] = port
         return node
 
-    cl = LocalCluster(etcd_server, name, start_with_resp, "[cluster]\nreplicas = 1\nlease_ttl = 2\n")
-    cl.add_node("n1")
-    cl.add_node("n2")
-    _settled(cl, {"n1", "n2"})
-    data = Data("j")
-    data.write(cl.url)
+    cl, data = _two_nodes_with_data(etcd_server, name, start_with_resp, "j")
     data.check(cl.url)
 
     # join: n3 takes slots, and their values (all tenants, each in its own scope) move with them
@@ -237,12 +243,7 @@ def test_refused_push_keeps_the_slots_with_their_old_owner(etcd_server: Any, sta
     uncopied (the rebalancer retries with backoff), so no value is lost; once it is gone all is as before."""
     name = f"cr{uuid.uuid4().hex[:8]}"
     _tenants_in_etcd(etcd_server, name)
-    cl = LocalCluster(etcd_server, name, start_node, "[cluster]\nreplicas = 1\nlease_ttl = 2\n")
-    cl.add_node("n1")
-    cl.add_node("n2")
-    _settled(cl, {"n1", "n2"})
-    data = Data("r")
-    data.write(cl.url)
+    cl, data = _two_nodes_with_data(etcd_server, name, start_node, "r")
     cl.config += 'secret = "not-the-cluster-secret"\nrebalancer = false\n'
     bad = cl.add_node("n3")
     cl.wait(lambda st: "n3" in st.nodes, 30, "n3 registered")
