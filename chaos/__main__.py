@@ -20,10 +20,12 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from chaos.report import markdown_table, print_table
 from chaos.runner import parse_value, run_scenario, write_report
@@ -44,7 +46,24 @@ def _reexec_in_netns(argv: list[str]) -> int | None:
     env = dict(os.environ, MEMKV_CHAOS_NETNS="1")
     cmd = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
            sys.executable, "-m", "chaos", *argv]
-    return subprocess.call(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env)
+    # SIGTERM / SIGHUP to this process go on to the runner in the namespace (``unshare`` execs it),
+    # which then stops its nodes (``subprocess.call`` would SIGKILL it and orphan them). Ctrl-C reaches
+    # the runner by itself (same process group): forwarding it too would interrupt its cleanup.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return child.wait()
+
+
+def _unwind_on_signals() -> None:
+    """SIGTERM / SIGHUP unwind the runner like Ctrl-C does, so every scenario's ``finally`` stops
+    its nodes, etcd and load (with the default action a killed runner left its nodes running)."""
+    def unwind(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, unwind)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = _reexec_in_netns(argv)
         if rc is not None:
             return rc
+    _unwind_on_signals()
     names = args.scenarios if args.cmd == "run" else [n for n, s in SCENARIOS.items() if s.fast or not args.fast]
     overrides = {}
     for kv in args.set:

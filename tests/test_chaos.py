@@ -8,6 +8,7 @@ are the failover/convergence bounds of the invariants, which are generous.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -203,3 +204,53 @@ def test_scenario_local(name: str, tmp_path: Path) -> None:
         assert m["probes"] == 2, detail
     if name == "disk_full":
         assert m["writes_acknowledged"] < m["writes_attempted"], "the budget never ran out: " + str(detail)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                out.append(int(d.name))
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_a_terminated_runner_stops_its_cluster(tmp_path: Path) -> None:
+    """SIGTERM to ``python -m chaos`` (re-executed in a network namespace when root) unwinds each
+    scenario's cleanup: no node or etcd of the run is left behind. They used to be orphaned (the
+    namespace parent SIGKILLed its child; the child had no SIGTERM handler)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    _need_etcd()
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, TMPDIR=str(work), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    runner = subprocess.Popen([sys.executable, "-m", "chaos", "run", "kill9", "--set", "warmup_s=120",
+                               "--results", str(tmp_path / "results")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(_processes_mentioning(str(work))) < 4:  # etcd + 3 nodes of this run
+            assert runner.poll() is None, "the runner exited before its cluster was up"
+            assert time.monotonic() < deadline, "the run's cluster did not come up"
+            time.sleep(0.2)
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(60)
+        deadline = time.monotonic() + 20
+        while (left := _processes_mentioning(str(work))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"processes of the run left behind: {left}"
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+        for pid in _processes_mentioning(str(work)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
