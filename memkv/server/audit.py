@@ -64,6 +64,7 @@ class AuditLog:
         self.flush_interval = float(flush_interval)
         self.pending: list[bytes] = []
         self.pending_recs: list[dict[str, Any]] = []
+        self.writing_recs: list[dict[str, Any]] = []  # taken off ``pending`` by a flush, maybe not on disk yet
         self.records = 0
         self.flushes = 0
         self.rotations = 0
@@ -135,7 +136,9 @@ class AuditLog:
             if not self.pending:
                 return
             lines, self.pending = self.pending, []
-            recs, self.pending_recs = self.pending_recs, []
+            # ``writing`` before ``pending`` is emptied: a query never finds a record in neither (iter_all)
+            recs = self.writing_recs = self.pending_recs
+            self.pending_recs = []
             try:
                 await trio.to_thread.run_sync(self._write, lines)
             except OSError as exc:
@@ -143,12 +146,19 @@ class AuditLog:
                 self.pending[:0] = lines
                 self.pending_recs[:0] = recs
                 return
+            finally:
+                self.writing_recs = []
             self.flushes += 1
 
     def flush_sync(self) -> None:
         if self.pending:
-            lines, self.pending, self.pending_recs = self.pending, [], []
-            self._write(lines)
+            lines, self.pending = self.pending, []
+            self.writing_recs = self.pending_recs
+            self.pending_recs = []
+            try:
+                self._write(lines)
+            finally:
+                self.writing_recs = []
 
     async def run(self) -> None:
         try:
@@ -178,9 +188,27 @@ class AuditLog:
         return out[-limit:]
 
     def iter_all(self) -> Iterator[dict[str, Any]]:
+        """Every record, oldest first: the files, then what is not on disk yet.
+
+        A flush moves records pending -> writing -> file while the batch is written in a
+        worker thread; reading the files and then only ``pending`` missed the batch being
+        written (an audit query during a flush did not see the node's latest writes). So the
+        records in memory are taken first (``pending`` before ``writing``, the reverse of the
+        order a flush moves them in), then the files are read, and the records in memory
+        follow when the files do not hold them yet (by ``seq``, which only grows).
+        """
+        waiting = list(self.pending_recs)
+        writing = list(self.writing_recs)
+        last = 0
         for path in self.files():
-            yield from _read_file(path)
-        yield from list(self.pending_recs)
+            for rec in _read_file(path):
+                last = max(last, int(rec.get("seq", 0)))
+                yield rec
+        seen: set[int] = set()
+        for rec in sorted([*writing, *waiting], key=lambda r: int(r["seq"])):
+            if rec["seq"] > last and rec["seq"] not in seen:
+                seen.add(rec["seq"])
+                yield rec
 
     def stats(self) -> dict[str, Any]:
         return {"dir": self.dir, "records": self.records, "seq": self.seq, "pending": len(self.pending),
