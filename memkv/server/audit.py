@@ -135,10 +135,8 @@ class AuditLog:
         async with self._lock:
             if not self.pending:
                 return
-            lines, self.pending = self.pending, []
-            # ``writing`` before ``pending`` is emptied: a query never finds a record in neither (iter_all)
-            recs = self.writing_recs = self.pending_recs
-            self.pending_recs = []
+            lines = self._take_batch()
+            recs = self.writing_recs
             try:
                 await trio.to_thread.run_sync(self._write, lines)
             except OSError as exc:
@@ -152,13 +150,19 @@ class AuditLog:
 
     def flush_sync(self) -> None:
         if self.pending:
-            lines, self.pending = self.pending, []
-            self.writing_recs = self.pending_recs
-            self.pending_recs = []
+            lines = self._take_batch()
             try:
                 self._write(lines)
             finally:
                 self.writing_recs = []
+
+    def _take_batch(self) -> list[bytes]:
+        """The pending lines; their records move to ``writing_recs`` *before* ``pending_recs`` is
+        emptied, so a query (iter_all) never finds a record in neither list."""
+        lines, self.pending = self.pending, []
+        self.writing_recs = self.pending_recs
+        self.pending_recs = []
+        return lines
 
     async def run(self) -> None:
         try:
