@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from memkv.localproc import stop_process
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -31,16 +32,6 @@ def wait_for_tcp(host: str, port: int, proc: subprocess.Popen[bytes], timeout: f
             stop_process(proc)
             raise RuntimeError(f"{host}:{port} not accepting after {timeout:.0f}s:\n{tail(log)}")
         time.sleep(0.05)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def tail(path: Path, n: int = 40) -> str:

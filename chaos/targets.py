@@ -34,6 +34,7 @@ from chaos.load import NODE_CONFIG
 from memkv.client.cluster_view import ClusterState, ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
 from memkv.cluster.local import EtcdProcess
+from memkv.localproc import stop_process
 
 
 class Unsupported(Exception):
@@ -222,12 +223,7 @@ class LocalTarget:
     def stop(self, node_id: str, timeout: float = 15.0) -> None:
         n = self.nodes[node_id]
         if n.running:
-            n.proc.terminate()  # type: ignore[union-attr]
-            try:
-                n.proc.wait(timeout)  # type: ignore[union-attr]
-            except subprocess.TimeoutExpired:
-                n.proc.kill()  # type: ignore[union-attr]
-                n.proc.wait()  # type: ignore[union-attr]
+            stop_process(n.proc, timeout)  # type: ignore[arg-type]
 
     def pause(self, node_id: str) -> None:
         n = self.nodes[node_id]

@@ -32,7 +32,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeou
     raise NodeUnavailable(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGTERM (the process shuts down cleanly: snapshots, lease revoke), SIGKILL after ``timeout``."""
     if proc.poll() is None:
         proc.terminate()
