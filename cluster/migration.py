@@ -1,7 +1,7 @@
 """The node side of slot migration (DESIGN.md §7): the ops the rebalancer drives.
 
 Three node-to-node / rebalancer-to-node operations, served by every cluster
-node (``install`` is called by ``attach_cluster``):
+node (declared with the node's cluster membership: ``ClusterMember.extend``):
 
 - ``SLOT_SIZES``: bytes and values held per slot (one pass over the index,
   key -> slot with the clients' mmh3), so the rebalancer can size its rounds.
@@ -25,8 +25,9 @@ node (``install`` is called by ``attach_cluster``):
   where this node is only a pending destination -- old values from an earlier ownership.
 
 Once the node has tenants, all three need the cluster identity (``__cluster__``, token derived from the
-cluster secret: memkv/cluster/identity.py); the push logs in to ``dest`` as it too and stores every value
-for its own tenant (``PUT_MANY`` ``owner``), so tenant-scoped values keep their scope.
+cluster secret: memkv/cluster/identity.py; the node's grants stage checks it); the push logs in to ``dest``
+as it too and stores every value for its own tenant (``PUT_MANY`` ``owner``), so tenant-scoped values keep
+their scope.
 
 Also: Prometheus gauges/counters on the node's /metrics (slots moving and
 under-replicated slots as this node's map says, bytes and values it pushed).
@@ -43,9 +44,12 @@ from typing import Any
 import trio
 
 from memkv.client.cluster_map import key_slot
+from memkv.engine.store import Store
 from memkv.errors import ConnectionLost, InvalidArgument, MemKVError, NodeUnavailable
 from memkv.protocol.opcodes import Op
-from memkv.server.handlers import Reply
+from memkv.server.binary import Reply
+from memkv.server.extension import Operation
+from memkv.server.requests import Access, Call
 
 log = logging.getLogger("memkv.cluster")
 
@@ -71,16 +75,24 @@ class _Job:
     last_used: float = field(default_factory=time.monotonic)
 
 
+INTERNAL = Access(internal=True)
+
+
 class MigrationService:
-    def __init__(self, node: Any, member: Any) -> None:
-        self.node = node
+    def __init__(self, store: Store, member: Any) -> None:
         self.member = member
-        self.store = node.store
+        self.store = store
         self.jobs: dict[str, _Job] = {}
         self.bytes_pushed = 0
         self.values_pushed = 0
         self.values_dropped = 0
         self._pool: Any = None
+
+    def operations(self) -> tuple[Operation, ...]:
+        """The node's migration operations (cluster identity only, once the node has tenants)."""
+        return (Operation("SLOT_SIZES", INTERNAL, self.slot_sizes, opcode=OP_SLOT_SIZES),
+                Operation("MIGRATE_PUSH", INTERNAL, self.push, opcode=OP_MIGRATE_PUSH),
+                Operation("DROP_SLOTS", INTERNAL, self.drop, opcode=OP_DROP_SLOTS))
 
     # -- helpers
     def _pool_(self) -> Any:
@@ -104,23 +116,14 @@ class MigrationService:
 
     async def _scan(self, slots: frozenset[int], nslots: int, after_gen: int = 0
                     ) -> tuple[list[tuple[str, str, bytes]], int]:
-        """Index keys of ``slots`` written after ``after_gen``, and the highest generation seen."""
+        """Index keys of ``slots`` written after ``after_gen``, and the store's generation when the
+        listing began (every value written since has a higher one)."""
+        top = self.store.generation
         out: list[tuple[str, str, bytes]] = []
-        top = after_gen
-        entries = list(self.store._index.values())
-        for i, e in enumerate(entries):
-            if e.generation > top:
-                top = e.generation
-            if e.generation > after_gen and key_slot(e.key, nslots) in slots:
-                out.append(e.ikey)
-            if i % 20000 == 19999:
-                await trio.sleep(0)
-        return out, top
-
-    def _require_internal(self, session: Any, what: str) -> None:
-        """Only the cluster identity once the node has tenants (a tenant, even an admin, gets PermissionDenied)."""
-        sec = getattr(self.node, "security", None)
-        session.require_internal(what, auth_enabled=bool(sec is not None and sec.tenants))
+        for batch in self.store.entries_in_slots(slots, lambda k: key_slot(k, nslots), after=after_gen, batch=20000):
+            out.extend(e.ikey for e in batch)
+            await trio.sleep(0)
+        return out, max(top, after_gen)
 
     @staticmethod
     def _slots(meta: dict[str, Any]) -> tuple[frozenset[int], int]:
@@ -130,13 +133,13 @@ class MigrationService:
         return frozenset(int(s) for s in slots), nslots
 
     # -- ops
-    async def slot_sizes(self, session: Any, meta: dict[str, Any]) -> Reply:
-        self._require_internal(session, "SLOT_SIZES")
+    async def slot_sizes(self, session: Any, req: Call) -> Reply:
+        meta = req.meta
         nslots = meta.get("nslots")
         if not isinstance(nslots, int) or nslots <= 0:
             raise InvalidArgument("nslots (int) is required")
         sizes: dict[int, list[int]] = {}
-        for i, e in enumerate(list(self.store._index.values())):
+        for i, e in enumerate(self.store.entries()):
             s = key_slot(e.key, nslots)
             row = sizes.get(s)
             if row is None:
@@ -150,8 +153,8 @@ class MigrationService:
         return Reply({"slots": ordered, "bytes": [sizes[s][0] for s in ordered],
                       "values": [sizes[s][1] for s in ordered]})
 
-    async def push(self, session: Any, meta: dict[str, Any]) -> Reply:
-        self._require_internal(session, "MIGRATE_PUSH")
+    async def push(self, session: Any, req: Call) -> Reply:
+        meta = req.meta
         slots, nslots = self._slots(meta)
         job_id = str(meta.get("job", ""))
         dest = str(meta.get("dest", ""))
@@ -177,12 +180,12 @@ class MigrationService:
         # values of this chunk, grouped by (namespace, tenant, ttl)
         groups: dict[tuple[str, str, float | None], tuple[list[bytes], list[bytes], list[int]]] = {}
         nbytes = 0
-        clock = self.store.clock()
+        clock = self.store.now()
         taken: list[tuple[str, str, bytes]] = []  # this chunk's keys, put back if sending fails
         while job.keys and nbytes < max_bytes:
             ikey = job.keys.popleft()
             taken.append(ikey)
-            e = self.store._index.get(ikey)
+            e = self.store.lookup(ikey)
             if e is None or (e.expires is not None and e.expires <= clock):
                 continue
             try:
@@ -265,10 +268,10 @@ class MigrationService:
             pool.drop(addr)
             return pool.call(addr, call)
 
-    async def drop(self, session: Any, meta: dict[str, Any]) -> Reply:
+    async def drop(self, session: Any, req: Call) -> Reply:
         """Free slots this node no longer owns; with ``pending``, the values it holds of slots
         where it is only a pending migration destination (before the copy starts)."""
-        self._require_internal(session, "DROP_SLOTS")
+        meta = req.meta
         slots, nslots = self._slots(meta)
         sm = await self._wait_epoch(int(meta.get("epoch", 0)))
         me = self.member.node_id
@@ -279,9 +282,8 @@ class MigrationService:
             mine = {s for s in slots if s < len(sm.table) and me in sm.table[s]}
         gone = slots - mine
         n = nbytes = 0
-        entries = list(self.store._index.values())
-        for i, e in enumerate(entries):
-            if key_slot(e.key, nslots) in gone:
+        for batch in self.store.entries_in_slots(gone, lambda k: key_slot(k, nslots)):
+            for e in batch:
                 cur = self.member.view.state.slotmap
                 if cur is not None:
                     cs = key_slot(e.key, cur.slots)
@@ -289,13 +291,12 @@ class MigrationService:
                         continue  # no longer a pending destination (flipped or abandoned)
                     if not pending_only and me in cur.table[cs]:
                         continue  # the map changed meanwhile and gave us the slot again
-                if self.store._index.get(e.ikey) is not e:
+                if not self.store.current(e):
                     continue  # written again since the listing (a double write): keep it
                 if self.store.delete(e.key, namespace=e.ikey[0], tenant=e.ikey[1]):
                     n += 1
                     nbytes += e.length
-            if i % 5000 == 4999:
-                await trio.sleep(0)
+            await trio.sleep(0)
         self.values_dropped += n
         return Reply({"values": n, "bytes": nbytes, "kept": sorted(mine)})
 
@@ -315,24 +316,3 @@ class MigrationService:
         return {"cluster_slots_moving": moving, "cluster_slots_under_replicated": under,
                 "migration_bytes_pushed": self.bytes_pushed, "migration_values_pushed": self.values_pushed,
                 "migration_values_dropped": self.values_dropped, "migration_jobs": len(self.jobs)}
-
-
-def install(node: Any, member: Any) -> MigrationService:
-    svc = MigrationService(node, member)
-    node.migration = svc
-    node.extra_handlers[OP_SLOT_SIZES] = svc.slot_sizes
-    node.extra_handlers[OP_MIGRATE_PUSH] = svc.push
-    node.extra_handlers[OP_DROP_SLOTS] = svc.drop
-    # /metrics: chain onto the node's extra-metrics hook (MetricsCollector ``extra``).
-    previous = node._flash_metrics
-
-    def extra_metrics() -> dict[str, float]:
-        out = dict(previous())
-        try:
-            out.update(svc.metrics())
-        except Exception:  # noqa: BLE001 - metrics must never break a scrape
-            log.exception("migration metrics failed")
-        return out
-
-    node._flash_metrics = extra_metrics
-    return svc

@@ -342,7 +342,7 @@ def test_join_quickly_followed_by_leave_converges(etcd_server: Any, start_node: 
 
 
 # -- regression (chaos rolling_restart): a chunk whose delivery failed must be sent again
-def test_migrate_push_resends_a_chunk_that_failed_to_send() -> None:
+def test_migrate_push_resends_a_chunk_that_failed_to_send(tmp_path) -> None:
     """The destination restarted on the same address: the source's pooled connection to it
     was dead and the first send of a chunk failed. The keys of that chunk used to be taken
     off the job's cursor anyway, so the retry of the same job skipped them, the round
@@ -352,22 +352,21 @@ def test_migrate_push_resends_a_chunk_that_failed_to_send() -> None:
 
     import trio
 
-    from memkv.cluster.migration import MigrationService
+    from memkv.cluster.migration import INTERNAL, MigrationService
+    from memkv.config import NamespacePolicy, default_namespaces
+    from memkv.engine.store import Store
     from memkv.errors import ConnectionLost
+    from memkv.server.requests import Call
 
     nslots = 16
-    entries = {}
+    store = Store(memory=1 << 20, shm_dir=str(tmp_path),
+                  namespaces={**default_namespaces(), "blocks": NamespacePolicy("blocks")})
     for i in range(40):
-        k = b"k%d" % i
-        e = types.SimpleNamespace(key=k, ikey=("blocks", "", k), generation=i + 1, expires=None, tenant="",
-                                  length=4, value=b"v%03d" % i, version=1000 + i)
-        entries[e.ikey] = e
-    store = types.SimpleNamespace(_index=entries, clock=time.monotonic, view=lambda e: e.value)
+        store.put(b"k%d" % i, b"v%03d" % i, namespace="blocks", version=1000 + i)
     sm = types.SimpleNamespace(epoch=7, slots=nslots, table=[("a", "b")] * nslots)
     member = types.SimpleNamespace(node_id="a", view=types.SimpleNamespace(state=types.SimpleNamespace(
         slotmap=sm, epoch=7)), credentials=types.SimpleNamespace(pool_kwargs=dict))
-    node = types.SimpleNamespace(store=store, security=None)
-    svc = MigrationService(node, member)
+    svc = MigrationService(store, member)
     session = types.SimpleNamespace(require_internal=lambda *a, **k: None, require=lambda *a, **k: None)
     got: list[bytes] = []
     fails = [1]
@@ -386,15 +385,16 @@ def test_migrate_push_resends_a_chunk_that_failed_to_send() -> None:
 
     async def main() -> None:
         with pytest.raises(ConnectionLost):
-            await svc.push(session, dict(meta))
+            await svc.push(session, Call("MIGRATE_PUSH", INTERNAL, dict(meta)))
         for _ in range(20):
-            r = (await svc.push(session, dict(meta))).meta
+            r = (await svc.push(session, Call("MIGRATE_PUSH", INTERNAL, dict(meta)))).meta
             if r["done"]:
                 return
         raise AssertionError("the push job never finished")
 
     trio.run(main)
-    assert sorted(got) == sorted(e.key for e in entries.values())
+    assert sorted(got) == sorted(b"k%d" % i for i in range(40))
+    store.close()
 
 
 # -- regression (chaos disk_full): pooled connections to a destination's previous process
