@@ -1,6 +1,6 @@
 """Node configuration: namespaces with their policies, tenants, and node flags.
 
-The TOML layout is part of the interface contract (DESIGN.md §9). Flags given on
+The TOML layout is part of the interface users write against (README). Flags given on
 the command line override values from the file.
 """
 

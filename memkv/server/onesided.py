@@ -1,4 +1,4 @@
-"""Server side of one-sided reads (DESIGN.md §8): LOCATE, the shared-memory
+"""Server side of one-sided reads: LOCATE, the shared-memory
 hand-off and the RDMA responder.
 
 One opcode, ``Op.LOCATE``, with a ``do`` field:

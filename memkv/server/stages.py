@@ -50,12 +50,13 @@ class Authenticate(Stage):
 
     def __init__(self, tenants: TenantRegistry) -> None:
         self.tenants = tenants
+        self.table = tenants.tenants  # the live table (changed in place, never replaced)
 
     def check(self, session: Session, req: Request) -> None:
         if session.internal:
             return  # the cluster identity (node-to-node): not a tenant, never revoked
         if not session.auth_required:
-            if not self.tenants:
+            if not self.table:
                 return  # an open node
             session.auth_required = True  # tenants were added after this connection was opened
         if not req.access.login:
@@ -136,16 +137,16 @@ class Grants(Stage):
         return bool(access.level or access.admin or access.internal)
 
     def check(self, session: Session, req: Request) -> None:
+        if not session.auth_required:
+            return  # an open node (once it has tenants, the authenticate stage made every session log in)
         access = req.access
         if access.level:
             session.require(req.ns, access.level)
-        if access.admin and (self.tenants or session.auth_required):  # an open node: bootstrap
-            session.auth_required = True
+        if access.admin:
             session.require("*", "admin")
         if access.internal:
             session.require_internal(req.kind)
-        if type(req) is Put and req.owner is not None and req.owner != session.tenant and not session.internal \
-                and session.auth_required:
+        if type(req) is Put and req.owner is not None and req.owner != session.tenant and not session.internal:
             raise PermissionDenied("only the cluster identity may write on behalf of another tenant")
 
 

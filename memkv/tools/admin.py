@@ -1,4 +1,4 @@
-"""``memkv tenant add|list|revoke``, ``memkv audit``, ``memkv purge`` (DESIGN.md §9; README "Security").
+"""``memkv tenant add|list|revoke``, ``memkv audit``, ``memkv purge`` (README "Security").
 
 URLs: ``memkv://HOST:PORT`` / ``memkvs://HOST:PORT`` (one standalone node: the
 ADMIN op, tenants persisted in the node's data dir) and
