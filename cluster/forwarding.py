@@ -31,17 +31,17 @@ class ClientForwarder:
     def __init__(self, config: NodeConfig, tls: Callable[[], Any] = lambda: None, url: str | None = None) -> None:
         self.url = url or f"etcd://{config.etcd}/{config.cluster}"
         self.tls = tls  # the cluster's client TLS context, once known (memkv/cluster/identity.py)
-        self.token_of: Callable[[str], str | None] = lambda tenant: None
+        self.node: NodeContext | None = None  # the node this forwarder serves (``extend``)
         self._clients: dict[tuple[str, str | None], Client] = {}
         self._lock = trio.Lock()
 
     def extend(self, node: NodeContext) -> Extension:
-        self.token_of = node.token_of
+        self.node = node
         return Extension("forwarding", forwarder=self)
 
     async def _client(self, session: Session) -> Client:
         tenant = session.tenant
-        token = self.token_of(tenant) if tenant else None
+        token = self.node.token_of(tenant) if tenant and self.node is not None else None
         key = (tenant, token)  # a re-provisioned tenant (new token) gets a new client
         client = self._clients.get(key)
         if client is not None:
