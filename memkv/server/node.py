@@ -198,7 +198,7 @@ class Node:
             (Hello, hello),
             (Auth, tenants.authenticate),
             (Login, tenants.login),
-            (Stats, lambda session, req: self.stats()),
+            (Stats, lambda session, req: self.stats(session)),
             (Get, ops.get),
             (Peek, ops.peek),
             (TimeToLive, ops.ttl),
@@ -225,8 +225,9 @@ class Node:
     def address(self) -> str:
         return f"{split_hostport(self.config.listen)[0]}:{self.listen_port}"
 
-    def stats(self) -> dict[str, Any]:
-        """STATS: the store's figures and one section per subsystem."""
+    def stats(self, session: Session | None = None) -> dict[str, Any]:
+        """STATS: the store's figures and one section per subsystem. ``session`` is who asks (None:
+        the node itself): what a tenant may observe of other tenants is decided here."""
         st = self.store.stats()
         st.update(node_id=self.node_id, server=self.metrics.snapshot(), listen=self.address())
         if self.flash is not None:
