@@ -90,10 +90,10 @@ class Pipeline:
         forwarded)."""
         plan = self.plans[req.kind]
         checks = plan.checks
-        for i, check in enumerate(checks):
+        for check in checks:
             pending = check(session, req)
-            if pending is not None:
-                return self._run_after(pending, checks[i + 1:], session, req, plan)
+            if pending is not None:  # (rare: no enumerate on the hot path)
+                return self._run_after(pending, checks[checks.index(check) + 1:], session, req, plan)
         return self._execute(session, req, plan)
 
     async def _run_after(self, pending: Awaitable[None], rest: tuple[Callable[..., Any], ...], session: Session,
