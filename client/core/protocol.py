@@ -90,6 +90,7 @@ class ConnectionProtocol:
         self._auth: Pending | None = None
         self._cnonce = self._snonce = b""
         self.ready = False  # handshake and authentication done: calls may be started
+        self.replies = 0  # replies received so far (a reader may stop at a reply boundary)
         self._advance_open()
 
     @property
@@ -156,7 +157,13 @@ class ConnectionProtocol:
             self._break(ConnectionLost(f"{self.address} closed the connection"))
         try:
             if self._tls is None:
-                self._take(n, self._direct)
+                if self._direct:  # straight into a destination: unless it is full, nothing to parse
+                    self.reader.consumed_directly(n)
+                    self._dest_pos += n
+                    if self._dest_pos < len(self._dests[self._dest_i]):
+                        return
+                else:
+                    self.reader.received(n)
                 self._process()
             else:
                 self._bio_in.write(self._raw[:n])
@@ -259,6 +266,7 @@ class ConnectionProtocol:
     def _complete(self) -> None:
         head, owner, dests = self._frame, self._owner, self._dests
         self._frame, self._owner, self._dests = None, None, _NONE
+        self.replies += 1
         if owner is None or head is None:
             return  # the reply to a call that was given up
         del self._pending[owner.rid]

@@ -79,12 +79,22 @@ class BlockingConnection:
         self.sock.close()
 
     def call(self, call: Call) -> Any:
-        pending = self.proto.start(call)
-        self._run_until(lambda: pending.done)
+        """Send ``call`` and receive until its reply is in (replies of calls given up earlier are drained)."""
+        proto = self.proto
+        pending = proto.start(call)
+        sock = self.sock
+        try:
+            self._send(proto.data_to_send())
+            while not pending.done:
+                proto.received(sock.recv_into(proto.recv_buffer()))
+                if proto.tls_output_due():  # a TLS key update to answer
+                    self._send(proto.data_to_send())
+        except BaseException as exc:
+            raise self._failed(exc) from None
         return pending.outcome()
 
     def _run_until(self, done: Any) -> None:
-        """Send what is due and receive until ``done()``; any failure closes the connection."""
+        """Opening: send what is due and receive until ``done()``."""
         proto = self.proto
         sock = self.sock
         try:
@@ -95,15 +105,17 @@ class BlockingConnection:
                 if done():
                     return
                 proto.received(sock.recv_into(proto.recv_buffer()))
-        except builtins.TimeoutError:
-            self.close()
-            raise TimeoutError(f"{self.proto.address} did not answer in time") from None
-        except OSError as exc:
-            self.close()
-            raise ConnectionLost(f"connection to {self.proto.address} failed: {exc}") from None
-        except BaseException:
-            self.close()
-            raise
+        except BaseException as exc:
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        """Any failure of the socket or the stream closes the connection; the error to raise."""
+        self.close()
+        if isinstance(exc, builtins.TimeoutError):
+            return TimeoutError(f"{self.proto.address} did not answer in time")
+        if isinstance(exc, OSError):
+            return ConnectionLost(f"connection to {self.proto.address} failed: {exc}")
+        return exc
 
     def _send(self, bufs: list[Any]) -> None:
         while bufs:
@@ -145,21 +157,24 @@ class BlockingPool:
 
     def give(self, node: NodeAddress, conn: BlockingConnection) -> None:
         """Put ``conn`` among ``node``'s idle connections (or close it if the pool is full or closed)."""
-        q = self._queue(node)
+        self._put_back(self._queue(node), conn)
+
+    def _put_back(self, q: queue.LifoQueue[BlockingConnection], conn: BlockingConnection) -> None:
         if conn.broken is None and not self._closed and q.qsize() < self.max_idle:
             q.put(conn)
         else:
             conn.close()
 
     def call(self, node: NodeAddress, call: Call) -> Any:
+        q = self._idle.get(node) or self._queue(node)
         try:
-            conn = self._queue(node).get_nowait()
+            conn = q.get_nowait()
         except queue.Empty:
             conn = self.open(node)
         try:
             return conn.call(call)
         finally:
-            self.give(node, conn)
+            self._put_back(q, conn)
 
     def drop(self, node: NodeAddress) -> None:
         q = self._queue(node)
