@@ -20,7 +20,10 @@ For a client whose transport is ``auto``, ``shm`` or ``rdma``, ``get``/
 
 The transport is used only through its declared interface
 (``client/transports/base.py``); setting one up (the Unix-socket hand-off,
-queue-pair creation) is ``Blocking`` work for the executor.
+queue-pair creation) is ``Blocking`` work for the executor. A read that needs
+no request to the node at all — a client-readable index in the region, read
+bucket first, then value — replaces step 2 here and uses the same ``read``
+of region offsets.
 """
 
 from __future__ import annotations

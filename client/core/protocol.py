@@ -42,6 +42,9 @@ from memkv.protocol.opcodes import Op
 
 BUFFER = 256 * 1024  # frame reader buffer; also the TLS ciphertext receive buffer
 COALESCE = 64 * 1024  # TLS: small buffers are joined so that each record carries a useful amount
+# TLS: plaintext encrypted per ``data_to_send()`` call, so that the node decrypts one piece while
+# the next is encrypted (encrypting a large value whole before sending any of it serialises the two)
+TLS_PIECE = 128 * 1024
 _NONE: list[memoryview] = []
 
 
@@ -84,6 +87,7 @@ class ConnectionProtocol:
             self._bio_in, self._bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
             self._tls = tls.wrap_bio(self._bio_in, self._bio_out, server_hostname=server_hostname)
             self._raw = memoryview(bytearray(BUFFER))
+            self._plain: list[Any] = []  # TLS: plaintext due, not encrypted yet
         self._handshaken = tls is None
         self._credentials = (tenant, token or "") if tenant is not None else None
         self._hello: Pending | None = None
@@ -118,8 +122,7 @@ class ConnectionProtocol:
             if call.payload:
                 self._out.extend(call.payload)
         else:
-            for chunk in _coalesce([head, *call.payload]):
-                self._tls.write(chunk)
+            self._plain.extend(_coalesce([head, *call.payload]))
         return pending
 
     def forget(self, pending: Pending) -> None:
@@ -134,10 +137,23 @@ class ConnectionProtocol:
             self._dests, self._dest_i, self._dest_pos = [memoryview(bytearray(left))], 0, 0
 
     def data_to_send(self) -> list[Any]:
-        """Buffers to send now, in order (``sendmsg`` them; empty when nothing is due)."""
+        """Buffers to send now, in order (``sendmsg`` them; empty when nothing is due).
+
+        Call again until it is empty: with TLS each call encrypts the next piece only."""
         if self._tls is None:
             out, self._out = self._out, []
             return out
+        if self._plain and self._handshaken:
+            budget = TLS_PIECE
+            while self._plain and budget > 0:
+                chunk = memoryview(self._plain[0]).cast("B")
+                n = min(budget, chunk.nbytes)
+                self._tls.write(chunk[:n])
+                budget -= n
+                if n == chunk.nbytes:
+                    self._plain.pop(0)
+                else:
+                    self._plain[0] = chunk[n:]
         data = self._bio_out.read()
         return [data] if data else []
 
@@ -174,8 +190,9 @@ class ConnectionProtocol:
             self._break(exc)
 
     def tls_output_due(self) -> bool:
-        """TLS only: receiving produced bytes to send (a key update to answer)."""
-        return self._tls is not None and self._bio_out.pending > 0
+        """TLS only: bytes are due (receiving produced some: a key update to answer; or plaintext
+        queued while the handshake was not done)."""
+        return self._tls is not None and (self._bio_out.pending > 0 or (bool(self._plain) and self._handshaken))
 
     def abort(self, reason: BaseException) -> None:
         """The connection is gone (its socket failed, or it was closed): every waiting call gets ``ConnectionLost``."""
@@ -207,7 +224,8 @@ class ConnectionProtocol:
                 return
         tls = self._tls
         assert tls is not None
-        while True:
+        bio_in = self._bio_in
+        while bio_in.pending or tls.pending():  # (a read with nothing to decrypt raises, which costs)
             view, direct = self._target()
             try:
                 n = tls.read(len(view), view)

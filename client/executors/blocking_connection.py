@@ -84,11 +84,11 @@ class BlockingConnection:
         pending = proto.start(call)
         sock = self.sock
         try:
-            self._send(proto.data_to_send())
+            self._flush()
             while not pending.done:
                 proto.received(sock.recv_into(proto.recv_buffer()))
                 if proto.tls_output_due():  # a TLS key update to answer
-                    self._send(proto.data_to_send())
+                    self._flush()
         except BaseException as exc:
             raise self._failed(exc) from None
         return pending.outcome()
@@ -99,9 +99,7 @@ class BlockingConnection:
         sock = self.sock
         try:
             while True:
-                out = proto.data_to_send()
-                if out:
-                    self._send(out)
+                self._flush()
                 if done():
                     return
                 proto.received(sock.recv_into(proto.recv_buffer()))
@@ -116,6 +114,14 @@ class BlockingConnection:
         if isinstance(exc, OSError):
             return ConnectionLost(f"connection to {self.proto.address} failed: {exc}")
         return exc
+
+    def _flush(self) -> None:
+        """Send everything that is due (with TLS, piece by piece as it is encrypted)."""
+        proto = self.proto
+        bufs = proto.data_to_send()
+        while bufs:
+            self._send(bufs)
+            bufs = proto.data_to_send()
 
     def _send(self, bufs: list[Any]) -> None:
         while bufs:

@@ -144,8 +144,16 @@ class TrioConnection:
         return pending.outcome()
 
     async def _flush(self) -> bool:
-        """Send what is due; True when that meant waiting for the socket."""
+        """Send everything that is due (with TLS, piece by piece as it is encrypted); True when
+        that meant waiting for the socket."""
+        waited = False
         bufs = self.proto.data_to_send()
+        while bufs:
+            waited |= await self._send(bufs)
+            bufs = self.proto.data_to_send()
+        return waited
+
+    async def _send(self, bufs: list[Any]) -> bool:
         waited = False
         try:
             while bufs:
