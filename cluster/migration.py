@@ -97,7 +97,7 @@ class MigrationService:
     # -- helpers
     def _pool_(self) -> Any:
         if self._pool is None:
-            from memkv.client.pool import BlockingPool
+            from memkv.client.executors.blocking_connection import BlockingPool
 
             # as the cluster identity (memkv/cluster/identity.py), over TLS when the nodes serve TLS
             self._pool = BlockingPool(timeout=30.0, connect_timeout=3.0, **self.member.credentials.pool_kwargs())
@@ -228,7 +228,7 @@ class MigrationService:
 
     def _send(self, dest: str,
               groups: dict[tuple[str, str, float | None], tuple[list[bytes], list[bytes], list[int]]]) -> None:
-        from memkv.client.calls import PutManyCall
+        from memkv.client.core.calls import PutManyCall
         from memkv.client.url import NodeAddress
 
         host, _, port = dest.rpartition(":")
@@ -245,7 +245,7 @@ class MigrationService:
                     raise bad[0]
 
     def _purge(self, dest: str, slots: list[int], nslots: int, epoch: int) -> None:
-        from memkv.client.calls import SimpleCall
+        from memkv.client.core.calls import SimpleCall
         from memkv.client.url import NodeAddress
 
         host, _, port = dest.rpartition(":")

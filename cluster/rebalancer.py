@@ -141,7 +141,7 @@ class Rebalancer:
     def __init__(self, etcd: Etcd, view: ClusterView, cluster: str, identity: str, *,
                  lease: Callable[[], int | None], alive: Callable[[], bool], mbps: float = DEFAULT_MBPS,
                  slots: int = 4096, replicas: int = 1, settle_s: float = SETTLE_S, credentials: Any = None) -> None:
-        from memkv.client.pool import BlockingPool
+        from memkv.client.executors.blocking_connection import BlockingPool
 
         self.etcd = etcd
         self.view = view
@@ -256,7 +256,7 @@ class Rebalancer:
             pass
 
     def _call(self, addr: str, op: int, meta: dict[str, Any]) -> dict[str, Any]:
-        from memkv.client.calls import SimpleCall
+        from memkv.client.core.calls import SimpleCall
         from memkv.client.url import NodeAddress
 
         host, _, port = addr.rpartition(":")
