@@ -25,7 +25,7 @@ def _etcd_for(url: str) -> tuple[Any, str]:
 def _rebalancer(args: argparse.Namespace) -> int:
     import logging
 
-    from memkv.cluster.rebalancer import run_standalone
+    from memkv.cluster.rebalancer_run import run_standalone
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()

@@ -1,5 +1,11 @@
 """The rebalancer (DESIGN.md §7): leader-elected, moves slots while the cluster serves.
 
+This module is the rebalancer's state machine, written as sans-IO programs
+(``memkv.cluster.effects``): every etcd access, node call and wait is a ``yield``, and the time
+comes from an injected clock. ``memkv.cluster.rebalancer_run`` drives it in production (real etcd,
+real node RPCs, a thread); ``memkv.cluster.sim`` drives the same code in a deterministic
+simulation (in-memory etcd and nodes, simulated clock, injected faults).
+
 One rebalancer leads per cluster: whoever creates ``/memkv/<c>/rebalancer/leader``
 with its lease (every node runs a candidate unless ``[cluster] rebalancer =
 false``; ``memkv rebalancer URL`` runs one as its own process with its own
@@ -23,8 +29,8 @@ that a new leader would need):
       slot to the old replicas *and* the destination ("double write"); reads
       still go to the old primary. A record ``migrations/<id>`` says what moves;
    b. copies: the source node pushes the slot's values to the destination
-      (``MIGRATE_PUSH``, memkv/cluster/migration.py) chunk by chunk, throttled;
-      the copy is store-if-absent, so it never overwrites a double-written
+      (``MIGRATE_PUSH``, memkv/cluster/migration_job.py) chunk by chunk, throttled;
+      the copy keeps write versions, so it never overwrites a double-written
       newer value; progress goes to the record;
    c. flips, in one etcd transaction guarded by the map's revision and our
       leadership (epoch + 1): the destination becomes a full replica and the
@@ -37,10 +43,14 @@ that a new leader would need):
 4. **Resume**: a map that still has ``pending`` slots is an unfinished round
    of an earlier leader: the new leader copies them again (the same job id when
    the record is still there, so the source continues its cursor; else from
-   the start, which is harmless with store-if-absent) and flips.
+   the start, which is harmless: copies keep versions) and flips.
 
 Drain: ``/memkv/<c>/drain/<node>`` (``memkv drain``) takes the node out of the
 target; the key is deleted once the node has left and holds no slot.
+
+Idle, the leader waits for the cluster view to change (any key under ``/memkv/<c>/``: a node,
+the map, a drain or throttle request) or for its next timer (membership settling, the back-off
+after a failed round), at most ``IDLE_S``.
 """
 
 from __future__ import annotations
@@ -50,26 +60,28 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from memkv.client.cluster_map import SlotMap, leader_key, slotmap_key
-from memkv.client.cluster_view import ClusterView
-from memkv.client.etcd import Etcd, EtcdUnavailable
-from memkv.cluster.migration import OP_DROP_SLOTS, OP_MIGRATE_PUSH, OP_SLOT_SIZES
+from memkv.client.etcd import EtcdUnavailable
+from memkv.cluster.effects import ETCD, NodeCall, Parallel, Program, Sleep, WaitView
 from memkv.cluster.slotmap import compute_slot_map, compute_table
-from memkv.errors import AuthError, MemKVError, PermissionDenied
+from memkv.errors import AuthError, MemKVError, NodeUnavailable, PermissionDenied
+from memkv.protocol.opcodes import Op
 
 log = logging.getLogger("memkv.rebalancer")
 
 DEFAULT_MBPS = 200.0
 ROUND_S = 2.0
 POLL_S = 0.2
+IDLE_S = 1.0
 SETTLE_S = 0.5
 RECORD_EVERY_S = 0.5
 MAX_PUSH_FAILURES = 6
+COPY_WORKERS = 8
 
 
 def migrations_prefix(cluster: str) -> str:
@@ -105,6 +117,7 @@ class Group:
     values_done: int = 0
     done: bool = False
     failed: str | None = None
+    finished: bool = False  # its copy program has ended (done, failed, or raised)
 
     def to_json(self) -> dict[str, Any]:
         return {"src": self.src, "dst": self.dst, "slots": self.slots, "bytes_total": self.bytes_total,
@@ -118,12 +131,12 @@ class Round:
     epoch: int
     groups: list[Group]
     target: dict[int, tuple[str, ...]]
-    started: float = field(default_factory=time.time)
+    started: float  # wall-clock seconds (the record is read by other processes: ``memkv status``)
     resumed: bool = False
 
-    def record(self, leader: str, state: str) -> bytes:
+    def record(self, leader: str, state: str, now: float) -> bytes:
         return json.dumps({"id": self.id, "leader": leader, "state": state, "epoch": self.epoch,
-                           "started": self.started, "updated": time.time(), "resumed": self.resumed,
+                           "started": self.started, "updated": now, "resumed": self.resumed,
                            "moves": [g.to_json() for g in self.groups]}).encode()
 
 
@@ -138,12 +151,18 @@ def under_replicated(sm: SlotMap, live: set[str]) -> int:
 
 
 class Rebalancer:
-    def __init__(self, etcd: Etcd, view: ClusterView, cluster: str, identity: str, *,
-                 lease: Callable[[], int | None], alive: Callable[[], bool], mbps: float = DEFAULT_MBPS,
-                 slots: int = 4096, replicas: int = 1, settle_s: float = SETTLE_S, credentials: Any = None) -> None:
-        from memkv.client.pool import BlockingPool
+    """One rebalancer candidate: :meth:`campaign` is its whole life, as a program.
 
-        self.etcd = etcd
+    ``view``: the candidate's cache of the cluster (``.state``: a ``ClusterState``); ``lease``: the
+    lease its leadership key is attached to (None while it has none); ``alive``: whether that lease
+    is surely valid (a fenced node must not lead); ``clock``/``wall``: monotonic and wall-clock
+    seconds (injected: the simulator runs this on simulated time); ``round_id``: new round ids."""
+
+    def __init__(self, view: Any, cluster: str, identity: str, *, lease: Callable[[], int | None],
+                 alive: Callable[[], bool], mbps: float = DEFAULT_MBPS, slots: int = 4096, replicas: int = 1,
+                 settle_s: float = SETTLE_S, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 round_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]) -> None:
         self.view = view
         self.cluster = cluster
         self.identity = identity
@@ -153,117 +172,125 @@ class Rebalancer:
         self.slots = slots
         self.replicas = replicas
         self.settle_s = settle_s
-        # calls to nodes log in as the cluster identity, over TLS when the nodes serve it (cluster/identity.py)
-        self.credentials = credentials
-        self.pool = BlockingPool(timeout=60.0, connect_timeout=3.0,
-                                 **(credentials.pool_kwargs() if credentials is not None else {}))
+        self.clock = clock
+        self.wall = wall
+        self.round_id = round_id
         # after a round that could not copy some slots (they stayed with their old owners): wait before retrying
         self._retry_at = 0.0
         self._failed_rounds = 0
-        self.stop = threading.Event()
         self.leading = False
         self._lease_held: int | None = None
         self._seen: Any = None
         self._seen_at = 0.0
-        self._tlock = threading.Lock()
+        self._tlock = threading.Lock()  # production runs copy programs on threads: _next_t is shared
         self._next_t = 0.0
+        self._target_key: Any = None
+        self._target_val: list[tuple[str, ...]] = []
         self.bytes_moved = 0
         self.rounds = 0
         self._idle = False
 
     # -- election
-    def run(self, stop: threading.Event | None = None) -> None:
-        if stop is not None:
-            self.stop = stop
+    def campaign(self) -> Program[None]:
+        """Campaign for the leader key; lead while we hold it; campaign again. Never returns
+        (the driver stops it)."""
         key = leader_key(self.cluster)
-        while not self.stop.is_set():
+        while True:
             lease = self.lease()
             if lease is None or not self.alive():
-                self.stop.wait(POLL_S)
+                yield Sleep(POLL_S)
                 continue
             try:
-                mine = self.etcd.create(key, self.identity, lease=lease)
+                mine = yield ETCD.create(key, self.identity, lease=lease)
                 if not mine:
-                    kv, _ = self.etcd.get(key)
+                    kv, _ = yield ETCD.get(key)
                     mine = kv is not None and kv.value.decode() == self.identity
             except EtcdUnavailable:
-                self.stop.wait(0.5)
+                yield Sleep(0.5)
                 continue
             if not mine:
-                self.stop.wait(POLL_S * 2)
+                yield Sleep(POLL_S * 2)
                 continue
             log.info("%s leads the rebalancer of cluster %s", self.identity, self.cluster)
             self.leading, self._lease_held = True, lease
             try:
-                self._lead()
+                yield from self._lead()
             except Exception:  # noqa: BLE001 - keep campaigning whatever happens
                 log.exception("rebalancer step failed")
-                self.stop.wait(0.5)
+                yield Sleep(0.5)
             finally:
                 self.leading = False
-        self.pool.close()
 
     def still_leader(self) -> bool:
-        if self.stop.is_set() or not self.alive() or self.lease() != self._lease_held:
+        if not self.alive() or self.lease() != self._lease_held:
             return False
         leader = self.view.state.leader
         return leader is None or leader == self.identity
 
-    def _lead(self) -> None:
+    def _lead(self) -> Program[None]:
         while self.still_leader():
+            seen = self.view.state.revision
             try:
-                acted = self.step()
+                acted = yield from self.step()
             except EtcdUnavailable as exc:
                 log.warning("rebalancer: etcd unavailable (%s)", exc.message)
-                self.stop.wait(0.5)
+                yield Sleep(0.5)
                 continue
             if not acted:
-                self.stop.wait(POLL_S)
+                yield WaitView(lambda st, seen=seen: st.revision != seen, self._idle_wait())
+
+    def _idle_wait(self) -> float:
+        """Until the next timer of ours: membership settling, the back-off after a failed round."""
+        now = self.clock()
+        timers = [t - now for t in (self._seen_at + self.settle_s, self._retry_at) if t > now]
+        return max(POLL_S / 4, min([IDLE_S, *timers]))
 
     # -- etcd helpers
-    def _publish(self, sm: SlotMap, revision: int) -> bool:
-        ok = self.etcd.put_if(slotmap_key(self.cluster), sm.encode(), mod_revision=revision,
-                              guard=(leader_key(self.cluster), self.identity))
+    def _publish(self, sm: SlotMap, revision: int) -> Program[bool]:
+        ok = yield ETCD.put_if(slotmap_key(self.cluster), sm.encode(), mod_revision=revision,
+                               guard=(leader_key(self.cluster), self.identity))
         if ok:
-            self.view.wait_for(lambda st: st.epoch >= sm.epoch, 2.0)
-        return ok
+            yield WaitView(lambda st: st.epoch >= sm.epoch, 2.0)
+        return bool(ok)
 
-    def _read_map(self) -> tuple[SlotMap | None, int]:
-        kv, _ = self.etcd.get(slotmap_key(self.cluster))
+    def _read_map(self) -> Program[tuple[SlotMap | None, int]]:
+        kv, _ = yield ETCD.get(slotmap_key(self.cluster))
         if kv is None:
             return None, 0
         return SlotMap.decode(kv.value), kv.mod_revision
 
-    def _drains(self) -> set[str]:
-        kvs, _ = self.etcd.get_prefix(drain_prefix(self.cluster))
+    def _drains(self) -> Program[set[str]]:
+        kvs, _ = yield ETCD.get_prefix(drain_prefix(self.cluster))
         return {kv.key.rsplit("/", 1)[1] for kv in kvs}
 
-    def _throttle(self) -> float:
+    def _throttle(self) -> Program[float]:
         try:
-            kv, _ = self.etcd.get(throttle_key(self.cluster))
+            kv, _ = yield ETCD.get(throttle_key(self.cluster))
             if kv is not None:
                 return float(kv.value.decode())
         except (EtcdUnavailable, ValueError):
             pass
         return self.mbps
 
-    def _progress(self, state: str, **extra: Any) -> None:
+    def _progress(self, state: str, **extra: Any) -> Program[None]:
         d = {"leader": self.identity, "state": state, "bytes_moved": self.bytes_moved, "rounds": self.rounds,
-             "updated": time.time(), **extra}
+             "updated": self.wall(), **extra}
         try:
-            self.etcd.put(progress_key(self.cluster), json.dumps(d))
+            yield ETCD.put(progress_key(self.cluster), json.dumps(d))
         except EtcdUnavailable:
             pass
 
-    def _call(self, addr: str, op: int, meta: dict[str, Any]) -> dict[str, Any]:
-        from memkv.client.calls import SimpleCall
-        from memkv.client.url import NodeAddress
-
-        host, _, port = addr.rpartition(":")
-        return self.pool.call(NodeAddress(host.strip("[]"), int(port)), SimpleCall(op, meta))  # type: ignore[arg-type]
+    def _target(self, members: dict[str, str], sm: SlotMap, base: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        """The target table for ``members``, sticky to ``base`` (remembered: the leader asks again
+        at every change of the view, and the map rarely changed since)."""
+        key = (tuple(sorted(members.items())), sm.slots, sm.replicas, tuple(base))
+        if key != self._target_key:
+            self._target_val = compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=base)
+            self._target_key = key
+        return self._target_val
 
     # -- one step of the loop; True when it changed something
-    def step(self) -> bool:
+    def step(self) -> Program[bool]:
         st = self.view.state
         live = {n: info.zone for n, info in st.nodes.items()}
         if not live:
@@ -271,11 +298,11 @@ class Rebalancer:
         sm = st.slotmap
         if sm is None:
             first = compute_slot_map(live, slots=self.slots, replicas=self.replicas)
-            return self._publish(first, 0)
-        drains = self._drains()
+            return (yield from self._publish(first, 0))
+        drains = yield from self._drains()
         in_map = {n for row in sm.table for n in row}
-        for n in drains - set(live) - in_map:
-            self.etcd.delete(drain_prefix(self.cluster) + n)
+        for n in sorted(drains - set(live) - in_map):
+            yield ETCD.delete(drain_prefix(self.cluster) + n)
         members = {n: z for n, z in live.items() if n not in drains} or dict(live)
 
         # 1. loss: dead nodes leave every row and every pending list at once
@@ -285,26 +312,26 @@ class Rebalancer:
             lost = sorted(n for n in in_map if n not in live)
             log.info("rebalancer: nodes %s are gone; %d slots lose a replica", lost,
                      sum(1 for row in sm.table if any(n not in live for n in row)))
-            return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, table, sm.members, pending),
-                                 st.slotmap_revision)
+            return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, table, sm.members,
+                                                     pending), st.slotmap_revision))
 
         base = [tuple(n for n in row if n not in sm.pending.get(s, ())) for s, row in enumerate(sm.table)]
-        target = compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=base)
+        target = self._target(members, sm, base)
 
         if sm.pending:
-            return self._resume(sm, st.slotmap_revision, base, target, members)
+            return (yield from self._resume(sm, st.slotmap_revision, base, target, members))
 
         if base == target:
             if sm.members != members:
-                return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, sm.table, members),
-                                     st.slotmap_revision)
+                return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, sm.table, members),
+                                                 st.slotmap_revision))
             if not self._idle:
-                self._clear_records()
+                yield from self._clear_records()
                 self._idle = True
             return False
         # let membership settle (several nodes starting together join in one plan)
         key = (frozenset(members.items()), frozenset(live))
-        now = time.monotonic()
+        now = self.clock()
         if key != self._seen:
             self._seen, self._seen_at = key, now
             return False
@@ -328,34 +355,37 @@ class Rebalancer:
             for s, row in orphans.items():
                 table[s] = row
             log.warning("rebalancer: %d slots had no replica left; assigned empty", len(orphans))
-            return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members),
-                                 st.slotmap_revision)
+            return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members),
+                                             st.slotmap_revision))
         if not moves:  # only removals left (e.g. a replica over R): flip them
-            return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(target),
-                                         members), st.slotmap_revision)
-        return self._start_round(sm, st.slotmap_revision, moves, target, members, len(moves))
+            return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(target), members),
+                                             st.slotmap_revision))
+        return (yield from self._start_round(sm, st.slotmap_revision, moves, target, members, len(moves)))
 
-    def _slot_sizes(self, node: str, nslots: int) -> dict[int, int]:
+    def _call(self, node: str, op: int, meta: dict[str, Any]) -> Program[dict[str, Any]]:
         info = self.view.state.nodes.get(node)
         if info is None:
-            return {}
+            raise NodeUnavailable(f"node {node} is not registered")
+        return (yield NodeCall(info.addr, op, meta))  # type: ignore[no-any-return]
+
+    def _slot_sizes(self, node: str, nslots: int) -> Program[dict[int, int]]:
         try:
-            r = self._call(info.addr, OP_SLOT_SIZES, {"nslots": nslots})
+            r = yield from self._call(node, int(Op.SLOT_SIZES), {"nslots": nslots})
         except MemKVError as exc:
             log.warning("rebalancer: slot sizes of %s: %s", node, exc.message)
             return {}
         return dict(zip(r["slots"], r["bytes"], strict=True))
 
     def _start_round(self, sm: SlotMap, revision: int, moves: list[Move], target: list[tuple[str, ...]],
-                     members: dict[str, str], left: int) -> bool:
-        mbps = self._throttle()
+                     members: dict[str, str], left: int) -> Program[bool]:
+        mbps = yield from self._throttle()
         budget = int(mbps * 1e6 * ROUND_S) if mbps > 0 else 1 << 30
         sizes: dict[str, dict[int, int]] = {}
         by_group: dict[tuple[str, str], list[Move]] = {}
         for m in moves:
             by_group.setdefault((m.src, m.dst), []).append(m)
-        for src in {m.src for m in moves}:
-            sizes[src] = self._slot_sizes(src, sm.slots)
+        for src in sorted({m.src for m in moves}):
+            sizes[src] = yield from self._slot_sizes(src, sm.slots)
         # interleave groups until the byte budget is used (empty slots are free)
         chosen: dict[tuple[str, str], list[int]] = {}
         used = 0
@@ -381,18 +411,18 @@ class Rebalancer:
                 table[s] = sm.table[s] + (g.dst,)
                 pending[s] = (g.dst,)
         new = SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members, pending)
-        rnd = Round(uuid.uuid4().hex[:12], new.epoch, groups, {s: target[s] for s in pending})
-        self.etcd.put(migrations_prefix(self.cluster) + rnd.id, rnd.record(self.identity, "starting"))
-        if not self._publish(new, revision):
-            self.etcd.delete(migrations_prefix(self.cluster) + rnd.id)
+        rnd = Round(self.round_id(), new.epoch, groups, {s: target[s] for s in pending}, self.wall())
+        yield ETCD.put(migrations_prefix(self.cluster) + rnd.id, rnd.record(self.identity, "starting", self.wall()))
+        if not (yield from self._publish(new, revision)):
+            yield ETCD.delete(migrations_prefix(self.cluster) + rnd.id)
             return True
         log.info("rebalancer: round %s: %d slots (%s), %d moves left", rnd.id, len(pending),
                  ", ".join(f"{g.src}->{g.dst}:{len(g.slots)}" for g in groups), left)
-        self._progress("migrating", moves_left=left, round=rnd.id)
-        return self._run_round(rnd, members, mbps)
+        yield from self._progress("migrating", moves_left=left, round=rnd.id)
+        return (yield from self._run_round(rnd, members, mbps))
 
     def _resume(self, sm: SlotMap, revision: int, base: list[tuple[str, ...]], target: list[tuple[str, ...]],
-                members: dict[str, str]) -> bool:
+                members: dict[str, str]) -> Program[bool]:
         live = self.view.state.nodes
         bad = [s for s, p in sm.pending.items() if len(p) != 1 or p[0] not in target[s] or not base[s]
                or p[0] not in live]
@@ -403,14 +433,14 @@ class Rebalancer:
                 table[s] = base[s]
                 pending.pop(s)
             log.info("rebalancer: abandoning %d pending slots", len(bad))
-            return self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members, pending),
-                                 revision)
+            return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members,
+                                                     pending), revision))
         by_group: dict[tuple[str, str], list[int]] = {}
         for s, p in sorted(sm.pending.items()):
             by_group.setdefault((base[s][0], p[0]), []).append(s)
         rid, old_groups = None, {}
         try:
-            kvs, _ = self.etcd.get_prefix(migrations_prefix(self.cluster))
+            kvs, _ = yield ETCD.get_prefix(migrations_prefix(self.cluster))
         except EtcdUnavailable:
             kvs = []
         for kv in kvs:
@@ -423,7 +453,7 @@ class Rebalancer:
                 rid = rec["id"]
                 old_groups = {(mv["src"], mv["dst"]): mv for mv in rec["moves"]}
             else:
-                self.etcd.delete(kv.key)
+                yield ETCD.delete(kv.key)
         groups = []
         for (src, dst), slots in by_group.items():
             g = Group(src, dst, slots)
@@ -431,24 +461,31 @@ class Rebalancer:
             if old is not None:
                 g.bytes_total, g.bytes_done, g.values_done = old["bytes_total"], old["bytes_done"], old["values_done"]
             groups.append(g)
-        rnd = Round(rid or uuid.uuid4().hex[:12], sm.epoch, groups, {s: target[s] for s in sm.pending},
+        rnd = Round(rid or self.round_id(), sm.epoch, groups, {s: target[s] for s in sm.pending}, self.wall(),
                     resumed=True)
         log.info("rebalancer: resuming round %s (%d pending slots)", rnd.id, len(sm.pending))
-        self._progress("migrating", round=rnd.id, resumed=True)
-        return self._run_round(rnd, members, self._throttle())
+        yield from self._progress("migrating", round=rnd.id, resumed=True)
+        return (yield from self._run_round(rnd, members, (yield from self._throttle())))
 
     # -- copying
-    def _pace(self, nbytes: int, mbps: float) -> None:
+    def _pace(self, nbytes: int, mbps: float) -> Program[None]:
+        """The throttle: ``mbps`` for all copies of this rebalancer together."""
         if mbps <= 0 or nbytes <= 0:
             return
         with self._tlock:
-            now = time.monotonic()
+            now = self.clock()
             self._next_t = max(self._next_t, now) + nbytes / (mbps * 1e6)
             wait = self._next_t - now
         if wait > 0:
-            self.stop.wait(wait)
+            yield Sleep(wait)
 
-    def _copy(self, rnd: Round, g: Group, mbps: float) -> None:
+    def _copy(self, rnd: Round, g: Group, mbps: float) -> Program[None]:
+        try:
+            yield from self._copy_group(rnd, g, mbps)
+        finally:
+            g.finished = True
+
+    def _copy_group(self, rnd: Round, g: Group, mbps: float) -> Program[None]:
         chunk = int(min(8 << 20, max(256 << 10, mbps * 1e6 * 0.25))) if mbps > 0 else 8 << 20
         failures = 0
         while True:
@@ -463,10 +500,10 @@ class Rebalancer:
                 g.failed = f"source {g.src} is gone"
                 return
             try:
-                nslots = self.view.state.slotmap.slots  # type: ignore[union-attr]
-                r = self._call(nodes[g.src].addr, OP_MIGRATE_PUSH,
-                               {"job": f"{rnd.id}:{g.src}:{g.dst}", "slots": g.slots, "nslots": nslots,
-                                "dest": nodes[g.dst].addr, "epoch": rnd.epoch, "max_bytes": chunk})
+                nslots = self.view.state.slotmap.slots
+                r = yield from self._call(g.src, int(Op.MIGRATE_PUSH),
+                                          {"job": f"{rnd.id}:{g.src}:{g.dst}", "slots": g.slots, "nslots": nslots,
+                                           "dest": nodes[g.dst].addr, "epoch": rnd.epoch, "max_bytes": chunk})
             except MemKVError as exc:
                 # a refused push (AuthError/PermissionDenied: no or a wrong cluster secret) is a failure like
                 # any other: the slots stay with their old owners and a later round retries; never flip uncopied
@@ -477,7 +514,7 @@ class Rebalancer:
                 if failures >= MAX_PUSH_FAILURES:
                     g.failed = exc.message
                     return
-                self.stop.wait(0.5)
+                yield Sleep(0.5)
                 continue
             failures = 0
             g.bytes_done += int(r.get("bytes", 0))
@@ -486,32 +523,38 @@ class Rebalancer:
             if r.get("done"):
                 g.done = True
                 return
-            self._pace(int(r.get("bytes", 0)), mbps)
+            yield from self._pace(int(r.get("bytes", 0)), mbps)
 
-    def _run_round(self, rnd: Round, members: dict[str, str], mbps: float) -> bool:
+    def _copier(self, rnd: Round, queue: deque[Group], mbps: float) -> Program[None]:
+        """One of at most COPY_WORKERS concurrent copiers: groups one after the other."""
+        while queue:
+            yield from self._copy(rnd, queue.popleft(), mbps)
+
+    def _record(self, rnd: Round, key: str) -> Program[None]:
+        """The round's record, rewritten while its copies run (progress for ``memkv status``)."""
+        while not all(g.finished for g in rnd.groups):
+            try:
+                yield ETCD.put(key, rnd.record(self.identity, "copying", self.wall()))
+            except EtcdUnavailable:
+                pass
+            yield Sleep(RECORD_EVERY_S)
+
+    def _run_round(self, rnd: Round, members: dict[str, str], mbps: float) -> Program[bool]:
         self._idle = False
         key = migrations_prefix(self.cluster) + rnd.id
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(rnd.groups))),
-                                thread_name_prefix="memkv-migrate") as ex:
-            futures = [ex.submit(self._copy, rnd, g, mbps) for g in rnd.groups]
-            while not all(f.done() for f in futures):
-                try:
-                    self.etcd.put(key, rnd.record(self.identity, "copying"))
-                except EtcdUnavailable:
-                    pass
-                time.sleep(RECORD_EVERY_S)
-            for f in futures:
-                f.result()
+        queue = deque(rnd.groups)
+        copiers = tuple(self._copier(rnd, queue, mbps) for _ in range(max(1, min(COPY_WORKERS, len(queue)))))
+        yield Parallel((*copiers, self._record(rnd, key)))
         if not self.still_leader():
             return True  # the next leader resumes from the map's pending slots
         try:
-            self.etcd.put(key, rnd.record(self.identity, "flipping"))
+            yield ETCD.put(key, rnd.record(self.identity, "flipping", self.wall()))
         except EtcdUnavailable:
             pass
         ok_slots = {s: g.dst for g in rnd.groups if g.done for s in g.slots}
         drops: dict[str, set[int]] = {}
         for _ in range(10):
-            sm, rev = self._read_map()
+            sm, rev = yield from self._read_map()
             if sm is None:
                 return True
             live = self.view.state.nodes
@@ -538,162 +581,42 @@ class Rebalancer:
             done_members = sm.members
             if not pending:
                 base = [tuple(r) for r in table]
-                if base == compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=base):
+                if base == self._target(members, sm, base):
                     done_members = members
             new = SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), done_members, pending)
             if not self.still_leader():
                 return True
-            if self._publish(new, rev):
+            if (yield from self._publish(new, rev)):
                 break
         else:
             return True
         failed = [f"{g.src}->{g.dst}: {g.failed}" for g in rnd.groups if not g.done]
         if failed:
             self._failed_rounds += 1
-            self._retry_at = time.monotonic() + min(30.0, 0.5 * 2 ** self._failed_rounds)
+            self._retry_at = self.clock() + min(30.0, 0.5 * 2 ** self._failed_rounds)
             log.warning("rebalancer: round %s left slots with their old owners: %s", rnd.id, "; ".join(failed))
         else:
             self._failed_rounds = 0
         self.rounds += 1
         log.info("rebalancer: round %s flipped at epoch %d (%d slots moved)", rnd.id, new.epoch, len(ok_slots))
-        for node, slots in drops.items():
-            info = self.view.state.nodes.get(node)
-            if info is None:
-                continue
+        for node, slots in sorted(drops.items()):
+            if node not in self.view.state.nodes:
+                continue  # not registered: nothing to free there now
             try:
-                self._call(info.addr, OP_DROP_SLOTS, {"slots": sorted(slots), "nslots": new.slots,
-                                                      "epoch": new.epoch})
+                yield from self._call(node, int(Op.DROP_SLOTS), {"slots": sorted(slots), "nslots": new.slots,
+                                                                  "epoch": new.epoch})
             except MemKVError as exc:
                 log.warning("rebalancer: freeing %d slots on %s failed: %s", len(slots), node, exc.message)
         try:
-            self.etcd.delete(key)
+            yield ETCD.delete(key)
         except EtcdUnavailable:
             pass
         return True
 
-    def _clear_records(self) -> None:
-        kvs, _ = self.etcd.get_prefix(migrations_prefix(self.cluster))
+    def _clear_records(self) -> Program[None]:
+        kvs, _ = yield ETCD.get_prefix(migrations_prefix(self.cluster))
         for kv in kvs:
-            self.etcd.delete(kv.key)
-        kv, _ = self.etcd.get(progress_key(self.cluster))
+            yield ETCD.delete(kv.key)
+        kv, _ = yield ETCD.get(progress_key(self.cluster))
         if kv is None or json.loads(kv.value).get("state") != "idle":
-            self._progress("idle")
-
-
-# -- runners -------------------------------------------------------------------------------------
-
-class LeaseHolder:
-    """A lease of our own, kept alive by a thread (for ``memkv rebalancer``)."""
-
-    def __init__(self, etcd: Etcd, ttl: int) -> None:
-        self.etcd = etcd
-        self.ttl = ttl
-        self.lease: int | None = None
-        self.valid_until = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memkv-rebalancer-lease", daemon=True)
-
-    def start(self) -> LeaseHolder:
-        self._thread.start()
-        return self
-
-    def ok(self) -> bool:
-        return time.monotonic() < self.valid_until
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                t0 = time.monotonic()
-                if self.lease is None:
-                    self.lease = self.etcd.grant(self.ttl)
-                    self.valid_until = t0 + self.ttl * 0.9
-                else:
-                    ttl = self.etcd.keepalive(self.lease)
-                    if ttl <= 0:
-                        self.lease, self.valid_until = None, 0.0
-                        continue
-                    self.valid_until = t0 + min(ttl, self.ttl) * 0.9
-            except EtcdUnavailable:
-                pass
-            self._stop.wait(self.ttl / 3)
-
-    def stop(self) -> None:
-        self._stop.set()
-        lease, self.lease = self.lease, None
-        if lease is not None:
-            try:
-                self.etcd.revoke(lease)
-            except EtcdUnavailable:
-                pass
-
-
-def run_standalone(url: str, *, identity: str | None = None, mbps: float = DEFAULT_MBPS, lease_ttl: int = 5,
-                   slots: int = 4096, replicas: int = 2, stop: threading.Event | None = None,
-                   secret_file: str | None = None, tls: dict[str, Any] | None = None) -> None:
-    """``memkv rebalancer URL``: campaign and lead until ``stop`` is set.
-
-    Node calls use the cluster identity: the secret from ``secret_file`` / ``MEMKV_CLUSTER_SECRET``, else
-    etcd's ``/memkv/<c>/secret``; ``tls`` (``ca``, ``cert``, ``key``, ``check_hostname``) when the nodes
-    serve TLS (cluster/identity.py)."""
-    import os
-    import socket
-
-    from memkv.client.url import parse_url
-    from memkv.cluster import identity as cid
-
-    parsed = parse_url(url)
-    etcd = Etcd([(n.host, n.port) for n in parsed.nodes], timeout=max(1.0, min(3.0, lease_ttl / 2)))
-    secret = cid.configured_secret({}, secret_file=secret_file)
-    while secret is None:
-        try:
-            secret = cid.etcd_secret(etcd, parsed.cluster)
-        except EtcdUnavailable as exc:
-            log.warning("rebalancer: cannot read the cluster secret from etcd (%s); retrying", exc.message)
-            if (stop or threading.Event()).wait(0.5):
-                etcd.close()
-                return
-    t = tls or {}
-    ctx = cid.client_tls({}, {"tls_ca": t.get("ca"), "tls_cert": t.get("cert"), "tls_key": t.get("key"),
-                              "tls_check_hostname": t.get("check_hostname", True)}) if t.get("ca") else None
-    creds = cid.credentials(secret, parsed.cluster, ctx)
-    view = ClusterView(etcd, parsed.cluster)
-    view.start()
-    holder = LeaseHolder(etcd, lease_ttl).start()
-    ident = identity or f"rebalancer-{socket.gethostname()}-{os.getpid()}"
-    rb = Rebalancer(etcd, view, parsed.cluster, ident, lease=lambda: holder.lease, alive=holder.ok, mbps=mbps,
-                    slots=slots, replicas=replicas, credentials=creds)
-    try:
-        rb.run(stop)
-    finally:
-        holder.stop()
-        view.stop()
-        etcd.close()
-
-
-def migration_status(etcd: Etcd, cluster: str, st: Any) -> dict[str, Any]:
-    """For ``memkv status``: migrations in flight (bytes, rate, ETA), under-replicated slots, progress."""
-    kvs, _ = etcd.get_prefix(migrations_prefix(cluster))
-    now = time.time()
-    out = []
-    for kv in kvs:
-        try:
-            rec = json.loads(kv.value)
-        except ValueError:
-            continue
-        elapsed = max(1e-3, now - float(rec.get("started", now)))
-        for mv in rec.get("moves", []):
-            done, total = int(mv.get("bytes_done", 0)), int(mv.get("bytes_total", 0))
-            rate = done / elapsed
-            left = max(0, total - done)
-            out.append({"round": rec.get("id"), "state": rec.get("state"), "src": mv.get("src"),
-                        "dst": mv.get("dst"), "slots": len(mv.get("slots", [])), "bytes_done": done,
-                        "bytes_total": total, "values_done": int(mv.get("values_done", 0)),
-                        "rate": rate, "eta_s": (left / rate) if rate > 0 else None,
-                        "done": bool(mv.get("done")), "failed": mv.get("failed"), "resumed": rec.get("resumed")})
-    kv, _ = etcd.get(progress_key(cluster))
-    progress = json.loads(kv.value) if kv is not None else None
-    drains = sorted(k.key.rsplit("/", 1)[1] for k in etcd.get_prefix(drain_prefix(cluster))[0])
-    sm = st.slotmap
-    return {"migrations": out, "rebalancer": progress, "draining": drains,
-            "slots_moving": len(sm.pending) if sm is not None else 0,
-            "under_replicated": under_replicated(sm, set(st.nodes)) if sm is not None else 0}
+            yield from self._progress("idle")
