@@ -30,13 +30,17 @@ TRANSPORTS = ("auto", "tcp", "shm", "rdma")
 MOVED_RETRIES = 5
 
 
-def replicated_outcome(outcomes: list[tuple[bool, Any]]) -> Any:
-    """Combine the replies of one write sent to every replica (primary first).
+def replicated_outcome(outcomes: list[tuple[bool, Any]], pending: int = 0) -> Any:
+    """Combine the replies of one write sent to every replica (primary first; the last
+    ``pending`` are destinations of a slot being moved, ``ClusterRouter.write_replicas``).
 
     MOVED from any replica wins (the operation is run again on a fresh map).
-    Replicas that are dead (failover errors) or fenced did not store it and are
-    not live: they are skipped. Any other error (e.g. KeyExists) is raised.
-    Otherwise the first replica's result is returned."""
+    Owners that are dead (failover errors) or fenced did not store it and are
+    not live: they are skipped, but at least one owner must have stored it (a write only a
+    destination has is lost if the move is abandoned). A destination may not be skipped: it
+    owns the slot once the move flips, so a write it lacks would be lost when the old owners
+    free the slot. Any other error (e.g. KeyExists) is raised. Otherwise the first
+    replica's result is returned."""
     errors = [r for ok, r in outcomes if not ok]
     moved = [e for e in errors if isinstance(e, Moved)]
     if moved:
@@ -44,10 +48,14 @@ def replicated_outcome(outcomes: list[tuple[bool, Any]]) -> Any:
     for e in errors:
         if not isinstance(e, (*FAILOVER_ERRORS, Fenced)):
             raise e
-    for ok, r in outcomes:
+    owners = len(outcomes) - pending
+    for ok, r in outcomes[owners:]:
+        if not ok:
+            raise r
+    for ok, r in outcomes[:owners]:
         if ok:
             return r
-    raise errors[0]
+    raise errors[0] if errors else NodeUnavailable("no owner of this key's slot is live")
 
 
 def _security_meta(model: str | None, no_store: bool) -> dict[str, Any] | None:
@@ -164,9 +172,10 @@ class Client:
 
     async def _exec_replicated(self, send: Send) -> Any:
         """Cluster write: sent to every live replica in parallel; acknowledged when
-        all replicas that are alive stored it (a dead or fenced replica is skipped,
-        at least one must succeed). MOVED from any replica restarts the operation."""
-        nodes = self.router.replicas(send.key)
+        all replicas that are alive stored it (a dead or fenced owner is skipped,
+        at least one owner and every destination of a moving slot must succeed:
+        ``replicated_outcome``). MOVED from any replica restarts the operation."""
+        nodes, pending = self.router.write_replicas(send.key)
         if not nodes:
             raise NodeUnavailable("no live replica for this key's slot")
         outcomes: list[Any] = [None] * len(nodes)
@@ -180,7 +189,7 @@ class Client:
         async with trio.open_nursery() as nursery:
             for i, node in enumerate(nodes):
                 nursery.start_soon(one, i, node)
-        return replicated_outcome(outcomes)
+        return replicated_outcome(outcomes, pending)
 
     async def _exec_many(self, sends: list[Send]) -> list[Any]:
         if len(sends) == 1 and not sends[0].tolerant:

@@ -99,7 +99,7 @@ class SyncClient:
         """Cluster write to every live replica in parallel (see Client._exec_replicated).
         The primary runs in this thread, the others in a pool of their own (never
         the batch pool, whose workers may be waiting here)."""
-        nodes = self.router.replicas(send.key)
+        nodes, pending = self.router.write_replicas(send.key)
         if not nodes:
             raise NodeUnavailable("no live replica for this key's slot")
 
@@ -113,7 +113,7 @@ class SyncClient:
             self._repl_executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="memkv-repl")
         futures = [self._repl_executor.submit(one, n) for n in nodes[1:]] if len(nodes) > 1 else []
         outcomes = [one(nodes[0])] + [f.result() for f in futures]
-        return replicated_outcome(outcomes)
+        return replicated_outcome(outcomes, pending)
 
     def _exec_many(self, sends: list[Send]) -> list[Any]:
         if len(sends) == 1:

@@ -62,6 +62,15 @@ class _EtcdEffects:
     def delete_if(self, key: str, value: bytes | str) -> EtcdCall:
         return EtcdCall("delete_if", (key, value))
 
+    def grant(self, ttl: int) -> EtcdCall:
+        return EtcdCall("grant", (ttl,))
+
+    def keepalive(self, lease_id: int) -> EtcdCall:
+        return EtcdCall("keepalive", (lease_id,))
+
+    def revoke(self, lease_id: int) -> EtcdCall:
+        return EtcdCall("revoke", (lease_id,))
+
 
 ETCD = _EtcdEffects()
 

@@ -1,6 +1,6 @@
 """The node side of slot migration (DESIGN.md §7): the ops the rebalancer drives.
 
-Three node-to-node / rebalancer-to-node operations, served by every cluster
+Four node-to-node / rebalancer-to-node operations, served by every cluster
 node (``install`` is called by ``attach_cluster``). Their decisions are the sans-IO programs of
 ``memkv.cluster.migration_job`` (also run by the control-plane simulator); this module performs
 their effects on the node: the store, node-to-node calls, waits on the node's slot map.
@@ -21,12 +21,15 @@ their effects on the node: the store, node-to-node calls, waits on the node's sl
   after the map changed. Calling it again is harmless (versions), so a new
   rebalancer leader simply starts a job again.
 - ``DROP_SLOTS {slots, nslots, epoch}``: after the flip, free the old copy:
-  waits for the node's map to reach ``epoch``, then deletes the values of the
-  listed slots that the node does not own (pending included) in its map.
+  waits for the node's map to reach ``epoch``, hands the slots' owners the values
+  they lack (``SLOT_VERSIONS`` on each, then ``PUT_MANY`` + ``vers``), then deletes the
+  values of the listed slots that the node does not own (pending included) in its map.
   With ``pending``: (sent by a source before it copies) delete the values of the listed slots
   where this node is only a pending destination -- old values from an earlier ownership.
 
-Once the node has tenants, all three need the cluster identity (``__cluster__``, token derived from the
+- ``SLOT_VERSIONS {keys}``: the versions held of [namespace, tenant, key] triples (0: none).
+
+Once the node has tenants, all four need the cluster identity (``__cluster__``, token derived from the
 cluster secret: memkv/cluster/identity.py); the push logs in to ``dest`` as it too and stores every value
 for its own tenant (``PUT_MANY`` ``owner``), so tenant-scoped values keep their scope.
 
@@ -56,6 +59,7 @@ log = logging.getLogger("memkv.cluster")
 OP_SLOT_SIZES = int(Op.SLOT_SIZES)
 OP_MIGRATE_PUSH = int(Op.MIGRATE_PUSH)
 OP_DROP_SLOTS = int(Op.DROP_SLOTS)
+OP_SLOT_VERSIONS = int(Op.SLOT_VERSIONS)
 
 
 class MigrationService:
@@ -129,6 +133,13 @@ class MigrationService:
         ttl = None if e.expires is None else max(1.0, round(e.expires - clock))
         return CopyItem(e.key, value, len(value), e.version, e.tenant, ttl)
 
+    def _version(self, ikey: IKey) -> int:
+        """The version this node holds of ``ikey`` (0: none, or expired)."""
+        e = self.store._index.get(ikey)
+        if e is None or (e.expires is not None and e.expires <= self.store.clock()):
+            return 0
+        return int(e.version)
+
     def _require_internal(self, session: Any, what: str) -> None:
         """Only the cluster identity once the node has tenants (a tenant, even an admin, gets PermissionDenied)."""
         sec = getattr(self.node, "security", None)
@@ -159,7 +170,8 @@ class MigrationService:
         self._require_internal(session, "MIGRATE_PUSH")
         req = migration_job.PushRequest.from_meta(meta)
         r = await run_async(migration_job.push(self.jobs, req, view=self.member.view, me=self.member.node_id,
-                                               read=self._copy_item, clock=time.monotonic), self._effect)
+                                               version=self._version, read=self._copy_item, clock=time.monotonic),
+                            self._effect)
         self.bytes_pushed += r["bytes"]
         self.values_pushed += r["values"]
         return Reply(r)
@@ -205,9 +217,20 @@ class MigrationService:
         self._require_internal(session, "DROP_SLOTS")
         slots, nslots = migration_job.slots_of(meta)
         r = await run_async(migration_job.drop(self.member.view, self.member.node_id, slots, nslots,
-                                               int(meta.get("epoch", 0)), bool(meta.get("pending"))), self._effect)
+                                               int(meta.get("epoch", 0)), bool(meta.get("pending")),
+                                               version=self._version, read=self._copy_item), self._effect)
         self.values_dropped += r["values"]
         return Reply(r)
+
+    async def slot_versions(self, session: Any, meta: dict[str, Any]) -> Reply:
+        """The versions this node holds of ``keys`` ([namespace, tenant, key] each; 0: none): what a
+        node freeing slots asks the owners before it hands them the values they lack."""
+        self._require_internal(session, "SLOT_VERSIONS")
+        keys = meta.get("keys")
+        if not isinstance(keys, list) or not all(
+                isinstance(k, list | tuple) and len(k) == 3 and isinstance(k[2], bytes) for k in keys):
+            raise InvalidArgument("keys: a list of [namespace, tenant, key] is required")
+        return Reply({"vers": [self._version((str(ns), str(t), bytes(k))) for ns, t, k in keys]})
 
     async def _free(self, gone: frozenset[int], nslots: int, pending_only: bool) -> tuple[int, int]:
         me = self.member.node_id
@@ -251,6 +274,7 @@ def install(node: Any, member: Any) -> MigrationService:
     node.extra_handlers[OP_SLOT_SIZES] = svc.slot_sizes
     node.extra_handlers[OP_MIGRATE_PUSH] = svc.push
     node.extra_handlers[OP_DROP_SLOTS] = svc.drop
+    node.extra_handlers[OP_SLOT_VERSIONS] = svc.slot_versions
     # /metrics: chain onto the node's extra-metrics hook (MetricsCollector ``extra``).
     previous = node._flash_metrics
 

@@ -16,7 +16,8 @@ What it does, in a loop, from the state in etcd (nothing is kept in memory
 that a new leader would need):
 
 1. **Loss**: nodes whose lease expired are removed from every slot's replica
-   list at once (they cannot serve; survivors move up to primary).
+   list at once (they cannot serve; survivors move up to primary). A slot
+   whose owners are all gone keeps its live migration destination as owner.
 2. **Target**: the slot map for the live, non-draining members
    (``memkv.cluster.slotmap.compute_table``, sticky to the current map).
 3. **Rounds**: the slots whose target adds a replica are moved in rounds,
@@ -31,7 +32,10 @@ that a new leader would need):
    b. copies: the source node pushes the slot's values to the destination
       (``MIGRATE_PUSH``, memkv/cluster/migration_job.py) chunk by chunk, throttled;
       the copy keeps write versions, so it never overwrites a double-written
-      newer value; progress goes to the record;
+      newer value; progress goes to the record. Then every other owner the
+      flip will remove hands over what the destination still lacks (the same
+      push with ``missing_only``: keys are compared, values move only where
+      the replicas differ -- a write acknowledged while an owner was down);
    c. flips, in one etcd transaction guarded by the map's revision and our
       leadership (epoch + 1): the destination becomes a full replica and the
       replicas the target drops leave the row (never below R replicas);
@@ -46,7 +50,9 @@ that a new leader would need):
    the start, which is harmless: copies keep versions) and flips.
 
 Drain: ``/memkv/<c>/drain/<node>`` (``memkv drain``) takes the node out of the
-target; the key is deleted once the node has left and holds no slot.
+target; once no row names it, the node hands its values over to their owners and
+frees them, and the record says ``freed`` (then it can be stopped); the key is
+deleted once the node has left.
 
 Idle, the leader waits for the cluster view to change (any key under ``/memkv/<c>/``: a node,
 the map, a drain or throttle request) or for its next timer (membership settling, the back-off
@@ -118,11 +124,12 @@ class Group:
     done: bool = False
     failed: str | None = None
     finished: bool = False  # its copy program has ended (done, failed, or raised)
+    handover: bool = False  # an owner that leaves the slots sends what the destination still lacks
 
     def to_json(self) -> dict[str, Any]:
         return {"src": self.src, "dst": self.dst, "slots": self.slots, "bytes_total": self.bytes_total,
                 "bytes_done": self.bytes_done, "values_done": self.values_done, "done": self.done,
-                "failed": self.failed}
+                "failed": self.failed, "handover": self.handover}
 
 
 @dataclass
@@ -204,15 +211,26 @@ class Rebalancer:
                 mine = yield ETCD.create(key, self.identity, lease=lease)
                 if not mine:
                     kv, _ = yield ETCD.get(key)
-                    mine = kv is not None and kv.value.decode() == self.identity
+                    if kv is not None and kv.value.decode() == self.identity:
+                        # Our name, but this campaign did not create it: an earlier life of this
+                        # candidate (restarted within its old lease's TTL). Leading on it would tie
+                        # our leadership to a lease that expires under us -- and nobody would
+                        # campaign again. Remove it and campaign anew.
+                        yield ETCD.delete_if(key, self.identity)
+                        continue
             except EtcdUnavailable:
                 yield Sleep(0.5)
                 continue
             if not mine:
                 yield Sleep(POLL_S * 2)
                 continue
+            # act only once our own view shows our leadership (still_leader requires it)
+            if not (yield WaitView(lambda st: st.leader == self.identity, 2.0)):
+                continue
             log.info("%s leads the rebalancer of cluster %s", self.identity, self.cluster)
-            self.leading, self._lease_held = True, lease
+            # (a leadership of ours that ended earlier may have left _idle set; records of rounds led
+            # by others since then are cleared at the first idle step)
+            self.leading, self._lease_held, self._idle = True, lease, False
             try:
                 yield from self._lead()
             except Exception:  # noqa: BLE001 - keep campaigning whatever happens
@@ -222,10 +240,11 @@ class Rebalancer:
                 self.leading = False
 
     def still_leader(self) -> bool:
+        """Our lease is the one we won with, it is valid, and the leader key (as our view last
+        saw it) names us: a key that expired or was deleted ends the leadership."""
         if not self.alive() or self.lease() != self._lease_held:
             return False
-        leader = self.view.state.leader
-        return leader is None or leader == self.identity
+        return bool(self.view.state.leader == self.identity)
 
     def _lead(self) -> Program[None]:
         while self.still_leader():
@@ -259,9 +278,30 @@ class Rebalancer:
             return None, 0
         return SlotMap.decode(kv.value), kv.mod_revision
 
-    def _drains(self) -> Program[set[str]]:
+    def _drains(self) -> Program[dict[str, dict[str, Any]]]:
+        """Drain requests: node -> its record (``freed``: it has handed over and freed everything)."""
         kvs, _ = yield ETCD.get_prefix(drain_prefix(self.cluster))
-        return {kv.key.rsplit("/", 1)[1] for kv in kvs}
+        out: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            try:
+                rec = json.loads(kv.value)
+            except ValueError:
+                rec = None
+            out[kv.key.rsplit("/", 1)[1]] = rec if isinstance(rec, dict) else {}
+        return out
+
+    def _release(self, node: str, sm: SlotMap, rec: dict[str, Any]) -> Program[None]:
+        """A drained node that owns no slot any more: it hands its values over to their slots'
+        owners and frees them (``DROP_SLOTS`` of every slot); then its drain record says ``freed``
+        and ``memkv drain`` tells the operator it can be stopped. (Stopping it as soon as the map
+        no longer names it would lose the writes it alone took while the map was changing.)"""
+        try:
+            yield from self._call(node, int(Op.DROP_SLOTS), {"slots": list(range(sm.slots)), "nslots": sm.slots,
+                                                              "epoch": sm.epoch})
+        except MemKVError as exc:
+            log.warning("rebalancer: drained node %s could not hand over and free its values: %s", node, exc.message)
+            return
+        yield ETCD.put(drain_prefix(self.cluster) + node, json.dumps({**rec, "freed": True, "epoch": sm.epoch}))
 
     def _throttle(self) -> Program[float]:
         try:
@@ -292,23 +332,36 @@ class Rebalancer:
     # -- one step of the loop; True when it changed something
     def step(self) -> Program[bool]:
         st = self.view.state
-        live = {n: info.zone for n, info in st.nodes.items()}
-        if not live:
+        if not st.nodes:
             return False
-        sm = st.slotmap
-        if sm is None:
-            first = compute_slot_map(live, slots=self.slots, replicas=self.replicas)
+        if st.slotmap is None:
+            first = compute_slot_map({n: info.zone for n, info in st.nodes.items()}, slots=self.slots,
+                                     replicas=self.replicas)
             return (yield from self._publish(first, 0))
         drains = yield from self._drains()
+        st = self.view.state  # after the read: decisions on the freshest view (a node may have come back)
+        live = {n: info.zone for n, info in st.nodes.items()}
+        sm = st.slotmap
+        if not live or sm is None:
+            return False
         in_map = {n for row in sm.table for n in row}
-        for n in sorted(drains - set(live) - in_map):
+        for n in sorted(set(drains) - set(live) - in_map):
             yield ETCD.delete(drain_prefix(self.cluster) + n)
+        for n in sorted(set(drains) & set(live) - in_map):
+            if not drains[n].get("freed"):
+                yield from self._release(n, sm, drains[n])
         members = {n: z for n, z in live.items() if n not in drains} or dict(live)
 
         # 1. loss: dead nodes leave every row and every pending list at once
         if any(n not in live for n in in_map):
             table = tuple(tuple(n for n in row if n in live) for row in sm.table)
             pending = {s: p2 for s, p in sm.pending.items() if (p2 := tuple(n for n in p if n in live))}
+            for s, p in list(pending.items()):
+                if all(n in p for n in table[s]):
+                    # every owner is gone: the destination becomes the owner. It has every write
+                    # acknowledged since the move began (clients never skip a destination) and part
+                    # of the copy: abandoning it would throw those away.
+                    del pending[s]
             lost = sorted(n for n in in_map if n not in live)
             log.info("rebalancer: nodes %s are gone; %d slots lose a replica", lost,
                      sum(1 for row in sm.table if any(n not in live for n in row)))
@@ -357,9 +410,8 @@ class Rebalancer:
             log.warning("rebalancer: %d slots had no replica left; assigned empty", len(orphans))
             return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members),
                                              st.slotmap_revision))
-        if not moves:  # only removals left (e.g. a replica over R): flip them
-            return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(target), members),
-                                             st.slotmap_revision))
+        if not moves:  # only removals left (a replica over R, the last slots of a drained node)
+            return (yield from self._remove(sm, st.slotmap_revision, target, members))
         return (yield from self._start_round(sm, st.slotmap_revision, moves, target, members, len(moves)))
 
     def _call(self, node: str, op: int, meta: dict[str, Any]) -> Program[dict[str, Any]]:
@@ -411,6 +463,12 @@ class Rebalancer:
                 table[s] = sm.table[s] + (g.dst,)
                 pending[s] = (g.dst,)
         new = SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members, pending)
+        # asking the sources took time: a node that joined, left or was drained meanwhile makes this plan stale
+        drains = set((yield from self._drains()))
+        now_live = {n: info.zone for n, info in self.view.state.nodes.items()}
+        if ({n: z for n, z in now_live.items() if n not in drains} or now_live) != members:
+            log.info("rebalancer: membership changed while planning a round; planning again")
+            return True
         rnd = Round(self.round_id(), new.epoch, groups, {s: target[s] for s in pending}, self.wall())
         yield ETCD.put(migrations_prefix(self.cluster) + rnd.id, rnd.record(self.identity, "starting", self.wall()))
         if not (yield from self._publish(new, revision)):
@@ -427,6 +485,7 @@ class Rebalancer:
         bad = [s for s, p in sm.pending.items() if len(p) != 1 or p[0] not in target[s] or not base[s]
                or p[0] not in live]
         if bad:  # cannot finish these (destination gone or no longer wanted): back to the old owners
+            yield from self._give_back(sm, {s: sm.pending[s][0] for s in bad if len(sm.pending[s]) == 1})
             table = list(sm.table)
             pending = dict(sm.pending)
             for s in bad:
@@ -451,7 +510,7 @@ class Rebalancer:
             slots = {s for mv in rec.get("moves", []) for s in mv.get("slots", [])}
             if slots == set(sm.pending) and rid is None:
                 rid = rec["id"]
-                old_groups = {(mv["src"], mv["dst"]): mv for mv in rec["moves"]}
+                old_groups = {(mv["src"], mv["dst"]): mv for mv in rec["moves"] if not mv.get("handover")}
             else:
                 yield ETCD.delete(kv.key)
         groups = []
@@ -502,8 +561,9 @@ class Rebalancer:
             try:
                 nslots = self.view.state.slotmap.slots
                 r = yield from self._call(g.src, int(Op.MIGRATE_PUSH),
-                                          {"job": f"{rnd.id}:{g.src}:{g.dst}", "slots": g.slots, "nslots": nslots,
-                                           "dest": nodes[g.dst].addr, "epoch": rnd.epoch, "max_bytes": chunk})
+                                          {"job": f"{rnd.id}:{g.src}:{g.dst}" + (":h" if g.handover else ""),
+                                           "slots": g.slots, "nslots": nslots, "dest": nodes[g.dst].addr,
+                                           "epoch": rnd.epoch, "max_bytes": chunk, "missing_only": g.handover})
             except MemKVError as exc:
                 # a refused push (AuthError/PermissionDenied: no or a wrong cluster secret) is a failure like
                 # any other: the slots stay with their old owners and a later round retries; never flip uncopied
@@ -539,19 +599,83 @@ class Rebalancer:
                 pass
             yield Sleep(RECORD_EVERY_S)
 
+    def _copy_all(self, rnd: Round, groups: list[Group], key: str, mbps: float) -> Program[None]:
+        queue = deque(groups)
+        copiers = tuple(self._copier(rnd, queue, mbps) for _ in range(max(1, min(COPY_WORKERS, len(queue)))))
+        yield Parallel((*copiers, self._record(rnd, key)))
+
+    def _handovers(self, rnd: Round) -> list[Group]:
+        """For each copied slot, the other owners the flip will remove: each sends the destination
+        what it still lacks. Replicas can differ (a write is acknowledged by the owners that were
+        alive), and the copy came from one of them only."""
+        sm = self.view.state.slotmap
+        live = self.view.state.nodes
+        by: dict[tuple[str, str], list[int]] = {}
+        for g in rnd.groups:
+            if not g.done or g.handover or sm is None:
+                continue
+            for s in g.slots:
+                pend = sm.pending.get(s, ())
+                for o in sm.table[s]:
+                    if o not in pend and o != g.src and o in live and o not in rnd.target.get(s, ()):
+                        by.setdefault((o, g.dst), []).append(s)
+        return [Group(src, dst, slots, handover=True) for (src, dst), slots in sorted(by.items())]
+
+    def _hand_over(self, epoch: int, by: dict[tuple[str, str], list[int]],
+                   target: dict[int, tuple[str, ...]]) -> Program[list[Group]]:
+        """Run hand-overs: each ``(src, dst) -> slots`` sends dst what it lacks of those slots
+        (``MIGRATE_PUSH`` with ``missing_only``), under a record of their own; the groups, done or not."""
+        if not by:
+            return []
+        groups = [Group(src, dst, slots, handover=True) for (src, dst), slots in sorted(by.items())]
+        rnd = Round(self.round_id(), epoch, groups, target, self.wall())
+        key = migrations_prefix(self.cluster) + rnd.id
+        self._idle = False
+        yield from self._copy_all(rnd, groups, key, (yield from self._throttle()))
+        try:
+            yield ETCD.delete(key)
+        except EtcdUnavailable:
+            pass
+        return groups
+
+    def _give_back(self, sm: SlotMap, slots: dict[int, str]) -> Program[None]:
+        """Before a move is abandoned: its destination (``slots``: slot -> destination) got the
+        clients' writes since the move began, and an owner that took such a write may be gone
+        since. The destination hands the slot's first live owner what that one lacks."""
+        live = self.view.state.nodes
+        by: dict[tuple[str, str], list[int]] = {}
+        for s, dst in sorted(slots.items()):
+            owners = [n for n in sm.table[s] if n != dst and n not in sm.pending.get(s, ()) and n in live]
+            if dst in live and owners:
+                by.setdefault((dst, owners[0]), []).append(s)
+        for g in (yield from self._hand_over(sm.epoch, by, {})):
+            if not g.done:
+                log.warning("rebalancer: %s could not give %d abandoned slots back to %s: %s", g.src, len(g.slots),
+                            g.dst, g.failed)
+
     def _run_round(self, rnd: Round, members: dict[str, str], mbps: float) -> Program[bool]:
         self._idle = False
         key = migrations_prefix(self.cluster) + rnd.id
-        queue = deque(rnd.groups)
-        copiers = tuple(self._copier(rnd, queue, mbps) for _ in range(max(1, min(COPY_WORKERS, len(queue)))))
-        yield Parallel((*copiers, self._record(rnd, key)))
+        yield from self._copy_all(rnd, rnd.groups, key, mbps)
+        handovers = self._handovers(rnd) if self.still_leader() else []
+        if handovers:
+            rnd.groups.extend(handovers)
+            yield from self._copy_all(rnd, handovers, key, mbps)
         if not self.still_leader():
             return True  # the next leader resumes from the map's pending slots
         try:
             yield ETCD.put(key, rnd.record(self.identity, "flipping", self.wall()))
         except EtcdUnavailable:
             pass
-        ok_slots = {s: g.dst for g in rnd.groups if g.done for s in g.slots}
+        ok_slots = {s: g.dst for g in rnd.groups if g.done and not g.handover for s in g.slots}
+        for g in rnd.groups:
+            if g.handover and not g.done:
+                for s in g.slots:
+                    ok_slots.pop(s, None)  # a leaving owner could not hand over: the slot stays as it is
+        sm_now = self.view.state.slotmap
+        if sm_now is not None:
+            yield from self._give_back(sm_now, {s: g.dst for g in rnd.groups if not g.handover
+                                                for s in g.slots if s not in ok_slots and s in sm_now.pending})
         drops: dict[str, set[int]] = {}
         for _ in range(10):
             sm, rev = yield from self._read_map()
@@ -575,8 +699,10 @@ class Rebalancer:
                         table[s] = (*kept, g.dst, *removed[:need])
                         for n in removed[need:]:
                             drops.setdefault(n, set()).add(s)
-                    else:
+                    elif any(n in live for n in row_wo) or g.dst not in live:
                         table[s] = row_wo
+                    else:
+                        table[s] = (g.dst,)  # the owners are gone (see step 1): the destination is what is left
                     pending.pop(s)
             done_members = sm.members
             if not pending:
@@ -590,7 +716,8 @@ class Rebalancer:
                 break
         else:
             return True
-        failed = [f"{g.src}->{g.dst}: {g.failed}" for g in rnd.groups if not g.done]
+        failed = [f"{g.src}->{g.dst}{' (hand-over)' if g.handover else ''}: {g.failed}"
+                  for g in rnd.groups if not g.done]
         if failed:
             self._failed_rounds += 1
             self._retry_at = self.clock() + min(30.0, 0.5 * 2 ** self._failed_rounds)
@@ -599,18 +726,56 @@ class Rebalancer:
             self._failed_rounds = 0
         self.rounds += 1
         log.info("rebalancer: round %s flipped at epoch %d (%d slots moved)", rnd.id, new.epoch, len(ok_slots))
-        for node, slots in sorted(drops.items()):
-            if node not in self.view.state.nodes:
-                continue  # not registered: nothing to free there now
-            try:
-                yield from self._call(node, int(Op.DROP_SLOTS), {"slots": sorted(slots), "nslots": new.slots,
-                                                                  "epoch": new.epoch})
-            except MemKVError as exc:
-                log.warning("rebalancer: freeing %d slots on %s failed: %s", len(slots), node, exc.message)
+        yield from self._free(drops, new)
         try:
             yield ETCD.delete(key)
         except EtcdUnavailable:
             pass
+        return True
+
+    def _free(self, drops: dict[str, set[int]], sm: SlotMap) -> Program[None]:
+        """``DROP_SLOTS`` on each node that left rows of ``sm`` (once its own map has ``sm``)."""
+        for node, slots in sorted(drops.items()):
+            if node not in self.view.state.nodes:
+                continue  # not registered: nothing to free there now
+            try:
+                yield from self._call(node, int(Op.DROP_SLOTS), {"slots": sorted(slots), "nslots": sm.slots,
+                                                                  "epoch": sm.epoch})
+            except MemKVError as exc:
+                log.warning("rebalancer: freeing %d slots on %s failed: %s", len(slots), node, exc.message)
+
+    def _remove(self, sm: SlotMap, revision: int, target: list[tuple[str, ...]],
+                members: dict[str, str]) -> Program[bool]:
+        """Rows that only lose owners: each leaving owner first hands over to the slot's remaining
+        primary what that one lacks, then the map drops it (the rows of failed hand-overs stay)."""
+        live = self.view.state.nodes
+        by: dict[tuple[str, str], list[int]] = {}
+        drops: dict[str, set[int]] = {}
+        for s, row in enumerate(sm.table):
+            for o in row:
+                if o not in target[s] and target[s]:
+                    drops.setdefault(o, set()).add(s)
+                    if o in live:
+                        by.setdefault((o, target[s][0]), []).append(s)
+        table = list(target)
+        done_members = members
+        groups = yield from self._hand_over(sm.epoch, by, {s: target[s] for slots in by.values() for s in slots})
+        if groups and not self.still_leader():
+            return True
+        for g in groups:
+            if not g.done:
+                log.warning("rebalancer: %s could not hand over %d slots to %s (%s); they keep it",
+                            g.src, len(g.slots), g.dst, g.failed)
+                self._failed_rounds += 1
+                self._retry_at = self.clock() + min(30.0, 0.5 * 2 ** self._failed_rounds)
+                done_members = sm.members
+                for s in g.slots:
+                    table[s] = sm.table[s]
+                    drops.get(g.src, set()).discard(s)
+        new = SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), done_members)
+        if not (yield from self._publish(new, revision)):
+            return True
+        yield from self._free(drops, new)
         return True
 
     def _clear_records(self) -> Program[None]:

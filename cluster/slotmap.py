@@ -100,10 +100,9 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
     for row in table:
         load.update(row)
 
-    # Nodes above ``hard`` after a membership change (nodes were added, the mean fell)
-    # are rebalanced by 3a; below it, leaving them be saves moves.
+    # Nodes above ``hard`` (nodes were added and the mean fell, or the fill had to exceed the
+    # bound) are rebalanced by 3a; below it, leaving them be saves moves.
     hard = max(cap, int(total / len(ids) * 1.08))
-    over_before = {n for n in ids if load[n] > hard}
 
     # 2. fill empty positions: ring walk, bounded load, zone-aware
     all_zones = set(members.values())
@@ -159,11 +158,11 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
             victim = max(victims, key=lambda n: (load[n], n))
             if _zone_ok(members, u, [n for n in row if n != victim], victim):
                 move(s, victim, u)
-    # 3a. nodes that were over the bound before (it shrank: nodes were added) give slots
-    #     to the least loaded eligible node
-    for o in sorted(over_before):
-        if load[o] <= hard:
-            continue
+    # 3a. nodes over the bound (it shrank: nodes were added; or the fill had to exceed it) give
+    #     slots to the least loaded eligible node. Done after the fill, so that the result is a
+    #     fixed point: computing again from it changes nothing (else every round of the
+    #     rebalancer would find a little more to move).
+    for o in sorted(n for n in ids if load[n] > hard):
         for s in sorted((s for s in range(slots) if o in table[s]), key=lambda s: points[s]):
             if load[o] <= cap:
                 break
