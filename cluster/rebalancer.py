@@ -485,7 +485,11 @@ class Rebalancer:
         bad = [s for s, p in sm.pending.items() if len(p) != 1 or p[0] not in target[s] or not base[s]
                or p[0] not in live]
         if bad:  # cannot finish these (destination gone or no longer wanted): back to the old owners
-            yield from self._give_back(sm, {s: sm.pending[s][0] for s in bad if len(sm.pending[s]) == 1})
+            keep = yield from self._give_back(sm, {s: sm.pending[s][0] for s in bad if len(sm.pending[s]) == 1})
+            bad = [s for s in bad if s not in keep]
+            if not bad:
+                yield Sleep(0.5)  # until an owner answers, or their leases expire (step 1)
+                return False
             table = list(sm.table)
             pending = dict(sm.pending)
             for s in bad:
@@ -638,20 +642,29 @@ class Rebalancer:
             pass
         return groups
 
-    def _give_back(self, sm: SlotMap, slots: dict[int, str]) -> Program[None]:
+    def _give_back(self, sm: SlotMap, slots: dict[int, str]) -> Program[set[int]]:
         """Before a move is abandoned: its destination (``slots``: slot -> destination) got the
         clients' writes since the move began, and an owner that took such a write may be gone
-        since. The destination hands the slot's first live owner what that one lacks."""
+        since. The destination hands the slot's first live owner what that one lacks. Returns the
+        slots that must stay pending: a live destination that could not give back (no owner
+        answered) holds writes nobody else may have; when the owners' leases expire it becomes
+        the owner (step 1)."""
         live = self.view.state.nodes
         by: dict[tuple[str, str], list[int]] = {}
+        keep: set[int] = set()
         for s, dst in sorted(slots.items()):
             owners = [n for n in sm.table[s] if n != dst and n not in sm.pending.get(s, ()) and n in live]
-            if dst in live and owners:
-                by.setdefault((dst, owners[0]), []).append(s)
+            if dst in live:
+                if owners:
+                    by.setdefault((dst, owners[0]), []).append(s)
+                else:
+                    keep.add(s)
         for g in (yield from self._hand_over(sm.epoch, by, {})):
             if not g.done:
-                log.warning("rebalancer: %s could not give %d abandoned slots back to %s: %s", g.src, len(g.slots),
-                            g.dst, g.failed)
+                log.warning("rebalancer: %s could not give %d abandoned slots back to %s (%s); they stay pending",
+                            g.src, len(g.slots), g.dst, g.failed)
+                keep.update(g.slots)
+        return keep
 
     def _run_round(self, rnd: Round, members: dict[str, str], mbps: float) -> Program[bool]:
         self._idle = False
@@ -673,22 +686,27 @@ class Rebalancer:
                 for s in g.slots:
                     ok_slots.pop(s, None)  # a leaving owner could not hand over: the slot stays as it is
         sm_now = self.view.state.slotmap
+        keep: set[int] = set()
         if sm_now is not None:
-            yield from self._give_back(sm_now, {s: g.dst for g in rnd.groups if not g.handover
-                                                for s in g.slots if s not in ok_slots and s in sm_now.pending})
+            keep = yield from self._give_back(sm_now, {s: g.dst for g in rnd.groups if not g.handover
+                                                       for s in g.slots if s not in ok_slots and s in sm_now.pending})
         drops: dict[str, set[int]] = {}
+        try:  # a destination drained while its copy ran does not take the slots: they would only move back
+            draining = set((yield from self._drains()))
+        except EtcdUnavailable:
+            draining = set()
         for _ in range(10):
             sm, rev = yield from self._read_map()
             if sm is None:
                 return True
-            live = self.view.state.nodes
+            live = {n: info for n, info in self.view.state.nodes.items() if n not in draining}
             table = list(sm.table)
             pending = dict(sm.pending)
             drops = {}
             r_eff = min(sm.replicas, len(members))
             for g in rnd.groups:
                 for s in g.slots:
-                    if pending.get(s) != (g.dst,):
+                    if pending.get(s) != (g.dst,) or s in keep:
                         continue
                     row_wo = tuple(n for n in sm.table[s] if n != g.dst)
                     if ok_slots.get(s) == g.dst and g.dst in live:

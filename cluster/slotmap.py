@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from memkv.client.cluster_map import DEFAULT_SLOTS, SlotMap
-from memkv.cluster.ring import VNODES, Ring, slot_point
+from memkv.cluster.ring import VNODES, Ring, slot_points
 
 
 class _Alive:
@@ -86,7 +86,7 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
     cap += max(1, cap // 64)
     lo = total // len(ids)
     ring = Ring(members, vnodes)
-    points = [slot_point(s) for s in range(slots)]
+    points = slot_points(slots)
 
     # 1. keep what survives
     table: list[list[str]] = []

@@ -7,7 +7,8 @@ newest acknowledged version. A node *holds* a key when it has that version or a 
   live node of an acknowledged key violates it -- the control plane destroyed data nobody else had;
 - *map*: a published slot map that changes a slot's owners (its row without pending
   destinations: where reads go, and what the rebalancer keeps) so that none of them holds an
-  acknowledged key of the slot violates it -- the map points away from every copy -- unless an
+  acknowledged key of the slot (a registered owner that is down holds what its flash holds)
+  violates it -- the map points away from every copy -- unless an
   owner this map (or an earlier one) removed still holds it: that one hands it over when it
   frees the slot;
 - *drain*: a node stopped after ``memkv drain`` said it can be, while it held the only copy;
@@ -25,8 +26,9 @@ were down (the client skips dead owners) -- beyond what replication promises.
 move. Each change of the member set (registered, not draining; N members before it, effective
 replication r = min(R, N) before and r' after) adds to the allowance:
 
-- a node leaving (crash, stop, drain): its ownerships at that moment (consistent hashing re-homes
-  only the leaver's slots) ``+ 0.05 x S x r'/(N-1) + 3`` (the fill may have to exceed the load
+- a node leaving (crash, stop, drain): its ownerships at that moment, and the slots being moved
+  to it (a copy in flight may still complete), since consistent hashing re-homes only the
+  leaver's slots, ``+ 0.05 x S x r'/(N-1) + 3`` (the fill may have to exceed the load
   bound under zone constraints, and balancing it back costs a few moves at small S);
 - a node joining: ``1.25 x S x r'/(N+1) + S x (r' - r) + 2`` (its fair share with 25 % slack for
   small S, plus a whole new replica per slot when r grows).
@@ -197,7 +199,8 @@ class Checker:
             kind = "join"
         else:
             r2 = min(s.replicas, max(1, n - 1))
-            allowance = (sum(1 for row in (self._last_owners or ()) if nid in row)
+            pending = sum(1 for p in (self._map.pending.values() if self._map is not None else ()) if nid in p)
+            allowance = (sum(1 for row in (self._last_owners or ()) if nid in row) + pending
                          + 0.05 * s.slots * r2 / max(1, n - 1) + 3)
             kind = "leave"
         self.allowance += allowance
@@ -219,7 +222,7 @@ class Checker:
             own = owners[slot]
             if previous is not None and previous[slot] == own and key not in self._due:
                 continue  # this map did not change the slot's owners (one may be down, not yet seen)
-            if any(self._holds(n, key, version) for n in own):
+            if any(self._holds(n, key, version, on_disk=True) for n in own):
                 self._due.pop(key, None)
                 continue
             # owners that this or an earlier map removed and that still hold it hand it over when
@@ -243,9 +246,12 @@ class Checker:
                 self.violation("lost-by-drain", f"{node.id} was drained and stopped holding the only copy of "
                                                 f"acknowledged key {key!r} v{version} (slot {slot})", key)
 
-    def _holds(self, node_id: str, key: bytes, version: int) -> bool:
+    def _holds(self, node_id: str, key: bytes, version: int, *, on_disk: bool = False) -> bool:
+        """Whether ``node_id`` is alive and holds ``key`` at ``version`` or newer; with ``on_disk``,
+        also when it is down but still registered with its data on flash (the control plane rightly
+        counts on it: it comes back with its data)."""
         n = self.world.nodes.get(node_id)
-        if n is None or not n.alive:
+        if n is None or not (n.alive or (on_disk and n.durable and node_id in self._registered)):
             return False
         v = n.data.get(key)
         return v is not None and v.version >= version

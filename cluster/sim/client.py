@@ -11,12 +11,14 @@ ledger: from then on the simulation must not lose it while a copy of it lives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memkv.client.client import MOVED_RETRIES, replicated_outcome
 from memkv.client.cluster_map import key_slot
 from memkv.client.cluster_router import ClusterRouter
-from memkv.cluster.effects import NodeCall, Parallel, Program, Sleep, WaitView
+from memkv.cluster.effects import Program, Sleep, WaitView
+from memkv.cluster.sim.loop import Process
 from memkv.cluster.sim.net import NetActor
 from memkv.cluster.sim.view import SimView
 from memkv.errors import MemKVError, Moved
@@ -67,7 +69,7 @@ class SimClient(NetActor):
                 return
             slot = key_slot(key, sm.slots)
             meta = {"key": key, "ver": version, "size": self.value_size, "slot": slot, "ep": sm.epoch}
-            outcomes = yield Parallel(tuple(self._put_one(str(a), meta) for a in nodes))
+            outcomes = yield Fanout(tuple(str(a) for a in nodes), int(Op.PUT), meta)
             try:
                 replicated_outcome(outcomes, pending)
             except Moved as exc:
@@ -79,8 +81,28 @@ class SimClient(NetActor):
             self.world.checker.acked(key, version, slot)
             return
 
-    def _put_one(self, addr: str, meta: dict[str, Any]) -> Program[tuple[bool, Any]]:
-        try:
-            return True, (yield NodeCall(addr, int(Op.PUT), meta))
-        except MemKVError as exc:
-            return False, exc
+    def perform_io(self, proc: Process, tok: int, eff: Any) -> None:
+        if not isinstance(eff, Fanout):
+            super().perform_io(proc, tok, eff)
+            return
+        outcomes: list[Any] = [None] * len(eff.addrs)
+        left = [len(eff.addrs)]
+
+        def one(i: int, value: Any, error: BaseException | None) -> None:
+            outcomes[i] = (True, value) if error is None else (False, error)
+            left[0] -= 1
+            if left[0] == 0:
+                proc.wake(tok, outcomes, None)
+
+        for i, addr in enumerate(eff.addrs):
+            self.net.node_call(addr, eff.op, eff.meta, self.call_timeout, lambda v, e, i=i: one(i, v, e))
+
+
+@dataclass(frozen=True, eq=False)
+class Fanout:
+    """The same call to several nodes at once; the (ok, reply or error) outcomes in order -- what
+    the real client's replicated write does with a task (or thread) per replica."""
+
+    addrs: tuple[str, ...]
+    op: int
+    meta: dict[str, Any]

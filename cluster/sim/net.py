@@ -1,7 +1,8 @@
 """The simulated network: how etcd calls and node calls travel, and how they fail.
 
 Every call has a request latency and a reply latency, drawn from the world's RNG. An etcd call
-is applied at etcd when the request arrives; if etcd is down the caller hears ``EtcdUnavailable``
+is applied at etcd when the request arrives (a process's calls arrive in the order it sent them,
+as on its one gRPC channel); if etcd is down the caller hears ``EtcdUnavailable``
 (fast, as a refused connection); if the round trip exceeds the caller's timeout the caller hears
 ``EtcdUnavailable`` at its timeout *although the call may still be applied later* -- a timed-out
 write is not a failed write, exactly the case the rebalancer's revision-guarded publishes exist
@@ -14,6 +15,7 @@ extra delay up to that many seconds, so two calls can overtake each other).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from memkv.client.etcd import EtcdUnavailable
@@ -21,10 +23,14 @@ from memkv.cluster.effects import EtcdCall, NodeCall
 from memkv.cluster.sim.loop import Actor, Loop, Process
 from memkv.errors import ConnectionLost
 from memkv.errors import TimeoutError as CallTimeout
+from memkv.protocol.opcodes import Op
 
 if TYPE_CHECKING:
     from memkv.cluster.sim.etcd import SimEtcd
     from memkv.cluster.sim.node import SimNode
+
+
+COMMIT_MAX_S = 0.05  # a simulated node commits a write at most this long after its checks
 
 
 class Net:
@@ -37,6 +43,7 @@ class Net:
         self.rpc_jitter = 0.0  # slow, reordered node calls: extra delay up to this (s)
         self.etcd_calls = 0
         self.node_calls = 0
+        self._etcd_fifo: dict[Any, float] = {}  # actor -> when its last etcd call reaches etcd
 
     def etcd_latency(self) -> float:
         d = 0.0005 + self.rng.random() * 0.002
@@ -54,6 +61,12 @@ class Net:
         self.etcd_calls += 1
         loop = self.loop
         d1, d2 = self.etcd_latency(), self.etcd_latency()
+        # one gRPC channel per process: its calls reach etcd in the order they were sent
+        actor = proc.actor
+        last = self._etcd_fifo.get(actor, 0.0)
+        if loop.now + d1 <= last:
+            d1 = last - loop.now + 1e-6
+        self._etcd_fifo[actor] = loop.now + d1
         if not self.etcd.up:
             loop.call_later(d1 + d2, proc.wake, tok, None, EtcdUnavailable("etcd (simulated) is down"))
             return
@@ -71,7 +84,9 @@ class Net:
 
         loop.call_later(d1, apply)
 
-    def node_call(self, proc: Process, tok: int, addr: str, op: int, meta: dict[str, Any], timeout: float) -> None:
+    def node_call(self, addr: str, op: int, meta: dict[str, Any], timeout: float,
+                  done: Callable[[Any, BaseException | None], None]) -> None:
+        """Call node ``addr``; ``done(reply, error)`` once: its reply, its error, or ours."""
         self.node_calls += 1
         loop = self.loop
         open_ = [True]
@@ -79,7 +94,7 @@ class Net:
         def reply(value: Any, error: BaseException | None) -> None:
             if open_[0]:
                 open_[0] = False
-                proc.wake(tok, value, error)
+                done(value, error)
 
         target = self.nodes.get(addr)
         d1, d2 = self.rpc_latency(), self.rpc_latency()
@@ -95,7 +110,10 @@ class Net:
             target.serve(op, meta, lambda v, e: loop.call_later(d2, reply, v, e))
 
         loop.call_later(d1, deliver)
-        loop.call_later(timeout, reply, None, CallTimeout(f"{addr}: no reply in {timeout}s"))
+        if not (op == Op.PUT and d1 + d2 + COMMIT_MAX_S < timeout):
+            # (a client write is served within the commit delay, or the node dies and closes the
+            # call: its timeout cannot fire, and writes are most of the simulation's calls)
+            loop.call_later(timeout, reply, None, CallTimeout(f"{addr}: no reply in {timeout}s"))
 
 
 class NetActor(Actor):
@@ -112,7 +130,8 @@ class NetActor(Actor):
         if isinstance(eff, EtcdCall):
             self.net.etcd_call(proc, tok, eff, self.etcd_timeout)
         elif isinstance(eff, NodeCall):
-            self.net.node_call(proc, tok, eff.addr, eff.op, eff.meta, self.call_timeout)
+            self.net.node_call(eff.addr, eff.op, eff.meta, self.call_timeout,
+                               lambda v, e: proc.wake(tok, v, e))
         else:
             super().perform_io(proc, tok, eff)
 

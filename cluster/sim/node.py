@@ -34,7 +34,7 @@ from memkv.cluster.rebalancer import Rebalancer
 from memkv.cluster.sim.loop import Process
 from memkv.cluster.sim.net import NetActor
 from memkv.cluster.sim.view import SimView
-from memkv.errors import ConnectionLost, DiskFull, Fenced, InvalidArgument
+from memkv.errors import ConnectionLost, DiskFull, Fenced, InvalidArgument, MemKVError
 from memkv.protocol.opcodes import Op
 
 if TYPE_CHECKING:
@@ -156,11 +156,12 @@ class SimNode(NetActor):
             if self._inflight.pop(seq, None) is not None:
                 reply(value, error)
 
-        self.spawn(f"{self.id}/op{op}", self._handle(op, meta), done)
+        if op == Op.PUT:  # the hot path of the simulation: no process of its own
+            self._put(meta, done)
+        else:
+            self.spawn(f"{self.id}/op{op}", self._handle(op, meta), done)
 
     def _handle(self, op: int, meta: dict[str, Any]) -> Program[Any]:
-        if op == Op.PUT:
-            return (yield from self._put(meta))
         if op == OP_COPY:
             return self._store_copies(meta)
         if op == Op.MIGRATE_PUSH:
@@ -178,14 +179,24 @@ class SimNode(NetActor):
             return self._slot_sizes(int(meta["nslots"]))
         raise InvalidArgument(f"simulated node: no op {op}")
 
-    def _put(self, meta: dict[str, Any]) -> Program[dict[str, Any]]:
+    def _put(self, meta: dict[str, Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """A client write: fenced? owner at the client's epoch? then commit a moment later."""
         key: bytes = meta["key"]
-        if self.fenced():
-            raise Fenced(f"node {self.id} lost its etcd lease")
-        route_check(self.view.state.slotmap, self.id, meta.get("ep"), [key], True)
-        yield Sleep(self.world.commit_delay())
-        self._commit(key, int(meta["ver"]), int(meta["size"]), int(meta["slot"]))
-        return {"ok": True}
+        try:
+            if self.fenced():
+                raise Fenced(f"node {self.id} lost its etcd lease")
+            route_check(self.view.state.slotmap, self.id, meta.get("ep"), [key], True)
+        except MemKVError as exc:
+            self.loop.call_later(0.0, done, None, exc)
+            return
+        incarnation = self.incarnation
+
+        def commit() -> None:
+            if self.alive and self.incarnation == incarnation:
+                self._commit(key, meta["ver"], meta["size"], meta["slot"])
+                done({"ok": True}, None)
+
+        self.loop.call_later(self.world.commit_delay(), commit)
 
     def _commit(self, key: bytes, version: int, size: int, slot: int) -> bool:
         old = self.data.get(key)

@@ -85,13 +85,13 @@ class Scenario:
         specs = [NodeSpec(f"n{i + 1}", f"z{i % zones}", f"h{i % (zones * hosts_per_zone)}") for i in range(n0 + 4)]
         sc = cls(seed, slots=rng.choice([32, 64]), replicas=rng.choice([1, 2, 2, 3]), lease_ttl=rng.choice([2, 3]),
                  nodes=specs[:n0], spares=specs[n0:], standalone=rng.choice([0, 0, 0, 1, 2]),
-                 durable=rng.random() < 0.6, keys=rng.choice([100, 200, 300]), write_rate=rng.choice([5.0, 10.0, 20.0]),
-                 value_size=rng.choice([64 << 10, 256 << 10]), mbps=rng.choice([1.0, 4.0, 16.0]))
+                 durable=rng.random() < 0.6, keys=rng.choice([100, 200, 300]), write_rate=rng.choice([3.0, 6.0, 12.0]),
+                 value_size=rng.choice([16 << 10, 64 << 10]), mbps=rng.choice([2.0, 8.0, 32.0]))
         t = 0.0
         kinds = ["join", "leave", "drain", "crash", "crash", "leader_crash", "etcd_down", "etcd_slow", "rpc_jitter",
                  "copy_fail"]
         for _ in range(rng.randint(1, 5)):
-            t += rng.uniform(0.0, 6.0)
+            t += rng.uniform(0.0, 4.0)
             kind = rng.choice(kinds)
             f = Fault(round(t, 3), kind)
             if kind in ("crash", "leader_crash"):

@@ -26,7 +26,7 @@ from memkv.cluster.sim.checker import Checker, Violation
 from memkv.cluster.sim.client import SimClient
 from memkv.cluster.sim.etcd import SimEtcd
 from memkv.cluster.sim.loop import Loop
-from memkv.cluster.sim.net import Net
+from memkv.cluster.sim.net import COMMIT_MAX_S, Net
 from memkv.cluster.sim.node import SimNode
 from memkv.cluster.sim.scenario import Fault, NodeSpec, Scenario
 from memkv.cluster.sim.view import Decoded, SimView
@@ -121,7 +121,7 @@ class World:
         return 0.001 + self.rng.random() * 0.02
 
     def commit_delay(self) -> float:
-        return self.rng.random() * 0.05
+        return self.rng.random() * COMMIT_MAX_S
 
     def next_version(self) -> int:
         self._version += 1
