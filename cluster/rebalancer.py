@@ -196,6 +196,7 @@ class Rebalancer:
         self.bytes_moved = 0
         self.rounds = 0
         self._idle = False
+        self._swept = 0  # the epoch of the last converged map every node was swept for
 
     # -- election
     def campaign(self) -> Program[None]:
@@ -290,6 +291,27 @@ class Rebalancer:
             out[kv.key.rsplit("/", 1)[1]] = rec if isinstance(rec, dict) else {}
         return out
 
+    def _sweep(self, sm: SlotMap) -> Program[None]:
+        """Once the map has converged: every node frees what it holds of slots it does not own,
+        handing the owners what they lack first (``DROP_SLOTS`` of every slot) -- values a failed
+        free left behind, values of a node that came back after its slots had moved on. Done once
+        per converged map (``progress.swept``), retried with the back-off if a node failed."""
+        failed = []
+        for node in sorted(self.view.state.nodes):
+            try:
+                yield from self._call(node, int(Op.DROP_SLOTS), {"slots": list(range(sm.slots)), "nslots": sm.slots,
+                                                                  "epoch": sm.epoch})
+            except MemKVError as exc:
+                failed.append(f"{node}: {exc.message}")
+        if failed:
+            log.warning("rebalancer: sweeping the map of epoch %d failed on %s", sm.epoch, "; ".join(failed))
+            self._failed_rounds += 1
+            self._retry_at = self.clock() + min(30.0, 0.5 * 2 ** self._failed_rounds)
+            return
+        self._failed_rounds = 0
+        self._swept = sm.epoch
+        yield from self._progress("idle", swept=sm.epoch)
+
     def _release(self, node: str, sm: SlotMap, rec: dict[str, Any]) -> Program[None]:
         """A drained node that owns no slot any more: it hands its values over to their slots'
         owners and frees them (``DROP_SLOTS`` of every slot); then its drain record says ``freed``
@@ -381,6 +403,8 @@ class Rebalancer:
             if not self._idle:
                 yield from self._clear_records()
                 self._idle = True
+            if self._swept != sm.epoch and self.clock() >= self._retry_at:
+                yield from self._sweep(sm)
             return False
         # let membership settle (several nodes starting together join in one plan)
         key = (frozenset(members.items()), frozenset(live))

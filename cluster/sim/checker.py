@@ -8,9 +8,9 @@ newest acknowledged version. A node *holds* a key when it has that version or a 
 - *map*: a published slot map that changes a slot's owners (its row without pending
   destinations: where reads go, and what the rebalancer keeps) so that none of them holds an
   acknowledged key of the slot (a registered owner that is down holds what its flash holds)
-  violates it -- the map points away from every copy -- unless an
-  owner this map (or an earlier one) removed still holds it: that one hands it over when it
-  frees the slot;
+  violates it -- the map points away from every copy -- unless the slot's pending destination
+  holds it (it becomes an owner, or gives it back if the move is abandoned) or an owner this map
+  (or an earlier one) removed still holds it (it hands it over when it frees the slot);
 - *drain*: a node stopped after ``memkv drain`` said it can be, while it held the only copy;
 - *final*: once the cluster has converged, every acknowledged key is held by at least one owner
   of its slot (a replica that missed a write while it was down stays behind: there is no
@@ -54,6 +54,24 @@ from memkv.cluster.rebalancer import drain_prefix
 if TYPE_CHECKING:
     from memkv.cluster.sim.node import SimNode, Value
     from memkv.cluster.sim.world import World
+
+
+def placement(table: Any, zone: dict[str, str], host: dict[str, str]) -> dict[str, int]:
+    """How the replicas of each slot spread over the topology: rows whose replicas share a zone
+    although the members span enough zones, and likewise for hosts (what host-aware placement
+    will have to bring to zero)."""
+    members = {n for row in table for n in row}
+    zones, hosts = len({zone[n] for n in members}), len({host[n] for n in members})
+    out = {"rows": 0, "zone_shared": 0, "host_shared": 0}
+    for row in table:
+        if len(row) < 2:
+            continue
+        out["rows"] += 1
+        if len({zone[n] for n in row}) < min(len(row), zones):
+            out["zone_shared"] += 1
+        if len({host[n] for n in row}) < min(len(row), hosts):
+            out["host_shared"] += 1
+    return out
 
 
 @dataclass
@@ -225,6 +243,8 @@ class Checker:
             if any(self._holds(n, key, version, on_disk=True) for n in own):
                 self._due.pop(key, None)
                 continue
+            if any(self._holds(n, key, version) for n in sm.pending.get(slot, ())):
+                continue  # the destination has it: it becomes an owner, or gives it back if the move is abandoned
             # owners that this or an earlier map removed and that still hold it hand it over when
             # they free the slot (DROP_SLOTS): until then the key is due, not lost
             removed = (previous[slot] - own) if previous is not None else frozenset()
@@ -273,6 +293,9 @@ class Checker:
                                     f"allowed {self.allowance:.1f}: " + ", ".join(
                                         f"{c.kind} {c.node} at N={c.members_before} (+{c.allowance:.1f}, "
                                         f"moved {c.moves})" for c in self.changes))
-        return {"acked_keys": len(self.ledger), "excused": len(self.excused), "replicas_behind": behind,
+        nodes = self.world.nodes
+        return {"placement": placement(sm.table, {n: v.zone for n, v in nodes.items()},
+                                       {n: v.host for n, v in nodes.items()}),
+                "acked_keys": len(self.ledger), "excused": len(self.excused), "replicas_behind": behind,
                 "moves": self.moves, "allowance": round(self.allowance, 1), "changes": len(self.changes),
                 "maps": self.maps}

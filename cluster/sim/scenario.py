@@ -77,6 +77,14 @@ class Scenario:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
+    def from_json(cls, text: str) -> Scenario:
+        d = json.loads(text)
+        d["nodes"] = [NodeSpec(**n) for n in d["nodes"]]
+        d["spares"] = [NodeSpec(**n) for n in d["spares"]]
+        d["faults"] = [Fault(**f) for f in d["faults"]]
+        return cls(**d)
+
+    @classmethod
     def random(cls, seed: int) -> Scenario:
         rng = random.Random(f"scenario-{seed}")
         zones = rng.choice([1, 2, 3])

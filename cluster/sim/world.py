@@ -6,8 +6,8 @@ one to heal, then for the map to converge (within ``Scenario.converge_bound``), 
 result carries the violations, some numbers, and the trace: what happened, when, in order
 (faults, registrations, every published map, the rebalancer's own log lines, violations).
 
-``rebalancer`` picks the rebalancer class: the real one, or -- to show that the checks catch a
-bad decision -- a deliberately broken subclass driven through the very same world.
+``rebalancer`` and ``node`` pick the classes that run: the real ones, or -- to show that the
+checks catch a bad decision -- deliberately broken subclasses driven through the very same world.
 """
 
 from __future__ import annotations
@@ -84,8 +84,10 @@ class _TraceLog(logging.Handler):
 
 
 class World:
-    def __init__(self, scenario: Scenario, *, rebalancer: type[Rebalancer] = Rebalancer) -> None:
+    def __init__(self, scenario: Scenario, *, rebalancer: type[Rebalancer] = Rebalancer,
+                 node: type[SimNode] = SimNode) -> None:
         self.scenario = scenario
+        self.node_cls = node
         self.cluster = "sim"
         self.loop = Loop(scenario.seed)
         self.rng = self.loop.rng
@@ -147,8 +149,8 @@ class World:
 
     # -- the cluster
     def add_node(self, spec: NodeSpec) -> SimNode:
-        n = SimNode(self, spec.id, spec.zone, spec.host, durable=self.scenario.durable,
-                    candidate=self.scenario.standalone == 0)
+        n = self.node_cls(self, spec.id, spec.zone, spec.host, durable=self.scenario.durable,
+                          candidate=self.scenario.standalone == 0)
         self.nodes[spec.id] = n
         self.node_list.append(n)
         return n
@@ -168,8 +170,9 @@ class World:
     def converged(self) -> bool:
         """Where the rebalancer leaves the map: every live node registered and a member (but the
         drained, which have handed over and freed their values), nothing pending, no migration
-        record, every slot on min(R, N) distinct members, and the table equal to the rebalancer's
-        own target for these members."""
+        record, every slot on min(R, N) distinct members, the table equal to the rebalancer's own
+        target for these members, and every node swept for this map (it holds nothing outside its
+        slots that the owners lack)."""
         sm = self.slotmap()
         if sm is None:
             return False
@@ -185,6 +188,9 @@ class World:
             return False
         if any(k.startswith(migrations_prefix(self.cluster)) for k in self.etcd.kvs):
             return False
+        prog = self.etcd.kvs.get(f"/memkv/{self.cluster}/rebalancer/progress")
+        if prog is None or json.loads(prog.value).get("swept") != sm.epoch:
+            return False  # the leader has not yet had every node free what it holds outside its slots
         for n in self.drains() & registered:  # a drained node is done once it has handed over and freed
             if not json.loads(self.etcd.kvs[drain_prefix(self.cluster) + n].value).get("freed"):
                 return False
