@@ -309,8 +309,8 @@ class Rebalancer:
             self._retry_at = self.clock() + min(30.0, 0.5 * 2 ** self._failed_rounds)
             return
         self._failed_rounds = 0
-        self._swept = sm.epoch
-        yield from self._progress("idle", swept=sm.epoch)
+        if (yield from self._progress("idle", swept=sm.epoch)):
+            self._swept = sm.epoch
 
     def _release(self, node: str, sm: SlotMap, rec: dict[str, Any]) -> Program[None]:
         """A drained node that owns no slot any more: it hands its values over to their slots'
@@ -334,13 +334,14 @@ class Rebalancer:
             pass
         return self.mbps
 
-    def _progress(self, state: str, **extra: Any) -> Program[None]:
+    def _progress(self, state: str, **extra: Any) -> Program[bool]:
         d = {"leader": self.identity, "state": state, "bytes_moved": self.bytes_moved, "rounds": self.rounds,
              "updated": self.wall(), **extra}
         try:
             yield ETCD.put(progress_key(self.cluster), json.dumps(d))
         except EtcdUnavailable:
-            pass
+            return False
+        return True
 
     def _target(self, members: dict[str, str], sm: SlotMap, base: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
         """The target table for ``members``, sticky to ``base`` (remembered: the leader asks again

@@ -43,7 +43,10 @@ class Fault:
     restart_after: float | None = None
 
     def ends(self) -> float:
-        return self.at + self.duration + (self.restart_after or 0.0)
+        """When the fault is over (a leader crash happens at the latest ``duration`` after ``at``:
+        its restart, if any, follows that)."""
+        slack = 0.1 if self.kind == "leader_crash" else 0.0
+        return self.at + self.duration + slack + (self.restart_after or 0.0)
 
 
 @dataclass
@@ -61,6 +64,11 @@ class Scenario:
     value_size: int = 256 << 10
     mbps: float = 4.0  # the rebalancer's copy throttle
     faults: list[Fault] = field(default_factory=list)
+    # (scale runs) start from the converged map of ``nodes``, every owner holding ``slot_bytes`` of each
+    # of its slots in ``values_per_slot`` values, instead of forming the cluster node by node
+    preformed: bool = False
+    slot_bytes: int = 0
+    values_per_slot: int = 4
 
     def heal_at(self) -> float:
         return max((f.ends() for f in self.faults), default=0.0)
@@ -70,7 +78,7 @@ class Scenario:
         (a lease TTL) and a new leader (another TTL and its campaign), the longest back-off after
         failed rounds (30 s), and copying every value once at the throttle, twice over (a round can
         be cut short and copied again), plus 10 s of flips, waits and settling."""
-        data = self.keys * self.value_size * self.replicas
+        data = self.keys * self.value_size * self.replicas + self.slots * self.slot_bytes * self.replicas
         return 2 * self.lease_ttl + 1.0 + 30.0 + 2 * data / (self.mbps * 1e6) + 10.0
 
     def to_json(self) -> str:

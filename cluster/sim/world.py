@@ -204,6 +204,24 @@ class World:
         rec = self.etcd.kvs.get(f"/memkv/{self.cluster}/rebalancer/leader")
         return rec.value.decode() if rec is not None else None
 
+    def _preform(self) -> None:
+        """Start from the converged map of the scenario's nodes, with their data in place."""
+        from memkv.client.cluster_map import SlotMap
+        from memkv.cluster.sim.node import Value
+
+        sc = self.scenario
+        members = {spec.id: spec.zone for spec in sc.nodes}
+        table = compute_table(members, slots=sc.slots, replicas=sc.replicas)
+        self.etcd.put(slotmap_key(self.cluster), SlotMap(1, sc.slots, sc.replicas, tuple(table), members).encode())
+        size = sc.slot_bytes // max(1, sc.values_per_slot)
+        if size:
+            for s, row in enumerate(table):
+                for n in row:
+                    node = self.nodes[n]
+                    for i in range(sc.values_per_slot):
+                        node.gen += 1
+                        node.data[b"s%d.%d" % (s, i)] = Value(1, node.gen, size, s)
+
     # -- faults
     def _pick(self, *, members_left: int = 1) -> SimNode | None:
         """A live node that may go while at least ``members_left`` other members stay."""
@@ -350,6 +368,8 @@ class World:
             for spec in sc.nodes:
                 node = self.add_node(spec)
                 loop.call_later(self.rng.random() * 0.3, node.start)
+            if sc.preformed:
+                self._preform()
             for i in range(sc.standalone):
                 c = SimCandidate(self, f"rb{i + 1}")
                 self.candidates.append(c)
@@ -362,7 +382,10 @@ class World:
             self.checker.counting = True
             keys = [b"k%05d" % i for i in range(sc.keys)]
             self.client = SimClient(self, "client", keys, sc.write_rate, sc.value_size)
-            self.client.start()
+            if sc.write_rate > 0:
+                self.client.start()
+            etcd0 = (self.etcd.writes, self.etcd.bytes_written)
+            views0 = {n.id: n.view.bytes_received for n in self.node_list if n.alive}
             for f in sc.faults:
                 loop.call_at(t0 + f.at, self._fault, f)
             t_heal = t0 + sc.heal_at()
@@ -371,7 +394,12 @@ class World:
             bound = sc.converge_bound()
             done = loop.run(t_heal + bound, self.converged, 0.05)
             stats["converge_s"] = round(loop.now - t_heal, 3)
-            self.client.stop()
+            if sc.write_rate > 0:
+                self.client.stop()
+            stats["etcd_writes"] = self.etcd.writes - etcd0[0]
+            stats["etcd_bytes"] = self.etcd.bytes_written - etcd0[1]
+            watched = sorted(n.view.bytes_received - views0[n.id] for n in self.node_list if n.alive and n.id in views0)
+            stats["watch_bytes_per_watcher"] = watched[len(watched) // 2] if watched else 0
             if not done:
                 sm = self.slotmap()
                 self.checker.violation("converge", f"not converged {bound:.1f}s after the faults healed: "
