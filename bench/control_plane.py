@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from memkv.client.cluster_map import SlotMap
+from memkv.cluster.rebalancer import ROUND_S
 from memkv.cluster.sim.scenario import Fault, NodeSpec, Scenario
 from memkv.cluster.sim.world import World
 from memkv.cluster.slotmap import compute_table, moved_ownerships
@@ -100,19 +101,20 @@ def movement(n: int, slots: int, replicas: int, zones: int, changes: int, seed: 
 
 
 def simulated(kind: str, n: int, slots: int, replicas: int, zones: int, slot_mib: int, mbps: float,
-              seed: int) -> dict[str, Any]:
+              seed: int, round_s: float = ROUND_S) -> dict[str, Any]:
     nodes = [NodeSpec(f"node-{i:04d}", f"z{i % zones}", f"h{i:04d}") for i in range(n)]
     fault = {"join": Fault(1.0, "join"), "drain": Fault(1.0, "drain"), "crash": Fault(1.0, "crash")}[kind]
     sc = Scenario(seed, slots=slots, replicas=replicas, lease_ttl=10, nodes=nodes,
                   spares=[NodeSpec("node-new", "z0", "h-new")], standalone=1, keys=0, write_rate=0.0,
-                  mbps=mbps, faults=[fault], preformed=True, slot_bytes=slot_mib << 20, values_per_slot=4)
+                  mbps=mbps, round_s=round_s, faults=[fault], preformed=True, slot_bytes=slot_mib << 20,
+                  values_per_slot=4)
     t0 = time.perf_counter()
     res = World(sc).run()
     wall = time.perf_counter() - t0
     st = res.stats
     rounds = sum(1 for _, who, what in res.trace if who == "log" and "flipped at epoch" in what)
     maps = sum(1 for _, who, what in res.trace if who == "etcd" and what.startswith("map epoch"))
-    return {"kind": kind, "ok": res.ok, "violations": [str(v) for v in res.violations[:5]],
+    return {"kind": kind, "round_s": round_s, "ok": res.ok, "violations": [str(v) for v in res.violations[:5]],
             "moves": st.get("moves"), "allowance": st.get("allowance"), "rounds": rounds, "maps_published": maps,
             "converge_sim_s": st.get("converge_s"), "etcd_writes": st.get("etcd_writes"),
             "etcd_bytes": st.get("etcd_bytes"), "watch_bytes_per_watcher": st.get("watch_bytes_per_watcher"),
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbps", type=float, default=200.0, help="the rebalancer's copy throttle, MB/s")
     ap.add_argument("--clients", type=int, default=10000, help="clients watching the cluster (fan-out)")
     ap.add_argument("--simulate", default="join,drain,crash", help="changes to run through the simulator")
+    ap.add_argument("--round-s", type=float, default=ROUND_S, help="the rebalancer's round size (s of copying)")
+    ap.add_argument("--what-if-round-s", type=float, default=2.0,
+                    help="also simulate a join with rounds this long (0: no; 2 s was the default before)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="bench/results/control_plane.json")
     args = ap.parse_args(argv)
@@ -165,7 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     report["simulated"] = []
     for kind in [k for k in args.simulate.split(",") if k]:
         print(f"simulating a {kind} ...", flush=True)
-        r = simulated(kind, args.nodes, args.slots, args.replicas, args.zones, args.slot_mib, args.mbps, args.seed)
+        r = simulated(kind, args.nodes, args.slots, args.replicas, args.zones, args.slot_mib, args.mbps, args.seed,
+                      args.round_s)
+        print(json.dumps(r), flush=True)
+        report["simulated"].append(r)
+    if args.what_if_round_s:
+        print(f"simulating a join with {args.what_if_round_s:.0f} s rounds ...", flush=True)
+        r = simulated("join", args.nodes, args.slots, args.replicas, args.zones, args.slot_mib, args.mbps, args.seed,
+                      args.what_if_round_s)
+        r["kind"] = f"join, {args.what_if_round_s:.0f}s rounds"
         print(json.dumps(r), flush=True)
         report["simulated"].append(r)
     watchers = args.nodes + args.clients

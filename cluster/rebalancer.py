@@ -81,7 +81,10 @@ from memkv.protocol.opcodes import Op
 log = logging.getLogger("memkv.rebalancer")
 
 DEFAULT_MBPS = 200.0
-ROUND_S = 2.0
+# A round copies about this many seconds' worth at the throttle. Each round writes the slot map
+# twice (pending, flip) and every node and client receives both: at 1 000 nodes x 65 536 slots
+# 2 s rounds wrote 50 MB per join to each watcher, 60 s rounds 6 MB (docs/control-plane.md).
+ROUND_S = 30.0
 POLL_S = 0.2
 IDLE_S = 1.0
 SETTLE_S = 0.5
@@ -163,11 +166,14 @@ class Rebalancer:
     ``view``: the candidate's cache of the cluster (``.state``: a ``ClusterState``); ``lease``: the
     lease its leadership key is attached to (None while it has none); ``alive``: whether that lease
     is surely valid (a fenced node must not lead); ``clock``/``wall``: monotonic and wall-clock
-    seconds (injected: the simulator runs this on simulated time); ``round_id``: new round ids."""
+    seconds (injected: the simulator runs this on simulated time); ``round_id``: new round ids;
+    ``round_s``: the copying time a round is sized for (bytes = throttle x round_s): each round
+    writes the slot map twice, so at scale fewer, longer rounds write far fewer bytes to etcd and
+    its watchers (docs/control-plane.md)."""
 
     def __init__(self, view: Any, cluster: str, identity: str, *, lease: Callable[[], int | None],
                  alive: Callable[[], bool], mbps: float = DEFAULT_MBPS, slots: int = 4096, replicas: int = 1,
-                 settle_s: float = SETTLE_S, clock: Callable[[], float] = time.monotonic,
+                 settle_s: float = SETTLE_S, round_s: float = ROUND_S, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
                  round_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]) -> None:
         self.view = view
@@ -179,6 +185,7 @@ class Rebalancer:
         self.slots = slots
         self.replicas = replicas
         self.settle_s = settle_s
+        self.round_s = round_s
         self.clock = clock
         self.wall = wall
         self.round_id = round_id
@@ -193,6 +200,7 @@ class Rebalancer:
         self._next_t = 0.0
         self._target_key: Any = None
         self._target_val: list[tuple[str, ...]] = []
+        self._target_from: list[frozenset[str]] = []
         self.bytes_moved = 0
         self.rounds = 0
         self._idle = False
@@ -345,12 +353,23 @@ class Rebalancer:
 
     def _target(self, members: dict[str, str], sm: SlotMap, base: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
         """The target table for ``members``, sticky to ``base`` (remembered: the leader asks again
-        at every change of the view, and the map rarely changed since)."""
-        key = (tuple(sorted(members.items())), sm.slots, sm.replicas, tuple(base))
-        if key != self._target_key:
-            self._target_val = compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=base)
-            self._target_key = key
+        at every change of the view, and the map rarely changed since). Members the map was not
+        balanced for yet (``sm.members``) are newcomers: they get their whole share even when the
+        target is computed again half-way through their join."""
+        newcomers = frozenset(members) - frozenset(sm.members)
+        key = (tuple(sorted(members.items())), newcomers, sm.slots, sm.replicas)
+        if key == self._target_key and self._on_the_way(base):
+            return self._target_val  # rounds are moving the map towards it: keep it (same moves in total)
+        self._target_val = compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=base,
+                                         newcomers=newcomers)
+        self._target_key, self._target_from = key, [frozenset(r) for r in base]
         return self._target_val
+
+    def _on_the_way(self, base: list[tuple[str, ...]]) -> bool:
+        """Every row is still where the target was computed from, or already where it leads."""
+        return len(base) == len(self._target_from) and all(
+            (b := frozenset(row)) == self._target_from[s] or b == frozenset(self._target_val[s])
+            for s, row in enumerate(base))
 
     # -- one step of the loop; True when it changed something
     def step(self) -> Program[bool]:
@@ -456,7 +475,7 @@ class Rebalancer:
     def _start_round(self, sm: SlotMap, revision: int, moves: list[Move], target: list[tuple[str, ...]],
                      members: dict[str, str], left: int) -> Program[bool]:
         mbps = yield from self._throttle()
-        budget = int(mbps * 1e6 * ROUND_S) if mbps > 0 else 1 << 30
+        budget = int(mbps * 1e6 * self.round_s) if mbps > 0 else 1 << 30
         sizes: dict[str, dict[int, int]] = {}
         by_group: dict[tuple[str, str], list[Move]] = {}
         for m in moves:
@@ -724,7 +743,7 @@ class Rebalancer:
             sm, rev = yield from self._read_map()
             if sm is None:
                 return True
-            live = {n: info for n, info in self.view.state.nodes.items() if n not in draining}
+            live = self.view.state.nodes
             table = list(sm.table)
             pending = dict(sm.pending)
             drops = {}
@@ -734,7 +753,7 @@ class Rebalancer:
                     if pending.get(s) != (g.dst,) or s in keep:
                         continue
                     row_wo = tuple(n for n in sm.table[s] if n != g.dst)
-                    if ok_slots.get(s) == g.dst and g.dst in live:
+                    if ok_slots.get(s) == g.dst and g.dst in live and g.dst not in draining:
                         tgt = rnd.target.get(s, ())
                         kept = [n for n in row_wo if n in tgt]
                         removed = [n for n in row_wo if n not in tgt]

@@ -24,7 +24,7 @@ slot's list (primary first = the replica most likely to hold the data).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from memkv.client.cluster_map import DEFAULT_SLOTS, SlotMap
 from memkv.cluster.ring import VNODES, Ring, slot_points
@@ -71,8 +71,14 @@ def _zone_ok(members: Mapping[str, str], cand: str, others: Sequence[str], victi
 
 
 def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, replicas: int = 1,
-                  prev: Sequence[Sequence[str]] | None = None, vnodes: int = VNODES) -> list[tuple[str, ...]]:
-    """slot -> replica node ids (primary first) for ``members`` (node id -> zone)."""
+                  prev: Sequence[Sequence[str]] | None = None, vnodes: int = VNODES,
+                  newcomers: Collection[str] = ()) -> list[tuple[str, ...]]:
+    """slot -> replica node ids (primary first) for ``members`` (node id -> zone).
+
+    ``newcomers``: members that joined since the map ``prev`` was last balanced for (the
+    rebalancer passes the members its map does not list yet). They take slots up to the mean even
+    when a part of their share has already moved to them: computed again half-way through a join
+    (after each round), the target still gives them their whole share."""
     ids = sorted(members)
     if not ids:
         return [() for _ in range(slots)]
@@ -141,9 +147,9 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
         load[victim] -= 1
         load[thief] += 1
 
-    # 3b. newcomers (far below the mean) take slots from the most loaded nodes
+    # 3b. newcomers (far below the mean, or named) take slots from the most loaded nodes
     for u in sorted(ids, key=lambda n: (load[n], n)):
-        if load[u] * 2 >= lo:
+        if load[u] * 2 >= lo and u not in newcomers:
             continue
         order = sorted(range(slots), key=lambda s: (ring.distance_to(u, points[s]), s))
         for s in order:

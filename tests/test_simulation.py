@@ -97,13 +97,18 @@ class FreesWithoutHandOff(SimNode):
 
 
 class PublishesTheTarget(Rebalancer):
-    """Publishes the target map at once: no pending destination, no copy, no flip, nothing freed."""
+    """Publishes the target map at once: no pending destination, no copy, no flip, nothing freed
+    (and no sweep after convergence, which would have the old owners hand their values over)."""
 
     def _start_round(self, sm: Any, revision: int, moves: Any, target: Any, members: Any, left: int) -> Program[bool]:
         from memkv.client.cluster_map import SlotMap
 
         return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(target), members),
                                          revision))
+
+    def _sweep(self, sm: Any) -> Program[None]:
+        if (yield from self._progress("idle", swept=sm.epoch)):
+            self._swept = sm.epoch
 
 
 class PlacesByModulo(Rebalancer):

@@ -26,6 +26,8 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 
+from memkv.cluster.rebalancer import ROUND_S
+
 
 @dataclass
 class NodeSpec:
@@ -63,6 +65,7 @@ class Scenario:
     write_rate: float = 10.0  # client writes per simulated second
     value_size: int = 256 << 10
     mbps: float = 4.0  # the rebalancer's copy throttle
+    round_s: float = ROUND_S  # the rebalancer's round size, in seconds of copying at the throttle
     faults: list[Fault] = field(default_factory=list)
     # (scale runs) start from the converged map of ``nodes``, every owner holding ``slot_bytes`` of each
     # of its slots in ``values_per_slot`` values, instead of forming the cluster node by node
@@ -102,7 +105,8 @@ class Scenario:
         sc = cls(seed, slots=rng.choice([32, 64]), replicas=rng.choice([1, 2, 2, 3]), lease_ttl=rng.choice([2, 3]),
                  nodes=specs[:n0], spares=specs[n0:], standalone=rng.choice([0, 0, 0, 1, 2]),
                  durable=rng.random() < 0.6, keys=rng.choice([100, 200, 300]), write_rate=rng.choice([3.0, 6.0, 12.0]),
-                 value_size=rng.choice([16 << 10, 64 << 10]), mbps=rng.choice([2.0, 8.0, 32.0]))
+                 value_size=rng.choice([16 << 10, 64 << 10]), mbps=rng.choice([2.0, 8.0, 32.0]),
+                 round_s=rng.choice([0.5, 2.0, ROUND_S]))
         t = 0.0
         kinds = ["join", "leave", "drain", "crash", "crash", "leader_crash", "etcd_down", "etcd_slow", "rpc_jitter",
                  "copy_fail"]

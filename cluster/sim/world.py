@@ -112,7 +112,7 @@ class World:
     def make_rebalancer(self, view: SimView, identity: str, *, lease: Any, alive: Any) -> Rebalancer:
         sc = self.scenario
         return self.rebalancer_cls(view, self.cluster, identity, lease=lease, alive=alive, mbps=sc.mbps,
-                                   slots=sc.slots, replicas=sc.replicas, clock=self.loop.clock,
+                                   slots=sc.slots, replicas=sc.replicas, round_s=sc.round_s, clock=self.loop.clock,
                                    wall=lambda: WALL0 + self.loop.now, round_id=self._round_id)
 
     def _round_id(self) -> str:
