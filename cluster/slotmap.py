@@ -113,6 +113,7 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
     # 2. fill empty positions: ring walk, bounded load, zone-aware
     all_zones = set(members.values())
     alive = _Alive(ring)
+    filled: set[tuple[int, str]] = set()  # positions this computation filled (moving them again costs nothing)
     for n in ids:
         if load[n] >= cap:
             alive.kill(n)
@@ -136,6 +137,7 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
             if pick is None:  # everyone eligible is full: exceed the bound rather than under-replicate
                 pick = min((n for n in ids if n not in row), key=lambda n: (load[n], n))
             row.append(pick)
+            filled.add((s, pick))
             load[pick] += 1
             if load[pick] >= cap:
                 alive.kill(pick)
@@ -169,7 +171,8 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
     #     fixed point: computing again from it changes nothing (else every round of the
     #     rebalancer would find a little more to move).
     for o in sorted(n for n in ids if load[n] > hard):
-        for s in sorted((s for s in range(slots) if o in table[s]), key=lambda s: points[s]):
+        # the fill's own choices first: giving such a position to another node is no extra move
+        for s in sorted((s for s in range(slots) if o in table[s]), key=lambda s: ((s, o) not in filled, points[s])):
             if load[o] <= cap:
                 break
             others = [n for n in table[s] if n != o]
