@@ -19,7 +19,7 @@ import pytest
 
 from memkv.client.client import replicated_outcome
 from memkv.cluster import migration_job
-from memkv.cluster.effects import NodeCall, Program, Sleep, WaitView
+from memkv.cluster.effects import NodeCall, Program, Sleep, WaitView, run_blocking
 from memkv.cluster.migration_job import CopyItem, ScanSlots, SendCopies
 from memkv.cluster.rebalancer import Group, Rebalancer
 from memkv.cluster.sim.node import SimNode
@@ -28,7 +28,7 @@ from memkv.cluster.sim.world import Result, World, run_seed
 from memkv.errors import ConnectionLost, Fenced, Moved
 from memkv.protocol.opcodes import Op
 
-SEEDS = int(os.environ.get("MEMKV_SIM_SEEDS", "1500"))
+SEEDS = int(os.environ.get("MEMKV_SIM_SEEDS", "1000"))
 REGRESSIONS = json.loads((Path(__file__).parent / "sim_regressions.json").read_text())
 
 
@@ -41,18 +41,37 @@ def explain(res: Result) -> str:
 def test_randomized_schedules_keep_every_invariant() -> None:
     """Join, leave, drain, crash (with and without restart), leader crash mid-migration, etcd down
     and slow, reordered node calls, copy failures; random topologies (zones, hosts), R 1..3, S 32/64,
-    durable or volatile nodes, in-node or standalone candidates."""
+    durable or volatile nodes, in-node or standalone candidates, rounds of 0.5, 2 or 30 s.
+
+    Also the numbers the invariants bound (printed): ownerships moved vs the allowance of the
+    membership changes, convergence time after healing vs ``Scenario.converge_bound``, and how
+    the converged maps spread replicas over the topology -- rows whose replicas share a zone
+    although enough zones exist stay rare (zone-aware placement is best effort under the load
+    bound and sticky through faults); rows sharing a host are only measured: host-aware
+    placement is still to come and will bring them to zero."""
     t0 = time.perf_counter()
     failed = []
+    worst_moves = worst_converge = 0.0
+    place = {"rows": 0, "zone_shared": 0, "host_shared": 0}
     for seed in range(SEEDS):
         res = run_seed(seed)
         if not res.ok:
             failed.append(res)
             if len(failed) >= 3:
                 break
+            continue
+        st = res.stats
+        if st["allowance"]:
+            worst_moves = max(worst_moves, st["moves"] / st["allowance"])
+        worst_converge = max(worst_converge, st["converge_s"] / res.scenario.converge_bound())
+        for k in place:
+            place[k] += st["placement"][k]
     elapsed = time.perf_counter() - t0
-    print(f"{SEEDS} schedules in {elapsed:.1f}s ({SEEDS / elapsed:.0f}/s)")
+    print(f"{SEEDS} schedules in {elapsed:.1f}s ({SEEDS / elapsed:.0f}/s); worst moves/allowance "
+          f"{worst_moves:.2f}, worst converge/bound {worst_converge:.2f}; placement {place}")
     assert not failed, "\n\n".join(explain(r) for r in failed)
+    assert worst_moves <= 1.0 and worst_converge <= 1.0
+    assert place["rows"] > 0 and place["zone_shared"] <= 0.1 * place["rows"], place
 
 
 def test_a_run_is_a_function_of_its_seed() -> None:
@@ -167,43 +186,11 @@ def test_checker_catches_a_rebalancer_that_never_acts() -> None:
     assert {v.kind for v in res.violations} == {"formation"}, explain(res)
 
 
-# -- bounds ---------------------------------------------------------------------------------------
-
-def test_moves_and_convergence_within_their_bounds_over_many_schedules() -> None:
-    """The numbers the invariants bound, over 300 schedules: ownerships moved vs the allowance of
-    the membership changes, and convergence time after healing vs Scenario.converge_bound."""
-    worst_moves, worst_converge = 0.0, 0.0
-    for seed in range(300):
-        res = run_seed(seed)
-        assert res.ok, explain(res)
-        st = res.stats
-        if st["allowance"]:
-            worst_moves = max(worst_moves, st["moves"] / st["allowance"])
-        worst_converge = max(worst_converge, st["converge_s"] / res.scenario.converge_bound())
-    assert worst_moves <= 1.0 and worst_converge <= 1.0
-
-
 # -- the sans-IO programs, driven by hand -------------------------------------------------------
 
 class _View:
     def __init__(self, state: Any) -> None:
         self.state = state
-
-
-def _drive(program: Program[Any], answer: Any) -> Any:
-    """Run ``program``, answering each effect with ``answer(effect)`` (raise to fail it)."""
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            eff = program.throw(error) if error is not None else program.send(value)
-        except StopIteration as stop:
-            return stop.value
-        value, error = None, None
-        try:
-            value = answer(eff)
-        except BaseException as exc:  # noqa: BLE001 - thrown back in, as a driver does
-            error = exc
 
 
 def test_push_resends_a_chunk_whose_sending_failed_and_never_purges_the_destination() -> None:
@@ -242,10 +229,10 @@ def test_push_resends_a_chunk_whose_sending_failed_and_never_purges_the_destinat
 
     req = migration_job.PushRequest("j1", frozenset(range(nslots)), nslots, "127.0.0.1:1", 7, 40)
     with pytest.raises(ConnectionLost):
-        _drive(migration_job.push(jobs, req, view=view, me="a", version=lambda k: values[k], read=read,
+        run_blocking(migration_job.push(jobs, req, view=view, me="a", version=lambda k: values[k], read=read,
                                   clock=lambda: 100.0), answer)
     for _ in range(20):
-        r = _drive(migration_job.push(jobs, req, view=view, me="a", version=lambda k: values[k], read=read,
+        r = run_blocking(migration_job.push(jobs, req, view=view, me="a", version=lambda k: values[k], read=read,
                                       clock=lambda: 100.0), answer)
         if r["done"]:
             break
@@ -265,20 +252,3 @@ def test_a_write_needs_an_owner_and_every_destination() -> None:
         replicated_outcome([dead, ok], pending=1)  # only the destination has it
     with pytest.raises(Moved):
         replicated_outcome([ok, (False, Moved("m", 9))], pending=1)
-
-
-# -- topology is an input: placement as the checker sees it (host-aware placement comes later) ----
-
-def test_topology_is_an_input_and_placement_is_measured() -> None:
-    """Every node has a zone and a host (several nodes may share a host). The converged map's rows
-    whose replicas share a zone although enough zones exist stay rare (zone-aware placement is
-    best effort under the load bound, and sticky through faults); sharing a host is only
-    measured: host-aware placement is still to come (it will bring host_shared to zero)."""
-    total = {"rows": 0, "zone_shared": 0, "host_shared": 0}
-    for seed in range(40):
-        res = run_seed(seed)
-        assert res.ok, explain(res)
-        for k in total:
-            total[k] += res.stats["placement"][k]
-    print("placement over 40 schedules:", total)
-    assert total["rows"] > 0 and total["zone_shared"] <= 0.1 * total["rows"], total

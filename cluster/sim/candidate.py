@@ -42,12 +42,8 @@ class SimCandidate(NetActor):
         w.trace(self.id, "starts")
 
     def crash(self) -> None:
-        if not self.alive:
-            return
-        self.alive = False
-        self.kill_all()
-        self.view.close()
-        self.lease, self.valid_until, self.rebalancer = None, 0.0, None
+        if self.halt():
+            self.lease, self.valid_until, self.rebalancer = None, 0.0, None
 
     def _lease_loop(self) -> Program[None]:
         ttl = self.world.scenario.lease_ttl

@@ -112,6 +112,7 @@ class Actor:
         self.name = name
         self.processes: set[Process] = set()
         self.view: Any = None
+        self.alive = False
         # told when a process with nobody waiting on it dies of an exception
         self.on_failure: Callable[[str, BaseException], None] | None = None
 
@@ -131,6 +132,16 @@ class Actor:
         for p in sorted(self.processes, key=lambda p: p.name):
             p.kill()
         self.processes.clear()
+
+    def halt(self) -> bool:
+        """The actor's process dies: its programs stop where they are, its watch ends. False if
+        it was not running."""
+        if not self.alive:
+            return False
+        self.alive = False
+        self.kill_all()
+        self.view.close()
+        return True
 
     def perform(self, proc: Process, eff: Any) -> None:
         tok = proc.token

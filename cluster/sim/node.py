@@ -64,7 +64,6 @@ class SimNode(NetActor):
         self.addr = f"{node_id}.{host}:7700"
         self.durable = durable
         self.candidate = candidate
-        self.alive = False
         self.incarnation = 0
         self.data: dict[bytes, Value] = {}
         self.gen = 0
@@ -94,11 +93,8 @@ class SimNode(NetActor):
 
     def crash(self) -> None:
         """kill -9: the process and everything volatile go; the lease expires on its own."""
-        if not self.alive:
+        if not self.halt():
             return
-        self.alive = False
-        self.kill_all()
-        self.view.close()
         self.lease_id, self.valid_until = None, 0.0
         self.jobs.clear()
         self.rebalancer = None
