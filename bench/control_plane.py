@@ -30,6 +30,7 @@ import statistics
 import struct
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,12 @@ def movement(n: int, slots: int, replicas: int, zones: int, changes: int, seed: 
     first_s = time.perf_counter() - t0
     sm = SlotMap(1, slots, replicas, tuple(base), m)
     rng = random.Random(seed)
-    out: dict[str, Any] = {"ideal_per_change": slots * replicas / n, "first_map_s": round(first_s, 2)}
+    loads = Counter(x for row in base for x in row)
+    prim = Counter(row[0] for row in base)
+    out: dict[str, Any] = {"ideal_per_change": slots * replicas / n, "first_map_s": round(first_s, 2),
+                           "load_min": min(loads.values()), "load_max": max(loads.values()),
+                           "load_mean": statistics.mean(loads.values()),
+                           "primaries_min": min(prim.values()), "primaries_max": max(prim.values())}
     for kind in ("join", "leave"):
         moves, secs, deltas = [], [], []
         for i in range(changes):
