@@ -530,7 +530,10 @@ class Rebalancer:
                or p[0] not in live]
         if bad:  # cannot finish these (destination gone or no longer wanted): back to the old owners
             keep = yield from self._give_back(sm, {s: sm.pending[s][0] for s in bad if len(sm.pending[s]) == 1})
-            bad = [s for s in bad if s not in keep]
+            # (giving back took time: a slot whose owners have all gone meanwhile keeps its destination,
+            # which step 1 makes the owner)
+            now_live = self.view.state.nodes
+            bad = [s for s in bad if s not in keep and any(n in now_live for n in base[s])]
             if not bad:
                 yield Sleep(0.5)  # until an owner answers, or their leases expire (step 1)
                 return False

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -14,6 +15,7 @@ from memkv.cluster.sim.world import run_seed
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... --trace | head` ends quietly
     ap = argparse.ArgumentParser(prog="python -m memkv.cluster.sim", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run (replay) one seed")

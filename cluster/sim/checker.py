@@ -28,16 +28,18 @@ replication r = min(R, N) before and r' after) adds to the allowance:
 
 - a node leaving (crash, stop, drain): its ownerships at that moment, and the slots being moved
   to it (a copy in flight may still complete), since consistent hashing re-homes only the
-  leaver's slots, ``+ 0.05 x S x r'/(N-1) + 3`` (the fill may have to exceed the load
-  bound under zone constraints, and balancing it back costs a few moves at small S);
-- a node joining: ``1.25 x S x r'/(N+1) + S x (r' - r) + 2`` (its fair share with 25 % slack for
-  small S, plus a whole new replica per slot when r grows);
+  leaver's slots, ``+ 0.15 x S x r'/(N-1) + 3``;
+- a node joining: ``1.4 x S x r'/(N+1) + S x (r' - r) + 2`` (its fair share, plus a whole new
+  replica per slot when r grows);
 - both: plus the deficit of members far below the new mean (``load < mean/2``: compute_table
-  tops them up to the mean -- zone constraints can leave a node there, e.g. the third node of a
-  zone when R = 2 and there are two zones), ``sum(mean - load)`` over them.
+  tops them up to the mean), ``sum(mean - load)`` over them.
 
-Both were measured on 2 000 random topologies (S 16..256, N 2..10, R 1..3, 1..4 zones) of
-``compute_table``; the schedule's moves must stay within the sum of its changes' allowances.
+The slack is for small S: with S = 32 or 64 and zone constraints, the fill can be forced over
+the load bound (a row that already holds a node of the only other zone) and balancing back costs
+a few moves; a map grown node by node starts a little unbalanced. Worst seen over 25 000
+schedules: a join 1.34 x its fair share, a leave its load + 8 at S = 64. At S = 4096 and 65 536
+the computation moves exactly the ideal (tests/test_cluster_ring.py; bench.control_plane: a join
+130 ownerships for an ideal of 131, a leave exactly the leaver's).
 
 **Convergence** (checked by the world): after the faults heal, the map reaches the rebalancer's
 own target for the live members within the scenario's bound.
@@ -222,12 +224,12 @@ class Checker:
         deficit = sum(lo - load[x] for x in members if x != nid and 2 * load[x] < lo)
         if nid in members and nid not in before:
             r, r2 = min(s.replicas, n), min(s.replicas, n + 1)
-            allowance = 1.25 * s.slots * r2 / (n + 1) + s.slots * (r2 - r) + 2 + deficit
+            allowance = 1.4 * s.slots * r2 / (n + 1) + s.slots * (r2 - r) + 2 + deficit
             kind = "join"
         else:
             r2 = min(s.replicas, max(1, n - 1))
             pending = sum(1 for p in (self._map.pending.values() if self._map is not None else ()) if nid in p)
-            allowance = (load[nid] + pending + 0.05 * s.slots * r2 / max(1, n - 1) + 3 + deficit)
+            allowance = (load[nid] + pending + 0.15 * s.slots * r2 / max(1, n - 1) + 3 + deficit)
             kind = "leave"
         self.allowance += allowance
         self.changes.append(Change(self.world.loop.now, kind, nid, n, allowance))
