@@ -19,13 +19,16 @@ their effects on the node: the store, node-to-node calls, waits on the node's sl
   call re-lists the values written since the listing (writes that passed the
   ownership check just before the map changed) at least ``CATCHUP_DELAY_S``
   after the map changed. Calling it again is harmless (versions), so a new
-  rebalancer leader simply starts a job again.
+  rebalancer leader simply starts a job again. With ``missing_only`` (a hand-over
+  from an owner that leaves the slots) it sends only what ``dest`` lacks.
 - ``DROP_SLOTS {slots, nslots, epoch}``: after the flip, free the old copy:
   waits for the node's map to reach ``epoch``, hands the slots' owners the values
   they lack (``SLOT_VERSIONS`` on each, then ``PUT_MANY`` + ``vers``), then deletes the
   values of the listed slots that the node does not own (pending included) in its map.
-  With ``pending``: (sent by a source before it copies) delete the values of the listed slots
-  where this node is only a pending destination -- old values from an earlier ownership.
+  With ``pending``: delete the values of the listed slots where this node is only a pending
+  destination (no hand-off). Sources no longer send it before a copy: the double writes it
+  would free may be acknowledged writes no other node has; old values are replaced by the
+  copy's newer versions anyway.
 
 - ``SLOT_VERSIONS {keys}``: the versions held of [namespace, tenant, key] triples (0: none).
 
