@@ -79,7 +79,7 @@ class MigrationService:
     # -- helpers
     def _pool_(self) -> Any:
         if self._pool is None:
-            from memkv.client.pool import BlockingPool
+            from memkv.client.executors.blocking_connection import BlockingPool
 
             # as the cluster identity (memkv/cluster/identity.py), over TLS when the nodes serve TLS
             self._pool = BlockingPool(timeout=30.0, connect_timeout=3.0, **self.member.credentials.pool_kwargs())
@@ -101,7 +101,7 @@ class MigrationService:
         if isinstance(eff, SendCopies):
             return await trio.to_thread.run_sync(self._send, eff.dest, eff.groups)
         if isinstance(eff, NodeCall):
-            from memkv.client.calls import SimpleCall
+            from memkv.client.core.calls import SimpleCall
 
             return await trio.to_thread.run_sync(self._call, eff.addr, SimpleCall(eff.op, eff.meta))
         if isinstance(eff, FreeSlots):
@@ -180,7 +180,7 @@ class MigrationService:
         return Reply(r)
 
     def _send(self, dest: str, groups: migration_job.Groups) -> None:
-        from memkv.client.calls import PutManyCall
+        from memkv.client.core.calls import PutManyCall
 
         for (ns, tenant, ttl), (ks, vs, vers) in groups.items():
             # "owner": each value is stored for its own tenant (and in its tenant-scoped namespace's scope);

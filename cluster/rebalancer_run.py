@@ -33,7 +33,7 @@ class RebalancerIO:
 
     def __init__(self, etcd: Etcd, view: ClusterView, *, credentials: Any = None,
                  stop: threading.Event | None = None) -> None:
-        from memkv.client.pool import BlockingPool
+        from memkv.client.executors.blocking_connection import BlockingPool
 
         self.etcd = etcd
         self.view = view
@@ -48,7 +48,7 @@ class RebalancerIO:
         if isinstance(eff, EtcdCall):
             return getattr(self.etcd, eff.method)(*eff.args, **eff.kwargs)
         if isinstance(eff, NodeCall):
-            from memkv.client.calls import SimpleCall
+            from memkv.client.core.calls import SimpleCall
             from memkv.client.url import NodeAddress
 
             host, _, port = eff.addr.rpartition(":")

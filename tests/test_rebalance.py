@@ -353,7 +353,7 @@ def test_migration_copies_survive_a_destination_restarted_on_its_address(start_n
     failed push and a retry round every time a node came back)."""
     import types
 
-    from memkv.client.sync_connection import BlockingConnection
+    from memkv.client.executors.blocking_connection import BlockingConnection
     from memkv.client.url import NodeAddress
     from memkv.cluster.migration import MigrationService
 
@@ -363,7 +363,7 @@ def test_migration_copies_survive_a_destination_restarted_on_its_address(start_n
     pool = svc._pool_()
     try:
         for _ in range(3):  # idle pooled connections to the first process
-            pool._queue(NodeAddress(dest.host, dest.port)).put(BlockingConnection.open(dest.host, dest.port))
+            pool.give(NodeAddress(dest.host, dest.port), BlockingConnection.open(dest.host, dest.port))
         svc._send(dest.address, {("shared", "", None): ([b"k1"], [b"v1"], [5])})
         dest.stop()
         dest.start()

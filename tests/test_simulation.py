@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from memkv.client.client import replicated_outcome
+from memkv.client.core.dispatch import replicated_outcome
 from memkv.cluster import migration_job
 from memkv.cluster.effects import NodeCall, Program, Sleep, WaitView, run_blocking
 from memkv.cluster.migration_job import CopyItem, ScanSlots, SendCopies
@@ -241,9 +241,9 @@ def test_push_resends_a_chunk_whose_sending_failed_and_never_purges_the_destinat
 
 
 def test_a_write_needs_an_owner_and_every_destination() -> None:
-    """The ack rule the simulator led to (client.replicated_outcome): dead or fenced owners may
+    """The ack rule the simulator led to (client/core/dispatch.py): dead or fenced owners may
     be skipped, a pending destination may not, and at least one owner must have stored it."""
-    ok, dead, fenced = (True, "r"), (False, ConnectionLost("x")), (False, Fenced("x"))
+    ok, dead, fenced = "r", ConnectionLost("x"), Fenced("x")
     assert replicated_outcome([ok, dead]) == "r"
     assert replicated_outcome([dead, ok, ok], pending=1) == "r"
     with pytest.raises(Fenced):
@@ -251,4 +251,4 @@ def test_a_write_needs_an_owner_and_every_destination() -> None:
     with pytest.raises(ConnectionLost):
         replicated_outcome([dead, ok], pending=1)  # only the destination has it
     with pytest.raises(Moved):
-        replicated_outcome([ok, (False, Moved("m", 9))], pending=1)
+        replicated_outcome([ok, Moved("m", 9)], pending=1)

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from memkv.client.client import MOVED_RETRIES, replicated_outcome
 from memkv.client.cluster_map import key_slot
-from memkv.client.cluster_router import ClusterRouter
+from memkv.client.core.dispatch import MOVED_RETRIES, replicated_outcome
+from memkv.client.core.routing import ClusterRouter
 from memkv.cluster.effects import Program, Sleep, WaitView
 from memkv.cluster.sim.loop import Process
 from memkv.cluster.sim.net import NetActor
@@ -89,7 +89,7 @@ class SimClient(NetActor):
         left = [len(eff.addrs)]
 
         def one(i: int, value: Any, error: BaseException | None) -> None:
-            outcomes[i] = (True, value) if error is None else (False, error)
+            outcomes[i] = value if error is None else error
             left[0] -= 1
             if left[0] == 0:
                 proc.wake(tok, outcomes, None)
@@ -100,8 +100,8 @@ class SimClient(NetActor):
 
 @dataclass(frozen=True, eq=False)
 class Fanout:
-    """The same call to several nodes at once; the (ok, reply or error) outcomes in order -- what
-    the real client's replicated write does with a task (or thread) per replica."""
+    """The same call to several nodes at once; the outcomes (reply or error) in order -- what the
+    real client's replicated write does with a ``Parallel`` of one call per replica."""
 
     addrs: tuple[str, ...]
     op: int
