@@ -64,6 +64,7 @@ load/save failures, save conflicts, load/save/lookup latency.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -187,8 +188,15 @@ class _Store:
             return self._client
 
     def warm(self) -> None:
-        """Connect in the background now, so the first request does not pay for it."""
-        threading.Thread(target=self.client, name="memkv-connect", daemon=True).start()
+        """Connect in the background now, so the first request does not pay for it: the connection,
+        and the first read, which sets up the one-sided path (maps a same-host node's region)."""
+        def run() -> None:
+            client = self.client()
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.get(b"memkv-vllm-connector-warm-up", namespace=self.settings.namespace)
+
+        threading.Thread(target=run, name="memkv-connect", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
@@ -734,9 +742,10 @@ class _WorkerSide:
                 logger.warning("memkv: loading %d blocks of %s failed (%s: %s)", n, t.req_id, type(exc).__name__,
                                exc)
         ok = n
+        rows = staging.numpy()  # header checks slice bytes: numpy does that without a Python loop
         for i, (b, length) in enumerate(zip(t.blocks, got, strict=True)):
             try:
-                self.format.check(staging[i], length, block_hash=b.block_hash)
+                self.format.check(rows[i], length, block_hash=b.block_hash)
             except BlockMismatch as exc:
                 if length is not None:
                     logger.warning("memkv: block %d of %s not loaded: %s", b.index, t.req_id, exc)

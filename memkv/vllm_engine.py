@@ -26,12 +26,17 @@ Token prompts, greedy sampling and ``ignore_eos`` make every run reproducible.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import queue
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MARK = "MEMKV-ENGINE "
 CONNECTOR_MODULE = "memkv.client.vllm"
@@ -146,6 +151,145 @@ def serve(args: argparse.Namespace) -> int:
         except Exception as exc:  # reported to the driver, which fails the test or the demo with it
             _reply({"error": f"{type(exc).__name__}: {exc}"})
     return 0
+
+
+# -- driving an engine process (tests, demo, benchmark) -------------------------------------------
+def vllm_python(root: str | Path | None = None) -> Path:
+    """The interpreter that has vLLM: ``$MEMKV_VLLM_PYTHON``, else the checkout's ``.venv-vllm``
+    (scripts/bootstrap-vllm.sh), else this one (``pip install memkv[vllm]`` in one environment)."""
+    env = os.environ.get("MEMKV_VLLM_PYTHON")
+    if env:
+        return Path(env)
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    venv = root / ".venv-vllm" / "bin" / "python"
+    return venv if venv.exists() else Path(sys.executable)
+
+
+def run_make_model(python: str | Path, path: str | Path, *, timeout: float = 300, **spec: Any) -> Path:
+    """``make-model`` in the interpreter that has vLLM's transformers (it writes what that vLLM reads)."""
+    args = [str(python), "-m", "memkv.vllm_engine", "make-model", str(path)]
+    for k, v in spec.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    subprocess.run(args, check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return Path(path)
+
+
+class EngineError(RuntimeError):
+    """The engine process failed, answered with an error, or did not answer in time."""
+
+
+class EngineProcess:
+    """``python -m memkv.vllm_engine serve ...`` as a child process, one command at a time.
+
+    vLLM's output goes to ``log_path``. With ``lock_path`` the process holds an
+    exclusive ``flock`` on that file for its whole life, so engines started by
+    different programs on one small machine run one after another.
+    """
+
+    def __init__(self, model: str | Path, *, python: str | Path | None = None, kv_url: str | None = None,
+                 extra: dict[str, Any] | None = None, log_path: str | Path | None = None,
+                 lock_path: str | Path | None = None, env: dict[str, str] | None = None,
+                 block_size: int = 128, max_model_len: int = 4096) -> None:
+        self.args = [str(python or vllm_python()), "-m", "memkv.vllm_engine", "serve", "--model", str(model),
+                     "--block-size", str(block_size), "--max-model-len", str(max_model_len)]
+        if kv_url:
+            self.args += ["--kv-url", kv_url]
+            if extra:
+                self.args += ["--extra", json.dumps(extra)]
+        self.log_path = Path(log_path) if log_path else None
+        self.lock_path = lock_path
+        self.env = env
+        self.proc: subprocess.Popen[str] | None = None
+        self.ready: dict[str, Any] = {}
+        self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._lock_file: IO[bytes] | None = None
+        self._log: IO[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 240.0) -> EngineProcess:
+        deadline = time.monotonic() + timeout
+        if self.lock_path:
+            self._lock_file = open(self.lock_path, "ab")  # noqa: SIM115 (held until close())
+            while True:
+                try:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise EngineError(f"{self.lock_path} stayed locked for {timeout:.0f}s") from None
+                    time.sleep(0.5)
+        self._log = open(self.log_path, "a") if self.log_path else None  # noqa: SIM115
+        env = dict(os.environ, **(self.env or {}))
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log or subprocess.DEVNULL, text=True, env=env, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.ready = self._reply(max(1.0, deadline - time.monotonic()), "start")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                self._replies.put(json.loads(line[len(MARK):]))
+            elif self._log is not None:
+                self._log.write(line)
+        self._replies.put(None)  # end of output: the process exited
+
+    def _reply(self, timeout: float, what: str) -> dict[str, Any]:
+        try:
+            reply = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            raise EngineError(f"vLLM engine: no answer to {what} within {timeout:.0f}s "
+                              f"(log: {self.log_path})") from None
+        if reply is None:
+            code = self.proc.wait() if self.proc is not None else None
+            raise EngineError(f"vLLM engine exited (code {code}) during {what} (log: {self.log_path})")
+        if "error" in reply:
+            raise EngineError(f"vLLM engine: {reply['error']} (during {what})")
+        return reply
+
+    def request(self, cmd: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._reply(timeout, str(cmd.get("op")))
+
+    def generate(self, prompt: list[int], *, max_tokens: int = 8, logprobs: int = 1, cache_salt: str | None = None,
+                 timeout: float = 120.0) -> dict[str, Any]:
+        return self.request({"op": "generate", "prompt": prompt, "max_tokens": max_tokens, "logprobs": logprobs,
+                             "cache_salt": cache_salt}, timeout)
+
+    def metrics(self) -> dict[str, float]:
+        return self.request({"op": "metrics"})["metrics"]
+
+    def close(self, timeout: float = 60.0) -> int | None:
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    self.request({"op": "exit"}, timeout=10)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            code = self.proc.returncode
+        if self._reader is not None:
+            self._reader.join(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+        return code
+
+    def __enter__(self) -> EngineProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
