@@ -643,7 +643,7 @@ class _WorkerSide:
         self.format: BlockFormat | None = None
         self._load_buf = torch.empty(0, dtype=torch.uint8)
         self._load_errors: set[int] = set()
-        self._failed_reqs: set[str] = set()  # a load failed in this step: its step's saves are garbage
+        self._failed_reqs: set[str] = set()  # a load failed in this step: this step's KV of them is garbage
         self._save: tuple[list[BlockRef], list[Transfer], torch.Tensor, torch.Tensor] | None = None
 
     # -- set-up
@@ -721,7 +721,8 @@ class _WorkerSide:
 
     # -- load
     def start_load_kv(self, meta: MemKVMetadata) -> None:
-        self._failed_reqs.clear()
+        # Loads are synchronous (get_num_new_matched_tokens never asks for async loading), so vLLM calls
+        # this before the forward pass of a step that loads; in other steps it may come after the forward.
         for t in meta.loads:
             self._load(t)
 
@@ -790,6 +791,7 @@ class _WorkerSide:
             self._pages(values, li).copy_(pages.unflatten(0, (len(refs), self.layout.pages_per_block)))
 
     def wait_for_save(self) -> None:
+        self._failed_reqs.clear()  # end of the step: the next one recomputes those requests' blocks
         if self._save is None:
             return
         refs, saves, values, _ = self._save

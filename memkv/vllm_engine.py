@@ -206,8 +206,10 @@ class EngineProcess:
         self._log: IO[str] | None = None
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 240.0) -> EngineProcess:
-        deadline = time.monotonic() + timeout
+    def start(self, timeout: float = 240.0, lock_timeout: float = 1800.0) -> EngineProcess:
+        """Start and wait until the engine is ready (``timeout``), after waiting at most ``lock_timeout``
+        for the lock (other heavy jobs of the machine)."""
+        deadline = time.monotonic() + lock_timeout
         if self.lock_path:
             self._lock_file = open(self.lock_path, "ab")  # noqa: SIM115 (held until close())
             while True:
@@ -216,8 +218,9 @@ class EngineProcess:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise EngineError(f"{self.lock_path} stayed locked for {timeout:.0f}s") from None
+                        raise EngineError(f"{self.lock_path} stayed locked for {lock_timeout:.0f}s") from None
                     time.sleep(0.5)
+        deadline = time.monotonic() + timeout
         self._log = open(self.log_path, "a") if self.log_path else None  # noqa: SIM115
         env = dict(os.environ, **(self.env or {}))
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
