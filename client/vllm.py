@@ -126,6 +126,7 @@ class Settings:
     load_failure: str = "recompute"
     max_inflight_mb: float = 256.0
     lookup_wait_ms: float = 50.0
+    load_mode: str = "request"
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> Settings:
@@ -141,6 +142,8 @@ class Settings:
                    "token": os.environ.get("MEMKV_TOKEN") or None, **extra})
         if s.transport not in ("auto", "tcp", "shm", "rdma"):
             raise ValueError(f"MemKVConnector: transport must be auto, tcp, shm or rdma, not {s.transport!r}")
+        if s.load_mode not in ("request", "layer"):
+            raise ValueError(f"MemKVConnector: load_mode must be request or layer, not {s.load_mode!r}")
         if s.load_failure not in ("recompute", "fail"):
             raise ValueError(f"MemKVConnector: load_failure must be recompute or fail, not {s.load_failure!r}")
         from memkv.client.url import parse_url
@@ -645,6 +648,11 @@ class _WorkerSide:
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # a load failed in this step: this step's KV of them is garbage
         self._save: tuple[list[BlockRef], list[Transfer], torch.Tensor, torch.Tensor] | None = None
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memkv-load")
+        self._pending: Future[list[tuple[Transfer, torch.Tensor, int]]] | None = None
+        self._loaded: list[tuple[Transfer, torch.Tensor, int]] | None = None
+        self._layers_left: set[int] = set()
+        self._load_t0 = 0.0
 
     # -- set-up
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -723,17 +731,51 @@ class _WorkerSide:
     def start_load_kv(self, meta: MemKVMetadata) -> None:
         # Loads are synchronous (get_num_new_matched_tokens never asks for async loading), so vLLM calls
         # this before the forward pass of a step that loads; in other steps it may come after the forward.
+        if not meta.loads:
+            return
+        self._load_t0 = time.perf_counter()
+        total = sum(len(t.blocks) for t in meta.loads)
+        vlen = self.format.value_len if self.format is not None else 0
+        if self._load_buf.numel() < total * vlen:
+            self._load_buf = torch.empty(total * vlen, dtype=torch.uint8)
+        staging = self._load_buf[:total * vlen].view(total, vlen)
+        parts, row = [], 0
         for t in meta.loads:
-            self._load(t)
+            parts.append((t, staging[row:row + len(t.blocks)]))
+            row += len(t.blocks)
+        self._layers_left = set(range(len(self.layers)))
+        if self.settings.load_mode == "layer":  # fetch on a thread; each layer's pages land when it needs them
+            self._pending = self._loader.submit(self._fetch_all, parts)
+            return
+        self._loaded = self._fetch_all(parts)
+        self._finish_loads()
 
-    def _load(self, t: Transfer) -> None:
-        assert self.format is not None and self.layout is not None
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        li = self.layer_index.get(layer_name)
+        if li is None or li not in self._layers_left:
+            return
+        if self._pending is not None:
+            self._loaded, self._pending = self._pending.result(), None
+        self._scatter(li)
+
+    def _finish_loads(self) -> None:
+        """Every layer's pages in place (all of them in request mode; any layer the forward skipped)."""
+        if self._pending is not None:
+            self._loaded, self._pending = self._pending.result(), None
+        if self._loaded is None:
+            return
+        for li in sorted(self._layers_left):
+            self._scatter(li)
+        self.counters.add(load_seconds=time.perf_counter() - self._load_t0)
+        self._loaded = None
+
+    def _fetch_all(self, parts: list[tuple[Transfer, torch.Tensor]]) -> list[tuple[Transfer, torch.Tensor, int]]:
+        return [(t, staging, self._fetch(t, staging)) for t, staging in parts]
+
+    def _fetch(self, t: Transfer, staging: torch.Tensor) -> int:
+        """Read ``t``'s blocks into ``staging`` and check them; how many leading blocks are usable."""
+        assert self.format is not None
         n = len(t.blocks)
-        t0 = time.perf_counter()
-        vlen = self.format.value_len
-        if self._load_buf.numel() < n * vlen:
-            self._load_buf = torch.empty(n * vlen, dtype=torch.uint8)
-        staging = self._load_buf[:n * vlen].view(n, vlen)
         got: list[int | None] = [None] * n
         client = self.store.client()
         if client is not None:
@@ -752,19 +794,25 @@ class _WorkerSide:
                     logger.warning("memkv: block %d of %s not loaded: %s", b.index, t.req_id, exc)
                 ok = i
                 break
-        if ok:
-            idx = self._kernel_ids([b.block_id for b in t.blocks[:ok]])
-            d = self.layout.block_dim
-            with torch.no_grad():
-                for li, (_, kv) in enumerate(self.layers):
-                    src = self._pages(staging[:ok], li).flatten(0, 1)
-                    kv.index_copy_(d, idx, src if d == 0 else src.movedim(0, d))
         if ok < n:  # vLLM recomputes from the first block that did not load
             logger.warning("memkv: %d of %d blocks of %s not loaded: vLLM recomputes them", n - ok, n, t.req_id)
             self._load_errors.update(b.block_id for b in t.blocks[ok:])
             self._failed_reqs.add(t.req_id)
-        self.counters.add(loaded_blocks=ok, loaded_bytes=ok * vlen, load_failures=n - ok,
-                          load_seconds=time.perf_counter() - t0)
+        self.counters.add(loaded_blocks=ok, loaded_bytes=ok * self.format.value_len, load_failures=n - ok)
+        return ok
+
+    def _scatter(self, li: int) -> None:
+        """Copy layer ``li``'s pages of every loaded block into the blocks vLLM allocated for them."""
+        assert self.layout is not None and self._loaded is not None
+        self._layers_left.discard(li)
+        d = self.layout.block_dim
+        kv = self.layers[li][1]
+        with torch.no_grad():
+            for t, staging, ok in self._loaded:
+                if ok:
+                    src = self._pages(staging[:ok], li).flatten(0, 1)
+                    idx = self._kernel_ids([b.block_id for b in t.blocks[:ok]])
+                    kv.index_copy_(d, idx, src if d == 0 else src.movedim(0, d))
 
     def take_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
@@ -791,6 +839,7 @@ class _WorkerSide:
             self._pages(values, li).copy_(pages.unflatten(0, (len(refs), self.layout.pages_per_block)))
 
     def wait_for_save(self) -> None:
+        self._finish_loads()
         self._failed_reqs.clear()  # end of the step: the next one recomputes those requests' blocks
         if self._save is None:
             return
@@ -817,6 +866,7 @@ class _WorkerSide:
 
     def shutdown(self) -> None:
         self.sender.close(self.settings.timeout)
+        self._loader.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
 
@@ -866,7 +916,8 @@ class MemKVConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv, before the forward pass
+        assert self._worker is not None
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:

@@ -66,23 +66,25 @@ def run_demo_vllm(json_path: str | None = None, nodes: int = 1) -> int:
     store = LocalCluster.start(nodes, directory=workdir, memory="512MiB") if nodes > 1 else start_node(memory="1GiB")
     results: dict[str, Any] = {"url": store.url, "model": MODEL, "turns": []}
     engines: list[EngineProcess] = []
+
+    def fresh_engine(name: str) -> EngineProcess:
+        """A new vLLM process with the memkv connector, past its first forward pass."""
+        eng = EngineProcess(model, python=python, kv_url=store.url, log_path=Path(workdir) / f"engine-{name}.log",
+                            max_model_len=8192)
+        engines.append(eng)
+        eng.start()
+        eng.generate(tokenize("warm-up"), max_tokens=2)
+        return eng
+
     try:
         prompt1 = tokenize(SYSTEM + "".join(MANUAL.format(i=i) for i in range(1, 26)) + QUESTIONS[0])
         console.print(f"store at {store.url}; engine A starts (vLLM start-up takes 20-40 s here)...")
-        a = EngineProcess(model, python=python, kv_url=store.url, log_path=Path(workdir) / "engine-A.log",
-                          max_model_len=8192)
-        engines.append(a)
-        a.start()
-        a.generate(tokenize("warm-up"), max_tokens=2)
+        a = fresh_engine("A")
         r1 = a.generate(prompt1, max_tokens=N_NEW)
         a.close()  # A's process ends: what B gets, it gets from memkv
         prompt2 = prompt1 + r1["tokens"] + tokenize(QUESTIONS[1])
         console.print(f"engine A answered turn 1 ({len(prompt1)} prompt tokens) and exited; engine B starts...")
-        b = EngineProcess(model, python=python, kv_url=store.url, log_path=Path(workdir) / "engine-B.log",
-                          max_model_len=8192)
-        engines.append(b)
-        b.start()
-        b.generate(tokenize("warm-up"), max_tokens=2)
+        b = fresh_engine("B")
         r2 = b.generate(prompt2, max_tokens=N_NEW)
         b.request({"op": "reset_prefix_cache"})
         r2_cold = b.generate(prompt2, max_tokens=N_NEW, cache_salt="demo-recompute")
