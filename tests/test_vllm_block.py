@@ -78,3 +78,39 @@ def test_foreign_values_are_refused(case: str) -> None:
         length = len(value)
     with pytest.raises(BlockMismatch):
         fmt.check(value, length, block_hash=want)
+
+
+def test_two_engines_saving_the_same_blocks_at_once_both_succeed(memkv_node) -> None:
+    """What the connector's sender relies on: with different bytes for the same keys (two machines'
+    float results), the first writer of each key wins, the other gets ``KeyExists`` — which the
+    connector counts and ignores — and every other block of its batch is stored."""
+    import threading
+
+    from memkv.client import SyncClient
+    from memkv.errors import KeyExists
+
+    keys = [key(block_hash=bytes([i]) * 32) for i in range(8)]
+    extra = key(block_hash=b"\xee" * 32)
+    outcome: dict[str, str] = {}
+    start = threading.Barrier(2)
+
+    def engine(name: str, fill: bytes, batch: list[bytes]) -> None:
+        with SyncClient.connect(memkv_node.url) as c:
+            start.wait()
+            try:
+                c.put_many([(k, fill * 4096) for k in batch], parents=[None] + batch[:-1])
+                outcome[name] = "stored"
+            except KeyExists:
+                outcome[name] = "conflict"
+
+    threads = [threading.Thread(target=engine, args=("a", b"A", keys)),
+               threading.Thread(target=engine, args=("b", b"B", [*keys, extra]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(outcome) == {"a", "b"} and "conflict" in outcome.values()
+    with SyncClient.connect(memkv_node.url) as c:
+        values = c.get_many([*keys, extra])
+    assert all(v in (b"A" * 4096, b"B" * 4096) for v in values[:-1])  # each key: one writer's whole value
+    assert values[-1] == b"B" * 4096  # the conflicting batch's other block was stored
