@@ -2,7 +2,7 @@
 and the vLLM benchmark start (each start is a fresh engine: no state but what memkv holds).
 
     python -m memkv.vllm_engine make-model DIR [--layers 2 --hidden 256 ...]
-    python -m memkv.vllm_engine serve --model DIR [--kv-url URL] [--extra JSON] [--block-size 128]
+    python -m memkv.vllm_engine serve --model DIR [--kv-url URL [--extra JSON] | --kv-config JSON] [--block-size 128]
 
 ``make-model`` writes a Llama-architecture checkpoint with seeded random
 weights (transformers ``LlamaConfig`` + ``save_pretrained``; nothing is
@@ -127,6 +127,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.kv_url:
         extra = json.loads(args.extra) if args.extra else {}
         kwargs["kv_transfer_config"] = kv_transfer_config(args.kv_url, **extra)
+    elif args.kv_config:  # any other connector (vLLM's ExampleConnector, LMCache, ...), for comparisons
+        kwargs["kv_transfer_config"] = json.loads(args.kv_config)
     llm = LLM(model=args.model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
               max_model_len=args.max_model_len, block_size=args.block_size, seed=0,
               disable_log_stats=False, **kwargs)
@@ -187,7 +189,8 @@ class EngineProcess:
     """
 
     def __init__(self, model: str | Path, *, python: str | Path | None = None, kv_url: str | None = None,
-                 extra: dict[str, Any] | None = None, log_path: str | Path | None = None,
+                 extra: dict[str, Any] | None = None, kv_config: dict[str, Any] | None = None,
+                 log_path: str | Path | None = None,
                  lock_path: str | Path | None = None, env: dict[str, str] | None = None,
                  block_size: int = 128, max_model_len: int = 4096) -> None:
         self.args = [str(python or vllm_python()), "-m", "memkv.vllm_engine", "serve", "--model", str(model),
@@ -196,6 +199,8 @@ class EngineProcess:
             self.args += ["--kv-url", kv_url]
             if extra:
                 self.args += ["--extra", json.dumps(extra)]
+        elif kv_config:
+            self.args += ["--kv-config", json.dumps(kv_config)]
         self.log_path = Path(log_path) if log_path else None
         self.lock_path = lock_path
         self.env = env
@@ -308,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", required=True)
     s.add_argument("--kv-url", help="memkv URL: configure the memkv connector (else no connector)")
     s.add_argument("--extra", help="more kv_connector_extra_config entries, as JSON")
+    s.add_argument("--kv-config", help="without --kv-url: a whole kv_transfer_config, as JSON")
     s.add_argument("--block-size", type=int, default=128)
     s.add_argument("--max-model-len", type=int, default=4096)
     args = p.parse_args(argv)
