@@ -7,9 +7,9 @@ seeded random weights written by the test (float32, greedy, token-id prompts).
 Engine A (fresh) serves a 2100-token prompt P and saves it; engine B (fresh)
 serves P + a 60-token suffix S and must report P's 16 full blocks (2048
 tokens) as cached and produce the tokens and logprobs of an engine without the
-connector. One engine runs at a time (an exclusive flock on
-``$MEMKV_HEAVY_LOCK``, default /tmp/memkv-heavy.lock, shared with other heavy
-jobs on the machine).
+connector. One engine runs at a time, and the module holds an exclusive flock
+on ``$MEMKV_HEAVY_LOCK`` (default /tmp/memkv-heavy.lock, shared with other
+heavy jobs on the machine) from its first engine to its last.
 
 Missing vLLM fails these tests (they are part of ``make test``); developers
 without it set ``MEMKV_SKIP_VLLM=1``. Select them with ``-m vllm``. Timings
@@ -19,6 +19,7 @@ without it set ``MEMKV_SKIP_VLLM=1``. Select them with ``-m vllm``. Timings
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import time
@@ -44,7 +45,15 @@ LOCK = os.environ.get("MEMKV_HEAVY_LOCK", "/tmp/memkv-heavy.lock")
 
 
 @pytest.fixture(scope="module")
-def vllm_env() -> Path:
+def heavy_lock() -> Iterator[None]:
+    """The machine-wide lock for heavy jobs, held while this module's engines run (waits for others)."""
+    with open(LOCK, "ab") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module")
+def vllm_env(heavy_lock: None) -> Path:
     python = vllm_python()
     if os.environ.get("MEMKV_SKIP_VLLM") == "1":
         pytest.skip("MEMKV_SKIP_VLLM=1")
@@ -72,13 +81,13 @@ def prompts() -> tuple[list[int], list[int]]:
 @contextlib.contextmanager
 def engine(vllm_env: Path, model_dir: Path, log_dir: Path, name: str, url: str | None = None,
            **extra: Any) -> Iterator[EngineProcess]:
-    eng = EngineProcess(model_dir, python=vllm_env, kv_url=url, extra=extra or None, lock_path=LOCK,
+    eng = EngineProcess(model_dir, python=vllm_env, kv_url=url, extra=extra or None,
                         log_path=log_dir / f"{name}.log")
     t0 = time.monotonic()
     try:
         eng.start()
         # what the engine itself took: start-up plus its requests, not the wait for the lock
-        t0 = time.monotonic() - eng.ready.get("startup_s", 0.0)
+        t0 = time.monotonic() - eng.ready.get("startup_s", 0.0)  # (the lock is taken before, by heavy_lock)
         eng.generate(list(range(5, 40)), max_tokens=2)  # first-forward warm-up (no full block: no memkv traffic)
         yield eng
     except Exception:
