@@ -7,7 +7,9 @@ seeded random weights written by the test (float32, greedy, token-id prompts).
 Engine A (fresh) serves a 2100-token prompt P and saves it; engine B (fresh)
 serves P + a 60-token suffix S and must report P's 16 full blocks (2048
 tokens) as cached and produce the tokens and logprobs of an engine without the
-connector. One engine runs at a time, and the module holds an exclusive flock
+connector. The standalone node requires authentication (tenant and token come
+from MEMKV_TENANT/MEMKV_TOKEN for some engines, from kv_connector_extra_config
+for others). One engine runs at a time, and the module holds an exclusive flock
 on ``$MEMKV_HEAVY_LOCK`` (default /tmp/memkv-heavy.lock, shared with other
 heavy jobs on the machine) from its first engine to its last.
 
@@ -42,6 +44,17 @@ CACHED = (PROMPT_TOKENS // BLOCK) * BLOCK
 # float sums run in another order: logprobs agree to ~1e-5 (measured: 4e-6), tokens exactly.
 LOGPROB_TOL = 1e-4
 LOCK = os.environ.get("MEMKV_HEAVY_LOCK", "/tmp/memkv-heavy.lock")
+# The standalone node authenticates: engines pass tenant and token through the environment
+# (MEMKV_TENANT/MEMKV_TOKEN) or through kv_connector_extra_config.
+TENANTS = """
+[tenants.root]
+token = "root-secret"
+grants = { "*" = "admin" }
+[tenants.engines]
+token = "engines-secret"
+grants = { shared = "rw" }
+"""
+ENGINE_ENV = {"MEMKV_TENANT": "engines", "MEMKV_TOKEN": "engines-secret"}
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +93,8 @@ def prompts() -> tuple[list[int], list[int]]:
 
 @contextlib.contextmanager
 def engine(vllm_env: Path, model_dir: Path, log_dir: Path, name: str, url: str | None = None,
-           **extra: Any) -> Iterator[EngineProcess]:
-    eng = EngineProcess(model_dir, python=vllm_env, kv_url=url, extra=extra or None,
+           env: dict[str, str] | None = None, **extra: Any) -> Iterator[EngineProcess]:
+    eng = EngineProcess(model_dir, python=vllm_env, kv_url=url, extra=extra or None, env=env,
                         log_path=log_dir / f"{name}.log")
     t0 = time.monotonic()
     try:
@@ -136,9 +149,10 @@ def saved_node(vllm_env: Path, model_dir: Path, prompts: Any, tmp_path_factory: 
     from conftest import NodeProc
 
     workdir = tmp_path_factory.mktemp("node")
-    node = NodeProc(["--memory", "256MiB"], workdir).start()
+    (workdir / "memkv.toml").write_text(TENANTS)
+    node = NodeProc(["--memory", "256MiB", "--config", str(workdir / "memkv.toml")], workdir).start()
     p, _ = prompts
-    with engine(vllm_env, model_dir, tmp_path_factory.mktemp("logs"), "A", node.url) as a:
+    with engine(vllm_env, model_dir, tmp_path_factory.mktemp("logs"), "A", node.url, env=ENGINE_ENV) as a:
         out = a.generate(p, max_tokens=1)
         assert out["num_cached_tokens"] == 0
     yield node
@@ -148,7 +162,7 @@ def saved_node(vllm_env: Path, model_dir: Path, prompts: Any, tmp_path_factory: 
 def test_fresh_engine_loads_the_saved_prefix_and_salts_isolate(vllm_env, model_dir, prompts, baseline,
                                                                 saved_node, tmp_path) -> None:
     p, s = prompts
-    with engine(vllm_env, model_dir, tmp_path, "B", saved_node.url) as b:
+    with engine(vllm_env, model_dir, tmp_path, "B", saved_node.url, tenant="engines", token="engines-secret") as b:
         out = b.generate(p + s, max_tokens=NEW_TOKENS)
         m = flush_stats(b)
         assert out["num_cached_tokens"] == CACHED  # vLLM's own count: P's 16 full blocks came from memkv
@@ -175,7 +189,7 @@ def _corrupt_blocks(node: Any, index: int) -> int:
     from memkv.client import SyncClient
     from memkv.client.vllm_block import MAGIC, PREFIX, read_header
 
-    with SyncClient.connect(node.url, transport="tcp") as c:
+    with SyncClient.connect(node.url, transport="tcp", tenant="root", token="root-secret") as c:
         path = c.stats()["region"]["path"]
     with open(path, "r+b") as f:
         data = f.read()
@@ -197,7 +211,7 @@ def test_corrupt_block_is_recomputed_and_saved_again(vllm_env, model_dir, prompt
                                                      tmp_path) -> None:
     p, s = prompts
     _corrupt_blocks(saved_node, 5)  # the node's checksum drops it at read: blocks 5.. are recomputed
-    with engine(vllm_env, model_dir, tmp_path, "B-corrupt", saved_node.url) as b:
+    with engine(vllm_env, model_dir, tmp_path, "B-corrupt", saved_node.url, env=ENGINE_ENV) as b:
         out = b.generate(p + s, max_tokens=NEW_TOKENS)
         m = flush_stats(b, until=lambda m: m["vllm:memkv_saved_blocks"] >= CACHED // BLOCK - 5)
         assert_same_output(out, baseline)
@@ -211,7 +225,7 @@ def test_node_killed_before_engine_b_means_recompute_without_hang(vllm_env, mode
                                                                   saved_node, tmp_path) -> None:
     p, s = prompts
     saved_node.kill()  # (this test runs last of the three that share the node)
-    with engine(vllm_env, model_dir, tmp_path, "B-nodedown", saved_node.url, timeout=2) as b:
+    with engine(vllm_env, model_dir, tmp_path, "B-nodedown", saved_node.url, env=ENGINE_ENV, timeout=2) as b:
         t0 = time.monotonic()
         out = b.generate(p + s, max_tokens=NEW_TOKENS, timeout=60)
         took = time.monotonic() - t0
