@@ -55,7 +55,7 @@ def run_demo_vllm(json_path: str | None = None, nodes: int = 1) -> int:
     python = vllm_python()
     if os.system(f"'{python}' -c 'import vllm' >/dev/null 2>&1") != 0:
         console.print(f"[red]memkv demo --engine vllm needs vLLM[/red]: {python} cannot import it. Install the "
-                      "extra (pip install 'memkv[vllm]') or, in a checkout, run make install-vllm.")
+                      "extra (pip install 'memkv\\[vllm]') or, in a checkout, run make install-vllm.")
         return 2
     t_start = time.perf_counter()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "memkv" / "demo-vllm-model"
