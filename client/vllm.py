@@ -108,6 +108,8 @@ logger = init_logger("vllm.memkv")
 
 RECONNECT_S = 2.0  # after a failed connect, the next attempt waits this long (calls meanwhile are misses)
 MAX_HASH_BYTES = 64  # header room for vLLM's block hashes (sha256: 32 bytes)
+SEND_CHUNK_BYTES = 64 * 2**20  # one put_many / get_many_into carries at most this much ...
+SEND_CHUNK_BLOCKS = 512  # ... and this many blocks (the node refuses batches over 4096 keys)
 
 
 # -- settings ---------------------------------------------------------------------------------------
@@ -598,7 +600,14 @@ class _Sender:
                 self._cond.notify_all()
 
     def _send(self, batch: _Batch) -> None:
-        n = len(batch.keys)
+        """``put_many`` in chunks of at most ``SEND_CHUNK_BYTES`` / ``SEND_CHUNK_BLOCKS``: under the
+        node's frame limits, and each call short next to the client timeout."""
+        per = max(1, min(SEND_CHUNK_BLOCKS, SEND_CHUNK_BYTES // max(1, batch.values.shape[1])))
+        for lo in range(0, len(batch.keys), per):
+            self._send_chunk(batch.keys[lo:lo + per], batch.values[lo:lo + per], batch.parents[lo:lo + per])
+
+    def _send_chunk(self, keys: list[bytes], values: torch.Tensor, parents: list[bytes | None]) -> None:
+        n, nbytes = len(keys), values.numel()
         t0 = time.perf_counter()
         client = self.store.client()
         if client is None:
@@ -606,19 +615,18 @@ class _Sender:
             return
         s = self.settings
         try:
-            client.put_many(list(zip(batch.keys, batch.values, strict=True)), namespace=s.namespace, ttl=s.ttl,
-                            parents=batch.parents)
+            client.put_many(list(zip(keys, values, strict=True)), namespace=s.namespace, ttl=s.ttl, parents=parents)
         except KeyExists:
             # Another engine stored (a bitwise different computation of) some of these blocks first: they are
-            # in memkv all the same; the others of the batch were written.
-            self.counters.add(saved_blocks=n, saved_bytes=batch.nbytes, save_conflicts=1,
+            # in memkv all the same; the others of the chunk were written.
+            self.counters.add(saved_blocks=n, saved_bytes=nbytes, save_conflicts=1,
                               save_seconds=time.perf_counter() - t0)
             return
         except Exception as exc:  # node down, timeout, out of room: those blocks are not saved
             logger.warning("memkv: saving %d blocks failed (%s: %s)", n, type(exc).__name__, exc)
             self.counters.add(save_failures=n, save_seconds=time.perf_counter() - t0)
             return
-        self.counters.add(saved_blocks=n, saved_bytes=batch.nbytes, save_seconds=time.perf_counter() - t0)
+        self.counters.add(saved_blocks=n, saved_bytes=nbytes, save_seconds=time.perf_counter() - t0)
 
     def close(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -776,14 +784,19 @@ class _WorkerSide:
         """Read ``t``'s blocks into ``staging`` and check them; how many leading blocks are usable."""
         assert self.format is not None
         n = len(t.blocks)
-        got: list[int | None] = [None] * n
+        got: list[int | None] = []
         client = self.store.client()
         if client is not None:
             try:
-                got = client.get_many_into(self._keys(t), list(staging), namespace=self.settings.namespace)
-            except Exception as exc:  # node down, timeout: every block of this request is recomputed
+                keys, bufs = self._keys(t), list(staging)
+                per = max(1, min(SEND_CHUNK_BLOCKS, SEND_CHUNK_BYTES // max(1, staging.shape[1])))
+                for lo in range(0, n, per):
+                    got += client.get_many_into(keys[lo:lo + per], bufs[lo:lo + per],
+                                                namespace=self.settings.namespace)
+            except Exception as exc:  # node down, timeout: the blocks from there on are recomputed
                 logger.warning("memkv: loading %d blocks of %s failed (%s: %s)", n, t.req_id, type(exc).__name__,
                                exc)
+        got += [None] * (n - len(got))
         ok = n
         rows = staging.numpy()  # header checks slice bytes: numpy does that without a Python loop
         for i, (b, length) in enumerate(zip(t.blocks, got, strict=True)):
