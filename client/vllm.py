@@ -128,7 +128,6 @@ class Settings:
     load_failure: str = "recompute"
     max_inflight_mb: float = 256.0
     lookup_wait_ms: float = 50.0
-    load_mode: str = "request"
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> Settings:
@@ -144,8 +143,6 @@ class Settings:
                    "token": os.environ.get("MEMKV_TOKEN") or None, **extra})
         if s.transport not in ("auto", "tcp", "shm", "rdma"):
             raise ValueError(f"MemKVConnector: transport must be auto, tcp, shm or rdma, not {s.transport!r}")
-        if s.load_mode not in ("request", "layer"):
-            raise ValueError(f"MemKVConnector: load_mode must be request or layer, not {s.load_mode!r}")
         if s.load_failure not in ("recompute", "fail"):
             raise ValueError(f"MemKVConnector: load_failure must be recompute or fail, not {s.load_failure!r}")
         from memkv.client.url import parse_url
@@ -656,11 +653,6 @@ class _WorkerSide:
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # a load failed in this step: this step's KV of them is garbage
         self._save: tuple[list[BlockRef], list[Transfer], torch.Tensor, torch.Tensor] | None = None
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memkv-load")
-        self._pending: Future[list[tuple[Transfer, torch.Tensor, int]]] | None = None
-        self._loaded: list[tuple[Transfer, torch.Tensor, int]] | None = None
-        self._layers_left: set[int] = set()
-        self._load_t0 = 0.0
 
     # -- set-up
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -737,48 +729,29 @@ class _WorkerSide:
 
     # -- load
     def start_load_kv(self, meta: MemKVMetadata) -> None:
-        # Loads are synchronous (get_num_new_matched_tokens never asks for async loading), so vLLM calls
-        # this before the forward pass of a step that loads; in other steps it may come after the forward.
-        if not meta.loads:
+        """Fetch, check and copy into place every block this step loads, before the forward pass.
+
+        Loads are synchronous (``get_num_new_matched_tokens`` never asks for async loading), so vLLM
+        calls this before the forward of a step that loads. Whole-request loading measured as fast as
+        layer-wise loading here (a fetch thread, each layer's pages copied in ``wait_for_layer_load``):
+        a value holds all layers of a block, so layer 0 needs the whole fetch anyway (README numbers).
+        """
+        if not meta.loads or self.format is None:
             return
-        self._load_t0 = time.perf_counter()
+        t0 = time.perf_counter()
         total = sum(len(t.blocks) for t in meta.loads)
-        vlen = self.format.value_len if self.format is not None else 0
+        vlen = self.format.value_len
         if self._load_buf.numel() < total * vlen:
             self._load_buf = torch.empty(total * vlen, dtype=torch.uint8)
         staging = self._load_buf[:total * vlen].view(total, vlen)
-        parts, row = [], 0
+        row = 0
         for t in meta.loads:
-            parts.append((t, staging[row:row + len(t.blocks)]))
+            part = staging[row:row + len(t.blocks)]
             row += len(t.blocks)
-        self._layers_left = set(range(len(self.layers)))
-        if self.settings.load_mode == "layer":  # fetch on a thread; each layer's pages land when it needs them
-            self._pending = self._loader.submit(self._fetch_all, parts)
-            return
-        self._loaded = self._fetch_all(parts)
-        self._finish_loads()
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        li = self.layer_index.get(layer_name)
-        if li is None or li not in self._layers_left:
-            return
-        if self._pending is not None:
-            self._loaded, self._pending = self._pending.result(), None
-        self._scatter(li)
-
-    def _finish_loads(self) -> None:
-        """Every layer's pages in place (all of them in request mode; any layer the forward skipped)."""
-        if self._pending is not None:
-            self._loaded, self._pending = self._pending.result(), None
-        if self._loaded is None:
-            return
-        for li in sorted(self._layers_left):
-            self._scatter(li)
-        self.counters.add(load_seconds=time.perf_counter() - self._load_t0)
-        self._loaded = None
-
-    def _fetch_all(self, parts: list[tuple[Transfer, torch.Tensor]]) -> list[tuple[Transfer, torch.Tensor, int]]:
-        return [(t, staging, self._fetch(t, staging)) for t, staging in parts]
+            ok = self._fetch(t, part)
+            if ok:
+                self._scatter(t, part[:ok])
+        self.counters.add(load_seconds=time.perf_counter() - t0)
 
     def _fetch(self, t: Transfer, staging: torch.Tensor) -> int:
         """Read ``t``'s blocks into ``staging`` and check them; how many leading blocks are usable."""
@@ -814,18 +787,15 @@ class _WorkerSide:
         self.counters.add(loaded_blocks=ok, loaded_bytes=ok * self.format.value_len, load_failures=n - ok)
         return ok
 
-    def _scatter(self, li: int) -> None:
-        """Copy layer ``li``'s pages of every loaded block into the blocks vLLM allocated for them."""
-        assert self.layout is not None and self._loaded is not None
-        self._layers_left.discard(li)
+    def _scatter(self, t: Transfer, values: torch.Tensor) -> None:
+        """Copy every layer's pages of the leading ``len(values)`` blocks of ``t`` into their vLLM blocks."""
+        assert self.layout is not None
         d = self.layout.block_dim
-        kv = self.layers[li][1]
+        idx = self._kernel_ids([b.block_id for b in t.blocks[:len(values)]])
         with torch.no_grad():
-            for t, staging, ok in self._loaded:
-                if ok:
-                    src = self._pages(staging[:ok], li).flatten(0, 1)
-                    idx = self._kernel_ids([b.block_id for b in t.blocks[:ok]])
-                    kv.index_copy_(d, idx, src if d == 0 else src.movedim(0, d))
+            for li, (_, kv) in enumerate(self.layers):
+                src = self._pages(values, li).flatten(0, 1)
+                kv.index_copy_(d, idx, src if d == 0 else src.movedim(0, d))
 
     def take_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
@@ -852,7 +822,6 @@ class _WorkerSide:
             self._pages(values, li).copy_(pages.unflatten(0, (len(refs), self.layout.pages_per_block)))
 
     def wait_for_save(self) -> None:
-        self._finish_loads()
         self._failed_reqs.clear()  # end of the step: the next one recomputes those requests' blocks
         if self._save is None:
             return
@@ -879,7 +848,6 @@ class _WorkerSide:
 
     def shutdown(self) -> None:
         self.sender.close(self.settings.timeout)
-        self._loader.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
 
@@ -929,8 +897,7 @@ class MemKVConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        assert self._worker is not None
-        self._worker.wait_for_layer_load(layer_name)
+        return  # every loaded page is in place before the forward pass (_WorkerSide.start_load_kv)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
