@@ -2,7 +2,8 @@
 
 vLLM refuses to start its OffloadingConnector on a CPU-only machine, but the
 scheduler side of it runs anywhere. These tests build vLLM's real
-``TieringOffloadingSpec`` from an ``OffloadingConfig`` whose ``secondary_tiers``
+``TieringOffloadingSpec`` (through ``OffloadingSpecFactory``, as the connector
+does) from an ``OffloadingConfig`` whose ``secondary_tiers``
 name ``memkv.client.vllm_tier.MemKVTier`` (loaded by vLLM's own
 ``SecondaryTierFactory`` from ``module_path``), take its real
 ``TieringOffloadingManager`` with its real CPU primary tier (the mmap'd region
@@ -31,6 +32,7 @@ from vllm.v1.kv_offload.config import (  # noqa: E402
     OffloadingModelConfig,
     OffloadingParallelConfig,
 )
+from vllm.v1.kv_offload.factory import OffloadingSpecFactory  # noqa: E402
 from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec  # noqa: E402
 
 from memkv.client import SyncClient  # noqa: E402
@@ -47,7 +49,8 @@ def make_spec(url: str, *, dtype: str = "float32", **tier: object) -> TieringOff
                                       group_id=0),),
         worker_kv_bytes_per_block=CHUNK_BYTES,
         enable_kv_cache_events=False,
-        extra_config={
+        extra_config={  # what kv_connector_extra_config of vLLM's OffloadingConnector carries
+            "spec_name": "TieringOffloadingSpec",
             "cpu_bytes_to_use": CPU_CHUNKS * CHUNK_BYTES,
             "secondary_tiers": [{"type": "MemKVTier", "module_path": "memkv.client.vllm_tier", "url": url,
                                  **tier}],
@@ -59,7 +62,9 @@ def make_spec(url: str, *, dtype: str = "float32", **tier: object) -> TieringOff
                                           data_parallel_index=0, data_parallel_size=1,
                                           data_parallel_rank_local=None, is_parallelism_agnostic=True),
     )
-    return TieringOffloadingSpec(config)
+    spec = OffloadingSpecFactory.create_spec(config)  # as vLLM's OffloadingConnector creates it
+    assert isinstance(spec, TieringOffloadingSpec)
+    return spec
 
 
 def chunk_keys(prefix: bytes, n: int) -> list:

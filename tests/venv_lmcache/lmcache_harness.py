@@ -17,7 +17,7 @@ from typing import Any
 
 from engine_packages import require
 
-require("lmcache", "bash scripts/venv-lmcache.sh")
+require("lmcache", "bash scripts/engine-venv.sh lmcache")
 
 import torch  # noqa: E402
 from lmcache.utils import CacheEngineKey  # noqa: E402

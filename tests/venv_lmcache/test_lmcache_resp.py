@@ -22,7 +22,7 @@ import time
 import pytest
 from engine_packages import require
 
-require("lmcache", "bash scripts/venv-lmcache.sh")
+require("lmcache", "bash scripts/engine-venv.sh lmcache")
 
 from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
 from lmcache.v1.distributed.l2_adapters.factory import create_l2_adapter_from_registry  # noqa: E402

@@ -15,7 +15,7 @@ import time
 import pytest
 from engine_packages import require
 
-require("sglang", "bash scripts/venv-sglang.sh")
+require("sglang", "bash scripts/engine-venv.sh sglang")
 
 import torch  # noqa: E402
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig  # noqa: E402
