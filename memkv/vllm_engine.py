@@ -158,7 +158,7 @@ def serve(args: argparse.Namespace) -> int:
 # -- driving an engine process (tests, demo, benchmark) -------------------------------------------
 def vllm_python(root: str | Path | None = None) -> Path:
     """The interpreter that has vLLM: ``$MEMKV_VLLM_PYTHON``, else the checkout's ``.venv-vllm``
-    (scripts/bootstrap-vllm.sh), else this one (``pip install memkv[vllm]`` in one environment)."""
+    (scripts/engine-venv.sh vllm), else this one (``pip install memkv[vllm]`` in one environment)."""
     env = os.environ.get("MEMKV_VLLM_PYTHON")
     if env:
         return Path(env)

