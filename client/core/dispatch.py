@@ -7,8 +7,9 @@ The policy of the client in one place (DESIGN.md §6):
   within one timeout each — never a hang;
 - a **write** in a cluster goes to every live replica in parallel and is
   acknowledged when every replica that is alive stored it: dead or fenced
-  replicas are skipped (at least one must succeed), any other error is the
-  caller's (``KeyExists``...), and ``MOVED`` from any replica wins;
+  owners are skipped (at least one must succeed), a destination of a slot
+  being moved is not (it owns the slot once the move flips), any other error
+  is the caller's (``KeyExists``...), and ``MOVED`` from any replica wins;
 - after ``MOVED(epoch)`` the slot map changed under the operation: the
   router waits for a map at least that new and the **whole operation runs
   again** (``restarting``), so a batch is re-split under the new map.
@@ -51,22 +52,29 @@ def read(router: Router, call: Call, key: bytes) -> Op:
 
 def write(router: Router, call: Call, key: bytes) -> Op:
     """``call`` (a write) on ``key``'s node, or on every live replica of its slot in a cluster."""
-    nodes = router.replicas(key)
+    if not router.clustered:
+        nodes = router.replicas(key)
+        if not nodes:
+            raise NodeUnavailable("no live replica for this key's slot")
+        return (yield from call_node(router, nodes[0], call))
+    nodes, pending = router.write_replicas(key)
     if not nodes:
         raise NodeUnavailable("no live replica for this key's slot")
-    if not router.clustered:
-        return (yield from call_node(router, nodes[0], call))
     outcomes = yield Parallel([call_node(router, n, call) for n in nodes])
-    return replicated_outcome(outcomes)
+    return replicated_outcome(outcomes, pending)
 
 
-def replicated_outcome(outcomes: list[Any]) -> Any:
-    """Combine the outcomes of one write sent to every replica (primary first).
+def replicated_outcome(outcomes: list[Any], pending: int = 0) -> Any:
+    """Combine the outcomes of one write sent to every replica (primary first; the last
+    ``pending`` are destinations of a slot being moved, ``ClusterRouter.write_replicas``).
 
     MOVED from any replica wins (the operation is run again on a fresh map).
-    Replicas that are dead (failover errors) or fenced did not store it and are
-    not live: they are skipped. Any other error (e.g. KeyExists) is raised.
-    Otherwise the first replica's result is returned."""
+    Owners that are dead (failover errors) or fenced did not store it and are
+    not live: they are skipped, but at least one owner must have stored it (a write only a
+    destination has is lost if the move is abandoned). A destination may not be skipped: it
+    owns the slot once the move flips, so a write it lacks would be lost when the old owners
+    free the slot (both found by the control-plane simulator, docs/control-plane.md). Any
+    other error (e.g. KeyExists) is raised. Otherwise the first replica's result is returned."""
     errors = [r for r in outcomes if isinstance(r, MemKVError)]
     moved = [e for e in errors if isinstance(e, Moved)]
     if moved:
@@ -74,10 +82,14 @@ def replicated_outcome(outcomes: list[Any]) -> Any:
     for e in errors:
         if not isinstance(e, (*FAILOVER_ERRORS, Fenced)):
             raise e
-    for r in outcomes:
+    owners = len(outcomes) - pending
+    for r in outcomes[owners:]:
+        if isinstance(r, MemKVError):
+            raise r
+    for r in outcomes[:owners]:
         if not isinstance(r, MemKVError):
             return r
-    raise errors[0]
+    raise errors[0] if errors else NodeUnavailable("no owner of this key's slot is live")
 
 
 def gather(ops: list[Op]) -> Op:

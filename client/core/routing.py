@@ -42,6 +42,10 @@ class Router(Protocol):
 
     def replicas(self, key: bytes) -> list[NodeAddress]: ...
 
+    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress], int]:
+        """Where a write goes: the replicas, and how many of them (at the end) are destinations
+        of a slot being moved (which a write may not skip)."""
+
     def all_nodes(self) -> list[NodeAddress]: ...
 
     def stamp(self, meta: dict[str, Any]) -> None:
@@ -66,6 +70,9 @@ class StandaloneRouter:
 
     def replicas(self, key: bytes) -> list[NodeAddress]:
         return [self.node]
+
+    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress], int]:
+        return [self.node], 0
 
     def all_nodes(self) -> list[NodeAddress]:
         return [self.node]
@@ -126,6 +133,27 @@ class ClusterRouter:
             if addr is not None:
                 out.append(addr)
         return out
+
+    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress], int]:
+        """Where a write of ``key`` goes: the slot's live owners (primary first), then its pending
+        destinations, and how many of those there are (at the end of the list).
+
+        A destination is a slot's owner from the flip on, so it must get every write: it is never
+        skipped, and a destination that is not registered (no address) fails the write."""
+        st = self.view.state
+        sm = st.slotmap
+        if sm is None:
+            raise NodeUnavailable(f"cluster {self.view.cluster!r} has no slot map yet (no node joined?)")
+        s = key_slot(key, sm.slots)
+        pending = sm.pending.get(s, ())
+        owners = [a for a in (self._address(st, n) for n in sm.table[s] if n not in pending) if a is not None]
+        dests = []
+        for node_id in pending:
+            addr = self._address(st, node_id)
+            if addr is None:
+                raise NodeUnavailable(f"slot {s} is moving to node {node_id}, which is not registered")
+            dests.append(addr)
+        return owners + dests, len(dests)
 
     def all_nodes(self) -> list[NodeAddress]:
         st = self.view.state
