@@ -55,6 +55,10 @@ class NodeInfo:
     capacity: int = 0
     version: str = ""
     transports: dict[str, str] = field(default_factory=dict)
+    # the machine it runs on (``--host-id``, default the hostname): the workers of one ``memkv serve
+    # --workers N`` share it, and placement keeps a slot's replicas on distinct hosts; "" = unknown
+    # (a node registered before hosts were): placement counts it as a host of its own
+    host: str = ""
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -63,14 +67,15 @@ class NodeInfo:
 
     def encode(self) -> bytes:
         return json.dumps({"id": self.node_id, "addr": self.addr, "zone": self.zone, "capacity": self.capacity,
-                           "version": self.version, "transports": self.transports or {"tcp": self.addr}},
+                           "version": self.version, "transports": self.transports or {"tcp": self.addr},
+                           "host": self.host},
                           sort_keys=True).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> NodeInfo:
         d = json.loads(raw)
         return cls(str(d["id"]), str(d["addr"]), str(d.get("zone", "z0")), int(d.get("capacity", 0)),
-                   str(d.get("version", "")), dict(d.get("transports", {})))
+                   str(d.get("version", "")), dict(d.get("transports", {})), str(d.get("host", "")))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from memkv.client.cluster_map import DEFAULT_SLOTS, SlotMap
+from memkv.client.cluster_map import DEFAULT_SLOTS, NodeInfo, SlotMap
 from memkv.cluster.ring import VNODES, Ring, slot_points
 
 # rounds of balancing and spreading (3, 4) at most; they end long before (a round that moves
@@ -106,6 +106,11 @@ class Topology:
         """Replacing ``victim`` by ``cand`` spreads the row more (and in neither level less)."""
         a, b = self.spread([*others, cand]), self.spread([*others, victim])
         return a[0] >= b[0] and a[1] >= b[1] and a != b
+
+
+def hosts_of(nodes: Mapping[str, NodeInfo], members: Collection[str] | None = None) -> dict[str, str]:
+    """Node id -> registered host of ``nodes`` (those of ``members``, default all) that registered one."""
+    return {n: info.host for n, info in nodes.items() if info.host and (members is None or n in members)}
 
 
 def load_cap(members: int, slots: int, replicas: int) -> int:

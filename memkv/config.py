@@ -127,6 +127,11 @@ class NodeConfig:
     cluster: str = "default"
     node_id: str = ""
     zone: str = "z0"
+    # the machine this node runs on, registered with the node (placement keeps a slot's replicas on
+    # distinct hosts); "" = the hostname. ``memkv serve --workers N`` gives all N workers the same one.
+    host_id: str = ""
+    # worker processes of ``memkv serve`` (memkv/tools/workers.py): a count, or "auto" = the cores
+    workers: str = "1"
     metrics_port: int | None = None
     resp_port: int | None = None
     # One-sided reads map the whole region, every tenant's values included: with
@@ -176,7 +181,7 @@ def load_config(path: str | Path | None) -> NodeConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
     node = raw.get("node", {})
-    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir"):
+    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "workers", "shm_dir"):
         if key in node:
             setattr(cfg, key, str(node[key]))
     for key in ("metrics_port", "resp_port"):
