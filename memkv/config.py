@@ -132,6 +132,9 @@ class NodeConfig:
     host_id: str = ""
     # worker processes of ``memkv serve`` (memkv/tools/workers.py): a count, or "auto" = the cores
     workers: str = "1"
+    # set by the supervisor on each worker: the addresses of all workers of this host, in order
+    # (reported by STATS, so that clients and ``memkv status`` find the siblings)
+    worker_addrs: list[str] = field(default_factory=list)
     metrics_port: int | None = None
     resp_port: int | None = None
     # One-sided reads map the whole region, every tenant's values included: with

@@ -229,7 +229,10 @@ class Node:
         """STATS: the store's figures and one section per subsystem. ``session`` is who asks (None:
         the node itself): what a tenant may observe of other tenants is decided here."""
         st = self.store.stats()
-        st.update(node_id=self.node_id, server=self.metrics.snapshot(), listen=self.address())
+        st.update(node_id=self.node_id, server=self.metrics.snapshot(), listen=self.address(),
+                  host=self.config.host_id or socket.gethostname())
+        if self.config.worker_addrs:  # one worker of ``memkv serve --workers N``: where its siblings are
+            st["workers"] = list(self.config.worker_addrs)
         if self.flash is not None:
             st["flash"] = self.flash.stats()
         security: dict[str, Any] = {**self.tenants.stats(), "tls": self.connection_class is not Connection}
