@@ -100,7 +100,7 @@ def supervise(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
 def test_a_crashed_worker_is_restarted_with_its_durable_values_while_the_other_serves(supervise: Any) -> None:
     sup = supervise("--host-id", "hA", config=DURABLE)
     values = {f"k{i}".encode(): os.urandom(500 + i) for i in range(100)}
-    with SyncClient.connect(f"memkv://{sup.addr(1)}", transport="tcp", timeout=5.0) as c:
+    with SyncClient.connect(f"memkv://{sup.addr(1)}/direct", transport="tcp", timeout=5.0) as c:
         for k, v in values.items():
             c.put(k, v, namespace="ctx")
         st = c.stats()
@@ -112,13 +112,13 @@ def test_a_crashed_worker_is_restarted_with_its_durable_values_while_the_other_s
     before = sup.workers()
     assert set(before) == {0, 1}
     os.kill(before[1], signal.SIGKILL)
-    with SyncClient.connect(f"memkv://{sup.addr(0)}", transport="tcp", timeout=5.0) as other:
+    with SyncClient.connect(f"memkv://{sup.addr(0)}/direct", transport="tcp", timeout=5.0) as other:
         other.put(b"during", b"the other worker serves", namespace="ctx")  # while worker 1 is down
         assert other.get(b"during", namespace="ctx") == b"the other worker serves"
     after = poll(lambda: (w := sup.workers()).get(1) not in (None, before[1]) and w, 30, "worker 1 restarted")
     assert after[0] == before[0]  # the other worker was left alone
     wait_for_port(sup.host, sup.ports[1], 30)
-    with SyncClient.connect(f"memkv://{sup.addr(1)}", transport="tcp", timeout=5.0) as c:
+    with SyncClient.connect(f"memkv://{sup.addr(1)}/direct", transport="tcp", timeout=5.0) as c:
         assert c.get_many(list(values), namespace="ctx") == list(values.values())
     assert "worker 1 (hA-w1) exited with -9" in sup.output()
 
@@ -142,6 +142,52 @@ def test_workers_die_with_a_killed_supervisor(supervise: Any) -> None:
     pids = sup.workers()
     sup.kill()
     poll(lambda: not any(_alive(p) for p in pids.values()), 10, "workers gone with their supervisor")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_standalone_client_learns_the_workers_and_routes_each_key_to_its_slot(supervise: Any,
+                                                                                 transport: str) -> None:
+    """Given worker 1's address, the client learns all three from its HELLO; every operation goes
+    to the worker that holds the key's slot (checked on each worker directly), batches are split
+    per worker; reads over shared memory are one-sided reads of each worker's region."""
+    from memkv.client.core.routing import WorkersRouter
+
+    sup = supervise(workers=3)
+    keys = [f"key-{i}".encode() for i in range(300)]
+
+    def val(k: bytes) -> bytes:
+        return (k * 1000)[:8192]
+
+    with SyncClient.connect(f"memkv://{sup.addr(1)}", transport=transport, timeout=5.0) as c:
+        assert isinstance(c.router, WorkersRouter)
+        assert [str(a) for a in c.router.all_nodes()] == [sup.addr(i) for i in range(3)]
+        c.put_many({k: val(k) for k in keys[:200]})
+        for k in keys[200:]:
+            c.put(k, val(k))
+        assert c.get_many(keys) == [val(k) for k in keys]
+        assert all(c.get(k) == val(k) for k in keys[::10])
+        assert c.delete(keys[0]) and c.get(keys[0]) is None
+        assert c.exists_many(keys[:5]) == [False, True, True, True, True]
+        assert c.lookup_prefix(keys[1:40], lease=5.0) == 39
+        owner = [c.router.worker_of(k) for k in keys]
+        if transport == "shm":
+            # every worker's region mapped, no read fell back to TCP
+            assert c.onesided is not None and c.onesided.counters["tcp"] == 0
+            assert {c.onesided.transport_of(n) for n in c.router.all_nodes()} == {"shm"}
+    assert set(owner) == {0, 1, 2}
+    for i in range(3):
+        with SyncClient.connect(f"memkv://{sup.addr(i)}/direct", transport="tcp", timeout=5.0) as d:
+            assert d.exists_many(keys[1:]) == [o == i for o in owner[1:]]
+
+
+def test_with_one_worker_nothing_changes(start_node: Any) -> None:
+    from memkv.client.core.routing import StandaloneRouter
+
+    node = start_node("--workers", "1")
+    with SyncClient.connect(node.url, transport="tcp") as c:
+        assert isinstance(c.router, StandaloneRouter)
+        c.put(b"k", b"v")
+        assert c.get(b"k") == b"v" and "workers" not in c.stats()
 
 
 def test_bad_worker_settings_are_refused(start_node: Any, tmp_path: Path) -> None:
@@ -193,7 +239,7 @@ def test_two_hosts_of_two_workers_keep_replicas_apart_and_survive_losing_a_host(
         sm = c.router.state.slotmap
         for h, sup in hosts.items():
             for i in range(2):
-                with SyncClient.connect(f"memkv://{sup.addr(i)}", transport="tcp", timeout=5.0) as d:
+                with SyncClient.connect(f"memkv://{sup.addr(i)}/direct", transport="tcp", timeout=5.0) as d:
                     there = d.exists_many(keys, namespace="ctx")
                 assert there == [f"{h}-w{i}" in sm.table[key_slot(k, sm.slots)] for k in keys]
         hosts["hA"].kill()  # the host dies: its supervisor, and with it both workers, SIGKILL

@@ -190,8 +190,12 @@ class Node:
         ops = self.operations
         tenants = self.tenants
 
-        def hello(session: Session, req: Hello) -> tuple[bytes, bool]:
-            return tenants.hello(session, req), session.auth_required
+        # a standalone worker of ``memkv serve --workers N`` tells clients where all N are, and they route
+        # keys to them by slot (client/core/routing.py); in a cluster the slot map does that
+        workers = [] if self.config.etcd else list(self.config.worker_addrs)
+
+        def hello(session: Session, req: Hello) -> tuple[bytes, bool, list[str]]:
+            return tenants.hello(session, req), session.auth_required, workers
 
         table = (
             (Ping, lambda session, req: self.clock.wall()),

@@ -44,10 +44,13 @@ def show_status(url: str, *, as_json: bool = False) -> int:
         return show_cluster_status(url, as_json=as_json)
     from memkv.client import SyncClient
 
-    with SyncClient.connect(url) as client:
+    direct = url if url.rstrip("/").endswith("/direct") else url.rstrip("/") + "/direct"
+    with SyncClient.connect(direct) as client:  # this node's own figures, even if it is a worker
         st = client.stats()
-    if st.get("workers"):  # one worker of ``memkv serve --workers N``: show them all, by host
-        return show_workers(st, as_json=as_json)
+    # a worker of ``memkv serve --workers N`` names all N: show them all, by host (each asked on its
+    # own, so that one that is down is shown as such)
+    if st.get("workers"):
+        return show_workers(worker_stats(list(st["workers"])), as_json=as_json)
     if as_json:
         print(json.dumps(st, indent=2, default=str))
         return 0
@@ -63,19 +66,18 @@ def worker_stats(addrs: list[str]) -> dict[str, dict[str, Any] | str]:
     out: dict[str, dict[str, Any] | str] = {}
     for addr in addrs:
         try:
-            with SyncClient.connect(f"memkv://{addr}") as client:
+            with SyncClient.connect(f"memkv://{addr}/direct") as client:
                 out[addr] = client.stats()
         except (MemKVError, OSError) as exc:
             out[addr] = f"unreachable: {exc}"
     return out
 
 
-def show_workers(first: dict[str, Any], *, as_json: bool = False) -> int:
-    """The workers of a host (the layout the asked worker reports), one row each, grouped by host."""
+def show_workers(stats: dict[str, dict[str, Any] | str], *, as_json: bool = False) -> int:
+    """Workers (address -> STATS, or why it did not answer), one row each, grouped by host."""
     from rich.console import Console
     from rich.table import Table
 
-    stats = worker_stats(list(first["workers"]))
     if as_json:
         print(json.dumps({"workers": stats}, indent=2, default=str))
         return 0
