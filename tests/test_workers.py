@@ -180,6 +180,43 @@ def test_a_standalone_client_learns_the_workers_and_routes_each_key_to_its_slot(
             assert d.exists_many(keys[1:]) == [o == i for o in owner[1:]]
 
 
+async def test_the_async_client_routes_to_the_workers_too(supervise: Any) -> None:
+    import trio
+
+    from memkv.client import Client
+    from memkv.client.core.routing import WorkersRouter
+
+    sup = await trio.to_thread.run_sync(lambda: supervise(workers=2))
+    keys = [f"a{i}".encode() for i in range(100)]
+    async with Client.connect(f"memkv://{sup.addr(0)}", transport="tcp", timeout=5.0) as c:
+        assert isinstance(c.router, WorkersRouter)
+        await c.put_many({k: k * 10 for k in keys})
+        assert await c.get_many(keys) == [k * 10 for k in keys]
+        assert len({c.router.worker_of(k) for k in keys}) == 2
+
+
+def test_status_shows_every_worker_by_host(supervise: Any, capsys: Any) -> None:
+    import json
+
+    from memkv.cli import main as cli_main
+
+    sup = supervise("--host-id", "hS", workers=2)
+    with SyncClient.connect(f"memkv://{sup.addr(0)}", transport="tcp") as c:
+        c.put_many({f"s{i}".encode(): b"x" for i in range(50)})
+    os.kill(sup.workers()[1], signal.SIGSTOP)  # one that does not answer is shown as such
+    try:
+        assert cli_main(["status", f"memkv://{sup.addr(0)}", "--json"]) == 0
+    finally:
+        os.kill(sup.workers()[1], signal.SIGCONT)
+    st = json.loads(capsys.readouterr().out)["workers"]
+    assert list(st) == [sup.addr(0), sup.addr(1)]
+    assert st[sup.addr(0)]["host"] == "hS" and st[sup.addr(0)]["node_id"] == "hS-w0"
+    assert isinstance(st[sup.addr(1)], str) and st[sup.addr(1)].startswith("unreachable")
+    assert cli_main(["status", f"memkv://{sup.addr(1)}"]) == 0
+    out = capsys.readouterr().out
+    assert "hS-w0" in out and "hS-w1" in out
+
+
 def test_with_one_worker_nothing_changes(start_node: Any) -> None:
     from memkv.client.core.routing import StandaloneRouter
 
@@ -230,6 +267,11 @@ def test_two_hosts_of_two_workers_keep_replicas_apart_and_survive_losing_a_host(
     host = {n: n.split("-")[0] for n in ids}
     assert all(len(row) == 2 and host[row[0]] != host[row[1]] for row in st.slotmap.table)
 
+    from memkv.cluster.status import cluster_status
+
+    rows = cluster_status(url)["nodes"]  # memkv status: grouped by host
+    assert [(r["host"], r["node_id"]) for r in rows] == [("hA", "hA-w0"), ("hA", "hA-w1"), ("hB", "hB-w0"),
+                                                         ("hB", "hB-w1")]
     keys = [f"durable-{i}".encode() for i in range(300)]
     with SyncClient.connect(url, transport="tcp", timeout=5.0) as c:
         for k in keys[:100]:
