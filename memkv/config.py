@@ -143,6 +143,9 @@ class NodeConfig:
     snapshot_every: int = 200_000  # records written between index snapshots
     # resource limits (TOML table [limits]; memkv/server/limits.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # tombstones of versioned deletes (memkv/engine/store.py): kept this long, at most this many
+    tombstone_retention: float = 3600.0
+    max_tombstones: int = 1_000_000
 
 
 def split_hostport(text: str, default_port: int = 7400) -> tuple[str, int]:
@@ -188,6 +191,14 @@ def load_config(path: str | Path | None) -> NodeConfig:
         cfg.memory = parse_size(node["memory"])
     if "disk" in node:
         cfg.disk = parse_size(node["disk"])
+    if "tombstone_retention" in node:
+        cfg.tombstone_retention = float(parse_duration(node["tombstone_retention"]) or 0.0)
+        if cfg.tombstone_retention <= 0:
+            raise InvalidArgument("[node] tombstone_retention must be a positive duration")
+    if "max_tombstones" in node:
+        cfg.max_tombstones = int(node["max_tombstones"])
+        if cfg.max_tombstones < 1:
+            raise InvalidArgument("[node] max_tombstones must be >= 1")
     flash = raw.get("flash", {})
     for key in ("segment_size", "compaction_rate"):
         if key in flash:

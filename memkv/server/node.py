@@ -93,7 +93,8 @@ class Node:
         self.store = Store(memory=config.memory, namespaces=config.namespaces, pools=config.pools,
                            shm_dir=config.shm_dir, name=self.node_id, clock=clock,
                            tenant_quotas={t.name: t.quota for t in config.tenants.values()
-                                          if t.quota is not None})
+                                          if t.quota is not None},
+                           tombstone_retention=config.tombstone_retention, max_tombstones=config.max_tombstones)
         self.metrics = NodeMetrics()
         self.listen_port: int = 0
         self.started = trio.Event()
