@@ -63,3 +63,43 @@ def test_deletes_acknowledged_while_a_replica_was_paused_stay_deleted(start_clus
         with direct(proc) as d:
             left = [k for k, v in zip(mine, d.get_many(mine, namespace="session"), strict=True) if v is not None]
         assert not left, f"{node_id} still holds {len(left)} deleted keys"
+
+
+def test_slot_copies_carry_tombstones(start_node: Any, tmp_path: Any) -> None:
+    """A slot copy sends what the source holds of each key -- its value, or its tombstone -- and the
+    destination keeps the newer: a destination that held the value from before the delete loses it
+    and then refuses that value again (a late copy from a replica that missed the delete)."""
+    import types
+
+    from memkv.cluster.migration import MigrationService, copy_item
+    from memkv.cluster.migration_job import group
+    from memkv.engine.store import Store
+    from memkv.protocol.versions import CLOCK
+
+    src = Store(memory=1 << 20, shm_dir=str(tmp_path), name="src")
+    dest = start_node()
+    member = types.SimpleNamespace(node_id="src", credentials=types.SimpleNamespace(pool_kwargs=dict))
+    svc = MigrationService(src, member)
+    pool = svc._pool_()
+    try:
+        with direct(dest) as d:
+            d.put(b"gone", b"before the delete", namespace="session")
+            d.put(b"kept", b"kept", namespace="session")
+            old = d.get_many([b"gone"], namespace="session")[0]
+            assert old is not None
+        src.put(b"gone", b"before the delete", namespace="session", version=10)
+        assert src.delete(b"gone", namespace="session", version=CLOCK.next())  # newer than the node's write
+        src.put(b"kept", b"kept, newer", namespace="session", version=CLOCK.next())
+        items = [(ik, item) for ik in (("session", "", b"gone"), ("session", "", b"kept"))
+                 if (item := copy_item(src, ik)) is not None]
+        assert [item.value for _, item in items] == [None, b"kept, newer"]  # a tombstone, and a value
+        svc._send(dest.address, group(items))
+        with direct(dest) as d:
+            assert d.get_many([b"gone", b"kept"], namespace="session") == [None, b"kept, newer"]
+        # the value from before the delete, copied again (from a replica that missed it): refused
+        svc._send(dest.address, {("session", "", None): ([b"gone"], [b"before the delete"], [10])})
+        with direct(dest) as d:
+            assert d.get(b"gone", namespace="session") is None
+    finally:
+        pool.close()
+        src.close()
