@@ -128,6 +128,10 @@ class NodeConfig:
     node_id: str = ""
     zone: str = "z0"
     metrics_port: int | None = None
+    # /metrics (Prometheus) listens only when metrics_port is set, on metrics_host (default: the host
+    # of ``listen``); with metrics_token set a scrape must send "Authorization: Bearer <token>"
+    metrics_host: str = ""
+    metrics_token: str = ""
     resp_port: int | None = None
     # One-sided reads map the whole region, every tenant's values included: with
     # tenants configured they are off unless all tenants are trusted ([node] onesided_tenants).
@@ -179,7 +183,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
     node = raw.get("node", {})
-    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir"):
+    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir", "metrics_host",
+                "metrics_token"):
         if key in node:
             setattr(cfg, key, str(node[key]))
     for key in ("metrics_port", "resp_port"):

@@ -1044,6 +1044,16 @@ class Store:
     def __len__(self) -> int:
         return len(self._index)
 
+    def tenant_stats(self, tenant: str) -> dict[str, Any]:
+        """One tenant's figures and nothing of any other tenant's: its counters (hits, misses, puts,
+        bytes, entries) and, per pool, its bytes and quota (what a non-admin tenant's STATS shows)."""
+        own = dict(zip(_STAT_NAMES, self._tenant_stats.get(tenant, [0] * len(_STAT_NAMES)), strict=True))
+        pools = {name: {"capacity": p.capacity, "policy": p.policy.name, "tenant_quota": self._quota(p, tenant),
+                        "tenants": {tenant: p.tenant_used.get(tenant, 0)}}
+                 for name, p in self.pools.items()}
+        return {"region": {"size": self.region.size}, "entries": own["entries"], "bytes": own["bytes"],
+                "pools": pools, "tenants": {tenant: own}}
+
     def stats(self) -> dict:
         a = self.allocator
         if a.quarantined_bytes:
