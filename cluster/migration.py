@@ -167,7 +167,7 @@ class MigrationService:
         if isinstance(eff, NodeCall):
             from memkv.client.core.calls import SimpleCall
 
-            return await trio.to_thread.run_sync(self._call, eff.addr, SimpleCall(eff.op, eff.meta))
+            return await trio.to_thread.run_sync(self.call, eff.addr, SimpleCall(eff.op, eff.meta))
         if isinstance(eff, FreeSlots):
             return await self._free(eff.slots, eff.nslots, eff.pending_only)
         if isinstance(eff, Sleep):
@@ -224,9 +224,9 @@ class MigrationService:
         return Reply(r)
 
     def _send(self, dest: str, groups: migration_job.Groups) -> None:
-        send_states(functools.partial(self._call, dest), groups)
+        send_states(functools.partial(self.call, dest), groups)
 
-    def _call(self, dest: str, call: Any) -> Any:
+    def call(self, dest: str, call: Any) -> Any:
         """One call to the destination ``dest`` (HOST:PORT); once more on a fresh connection if the
         pooled one was dead.
 
