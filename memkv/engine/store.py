@@ -116,7 +116,7 @@ class Reservation:
 
 class _Pool:
     __slots__ = ("name", "config", "capacity", "budget", "used", "entries", "policy", "tenant_used",
-                 "tenant_lru", "oom")
+                 "tenant_lru", "tenant_evictions", "oom")
 
     def __init__(self, config: PoolConfig, capacity: int, budget: int) -> None:
         self.name = config.name
@@ -128,6 +128,7 @@ class _Pool:
         self.policy: LRUPolicy | S3FIFOPolicy = make_policy(config.policy)
         self.tenant_used: dict[str, int] = {}
         self.tenant_lru: dict[str, OrderedDict[Entry, None]] = {}  # per tenant, oldest first
+        self.tenant_evictions: dict[str, int] = {}  # what a tenant's own STATS shows (Store.tenant_stats)
         self.oom = 0
 
 
@@ -295,6 +296,7 @@ class Store:
                     self.pools[p.pool].policy.demote(p)  # the chain's new tail goes next
         if reason == "evict":
             self.evictions += 1
+            self._count_eviction(e)
         elif reason == "expire":
             self.expirations += 1
 
@@ -320,6 +322,11 @@ class Store:
         e.offset = -1
         e.exposed = False
         self.evictions += 1
+        self._count_eviction(e)
+
+    def _count_eviction(self, e: Entry) -> None:
+        ev = self.pools[e.pool].tenant_evictions
+        ev[e.tenant] = ev.get(e.tenant, 0) + 1
 
     # -- what the tier and the node's subsystems use (never the index itself) ----------------
     def lookup(self, ikey: tuple[str, str, bytes]) -> Entry | None:
@@ -1049,7 +1056,8 @@ class Store:
         bytes, entries) and, per pool, its bytes and quota (what a non-admin tenant's STATS shows)."""
         own = dict(zip(_STAT_NAMES, self._tenant_stats.get(tenant, [0] * len(_STAT_NAMES)), strict=True))
         pools = {name: {"capacity": p.capacity, "policy": p.policy.name, "tenant_quota": self._quota(p, tenant),
-                        "tenants": {tenant: p.tenant_used.get(tenant, 0)}}
+                        "tenants": {tenant: p.tenant_used.get(tenant, 0)},
+                        "evictions": p.tenant_evictions.get(tenant, 0)}
                  for name, p in self.pools.items()}
         return {"region": {"size": self.region.size}, "entries": own["entries"], "bytes": own["bytes"],
                 "pools": pools, "tenants": {tenant: own}}
