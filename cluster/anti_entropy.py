@@ -199,10 +199,22 @@ class AntiEntropy:
         for peer, slots in shared.items():
             differ = await self.compare(nodes[peer].addr, slots, sm.slots, mine)
             for i in range(0, len(differ), self.batch):
-                part = differ[i:i + self.batch]
-                await self.repair(nodes[peer].addr, part, sm.slots)
+                part = self.still_shared(peer, differ[i:i + self.batch], sm.slots)
+                if part:
+                    await self.repair(nodes[peer].addr, part, sm.slots)
                 await trio.sleep(len(part) / self.rate)
             await trio.sleep(len(slots) / self.rate)
+
+    def still_shared(self, peer: str, slots: list[int], nslots: int) -> list[int]:
+        """Those of ``slots`` that this node and ``peer`` still both own, with no migration pending,
+        in the node's current map: a walk never pushes values into a slot that has moved meanwhile
+        (the peer may have freed it already)."""
+        view = self.member.view
+        sm = view.state.slotmap if view is not None else None
+        if sm is None or sm.slots != nslots:
+            return []
+        me = self.member.node_id
+        return [s for s in slots if s not in sm.pending and me in sm.table[s] and peer in sm.table[s]]
 
     async def compare(self, addr: str, slots: list[int], nslots: int, mine: dict[int, int]) -> list[int]:
         """The slots whose digest on the peer at ``addr`` differs from this node's (``mine``)."""
