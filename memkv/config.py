@@ -132,6 +132,8 @@ class NodeConfig:
     host_id: str = ""
     # worker processes of ``memkv serve`` (memkv/tools/workers.py): a count, or "auto" = the cores
     workers: str = "1"
+    # their ports, comma-separated ("" = the listen port and the ones after it)
+    worker_ports: str = ""
     # set by the supervisor on each worker: the addresses of all workers of this host, in order
     # (reported by STATS, so that clients and ``memkv status`` find the siblings)
     worker_addrs: list[str] = field(default_factory=list)
@@ -191,8 +193,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
     node = raw.get("node", {})
-    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "workers", "shm_dir",
-                "metrics_host", "metrics_token"):
+    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "workers", "worker_ports",
+                "shm_dir", "metrics_host", "metrics_token"):
         if key in node:
             setattr(cfg, key, str(node[key]))
     for key in ("metrics_port", "resp_port"):

@@ -233,7 +233,8 @@ def test_bad_worker_settings_are_refused(start_node: Any, tmp_path: Path) -> Non
 
     for args, why in ((["--workers", "0"], "at least 1"), (["--workers", "many"], "number or 'auto'"),
                       (["--workers", "2", "--listen", "127.0.0.1:0"], "--worker-ports"),
-                      (["--workers", "2", "--worker-ports", "7001"], "2 distinct ports")):
+                      (["--workers", "2", "--worker-ports", "7001"], "2 distinct ports"),
+                      (["--workers", "2", "--worker-ports", "7001,x"], "comma-separated port numbers")):
         r = subprocess.run([sys.executable, "-m", "memkv.cli", "serve", *args], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from memkv.config import NodeConfig
-from memkv.errors import MemKVError
+from memkv.errors import InvalidArgument, MemKVError
 
 
 def build_node(cfg: NodeConfig) -> Any:
@@ -51,8 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
     from memkv.sizes import parse_size
 
     cfg = load_config(args.config)
-    for flag in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "workers", "metrics_port",
-                 "resp_port", "shm_dir"):
+    for flag in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "workers", "worker_ports",
+                 "metrics_port", "resp_port", "shm_dir"):
         value = getattr(args, flag, None)
         if value is not None:
             setattr(cfg, flag, value)
@@ -76,7 +76,11 @@ def _serve(args: argparse.Namespace) -> int:
         shared = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
                   for flag in ("config", "etcd", "cluster", "zone", "shm_dir", "segment_size", "compaction_rate",
                                "tls_cert", "tls_key", "tls_ca") if getattr(args, flag, None) is not None]
-        ports = [int(p) for p in args.worker_ports.split(",")] if args.worker_ports else None
+        try:
+            ports = [int(p) for p in cfg.worker_ports.split(",")] if cfg.worker_ports else None
+        except ValueError:
+            raise InvalidArgument(f"--worker-ports must be comma-separated port numbers, not "
+                                  f"{cfg.worker_ports!r}") from None
         return run_workers(cfg, n, shared, ports)
     trio.run(run_node, build_node(cfg))
     return 0
