@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,33 @@ def start_server(workers: int, memory: str, workdir: Path) -> tuple[subprocess.P
     for p in ports:
         wait_for_tcp("127.0.0.1", p, proc, 60.0, log)
     return proc, f"memkv://127.0.0.1:{ports[0]}"
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == supervisor:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy (not idle / iowait) since boot: /proc/stat."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def working_set(url: str, size: int, count: int) -> list[bytes]:
@@ -89,6 +117,7 @@ def _client(url: str, op: str, size: int, seconds: float, keys: list[bytes], idx
                 for k in keys[:32]:
                     c.get_into(k, buf)
             barrier.wait(120)
+            c0 = time.process_time()
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 for _ in range(16):
@@ -98,28 +127,43 @@ def _client(url: str, op: str, size: int, seconds: float, keys: list[bytes], idx
                         misses += 1
                     i += 1
                     done += 1
-            out.put((idx, done, misses, time.perf_counter() - t0, None))
+            dt = time.perf_counter() - t0
+            out.put((idx, done, misses, dt, None, time.process_time() - c0))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the point
         barrier.abort()  # the others stop waiting for this one
-        out.put((idx, 0, 0, 0.0, f"{type(exc).__name__}: {exc}"))
+        out.put((idx, 0, 0, 0.0, f"{type(exc).__name__}: {exc}", 0.0))
 
 
-def measure(url: str, op: str, clients: int, size: int, seconds: float, keys: list[bytes], tag: str) -> dict[str, Any]:
+def measure(url: str, op: str, clients: int, size: int, seconds: float, keys: list[bytes], tag: str,
+            workers: list[int]) -> dict[str, Any]:
+    """One point. Besides the rate, where the CPU went while the clients ran: cores used by the workers
+    (``workers``: their pids), by the clients, and by the whole machine (other users included) --
+    what says whether a second worker had a core to run on."""
     ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(clients), ctx.Queue()
+    barrier, out = ctx.Barrier(clients + 1), ctx.Queue()  # + this process: it starts the CPU count
     procs = [ctx.Process(target=_client, args=(url, op, size, seconds, keys, i, tag, barrier, out))
              for i in range(clients)]
     for p in procs:
         p.start()
+    try:
+        barrier.wait(300)  # every client connected and warm: the window starts
+    except threading.BrokenBarrierError:
+        pass  # a client failed: its error comes through the queue
+    w0, m0, t0 = sum(_cpu_s(p) for p in workers), machine_busy_s(), time.perf_counter()
     res = [out.get(timeout=300) for _ in procs]
+    w1, m1, t1 = sum(_cpu_s(p) for p in workers), machine_busy_s(), time.perf_counter()
     for p in procs:
         p.join(30)
     errors = [r[4] for r in res if r[4]]
     if errors:
         raise RuntimeError(f"{op} with {clients} clients: {errors[0]}")
     ops_s = sum(r[1] / r[3] for r in res)
+    wall = statistics.median(r[3] for r in res)
     return {"ops_s": ops_s, "GBps": ops_s * size / 1e9, "misses": sum(r[2] for r in res),
-            "per_client_ops_s": ops_s / clients}
+            "per_client_ops_s": ops_s / clients,
+            # cores busy while the clients ran (from their barrier until the last reported)
+            "worker_cores": (w1 - w0) / (t1 - t0), "machine_cores": (m1 - m0) / (t1 - t0),
+            "client_cores": sum(r[5] for r in res) / wall}
 
 
 def summarize(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,6 +177,8 @@ def summarize(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"w{w}_ops_s"] = statistics.median(r["ops_s"] for r in runs)
             row[f"w{w}_GBps"] = statistics.median(r["GBps"] for r in runs)
             row[f"w{w}_runs"] = [round(r["ops_s"]) for r in runs]
+            for k in ("worker_cores", "client_cores", "machine_cores"):
+                row[f"w{w}_{k}"] = statistics.median(r[k] for r in runs)
         row["scaling"] = row["w2_ops_s"] / row["w1_ops_s"] if row["w1_ops_s"] else None
         rows.append(row)
     return rows
@@ -209,16 +255,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             keys = {w: working_set(url, args.size, min(2048, (128 << 20) // args.size))
                     for w, (_, url) in servers.items()}
+            # --workers 1 serves in the process itself; N > 1: the supervisor's children
+            pids = {w: worker_pids(proc.pid) or [proc.pid] for w, (proc, _) in servers.items()}
             for rep in range(args.repeats):
                 for op in ops:
                     for n in clients:
                         # the two worker counts back to back, in alternating order: drift in the
                         # machine's load hits both alike
                         for w in (WORKERS if rep % 2 == 0 else WORKERS[::-1]):
-                            m = measure(servers[w][1], op, n, args.size, args.seconds, keys[w], f"r{rep}c{n}w{w}")
+                            m = measure(servers[w][1], op, n, args.size, args.seconds, keys[w], f"r{rep}c{n}w{w}",
+                                        pids[w])
                             samples.append({"op": op, "clients": n, "workers": w, "repeat": rep, **m})
                             print(f"rep {rep} {op:8} clients {n} workers {w}: {m['ops_s']:9.0f} ops/s "
-                                  f"{m['GBps']:.3f} GB/s", flush=True)
+                                  f"{m['GBps']:.3f} GB/s; cores: workers {m['worker_cores']:.2f} clients "
+                                  f"{m['client_cores']:.2f} machine {m['machine_cores']:.2f}", flush=True)
         finally:
             for proc, _ in servers.values():
                 stop_process(proc)
@@ -233,9 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     plot(result, args.png)
-    print(f"\n{'op':8} {'clients':>7} {'w1 ops/s':>10} {'w2 ops/s':>10} {'scaling':>8}")
+    print(f"\n{'op':8} {'clients':>7} {'w1 ops/s':>10} {'w2 ops/s':>10} {'scaling':>8}  cores w1 / w2: "
+          "workers, clients, machine")
     for r in rows:
-        print(f"{r['op']:8} {r['clients']:7} {r['w1_ops_s']:10.0f} {r['w2_ops_s']:10.0f} {r['scaling']:8.2f}")
+        print(f"{r['op']:8} {r['clients']:7} {r['w1_ops_s']:10.0f} {r['w2_ops_s']:10.0f} {r['scaling']:8.2f}  "
+              + " / ".join(f"{r[f'w{w}_worker_cores']:.2f} {r[f'w{w}_client_cores']:.2f} "
+                           f"{r[f'w{w}_machine_cores']:.2f}" for w in WORKERS))
     print(json.dumps(result["on_paper"], indent=1))
     print(f"wrote {args.json} and {args.png}")
     return 0
