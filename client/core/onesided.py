@@ -64,7 +64,8 @@ TOUCH_INTERVAL_S = 1.0  # ... or after this long
 class NodeIndex:
     """A node's client-readable index, as one client reads it: transport, geometry, tags."""
 
-    __slots__ = ("transport", "base", "slots", "seed", "epoch", "valid", "tags", "touches", "touch_t0")
+    __slots__ = ("transport", "base", "slots", "seed", "epoch", "valid", "tags", "touches", "touch_t0", "beat",
+                 "beat_seen", "beat_buf", "suspect")
 
     def __init__(self, transport: OneSidedTransport, info: dict[str, Any], header: bytes) -> None:
         magic, version, slot, window, slots, epoch, quarantine_ms, seed = ixf.HEADER.unpack_from(header)
@@ -82,6 +83,20 @@ class NodeIndex:
         self.tags: dict[str, int] = {str(k): int(v) for k, v in (info.get("tags") or {}).items()}
         self.touches: dict[int, int] = {}  # slot -> seq of values read without asking
         self.touch_t0 = 0.0
+        self.beat = -1  # the node's heartbeat as last read, and when (our clock) it was last seen to move
+        self.beat_seen = 0.0
+        self.beat_buf = memoryview(bytearray(ixf.HEARTBEAT.size))
+        self.suspect = False  # the heartbeat stood still: ask the node (LOCATE info) before trusting it again
+
+    def alive(self, now: float) -> bool:
+        """Whether the heartbeat just read (``beat_buf``) says the node keeps its index current."""
+        beat = ixf.HEARTBEAT.unpack(self.beat_buf)[0]
+        if beat == 0:
+            return False  # the node shut down
+        if beat != self.beat:
+            self.beat, self.beat_seen = beat, now
+            return True
+        return now - self.beat_seen <= ixf.LIVENESS_S
 
     @property
     def kind(self) -> str:
@@ -158,7 +173,7 @@ class OneSidedReads:
         self.nodes: dict[NodeAddress, NodeIndex | None] = {}  # None: this node is read over TCP
         self._setting_up: set[NodeAddress] = set()
         self.counters = {"onesided": 0, "onesided_bytes": 0, "tcp": 0, "mismatch": 0, "changed": 0, "late": 0,
-                         "not_found": 0, "rdma_errors": 0, "touch_requests": 0}
+                         "not_found": 0, "stale_node": 0, "rdma_errors": 0, "touch_requests": 0}
         self.closed = False
 
     def transport_of(self, node: NodeAddress) -> str:
@@ -195,8 +210,15 @@ class OneSidedReads:
             except MemKVError:
                 return  # try again next time
             if not info.get("ok") or not isinstance(info.get("ix"), dict):
+                self._forget(node)
                 self.nodes[node] = None
                 return
+            known = self.nodes.get(node)
+            if known is not None and known.transport.region_id == info.get("r"):
+                known.suspect = False  # the same node answers: its index is current again
+                known.beat = -1
+                return
+            self._forget(node)  # a new region (the node restarted), or none known yet
             t: Any = None
             if self.mode in ("auto", "shm") and info.get("host") == host_identity() and info.get("sock"):
                 t = yield Blocking(_open_shm, info)
@@ -263,7 +285,8 @@ class OneSidedReads:
         for node in {n for reps in plan for n in reps}:
             while node in self._setting_up:  # another task is setting this node up
                 yield WAIT
-            if node not in self.nodes:
+            known = self.nodes.get(node, False)
+            if known is False or (known is not None and known.suspect):
                 yield from self._setup(router, node)
         out: list[Any] = [None] * len(ks)
         tcp = yield from self._read_indexed(router, ks, namespace, plan, dests_in, out)
@@ -309,9 +332,15 @@ class OneSidedReads:
         found: dict[int, list[tuple[NodeAddress, _Lookup]]] = {}
         bad: set[int] = set()
         now_wall = self.wall()
+        now = self.clock()
         for node, looks in per_node.items():
             index = self.nodes.get(node)
             if not ok.get(node) or index is None:
+                bad.update(lk.i for lk in looks)
+                continue
+            if not index.alive(now):
+                index.suspect = True
+                self.counters["stale_node"] += 1
                 bad.update(lk.i for lk in looks)
                 continue
             tag = index.tags[namespace]
@@ -373,7 +402,8 @@ class OneSidedReads:
         return tcp
 
     def _windows(self, index: NodeIndex, looks: list[_Lookup]) -> Generator[Any, Any, list[int]]:
-        reqs = [(ixf.slot_offset(index.base, lk.first), ixf.WINDOW_BYTES, lk.window, False) for lk in looks]
+        reqs: list[ReadRequest] = [(index.base + ixf.HEARTBEAT_OFF, ixf.HEARTBEAT.size, index.beat_buf, False)]
+        reqs += [(ixf.slot_offset(index.base, lk.first), ixf.WINDOW_BYTES, lk.window, False) for lk in looks]
         return (yield from _run(index.transport, reqs))
 
     def _values(self, index: NodeIndex, looks: list[_Lookup]) -> Generator[Any, Any, list[int]]:

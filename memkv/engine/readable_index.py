@@ -69,6 +69,7 @@ class ReadableIndex:
         self._tag_names: dict[int, tuple[str, str]] = {}
         self._ambiguous: set[tuple[int, int]] = set()
         self.active = False
+        self._beats = 0
         self.published_total = 0
         self.withdrawn_total = 0
         self.overflows = 0  # values not published: their window was full
@@ -91,6 +92,16 @@ class ReadableIndex:
 
     def tag_name(self, tag: int) -> tuple[str, str] | None:
         return self._tag_names.get(tag)
+
+    # -- liveness: readers stop trusting a region whose heartbeat stands still
+    def heartbeat(self) -> None:
+        """Bump the heartbeat (the node calls this every ``HEARTBEAT_S`` while it serves)."""
+        self._beats += 1
+        f.HEARTBEAT.pack_into(self.view, self.base + f.HEARTBEAT_OFF, self._beats)
+
+    def stop(self) -> None:
+        """The node is shutting down: readers see heartbeat 0 and ask the node (a new one) instead."""
+        f.HEARTBEAT.pack_into(self.view, self.base + f.HEARTBEAT_OFF, 0)
 
     # -- lifecycle
     def activate(self, entries: Iterable[Entry]) -> int:

@@ -33,7 +33,9 @@ after the allocator's bytes. The store calls its two hooks and nothing else:
 ``published(entry)`` once an entry is indexed with its bytes in the region or its
 version or TTL changed (``commit``, ``refill``, ``set_expiry``), and
 ``withdrawn(entry)`` before an entry's extent is freed (``_drop``, ``_demote``).
-``touch(entry)`` is how reads that never reached the node count (eviction, hits).
+``touch(entry)`` is how reads that never reached the node count (eviction, hits);
+``close`` stops the index's heartbeat (readers of a dead node's mapping then ask
+the node instead).
 """
 
 from __future__ import annotations
@@ -991,6 +993,8 @@ class Store:
         if self.closed:
             return
         self.closed = True
+        if self.readable is not None:
+            self.readable.stop()
         self._index.clear()
         try:
             self._ro.release()

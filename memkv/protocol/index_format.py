@@ -29,6 +29,10 @@ Entry (little-endian, 64 bytes)::
     52 u64 version   write version (memkv/protocol/versions.py)
     60 u32 echeck    low 32 bits of xxh3-64 of bytes 0..60: the entry checks itself
 
+Header (at the index's base): magic ``MKIX``, format version, slot size, window,
+slots, epoch, quarantine bound (ms), fingerprint seed; at byte 64 the node's
+heartbeat (``HEARTBEAT``).
+
 Writer protocol (the node, one thread): store ``seq + 1`` (odd), then bytes
 4..64 with an ``echeck`` computed for the final even ``seq + 2``, then
 ``seq + 2``. Reader protocol: read the window; take the entry whose tag and
@@ -63,6 +67,14 @@ _SEQ = struct.Struct("<I")
 _ECHECK = struct.Struct("<I")
 # magic, format version, slot size, window, slots, epoch (wall s), quarantine (ms), seed (u64)
 HEADER = struct.Struct("<4sHHIQQQQ")
+# The node's heartbeat: a u64 at this offset of the header that the node bumps every
+# ``HEARTBEAT_S`` and sets to 0 when it shuts down. A reader that sees it unchanged for
+# ``LIVENESS_S`` of its own time (or 0) stops trusting the index: a stopped, hung or dead node's
+# region stays mapped by its readers but nobody keeps it current any more.
+HEARTBEAT = struct.Struct("<Q")
+HEARTBEAT_OFF = 64
+HEARTBEAT_S = 0.25
+LIVENESS_S = 1.0
 
 _xxh3_64 = xxhash.xxh3_64_intdigest
 _xxh3_128 = xxhash.xxh3_128_intdigest

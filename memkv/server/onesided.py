@@ -53,7 +53,7 @@ import trio
 from memkv.engine.store import Store
 from memkv.errors import InvalidArgument, NodeUnavailable
 from memkv.protocol import codec as c
-from memkv.protocol.index_format import FORMAT_VERSION
+from memkv.protocol.index_format import FORMAT_VERSION, HEARTBEAT_S
 from memkv.protocol.opcodes import Op
 from memkv.server.binary import Reply
 from memkv.server.extension import Extension, Operation
@@ -99,7 +99,7 @@ class OneSided:
             Operation("LOCATE_INFO", LOGIN, self.info, opcode=int(Op.LOCATE), decode=decode),
             Operation("LOCATE_RDMA", LOGIN, self.rdma_connect),
             Operation("LOCATE_TOUCH", LOGIN, self.touch),
-        ), background=(self.serve_fds,), stats=self.stats)
+        ), background=(self.serve_fds, self.heartbeat), stats=self.stats)
 
     # -- policy
     def allowed(self, session: Session) -> bool:
@@ -183,6 +183,16 @@ class OneSided:
         weakref.finalize(session, _close_quietly, qp)
         self.rdma_qps += 1
         return Reply(reply)
+
+    async def heartbeat(self) -> None:
+        """Keep the index's heartbeat going: readers trust the index only while it moves
+        (memkv/protocol/index_format.py), so a hung or dead node stops being read one-sided."""
+        index = self.store.readable
+        if index is None:
+            return
+        while True:
+            index.heartbeat()
+            await self.clock.sleep(HEARTBEAT_S)
 
     # -- the shared-memory hand-off: an abstract Unix socket, SCM_RIGHTS
     async def serve_fds(self) -> None:
