@@ -168,7 +168,8 @@ class Store:
         # the client-readable index after the values (none without a quarantine: nothing would keep
         # a reader's bytes in place); ``index_slots`` None: sized from ``memory``, 0: none
         slots = 0 if self.quarantine_s <= 0 else default_slots(memory) if index_slots is None else int(index_slots)
-        index_base = -(-int(memory) // 4096) * 4096
+        self.memory = int(memory)
+        index_base = -(-self.memory // 4096) * 4096
         self.region = Region(index_base + (table_bytes(slots) if slots else 0), directory=shm_dir, name=name)
         try:
             self.allocator = ExtentAllocator(
@@ -965,7 +966,8 @@ class Store:
         return {
             "region": {
                 "path": self.region.path,
-                "size": self.region.size,
+                "size": self.memory,  # for values; the mapping is larger by the client-readable index
+                "mapped": self.region.size,
                 "used": a.used_bytes,
                 "free": a.free_bytes,
                 "quarantined": a.quarantined_bytes,
