@@ -26,8 +26,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench import report
 from bench.limits import measure_limits
+from bench.lmcache_peer import LMCacheServer
 from bench.machine import machine_info
+from bench.memcached_peer import MemcachedServer
 from bench.memkv_peer import MemkvNode
+from bench.mooncake_peer import MooncakeServer
 from bench.procs import tail
 from bench.redis_peer import RedisServer, hiredis_available
 from bench.workload import OPS, ClientPool, PeerSpec, Sample, Task, WorkerError, n_read_keys
@@ -35,7 +38,7 @@ from bench.workload import OPS, ClientPool, PeerSpec, Sample, Task, WorkerError,
 KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB)
 READ_OPS = ("get", "get_into", "get_many", "get_many_into")
-PEERS = ("redis", "memkv", "memkv-auto")
+PEERS = ("redis", "memcached", "lmcache_server", "mooncake", "memkv", "memkv-auto")
 MAX_CONSECUTIVE_ERRORS = 3
 
 # a report piped to a file or CI log should not be cut to 80 columns
@@ -112,6 +115,13 @@ class Bench:
                 stack.enter_context(srv)
             self.servers[peer] = srv
             return PeerSpec("redis", srv.host, srv.port)
+        if peer in ("memcached", "lmcache_server", "mooncake"):
+            server: Any = {"memcached": MemcachedServer, "lmcache_server": LMCacheServer,
+                           "mooncake": MooncakeServer}[peer](self.tmp / peer)
+            with console.status(f"starting {peer}"):
+                stack.enter_context(server)
+            self.servers[peer] = server
+            return PeerSpec(peer, server.host, server.port, metadata=getattr(server, "metadata", ""))
         transport = "tcp" if peer == "memkv" else peer.split("-", 1)[1]
         if self.args.memkv_url:
             hostport = self.args.memkv_url.removeprefix("memkv://")

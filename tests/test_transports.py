@@ -283,7 +283,7 @@ def test_rdma_failure_falls_back_to_tcp(memkv_node):
     with SyncClient.connect(memkv_node.url, transport="rdma") as c:
         c.put_many({b"r1": b"x" * 70_000, b"r2": b"y" * 10})
         assert c.get(b"r1") == b"x" * 70_000
-        ch = c.onesided.nodes[_node_of(c)]
+        ch = c.onesided.nodes[_node_of(c)].transport
         assert ch.kind == "rdma"
         ch.rkey ^= 0x5A5A  # a bad rkey: the READ completes with a remote access error
         assert c.get_many([b"r1", b"r2"]) == [b"x" * 70_000, b"y" * 10]
