@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peers", default="redis,memkv", help=f"comma list of {', '.join(PEERS)} (default: redis,memkv)")
     ap.add_argument("--sizes", default=",".join(report.fmt_size(s) for s in DEFAULT_SIZES), help="value sizes")
     ap.add_argument("--clients", default="1,8", help="client process counts (default: 1,8)")
+    ap.add_argument("--ops", default=",".join(("put", *READ_OPS)), help="operations to measure (default: all)")
     ap.add_argument("--batch", type=int, default=16, help="keys per batched GET (default: 16)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each measurement (median kept)")
     ap.add_argument("--seconds", type=float, help="time budget per measurement (default 1.0, quick 0.1)")
@@ -77,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown peer(s) {bad}; choose from {PEERS}")
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.clients = sorted({int(c) for c in args.clients.split(",")})
+    args.ops = [op for op in ("put", *READ_OPS) if op in args.ops.split(",")]
     if args.seconds is None:
         args.seconds = 0.1 if args.quick else 1.0
     return args
@@ -162,7 +164,7 @@ class Bench:
         """(size, op, clients, repeat) in run order; peers are interleaved inside each."""
         steps = []
         for size in self.args.sizes:
-            for op in ("put", *READ_OPS):
+            for op in self.args.ops:
                 for clients in self.args.clients:
                     steps += [(size, op, clients, rep) for rep in range(self.args.repeats)]
         return steps
