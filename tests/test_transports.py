@@ -20,9 +20,7 @@ import trio
 
 from memkv.client import Client, SyncClient
 from memkv.client.core import onesided as onesided_mod
-from memkv.client.core.calls import SimpleCall
 from memkv.errors import InvalidArgument, PermissionDenied
-from memkv.protocol.opcodes import Op
 from memkv.transport import pyverbs_available, rdma_devices
 
 KiB, MiB = 1024, 1024 * 1024
