@@ -1,4 +1,4 @@
-"""One-sided reads (DESIGN.md §8): find the value in the node's own index, copy it yourself, verify.
+"""One-sided reads (docs/transports.md): find the value in the node's own index, copy it yourself, verify.
 
 For a client whose transport is ``auto``, ``shm`` or ``rdma``, ``get``/
 ``get_into``/``get_many``/``get_many_into`` are this operation. On a hit it
