@@ -46,6 +46,7 @@ from memkv.client.buffers import byte_view, finish_bytes, new_bytes
 from memkv.client.core import ops
 from memkv.client.core.calls import SimpleCall
 from memkv.client.core.dispatch import call_node
+from memkv.client.core.repair import learn_overwritable
 from memkv.client.core.requests import WAIT, Blocking, Op
 from memkv.client.core.routing import Router
 from memkv.client.transports.base import OneSidedTransport, ReadRequest
@@ -209,6 +210,8 @@ class OneSidedReads:
                 return
             except MemKVError:
                 return  # try again next time
+            for namespace in info.get("ow") or ():
+                learn_overwritable(router, str(namespace), True)  # (this client may never send a GET)
             if not info.get("ok") or not isinstance(info.get("ix"), dict):
                 self._forget(node)
                 self.nodes[node] = None
@@ -277,17 +280,12 @@ class OneSidedReads:
         else:
             dests_in = [None] * len(ks)
         every_replica = router.clustered and namespace in router.overwritable
-        # which nodes each key is read from: its first replica, or all of them (overwritable, cluster)
-        plan: list[list[NodeAddress]] = []
-        for k in ks:
-            reps = router.replicas(k)
-            plan.append(reps if every_replica else reps[:1])
-        for node in {n for reps in plan for n in reps}:
-            while node in self._setting_up:  # another task is setting this node up
-                yield WAIT
-            known = self.nodes.get(node, False)
-            if known is False or (known is not None and known.suspect):
-                yield from self._setup(router, node)
+        plan = self._plan(router, ks, every_replica)
+        yield from self._set_up(router, plan)
+        if not every_replica and router.clustered and namespace in router.overwritable:
+            # a node's set-up just said the namespace is overwritable: read every replica
+            plan = self._plan(router, ks, True)
+            yield from self._set_up(router, plan)
         out: list[Any] = [None] * len(ks)
         tcp = yield from self._read_indexed(router, ks, namespace, plan, dests_in, out)
         if tcp:
@@ -299,6 +297,22 @@ class OneSidedReads:
             for i, r in zip(tcp, res, strict=True):
                 out[i] = r
         return out[0] if single else out
+
+    @staticmethod
+    def _plan(router: Router, ks: list[bytes], every_replica: bool) -> list[list[NodeAddress]]:
+        """Which nodes each key is read from: its first replica, or all of them (overwritable, cluster)."""
+        if every_replica:
+            return [router.replicas(k) for k in ks]
+        return [router.replicas(k)[:1] for k in ks]
+
+    def _set_up(self, router: Router, plan: list[list[NodeAddress]]) -> Op:
+        """Set up (once) every node the plan reads from, or again one whose heartbeat stood still."""
+        for node in {n for reps in plan for n in reps}:
+            while node in self._setting_up:  # another task is setting this node up
+                yield WAIT
+            known = self.nodes.get(node, False)
+            if known is False or (known is not None and known.suspect):
+                yield from self._setup(router, node)
 
     def _read_indexed(self, router: Router, ks: list[bytes], namespace: str, plan: list[list[NodeAddress]],
                       dests_in: list[Any], out: list[Any]) -> Op:

@@ -10,6 +10,8 @@ answers set-up and bookkeeping, on one opcode, ``Op.LOCATE``, with a ``do`` fiel
   is (``ix``: base offset, slots), the quarantine bound readers must finish
   within (``valid``), the *tags* of the namespaces this session may read
   (``tags``: namespace -> u32; entries of other tags are not this session's),
+  which of those namespaces are overwritable (``ow``: in a cluster their
+  replicas may disagree, so readers compare every replica's version),
   and, where one-sided reads are allowed for this session, the abstract Unix
   socket that hands out the region with a one-time ticket, and whether RDMA is
   served. The first such request starts the index (``Store.open_readable_index``).
@@ -129,6 +131,8 @@ class OneSided:
             assert index is not None
             out["ix"] = {"base": index.base, "slots": index.slots, "v": FORMAT_VERSION}
             out["tags"] = {name: tag for tag, name in self._readable_tags(session).items()}
+            # (a GET reply marks these "ow"; a reader that never sends a GET learns it here)
+            out["ow"] = sorted(name for name in out["tags"] if self.store.namespaces[name].overwrite)
         if ok and self.store.region.ro_fd is not None:
             ticket = secrets.token_bytes(16)
             now = self.clock.monotonic()
