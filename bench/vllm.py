@@ -44,8 +44,10 @@ measuring processes (the plain process and every B) in an order rotated from
 round to round; one vLLM process at a time. The machine-wide lock
 (``--lock``, default /tmp/memkv-heavy.lock) is held for each round and released
 between rounds (do not also wrap the command in ``flock``). Writes
-``vllm.json`` and ``vllm.png`` (``vllm_quick.*`` with ``--quick``), and prints
-a Markdown table (docs/benchmarks.md).
+``vllm.json`` and ``vllm.png`` (``vllm_quick.*`` with ``--quick``) after every
+round (``rounds_done`` says how many: a run stopped while it waits for the lock
+keeps its finished rounds), and at the end prints a Markdown table
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ class Bench:
         self.node: Any = None
         self.redis: Any = None
         self.model_dir = Path(args.model_dir) if args.model_dir else workdir / "model"
+        self.outdir = Path(args.out)
+        self.name = "vllm_quick" if args.quick else "vllm"
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
 
     def log(self, msg: str) -> None:
@@ -408,14 +412,19 @@ class Bench:
                     if r == sizes.rounds - 1:
                         out["limits"].append(measure_limits(quick=True))
                     out["loadavg"].append(os.getloadavg())
+                # every finished round is written at once: a run that then waits long for the machine's lock
+                # (or is stopped) keeps what it measured
+                self.collect(out, r + 1, t_start)
+                write_results(out, self.outdir, self.name)
             out["node_stats"] = self._node_stats()
-        out["wall_s"] = time.perf_counter() - t_start
-        out["samples"] = self.samples
-        out["processes"] = self.processes
-        out["errors"] = self.errors
+        self.collect(out, sizes.rounds, t_start)
+        return out
+
+    def collect(self, out: dict[str, Any], rounds_done: int, t_start: float) -> None:
+        out.update(rounds_done=rounds_done, wall_s=time.perf_counter() - t_start, samples=self.samples,
+                   processes=self.processes, errors=self.errors)
         out["summary"] = summarize(out)
         out["targets"] = targets(out)
-        return out
 
     def _versions(self) -> dict[str, str | None]:
         import subprocess
@@ -585,6 +594,11 @@ def plot(out: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(out: dict[str, Any], outdir: Path, name: str) -> None:
+    (outdir / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
+    plot(out, outdir / f"{name}.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.vllm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -601,9 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-logs", help="copy the engines' and servers' logs to this folder")
     args = ap.parse_args(argv)
     sizes = replace(QUICK if args.quick else Sizes(), **({"rounds": args.rounds} if args.rounds else {}))
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    name = "vllm_quick" if args.quick else "vllm"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="memkv-bench-vllm-") as tmp:
         bench = Bench(args, sizes, Path(tmp))
         try:
@@ -617,10 +629,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 shutil.copytree(tmp, args.keep_logs, dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns("model", "example", "memkv-data", "*.rdb"))
-    (outdir / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
-    plot(out, outdir / f"{name}.png")
+    write_results(out, bench.outdir, bench.name)
     report(out, bench.console)
-    print(f"wrote {outdir / (name + '.json')} and {outdir / (name + '.png')}")
+    print(f"wrote {bench.outdir / (bench.name + '.json')} and {bench.outdir / (bench.name + '.png')}")
     return 0 if not out["errors"] else 1
 
 
