@@ -58,9 +58,15 @@ class PeerSpec:
     port: int
     transport: str = "tcp"  # memkv only
     metadata: str = ""  # mooncake only: its metadata server's URL
+    # An earlier commit (bench/baseline.py): its label and the folder first on the worker's
+    # sys.path, so the worker runs that commit's client.
+    revision: str = ""
+    pythonpath: str = ""
 
     @property
     def name(self) -> str:
+        if self.revision:
+            return f"memkv@{self.revision}"
         if self.kind == "memkv" and self.transport != "tcp":
             return f"memkv-{self.transport}"
         return self.kind
@@ -79,13 +85,17 @@ class PeerSpec:
 
             return MemcachedAdapter(self.host, self.port)
         if self.kind == "lmcache_server":
-            from bench.lmcache_peer import LMCacheAdapter
+            from bench.lmcache_server_peer import LMCacheAdapter
 
             return LMCacheAdapter(self.host, self.port)
         if self.kind == "mooncake":
             from bench.mooncake_peer import MooncakeAdapter
 
             return MooncakeAdapter(self.host, self.port, self.metadata)
+        if self.pythonpath:  # before the first import of memkv in this worker process
+            import sys
+
+            sys.path.insert(0, self.pythonpath)
         from bench.memkv_peer import MemkvAdapter
 
         return MemkvAdapter(f"memkv://{self.host}:{self.port}", self.transport)
