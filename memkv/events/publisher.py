@@ -1,0 +1,188 @@
+"""ZMQ publisher of KV-event streams: a PUB socket, a ROUTER replay socket, one thread.
+
+Why a thread: ZMQ sockets must stay on one thread and pyzmq has no trio
+integration, so (as vLLM's ``ZmqEventPublisher``) one thread owns both sockets
+and everything that touches them; callers on any thread (the node's trio loop)
+only put event lists on a bounded queue, which never blocks them.
+
+Overflow: if the queue is full the events are *not* silently dropped (a
+router would keep believing a removed block is there, with no gap to notice).
+The publisher instead marks the stream overflowed; its thread then publishes
+``AllBlocksCleared`` on that topic, discarding what was queued for it, and
+calls ``on_clear(topic)`` so the owner can announce its current contents
+again (docs/routing.md, "what part 2 wires"). Routers see a void-everything
+event in sequence, never a wrong claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import zmq
+
+from memkv.events.stream import DEFAULT_BUFFER_BATCHES, DEFAULT_BUFFER_BYTES, EventStream
+from memkv.events.wire import (
+    END_SEQ,
+    AllBlocksCleared,
+    KVEvent,
+    WireError,
+    parse_replay_request,
+    pub_frames,
+    seq_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = 100_000  # vLLM's max_queue_size default
+DEFAULT_HWM = 100_000
+
+
+@dataclass
+class PublisherStats:
+    batches: int = 0
+    events: int = 0
+    replay_requests: int = 0
+    replayed_batches: int = 0
+    bad_replay_requests: int = 0
+    overflows: int = 0
+    per_topic_seq: dict[str, int] = field(default_factory=dict)
+
+
+class KVEventPublisher:
+    """Publishes event batches on per-topic streams; serves vLLM's replay protocol.
+
+    ``endpoint`` and ``replay_endpoint`` are bound (``tcp://HOST:PORT``; port 0
+    picks a free one, read it back from :attr:`endpoint`). ``topic`` is the
+    default stream, created (and so announced as cleared) at start; other
+    topics are created on first use, each starting with its own cleared event.
+    """
+
+    def __init__(self, endpoint: str, *, replay_endpoint: str | None = None, topic: str = "",
+                 buffer_batches: int = DEFAULT_BUFFER_BATCHES, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 max_queue: int = DEFAULT_QUEUE, hwm: int = DEFAULT_HWM,
+                 on_clear: Callable[[str], None] | None = None) -> None:
+        self._buffer_batches = buffer_batches
+        self._buffer_bytes = buffer_bytes
+        self._on_clear = on_clear
+        self._queue: queue.Queue[tuple[str, list[KVEvent]] | None] = queue.Queue(maxsize=max_queue)
+        self._overflowed: set[str] = set()
+        self._overflow_lock = threading.Lock()
+        self.stats = PublisherStats()
+        self.default_topic = topic
+        self._streams: dict[str, EventStream] = {}
+        self._ctx = zmq.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.set_hwm(hwm)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self.endpoint = _bind(self._pub, endpoint)
+        self._replay: zmq.Socket | None = None
+        self.replay_endpoint: str | None = None
+        if replay_endpoint is not None:
+            self._replay = self._ctx.socket(zmq.ROUTER)
+            self._replay.setsockopt(zmq.LINGER, 0)
+            self.replay_endpoint = _bind(self._replay, replay_endpoint)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="memkv-kv-events", daemon=True)
+        self._thread.start()
+        self.publish([], topic=topic)  # creates the default stream: its seq 0 is AllBlocksCleared
+
+    # -- any thread ------------------------------------------------------------------
+    def publish(self, events: Iterable[KVEvent], *, topic: str | None = None) -> None:
+        """Queue ``events`` as one batch on ``topic`` (default stream if None). Never blocks."""
+        if not self._running:
+            raise RuntimeError("publisher is closed")
+        name = self.default_topic if topic is None else topic
+        try:
+            self._queue.put_nowait((name, list(events)))
+        except queue.Full:
+            with self._overflow_lock:
+                self._overflowed.add(name)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Publish what is queued, then stop the thread and close the sockets."""
+        if not self._running:
+            return
+        self._running = False
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._pub.close(linger=0)
+        if self._replay is not None:
+            self._replay.close(linger=0)
+
+    def __enter__(self) -> KVEventPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the publisher thread --------------------------------------------------------
+    def _stream(self, topic: str) -> EventStream:
+        stream = self._streams.get(topic)
+        if stream is None:
+            stream = EventStream(topic, buffer_batches=self._buffer_batches, buffer_bytes=self._buffer_bytes)
+            self._streams[topic] = stream
+            self._send(stream, *stream.first, events=1)
+        return stream
+
+    def _send(self, stream: EventStream, seq: int, payload: bytes, *, events: int) -> None:
+        self._pub.send_multipart(pub_frames(stream.topic, seq, payload))
+        self.stats.batches += 1
+        self.stats.events += events
+        self.stats.per_topic_seq[stream.topic.decode()] = seq
+
+    def _run(self) -> None:
+        while True:
+            if self._replay is not None:
+                while self._replay.poll(0):
+                    self._serve_replay()
+            self._handle_overflow()
+            try:
+                item = self._queue.get(timeout=0.02)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            topic, events = item
+            stream = self._stream(topic)
+            if events:
+                self._send(stream, *stream.add(events), events=len(events))
+
+    def _handle_overflow(self) -> None:
+        with self._overflow_lock:
+            topics, self._overflowed = self._overflowed, set()
+        for topic in topics:
+            self.stats.overflows += 1
+            log.warning("kv events: queue overflow on topic %r; announcing all blocks cleared", topic)
+            stream = self._stream(topic)
+            self._send(stream, *stream.add([AllBlocksCleared()]), events=1)
+            if self._on_clear is not None:
+                self._on_clear(topic)
+
+    def _serve_replay(self) -> None:
+        assert self._replay is not None
+        frames = self._replay.recv_multipart()
+        try:
+            identity, start, topic = parse_replay_request(frames)
+        except WireError as exc:
+            self.stats.bad_replay_requests += 1
+            log.warning("kv events: bad replay request: %s", exc)
+            if frames and len(frames) >= 2 and frames[1] == b"":
+                self._replay.send_multipart((frames[0], b"", b"", END_SEQ, b""))
+            return
+        self.stats.replay_requests += 1
+        stream = self._streams.get(self.default_topic if topic is None else topic.decode("utf-8", "replace"))
+        if stream is not None:
+            for seq, payload in stream.replay(start):
+                self._replay.send_multipart((identity, b"", stream.topic, seq_bytes(seq), payload))
+                self.stats.replayed_batches += 1
+        self._replay.send_multipart((identity, b"", b"", END_SEQ, b""))
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind ``endpoint`` (a ``tcp://H:0`` port is chosen by the OS) and return the bound address."""
+    sock.bind(endpoint)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
