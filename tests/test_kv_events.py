@@ -16,8 +16,8 @@ from memkv.events.publisher import KVEventPublisher
 from memkv.events.stream import EventStream
 from memkv.events.wire import (
     END_SEQ,
-    AllBlocksCleared,
     MEDIUM_STORAGE,
+    AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     parse_store_topic,

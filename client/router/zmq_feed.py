@@ -27,7 +27,6 @@ from zmq.utils.monitor import parse_monitor_message
 from memkv.client.router.feed import Action, FeedState
 from memkv.client.router.index import PrefixIndex
 from memkv.events.wire import (
-    END_SEQ,
     WireError,
     decode_batch,
     parse_pub_frames,
@@ -73,7 +72,6 @@ class _Source:
         self.sub.connect(spec.endpoint)
         self.ctx = ctx
         self.dealer: zmq.Socket | None = None
-        self.connected_once = False
 
     def replay(self, start: int, topic: bytes | None) -> list[tuple[bytes, int, bytes]]:
         """Ask for batches from ``start``; [] on no endpoint or no complete answer in time."""
@@ -189,9 +187,6 @@ class EventFeeds:
             self._sources[spec.name] = src
             poller.register(src.sub, zmq.POLLIN)
             poller.register(src.monitor, zmq.POLLIN)
-            if spec.kind == "replica":
-                # Learn what the engine cached before we subscribed (its stream has one topic).
-                self._catch_up(src, spec.topic.encode("utf-8"), upto=None)
 
     def _monitor(self, src: _Source) -> None:
         while src.monitor.poll(0):
@@ -202,10 +197,11 @@ class EventFeeds:
                 self._clear_all(src)
                 for state in src.stats.streams.values():
                     state.last = None
-            elif event == zmq.EVENT_CONNECTED and src.connected_once and src.spec.kind == "replica":
-                self._catch_up(src, src.spec.topic.encode("utf-8"), upto=None)
-            if event == zmq.EVENT_CONNECTED:
-                src.connected_once = True
+            elif event == zmq.EVENT_CONNECTED:
+                # From now on live batches reach us; what was published before, the
+                # publisher's default stream replays (an engine has only that one; a
+                # node's other scopes are learned with their next live batch).
+                self._catch_up_default(src)
 
     def _drain(self, src: _Source) -> None:
         for _ in range(1000):  # bounded, so membership changes and other sources get their turn
@@ -236,6 +232,17 @@ class EventFeeds:
         if action is not Action.APPLY:
             self._catch_up(src, topic, upto=seq)
         self._apply(src, topic, seq, payload)
+
+    def _catch_up_default(self, src: _Source) -> None:
+        replayed = src.replay(0, None)
+        for topic in dict.fromkeys(t for t, _, _ in replayed):
+            state = self._state(src, topic)
+            if state.last is not None:
+                continue  # already following it live
+            mine = [r for r in replayed if r[0] == topic]
+            plan = state.after_replay([seq for _, seq, _ in mine], None)
+            for i in plan.apply:
+                self._apply(src, topic, mine[i][1], mine[i][2])
 
     def _catch_up(self, src: _Source, topic: bytes, upto: int | None) -> None:
         state = self._state(src, topic)
