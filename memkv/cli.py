@@ -129,7 +129,7 @@ EXTRA_PARSERS: list[Callable[[Any], None]] = []
 def _load_extras() -> None:
     import importlib
 
-    for module in ("memkv.cluster.cli", "memkv.admin_cli"):
+    for module in ("memkv.cluster.cli", "memkv.admin_cli", "memkv.client.router.cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

