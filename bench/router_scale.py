@@ -43,7 +43,7 @@ def synthetic_batches(nodes: int, blocks: int, seed: int = 0) -> tuple[dict[str,
     out: dict[str, list[bytes]] = {name: [] for name in streams}
     names = list(streams)
     wire = 0
-    for c in range(blocks // CHAIN):
+    for _ in range(blocks // CHAIN):
         hashes = [rng.getrandbits(64) for _ in range(CHAIN)]
         for holder in rng.sample(names, REPLICAS):
             ev = BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=[], block_size=BLOCK_SIZE,

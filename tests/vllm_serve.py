@@ -44,7 +44,8 @@ def tiny_llama(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,  # head_dim 64: CPU attention
+                         num_attention_heads=2, num_key_value_heads=1,  # head_dim 64 (vLLM CPU attention)
+                         max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=2, torch_dtype="float32")
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return path
