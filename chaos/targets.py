@@ -33,8 +33,7 @@ from typing import Any
 from chaos.load import NODE_CONFIG
 from memkv.client.cluster_view import ClusterState, ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
-from memkv.cluster.local import EtcdProcess
-from memkv.localproc import stop_process
+from memkv.tools.localproc import EtcdProcess, stop_process
 
 
 class Unsupported(Exception):

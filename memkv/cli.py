@@ -1,159 +1,16 @@
-"""The ``memkv`` command line (DESIGN.md §9).
+"""The ``memkv`` command's entry point (console script, ``python -m memkv.cli``).
 
-Subcommands register themselves in ``COMMANDS``; each is a function taking
-parsed arguments and returning an exit code. Cluster subcommands live in
-``memkv.cluster`` and are imported only when used, so the storage node never
-imports the cluster or client packages except here.
+The commands themselves live in the command-line layer, memkv/tools/cli.py; this
+module only keeps the entry point that scripts, deployments and tests start.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-from collections.abc import Callable
-from typing import Any
 
-from memkv.errors import MemKVError
+from memkv.tools.cli import main
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import trio
-
-    from memkv.config import load_config
-    from memkv.server.node import Node, run_node
-    from memkv.sizes import parse_size
-
-    cfg = load_config(args.config)
-    for flag in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "metrics_port", "resp_port",
-                 "shm_dir"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(cfg, flag, value)
-    for flag in ("tls_cert", "tls_key", "tls_ca"):  # [tls] cert/key/ca (memkv/server/tls.py)
-        if getattr(args, flag, None):
-            cfg.extra.setdefault("tls", {})[flag[4:]] = getattr(args, flag)
-    if args.memory is not None:
-        cfg.memory = parse_size(args.memory)
-    if args.disk is not None:
-        cfg.disk = parse_size(args.disk)
-    for flag in ("segment_size", "compaction_rate"):
-        if getattr(args, flag, None) is not None:
-            setattr(cfg, flag, parse_size(getattr(args, flag)))
-    node = Node(cfg)
-    if cfg.etcd:
-        from memkv.cluster.node_member import attach_cluster  # type: ignore[import-not-found]
-
-        attach_cluster(node)
-    if cfg.resp_port is not None:
-        from memkv.server.resp import attach_resp  # type: ignore[import-not-found]
-
-        attach_resp(node)
-    trio.run(run_node, node)
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    from memkv.status import show_status
-
-    return show_status(args.url, as_json=args.json)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from memkv.demo import run_demo
-
-    return run_demo(json_path=args.json, nodes=args.nodes)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from memkv.quickbench import run_quickbench
-
-    return run_quickbench(args.url, value_size=args.value_size, count=args.count, batch=args.batch)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memkv", description="memkv: distributed context memory for LLM inference")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("serve", help="run a storage node")
-    s.add_argument("--config", help="TOML config file (namespaces, tenants, node settings)")
-    s.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7400)")
-    s.add_argument("--data-dir", dest="data_dir", help="directory for the durable flash tier")
-    s.add_argument("--memory", help="region size, e.g. 512MiB, 4GiB")
-    s.add_argument("--disk", help="flash tier budget, e.g. 20GiB")
-    s.add_argument("--segment-size", dest="segment_size", help="flash segment file size (default 64MiB)")
-    s.add_argument("--compaction-rate", dest="compaction_rate",
-                   help="flash compaction I/O budget per second, e.g. 32MiB (0 = unthrottled)")
-    s.add_argument("--etcd", help="etcd HOST:PORT[,HOST:PORT]; omit for a standalone node")
-    s.add_argument("--cluster", help="cluster name in etcd")
-    s.add_argument("--node-id", dest="node_id")
-    s.add_argument("--zone")
-    s.add_argument("--shm-dir", dest="shm_dir", help="where the region file lives (default /dev/shm)")
-    s.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port")
-    s.add_argument("--resp-port", dest="resp_port", type=int, help="Redis-protocol (RESP) port")
-    s.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate (chain): serve TLS")
-    s.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
-    s.add_argument("--tls-ca", dest="tls_ca", help="PEM CA bundle: require client certificates it signed")
-    s.set_defaults(func=_serve)
-
-    st = sub.add_parser("status", help="nodes, slots, bytes, hit rates, migrations")
-    st.add_argument("url", help="memkv://HOST:PORT or etcd://HOST:PORT/CLUSTER")
-    st.add_argument("--json", action="store_true", help="print raw JSON")
-    st.set_defaults(func=_status)
-
-    d = sub.add_parser("demo", help="start a local node/cluster and run a workload")
-    d.add_argument("--json", help="also write the results as JSON to this file")
-    d.add_argument("--nodes", type=int, default=2,
-                   help="storage nodes: 2+ start a local cluster (etcd + nodes), 1 a standalone node")
-    d.set_defaults(func=_demo)
-
-    b = sub.add_parser("bench", help="quick put/get benchmark against a running node or cluster")
-    b.add_argument("url")
-    b.add_argument("--value-size", dest="value_size", default="64KiB")
-    b.add_argument("--count", type=int, default=2000)
-    b.add_argument("--batch", type=int, default=16)
-    b.set_defaults(func=_bench)
-
-    for extra in EXTRA_PARSERS:
-        extra(sub)
-    return p
-
-
-# Subsystems append functions that add their subparsers (``up``, ``drain``, ``tenant``...).
-EXTRA_PARSERS: list[Callable[[Any], None]] = []
-
-
-def _load_extras() -> None:
-    import importlib
-
-    for module in ("memkv.cluster.cli", "memkv.admin_cli", "memkv.client.router.cli"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    _load_extras()
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except MemKVError as exc:
-        print(f"memkv: error: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    # ``python -m memkv.cli``: run the importable module's main, so the subcommands that
-    # subsystems append to ``memkv.cli.EXTRA_PARSERS`` reach this parser too.
-    from memkv.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

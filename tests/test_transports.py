@@ -16,9 +16,8 @@ import pytest
 import trio
 
 from memkv.client import Client, SyncClient
-from memkv.client import onesided as onesided_mod
-from memkv.client.calls import SimpleCall
-from memkv.client.ops import Send
+from memkv.client.core import onesided as onesided_mod
+from memkv.client.core.calls import SimpleCall
 from memkv.errors import InvalidArgument, PermissionDenied
 from memkv.protocol.opcodes import Op
 from memkv.transport import pyverbs_available, rdma_devices
@@ -221,7 +220,7 @@ def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
         node = _node_of(c)
         old = os.urandom(64 * KiB)
         c.put(b"q", old)
-        rep = c._exec(Send(SimpleCall(Op.LOCATE, {"ks": [b"q"], "lease": 1.0}), node=node))
+        rep = c.execute(c.core.call(node, SimpleCall(Op.LOCATE, {"ks": [b"q"], "lease": 1.0})))
         off, n, cs, gen = rep["d"][0]
         assert rep["valid"] > 0 and n == len(old)
         assert c.delete(b"q")
@@ -230,7 +229,7 @@ def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
         with open(c.stats()["region"]["path"], "rb") as f:
             f.seek(off)
             assert f.read(n) == old
-        rep2 = c._exec(Send(SimpleCall(Op.LOCATE, {"ks": [b"q0"]}), node=node))
+        rep2 = c.execute(c.core.call(node, SimpleCall(Op.LOCATE, {"ks": [b"q0"]})))
         assert rep2["d"][0][0] != off and rep2["d"][0][3] > gen
         assert c.stats()["region"]["quarantined"] >= 64 * KiB
 
@@ -313,22 +312,24 @@ def test_tenants_keep_reads_on_tcp(start_node):
 
 # -- the region file: nothing left behind ----------------------------------------------------------------
 
-def _shm_files() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("memkv-")}
+def _shm_files(pids: list[int]) -> set[str]:
+    """Region files of these node processes (``memkv-NAME-PID-RAND.region``): /dev/shm is shared with
+    every other process of the machine, whose nodes may be starting meanwhile."""
+    return {f for f in os.listdir("/dev/shm") if f.startswith("memkv-") and any(f"-{p}-" in f for p in pids)}
 
 
 def test_sigkill_leaves_nothing_in_dev_shm(start_node):
-    before = _shm_files()
     nodes = [start_node() for _ in range(2)]
+    pids = [n.pid for n in nodes]
     with SyncClient.connect(nodes[0].url) as c:
         c.put(b"k", b"v")
         assert c.get(b"k") == b"v"
         assert c.onesided.transport_of(_node_of(c)) == "shm"
-    assert _shm_files() - before == set()  # unlinked right after mapping
+    assert _shm_files(pids) == set()  # unlinked right after mapping
     for n in nodes:
         os.kill(n.pid, signal.SIGKILL)
         n.kill()
-    assert _shm_files() - before == set()
+    assert _shm_files(pids) == set()
 
 
 def test_stale_region_files_of_dead_nodes_are_swept(start_node):

@@ -1,0 +1,232 @@
+"""One request and its reply, as sans-IO objects: what to send, where the reply payload goes, what to return.
+
+A ``Call`` never touches a socket. The connection protocol
+(``client/core/protocol.py``) encodes ``op``/``meta``/``payload``, asks
+``destinations(frame)`` where the reply payload goes (the caller's buffer,
+or a fresh ``bytes`` filled in place) and hands the finished reply to
+``finish``, which turns it into the caller's result and checks its checksum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memkv.client.buffers import byte_view, finish_bytes, new_bytes
+from memkv.errors import InvalidArgument, error_from_code
+from memkv.protocol.checksum import checksum
+from memkv.protocol.codec import Frame
+from memkv.protocol.opcodes import Op
+from memkv.protocol.versions import CLOCK
+
+
+@dataclass
+class CorruptRead:
+    """A value whose bytes did not match its checksum: a miss, to be reported."""
+
+    key: bytes
+    generation: int
+
+
+class Call:
+    op: Op = Op.PING
+    meta: dict[str, Any]
+    payload: list[memoryview]
+    payload_len: int = 0
+
+    def __init__(self, meta: dict[str, Any] | None = None) -> None:
+        self.meta = meta or {}
+        self.payload = []
+        self.corrupt: list[CorruptRead] = []
+
+    def destinations(self, frame: Frame) -> list[memoryview]:
+        """Where the reply payload goes, in order; must cover ``frame.payload_len`` bytes."""
+        return [memoryview(bytearray(frame.payload_len))]
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
+        return frame.meta
+
+
+class SimpleCall(Call):
+    def __init__(self, op: Op, meta: dict[str, Any], result_field: str | None = None) -> None:
+        super().__init__(meta)
+        self.op = op
+        self.result_field = result_field
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
+        return frame.meta.get(self.result_field) if self.result_field else frame.meta
+
+
+def _with_ns(meta: dict[str, Any], namespace: str) -> dict[str, Any]:
+    if namespace != "shared":
+        meta["ns"] = namespace
+    return meta
+
+
+class PutCall(Call):
+    op = Op.PUT
+
+    def __init__(self, key: bytes, value: Any, *, namespace: str, ttl: float | None, pin: bool,
+                 parent: bytes | None = None, extra: dict[str, Any] | None = None) -> None:
+        view = byte_view(value)
+        meta: dict[str, Any] = {"k": key, "cs": checksum(view)}
+        if extra:  # security options: "model", "nostore"
+            meta.update(extra)
+        if "ver" not in meta:
+            # the write's version, the same on every replica (memkv/protocol/versions.py)
+            meta["ver"] = CLOCK.next()
+        if ttl is not None:
+            meta["ttl"] = ttl
+        if pin:
+            meta["pin"] = True
+        if parent is not None:
+            meta["parent"] = parent
+        super().__init__(_with_ns(meta, namespace))
+        self.payload = [view]
+        self.payload_len = view.nbytes
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> int:
+        CLOCK.observe(int(frame.meta.get("ver", 0)))
+        return int(frame.meta.get("gen", 0))
+
+
+class PutManyCall(Call):
+    op = Op.PUT_MANY
+
+    def __init__(self, keys: list[bytes], values: list[Any], *, namespace: str, ttl: float | None,
+                 pin: bool, parents: list[bytes | None] | None = None, extra: dict[str, Any] | None = None) -> None:
+        views = [byte_view(v) for v in values]
+        meta: dict[str, Any] = {"ks": keys, "ls": [v.nbytes for v in views],
+                                "cs": [checksum(v) for v in views]}
+        if extra:  # security options: "model", "nostore"; "vers" (repairs, copies)
+            meta.update(extra)
+        if "ver" not in meta and "vers" not in meta:
+            meta["ver"] = CLOCK.next()
+        if ttl is not None:
+            meta["ttl"] = ttl
+        if pin:
+            meta["pin"] = True
+        if parents is not None and any(p is not None for p in parents):
+            meta["parents"] = parents
+        super().__init__(_with_ns(meta, namespace))
+        self.payload = views
+        self.payload_len = sum(v.nbytes for v in views)
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> list[Any]:
+        """Per item: the generation (int) or the typed error, in request order."""
+        errs = frame.meta.get("errs") or [None] * len(frame.meta.get("gens", []))
+        vers = frame.meta.get("vers")
+        if vers:
+            CLOCK.observe(max(vers))
+        out: list[Any] = []
+        for gen, err in zip(frame.meta.get("gens", []), errs, strict=False):
+            out.append(error_from_code(err[0], err[1]) if err else gen)
+        return out
+
+
+class GetCall(Call):
+    op = Op.GET
+
+    def __init__(self, key: bytes, *, namespace: str, into: Any = None) -> None:
+        super().__init__(_with_ns({"k": key}, namespace))
+        self.key = key
+        self.into = byte_view(into, writable=True) if into is not None else None
+        self.version = 0  # of the value returned (0: a miss)
+        self.overwrite = False  # the namespace allows overwrites: replicas may disagree (client/core/repair.py)
+        self.too_small = 0  # size of a value the caller's buffer could not hold
+        self._buf: bytes | bytearray = b""
+
+    def destinations(self, frame: Frame) -> list[memoryview]:
+        n = frame.payload_len
+        self.too_small = 0
+        if self.into is None:
+            self._buf, view = new_bytes(n)
+            return [view]
+        if self.into.nbytes < n:
+            self.too_small = n
+            return [memoryview(bytearray(n))]  # drain it; finish() raises
+        return [self.into[:n]]
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
+        meta = frame.meta
+        self.overwrite = bool(meta.get("ow"))
+        if not meta.get("f"):
+            self.version = 0
+            return None
+        self.version = int(meta.get("ver", 0))
+        CLOCK.observe(self.version)
+        if self.too_small:
+            raise InvalidArgument(f"buffer of {self.into.nbytes if self.into else 0} bytes is too small "
+                                  f"for a value of {self.too_small} bytes")
+        if not dests:  # an empty value: the connection asked for no destination
+            dests = [memoryview(b"")]
+        if checksum(dests[0]) != frame.meta.get("cs"):
+            self.corrupt.append(CorruptRead(self.key, int(frame.meta.get("gen", 0))))
+            self.version = 0
+            return None
+        if self.into is None:
+            return finish_bytes(self._buf) if frame.payload_len else b""
+        return frame.payload_len
+
+
+class GetManyCall(Call):
+    op = Op.GET_MANY
+
+    def __init__(self, keys: list[bytes], *, namespace: str, intos: list[Any] | None = None) -> None:
+        super().__init__(_with_ns({"ks": keys}, namespace))
+        self.keys = keys
+        if intos is not None and len(intos) != len(keys):
+            raise InvalidArgument("get_many_into needs one buffer per key")
+        self.intos = [byte_view(b, writable=True) for b in intos] if intos is not None else None
+        self.too_small: list[int] = []
+        self.versions: list[int] = []  # per key, of the value returned (0: a miss)
+        self.overwrite = False
+        self._bufs: list[bytes | bytearray] = []
+
+    def destinations(self, frame: Frame) -> list[memoryview]:
+        dests: list[memoryview] = []
+        self._bufs = []
+        self.too_small = []
+        for i, n in enumerate(frame.meta.get("ls", [])):
+            if n < 0:
+                continue
+            if self.intos is None:
+                buf, view = new_bytes(n)
+                self._bufs.append(buf)
+                dests.append(view)
+            elif self.intos[i].nbytes < n:
+                self.too_small.append(i)
+                dests.append(memoryview(bytearray(n)))
+            else:
+                dests.append(self.intos[i][:n])
+        return dests
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> list[Any]:
+        lens = frame.meta.get("ls", [])
+        sums = frame.meta.get("cs", [])
+        gens = frame.meta.get("gens", [])
+        self.versions = list(frame.meta.get("vers") or [0] * len(lens))
+        self.overwrite = bool(frame.meta.get("ow"))
+        if not frame.payload_len:  # no destinations were asked for: nothing of an earlier attempt counts
+            self._bufs, self.too_small = [], []
+        if self.versions:
+            CLOCK.observe(max(self.versions))
+        if self.too_small:
+            raise InvalidArgument(f"buffers too small for keys at positions {self.too_small}")
+        out: list[Any] = []
+        j = 0
+        for i, n in enumerate(lens):
+            if n < 0:
+                out.append(None)
+                continue
+            dest = dests[j] if j < len(dests) else memoryview(b"")  # no payload at all: empty values
+            j += 1
+            if checksum(dest) != sums[i]:
+                self.corrupt.append(CorruptRead(self.keys[i], int(gens[i])))
+                self.versions[i] = 0
+                out.append(None)
+            elif self.intos is None:
+                out.append(finish_bytes(self._bufs[j - 1]) if j - 1 < len(self._bufs) else bytes(dest))
+            else:
+                out.append(n)
+        return out
