@@ -7,11 +7,11 @@ only put event lists on a bounded queue, which never blocks them.
 
 Overflow: if the queue is full the events are *not* silently dropped (a
 router would keep believing a removed block is there, with no gap to notice).
-The publisher instead marks the stream overflowed; its thread then publishes
-``AllBlocksCleared`` on that topic, discarding what was queued for it, and
-calls ``on_clear(topic)`` so the owner can announce its current contents
-again (docs/routing.md, "what part 2 wires"). Routers see a void-everything
-event in sequence, never a wrong claim.
+The topic's *epoch* moves on instead: whatever is still queued for it from
+the earlier epoch is discarded (it precedes the hole), the thread publishes
+``AllBlocksCleared`` on that topic before anything of the new epoch, and calls
+``on_clear(topic)`` so that the owner announces its current contents again.
+Routers see a void-everything event in sequence, never a wrong claim.
 """
 
 from __future__ import annotations
@@ -68,9 +68,11 @@ class KVEventPublisher:
         self._buffer_batches = buffer_batches
         self._buffer_bytes = buffer_bytes
         self._on_clear = on_clear
-        self._queue: queue.Queue[tuple[str, list[KVEvent]] | None] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[tuple[str, int, list[KVEvent]] | None] = queue.Queue(maxsize=max_queue)
         self._overflowed: set[str] = set()
         self._overflow_lock = threading.Lock()
+        self._epochs: dict[str, int] = {}  # topic -> epoch: moves on when a batch of the topic is lost
+        self._cleared_epoch: dict[str, int] = {}  # publisher thread: the epoch whose AllBlocksCleared went out
         self.stats = PublisherStats()
         self.default_topic = topic
         self._streams: dict[str, EventStream] = {}
@@ -96,10 +98,12 @@ class KVEventPublisher:
         if not self._running:
             raise RuntimeError("publisher is closed")
         name = self.default_topic if topic is None else topic
+        epoch = self._epochs.get(name, 0)
         try:
-            self._queue.put_nowait((name, list(events)))
+            self._queue.put_nowait((name, epoch, list(events)))
         except queue.Full:
             with self._overflow_lock:
+                self._epochs[name] = max(self._epochs.get(name, 0), epoch + 1)
                 self._overflowed.add(name)
 
     def close(self, timeout: float = 2.0) -> None:
@@ -146,7 +150,11 @@ class KVEventPublisher:
                 continue
             if item is None:
                 break
-            topic, events = item
+            topic, epoch, events = item
+            latest = self._epochs.get(topic, 0)
+            self._clear_up_to(topic, min(epoch, latest))
+            if epoch < latest:
+                continue  # queued before a batch of this topic was lost: void, like everything before it
             stream = self._stream(topic)
             if events:
                 self._send(stream, *stream.add(events), events=len(events))
@@ -155,12 +163,19 @@ class KVEventPublisher:
         with self._overflow_lock:
             topics, self._overflowed = self._overflowed, set()
         for topic in topics:
-            self.stats.overflows += 1
-            log.warning("kv events: queue overflow on topic %r; announcing all blocks cleared", topic)
-            stream = self._stream(topic)
-            self._send(stream, *stream.add([AllBlocksCleared()]), events=1)
-            if self._on_clear is not None:
-                self._on_clear(topic)
+            self._clear_up_to(topic, self._epochs.get(topic, 0))
+
+    def _clear_up_to(self, topic: str, epoch: int) -> None:
+        """Publish ``AllBlocksCleared`` on ``topic`` once per lost epoch, before anything of a later one."""
+        if self._cleared_epoch.get(topic, 0) >= epoch:
+            return
+        self._cleared_epoch[topic] = epoch
+        self.stats.overflows += 1
+        log.warning("kv events: queue overflow on topic %r; announcing all blocks cleared", topic)
+        stream = self._stream(topic)
+        self._send(stream, *stream.add([AllBlocksCleared()]), events=1)
+        if self._on_clear is not None:
+            self._on_clear(topic)
 
     def _serve_replay(self) -> None:
         assert self._replay is not None

@@ -179,10 +179,15 @@ def hash_key(h: ExternalBlockHash) -> int:
 
 
 # -- topics of a memkv node's streams ------------------------------------------------
-# One stream per (model, namespace) scope: ``BASE@NODE@MODEL@NAMESPACE`` with
-# "%" and "@" percent-escaped inside each part, so a router subscribing to
-# ``BASE@NODE@`` receives every scope of a node and tells them apart, and a
-# router that serves one model subscribes to ``BASE@NODE@MODEL@`` only.
+# A node publishes one *node stream*, topic ``BASE@NODE@``, and one stream per scope
+# (model, namespace, tenant), topic ``BASE@NODE@MODEL@NAMESPACE@TENANT``, with "%" and
+# "@" percent-escaped inside each part. The node stream is the publisher's default (vLLM's
+# two-frame replay request serves it); its AllBlocksCleared (seq 0 of every start of the
+# node) voids every claim the node made on any scope. A scope's tenant is empty unless the
+# namespace keeps one key space per tenant. A router subscribing to ``BASE@NODE@`` (the
+# node topic is also the prefix of every scope's) receives all of them and tells them apart.
+
+Scope = tuple[str, str, str]  # (model, namespace, tenant)
 
 
 def _esc(part: str) -> str:
@@ -193,19 +198,23 @@ def _unesc(part: str) -> str:
     return part.replace("%40", "@").replace("%25", "%")
 
 
-def store_topic(base: str, node: str, model: str, namespace: str) -> str:
-    return "@".join(_esc(p) for p in (base, node, model, namespace))
-
-
-def store_topic_prefix(base: str, node: str) -> str:
+def node_topic(base: str, node: str) -> str:
+    """The node stream's topic, which is also the subscription prefix of all the node's streams."""
     return f"{_esc(base)}@{_esc(node)}@"
 
 
-def parse_store_topic(topic: bytes | str) -> tuple[str, str, str, str]:
-    """``BASE@NODE@MODEL@NAMESPACE`` -> (base, node, model, namespace)."""
+def store_topic(base: str, node: str, scope: Scope) -> str:
+    model, namespace, tenant = scope
+    return "@".join(_esc(p) for p in (base, node, model, namespace, tenant))
+
+
+def parse_store_topic(topic: bytes | str) -> tuple[str, str, Scope | None]:
+    """``BASE@NODE@`` -> (base, node, None); ``BASE@NODE@MODEL@NAMESPACE@TENANT`` -> (base, node, scope)."""
     text = topic.decode("utf-8") if isinstance(topic, bytes) else topic
     parts = text.split("@")
-    if len(parts) != 4:
-        raise WireError(f"store topic {text!r} is not BASE@NODE@MODEL@NAMESPACE")
-    base, node, model, namespace = (_unesc(p) for p in parts)
-    return base, node, model, namespace
+    if len(parts) == 3 and parts[2] == "":
+        return _unesc(parts[0]), _unesc(parts[1]), None
+    if len(parts) != 5:
+        raise WireError(f"store topic {text!r} is neither BASE@NODE@ nor BASE@NODE@MODEL@NAMESPACE@TENANT")
+    base, node, model, namespace, tenant = (_unesc(p) for p in parts)
+    return base, node, (model, namespace, tenant)

@@ -25,9 +25,13 @@ from memkv.errors import MemKVError
 def build_node(cfg: NodeConfig) -> Any:
     """A node for ``cfg``: standalone, or with its cluster membership, etcd tenants and (with a
     RESP port) RESP forwarding."""
+    from memkv.events.node import EventsConfig, NodeEvents
     from memkv.server.node import Node
 
     extensions: list[Any] = []
+    events = EventsConfig.from_config(cfg)
+    if events is not None:  # [events] endpoint / --kv-events: KV events for routers (memkv/events/node.py)
+        extensions.append(NodeEvents(events))
     if cfg.etcd:
         from memkv.cluster.node_member import ClusterMember
         from memkv.cluster.tenant_source import EtcdTenants
@@ -58,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in ("tls_cert", "tls_key", "tls_ca"):  # [tls] cert/key/ca (memkv/server/tls.py)
         if getattr(args, flag, None):
             cfg.extra.setdefault("tls", {})[flag[4:]] = getattr(args, flag)
+    if args.kv_events:
+        cfg.extra.setdefault("events", {})["endpoint"] = args.kv_events
     if args.memory is not None:
         cfg.memory = parse_size(args.memory)
     if args.disk is not None:
@@ -115,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate (chain): serve TLS")
     s.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
     s.add_argument("--tls-ca", dest="tls_ca", help="PEM CA bundle: require client certificates it signed")
+    s.add_argument("--kv-events", dest="kv_events", metavar="ENDPOINT",
+                   help="publish KV events for routers in vLLM's format on this ZMQ endpoint, e.g. tcp://*:5557 "
+                        "([events] endpoint, replay_endpoint, topic)")
     s.set_defaults(func=_serve)
 
     st = sub.add_parser("status", help="nodes, slots, bytes, hit rates, migrations")
