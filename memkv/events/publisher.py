@@ -27,6 +27,7 @@ import zmq
 from memkv.events.stream import DEFAULT_BUFFER_BATCHES, DEFAULT_BUFFER_BYTES, EventStream
 from memkv.events.wire import (
     END_SEQ,
+    RESYNC_SEQ,
     AllBlocksCleared,
     KVEvent,
     WireError,
@@ -48,7 +49,9 @@ class PublisherStats:
     replay_requests: int = 0
     replayed_batches: int = 0
     bad_replay_requests: int = 0
-    overflows: int = 0
+    overflows: int = 0  # batches lost to a full queue
+    clears: int = 0  # AllBlocksCleared published after a loss or a resync request
+    resyncs: int = 0
     per_topic_seq: dict[str, int] = field(default_factory=dict)
 
 
@@ -105,6 +108,7 @@ class KVEventPublisher:
             with self._overflow_lock:
                 self._epochs[name] = max(self._epochs.get(name, 0), epoch + 1)
                 self._overflowed.add(name)
+                self.stats.overflows += 1
 
     def close(self, timeout: float = 2.0) -> None:
         """Publish what is queued, then stop the thread and close the sockets."""
@@ -170,8 +174,9 @@ class KVEventPublisher:
         if self._cleared_epoch.get(topic, 0) >= epoch:
             return
         self._cleared_epoch[topic] = epoch
-        self.stats.overflows += 1
-        log.warning("kv events: queue overflow on topic %r; announcing all blocks cleared", topic)
+        self.stats.clears += 1
+        log.warning("kv events: %r announced cleared (a batch of it was lost, or a router asked for its "
+                    "contents again); its blocks are announced again", topic)
         stream = self._stream(topic)
         self._send(stream, *stream.add([AllBlocksCleared()]), events=1)
         if self._on_clear is not None:
@@ -189,12 +194,26 @@ class KVEventPublisher:
                 self._replay.send_multipart((frames[0], b"", b"", END_SEQ, b""))
             return
         self.stats.replay_requests += 1
-        stream = self._streams.get(self.default_topic if topic is None else topic.decode("utf-8", "replace"))
-        if stream is not None:
-            for seq, payload in stream.replay(start):
-                self._replay.send_multipart((identity, b"", stream.topic, seq_bytes(seq), payload))
-                self.stats.replayed_batches += 1
+        name = self.default_topic if topic is None else topic.decode("utf-8", "replace")
+        if start == RESYNC_SEQ:
+            if name in self._streams:
+                self.stats.resyncs += 1
+                with self._overflow_lock:  # as after a lost batch: cleared in sequence, then announced again
+                    self._epochs[name] = self._epochs.get(name, 0) + 1
+                    self._overflowed.add(name)
+        elif name.endswith("*"):
+            for t, stream in list(self._streams.items()):
+                if t.startswith(name[:-1]):
+                    self._send_replay(identity, stream, start)
+        elif name in self._streams:
+            self._send_replay(identity, self._streams[name], start)
         self._replay.send_multipart((identity, b"", b"", END_SEQ, b""))
+
+    def _send_replay(self, identity: bytes, stream: EventStream, start: int) -> None:
+        assert self._replay is not None
+        for seq, payload in stream.replay(start):
+            self._replay.send_multipart((identity, b"", stream.topic, seq_bytes(seq), payload))
+            self.stats.replayed_batches += 1
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:

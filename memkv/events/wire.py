@@ -21,6 +21,15 @@ ROUTER answers every buffered batch with ``seq >= start_seq`` as
 optional extra frame, ``[b"", start_seq, topic]``, to pick one of a node's
 streams; the two-frame form serves the node's first stream, as vLLM's does.
 
+memkv adds two requests of its own, both with a topic frame (vLLM's routers
+never send either): a topic ending in ``*`` replays every stream whose topic
+starts with what precedes it (a router learns all of a node's scopes with one
+request), and the start ``RESYNC_SEQ`` asks the publisher to announce that
+stream's contents again, live (``AllBlocksCleared`` in sequence, then a
+``BlockStored`` for every block): what a router does when a replay cannot
+reach back far enough (the buffer is bounded), so that it learns everything
+instead of under-claiming forever. The reply to it is the end marker alone.
+
 Block hashes (``ExternalBlockHash``) are ``bytes`` or ``int``: vLLM publishes
 the low 64 bits of its 32-byte block hash as an unsigned int by default
 (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``), the raw bytes otherwise.
@@ -47,6 +56,7 @@ STORE_OWNERSHIP = "memkv"
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 SEQ_BYTES = 8
+RESYNC_SEQ = (1 << 63) - 1  # replay "start" that asks for the stream's contents again (memkv only)
 
 ExternalBlockHash = bytes | int
 

