@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
+from memkv.events.wire import BlockStored, decode_batch, hash_key, parse_replay_reply, replay_request
 from memkv.vllm_engine import kv_transfer_config
 from tests.conftest import free_port, wait_for_port
 from tests.conftest_etcd import LocalCluster, poll
@@ -51,6 +53,26 @@ def post(url: str, body: dict, timeout: float = 180) -> tuple[dict, dict]:
 def get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=30) as r:
         return r.read()
+
+
+def stored_hashes(replay_endpoint: str, topic: bytes | None) -> set[int]:
+    """Every block hash a publisher's replay buffer says it stored (vLLM's replay protocol)."""
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(replay_endpoint)
+    out: set[int] = set()
+    try:
+        dealer.send_multipart(replay_request(0, topic))
+        while True:
+            assert dealer.poll(10_000), "replay did not end"
+            _, seq, payload = parse_replay_reply(dealer.recv_multipart())
+            if seq < 0:
+                return out
+            for ev in decode_batch(payload).events:
+                if isinstance(ev, BlockStored):
+                    out.update(hash_key(h) for h in ev.block_hashes)
+    finally:
+        dealer.close(linger=0)
 
 
 def tokens_of(out: dict[str, Any]) -> list[int]:
@@ -129,6 +151,12 @@ def test_route_in_front_of_two_vllm_replicas_and_memkv(tmp_path: Path, etcd_serv
                        "the node's events reach the router: the other replica can load the prefix from memkv")
             assert ans[other]["store_nodes"] == ["n1"] and ans[other]["gpu_tokens"] == 0, ans
             print(f"[route] index for turn 2 before it is sent: {ans}")
+            # what the node announces for the prompts the connector saved is a subset of what vLLM announced
+            services = cluster.state().nodes["n1"].services
+            node_hashes = stored_hashes(services["kv_events_replay"], b"kv@n1@*")
+            vllm_hashes = set().union(*(stored_hashes(srv.replay, None) for srv in servers))
+            print(f"[route] node announced {len(node_hashes)} blocks, the vLLM replicas {len(vllm_hashes)}")
+            assert node_hashes and node_hashes <= vllm_hashes
 
             # reference: turn 2 computed from scratch on the holder (another cache_salt: no GPU or memkv hit)
             ref, _ = post(f"{by_name[holder].url}/v1/completions",
