@@ -32,12 +32,12 @@ from typing import Any
 
 import pytest
 import zmq
+from conftest import free_port, poll, wait_for_port
+from conftest_etcd import LocalCluster
+from vllm_serve import VllmServer, engine_python, heavy_lock, tiny_llama
 
 from memkv.events.wire import BlockStored, decode_batch, hash_key, parse_replay_reply, replay_request
 from memkv.vllm_engine import kv_transfer_config
-from tests.conftest import free_port, wait_for_port
-from tests.conftest_etcd import LocalCluster, poll
-from tests.vllm_serve import VllmServer, engine_python, heavy_lock, tiny_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]  # incl. waiting for the machine-wide lock
 

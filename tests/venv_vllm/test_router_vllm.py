@@ -21,9 +21,9 @@ import vllm.distributed.kv_events as kv_events  # noqa: E402
 import vllm.utils.hashing as hashing  # noqa: E402
 import vllm.v1.core.kv_cache_utils as utils  # noqa: E402
 import vllm.v1.request as request_mod  # noqa: E402
+from conftest import poll  # noqa: E402
 
 from memkv.client.router import BlockHasher, EventFeeds, FeedSpec, PrefixIndex, Replica  # noqa: E402
-from tests.conftest_etcd import poll  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -61,7 +61,7 @@ def test_block_hashes_equal_vllms_request_hasher() -> None:
 
 
 def test_feed_follows_vllms_own_publisher_through_subscriber_and_publisher_restarts() -> None:
-    from tests.conftest import free_port
+    from conftest import free_port
 
     port, rport = free_port(), free_port()
     endpoint, replay = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}"
