@@ -5,7 +5,8 @@ the header the vLLM connector writes (memkv/protocol/block_header.py), keyed
 as any client likes. The index answers "loadable from memkv" for a prompt's
 leading blocks while some node holds them; a delete, a node crash, its
 restart (empty, on new ports: no stale claim survives it) and a node joining
-each show up in it.
+each show up in it; while slots migrate to the new node, a moved block never
+goes missing from the index.
 """
 
 from __future__ import annotations
@@ -77,8 +78,29 @@ def test_index_follows_a_clusters_nodes_through_etcd(etcd_server: Any, start_nod
             poll(lambda: follower.refresh() or store().store_tokens == 3 * BS, 30.0, "the rewritten blocks")
             time.sleep(0.5)
             assert store().store_tokens == 3 * BS
-            cluster.add_node("n3")  # a node joining is followed as soon as etcd lists it
-            poll(lambda: follower.refresh() or "n3" in follower.followed, 30.0, "n3 discovered")
-            assert feeds.stats()["n1"].decode_errors == 0
+
+            # a node joins: it is followed as soon as etcd lists it, and the slots moved to it carry
+            # their blocks; a moved block is stored on its new owner before the old one drops it, so
+            # the prompt stays loadable from memkv all along
+            long_tokens = list(range(5000, 5000 + BS * 40))
+            long_chain = BlockHasher().chain(long_tokens, BS)
+            with SyncClient.connect(cluster.url, timeout=10) as fresh:
+                fresh.put_many([(f"long-{i}".encode(), block_value(h, long_chain[i - 1] if i else None, i,
+                                                                   long_tokens[i * BS:(i + 1) * BS]))
+                                for i, h in enumerate(long_chain)])
+            longest = lambda: index.query(long_tokens).by_name()["r1"]  # noqa: E731
+            poll(lambda: longest().store_tokens == len(long_chain) * BS, 30.0, "the long prompt announced")
+            cluster.add_node("n3")
+            deadline = time.monotonic() + 90
+            settled = None
+            while settled is None or time.monotonic() < settled + 5:  # then 5 s more: the old copies dropped
+                follower.refresh()
+                assert longest().store_tokens == len(long_chain) * BS, "a migrating block went missing"
+                assert time.monotonic() < deadline, f"n3 never announced moved blocks: {longest()}"
+                if settled is None and "n3" in longest().store_nodes:
+                    settled = time.monotonic()
+                time.sleep(0.05)
+            assert "n3" in follower.followed
+            assert all(st.decode_errors == 0 for st in feeds.stats().values())
         finally:
             follower.close()
