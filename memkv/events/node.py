@@ -90,6 +90,8 @@ class EventsConfig:
         for key in ("endpoint", "replay_endpoint"):
             if raw.get(key) is not None and not str(raw[key]).startswith(("tcp://", "ipc://", "inproc://")):
                 raise InvalidArgument(f"[events] {key}: a ZMQ endpoint like tcp://HOST:PORT, not {raw[key]!r}")
+        if raw.get("replay_endpoint") is None:
+            raw["replay_endpoint"] = default_replay_endpoint(str(raw["endpoint"]))
         if "buffer_bytes" in raw and isinstance(raw["buffer_bytes"], str):
             raw["buffer_bytes"] = parse_size(raw["buffer_bytes"])
         if raw.get("block_hash", "int") not in ("int", "bytes"):
@@ -100,6 +102,19 @@ class EventsConfig:
                 raise InvalidArgument(f"[events] namespaces: unknown namespaces {unknown_ns}")
             raw["namespaces"] = frozenset(raw["namespaces"])
         return cls(**raw)
+
+
+def default_replay_endpoint(endpoint: str) -> str:
+    """Where replays are served when ``replay_endpoint`` is not set: the next port (``:0``: any port).
+
+    Without a replay endpoint a router that subscribes a moment after a batch
+    went out (ZMQ's slow joiner) would miss it for good, so a node always has one.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return f"{endpoint}-replay"
+    host, _, port = rest.rpartition(":")
+    return f"tcp://{host}:{int(port) + 1 if port.isdigit() and int(port) else 0}"
 
 
 class NodeEvents:

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
     s.add_argument("--tls-ca", dest="tls_ca", help="PEM CA bundle: require client certificates it signed")
     s.add_argument("--kv-events", dest="kv_events", metavar="ENDPOINT",
-                   help="publish KV events for routers in vLLM's format on this ZMQ endpoint, e.g. tcp://*:5557 "
+                   help="publish KV events for routers in vLLM's format on this ZMQ endpoint, e.g. tcp://*:5557; "
+                        "replays on the next port unless [events] replay_endpoint says otherwise "
                         "([events] endpoint, replay_endpoint, topic)")
     s.set_defaults(func=_serve)
 
