@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 from conftest import free_port, poll, wait_for_port
 from conftest_etcd import LocalCluster
+from test_router_node_events import replayed
 from vllm_serve import VllmServer, engine_python, heavy_lock, tiny_llama
 
-from memkv.events.wire import BlockStored, decode_batch, hash_key, parse_replay_reply, replay_request
+from memkv.events.wire import BlockStored, decode_batch, hash_key
 from memkv.vllm_engine import kv_transfer_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]  # incl. waiting for the machine-wide lock
@@ -56,23 +56,9 @@ def get(url: str) -> bytes:
 
 
 def stored_hashes(replay_endpoint: str, topic: bytes | None) -> set[int]:
-    """Every block hash a publisher's replay buffer says it stored (vLLM's replay protocol)."""
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(replay_endpoint)
-    out: set[int] = set()
-    try:
-        dealer.send_multipart(replay_request(0, topic))
-        while True:
-            assert dealer.poll(10_000), "replay did not end"
-            _, seq, payload = parse_replay_reply(dealer.recv_multipart())
-            if seq < 0:
-                return out
-            for ev in decode_batch(payload).events:
-                if isinstance(ev, BlockStored):
-                    out.update(hash_key(h) for h in ev.block_hashes)
-    finally:
-        dealer.close(linger=0)
+    """Every block hash a publisher's replay buffer says it stored."""
+    return {hash_key(h) for _, _, payload in replayed(replay_endpoint, 0, topic)
+            for ev in decode_batch(payload).events if isinstance(ev, BlockStored) for h in ev.block_hashes}
 
 
 def tokens_of(out: dict[str, Any]) -> list[int]:

@@ -11,12 +11,32 @@ from __future__ import annotations
 
 from typing import Any
 
+import zmq
 from conftest import poll
 from test_router_discovery import BS, MODEL, block_value
 
 from memkv.client import SyncClient
 from memkv.client.router import BlockHasher, EventFeeds, PrefixIndex, Replica
 from memkv.client.router.discovery import StoreFollower, parse_store
+from memkv.events.wire import AllBlocksCleared, decode_batch, parse_replay_reply, replay_request
+
+
+def replayed(endpoint: str, start: int, topic: bytes | None = None) -> list[tuple[bytes, int, bytes]]:
+    """A publisher's buffered batches from ``start`` (vLLM's replay protocol; ``topic``: memkv's form)."""
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    try:
+        dealer.send_multipart(replay_request(start, topic))
+        out = []
+        while True:
+            assert dealer.poll(10_000), "replay did not end"
+            topic, seq, payload = parse_replay_reply(dealer.recv_multipart())
+            if seq < 0:
+                return out
+            out.append((topic, seq, payload))
+    finally:
+        dealer.close(linger=0)
 
 
 def chain_items(prefix: str, start: int, n: int) -> tuple[list[int], list[tuple[bytes, bytes]]]:
@@ -57,5 +77,11 @@ def test_ttl_expiry_and_eviction_are_announced(start_node: Any) -> None:
             assert 0 < events["blocks"] < 12 * 8 + 8  # some were evicted...
             assert claimed <= events["blocks"]  # ...and the index never claims more than the node holds
             assert feeds.stats()[events["node"]].decode_errors == 0
+
+            # the node stream (the default one, vLLM's two-frame replay request) begins with AllBlocksCleared:
+            # whatever a router believed of an earlier run of this node is void before any new claim
+            first = replayed(events["replay_endpoint"], 0)[0]
+            assert first[:2] == (events["node_topic"].encode(), 0)
+            assert [type(e) for e in decode_batch(first[2]).events] == [AllBlocksCleared]
         finally:
             follower.close()
