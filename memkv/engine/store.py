@@ -70,6 +70,7 @@ from memkv.engine.checksum import checksum as _checksum
 from memkv.engine.clock import SYSTEM, Clock
 from memkv.engine.entry import Entry
 from memkv.engine.eviction import LRUPolicy, S3FIFOPolicy, make_policy
+from memkv.engine.observer import StoreObserver
 from memkv.engine.readable_index import ReadableIndex, default_slots
 from memkv.engine.region import Region
 from memkv.engine.tier import Tier
@@ -238,12 +239,19 @@ class Store:
         # The tier under the region that keeps durable namespaces (the flash tier), or None:
         # set once, while the node is built (``attach_tier``).
         self.tier: Tier | None = None
+        # Subsystems told of every value that enters or leaves the index (memkv/engine/observer.py):
+        # set while the node is built (``attach_observer``); empty, they cost one test per write.
+        self.observers: tuple[StoreObserver, ...] = ()
 
     def attach_tier(self, tier: Tier) -> None:
         """Durable namespaces are kept by ``tier`` from now on (once, before any request)."""
         if self.tier is not None:
             raise InvalidArgument("the store already has a tier")
         self.tier = tier
+
+    def attach_observer(self, observer: StoreObserver) -> None:
+        """``observer`` is told of every value indexed or dropped from now on (before any request)."""
+        self.observers = (*self.observers, observer)
 
     def now(self) -> float:
         """The store's monotonic time (its injected clock)."""
@@ -323,6 +331,9 @@ class Store:
             self._count_eviction(e)
         elif reason == "expire":
             self.expirations += 1
+        if self.observers:
+            for o in self.observers:
+                o.dropped(e, reason)
 
     def _unaccount(self, pool: _Pool, e: Entry) -> None:
         pool.used -= e.size
@@ -762,6 +773,9 @@ class Store:
             self.readable.published(e)
         if self.tier is not None and pol.durability == "durable" and not res.dram_only:
             self.tier.committed(e)  # queue the record; the reply waits for its group commit
+        if self.observers:
+            for o in self.observers:
+                o.indexed(e)
         return e
 
     def put(self, key: bytes, value, *, namespace: str, tenant: str = "", ttl: float | None = None,
@@ -831,6 +845,17 @@ class Store:
         if off < 0:
             raise InvalidArgument(f"value of {entry.key!r} is not in the region")
         return self._ro[off:off + entry.length]
+
+    def head(self, entry: Entry, n: int) -> bytes | None:
+        """The first ``n`` bytes of a value without promoting it: from the region, or read from the
+        tier when the value is only there (None when it cannot be read now). Not checksum-verified:
+        the checksum covers the whole value."""
+        n = min(n, entry.length)
+        if entry.offset >= 0:
+            return bytes(self._ro[entry.offset:entry.offset + n])
+        if entry.flash is not None and self.tier is not None:
+            return self.tier.read_head(entry, n)
+        return None
 
     def expose(self, entry: Entry) -> None:
         """A descriptor of this value is handed to a one-sided reader (shared memory, RDMA).
