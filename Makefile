@@ -1,4 +1,4 @@
-# memkv — developer entry points (DESIGN.md §9). Every target that needs the
+# memkv — developer entry points. Every target that needs the
 # venv first runs scripts/bootstrap.sh (idempotent; fast when nothing changed).
 
 SHELL := /bin/bash
@@ -70,7 +70,7 @@ demo-vllm: install-vllm
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 
-# chaos suite, every scenario (README "Chaos suite"): CHAOS_TARGET=local (processes
+# chaos suite, every scenario (docs/chaos.md): CHAOS_TARGET=local (processes
 # started here, in a private netns) or compose (builds the images with
 # compose/build-offline.sh -- starts dockerd if needed, reuses cached images -- then a
 # fresh deployment per scenario with MEMKV_RESTART_POLICY=no, torn down at the end);
@@ -80,7 +80,7 @@ CHAOS_ARGS   ?=
 chaos: install
 	$(PY) -m chaos all --target $(CHAOS_TARGET) $(CHAOS_ARGS)
 
-# docker-compose deployment (compose/, README "Deployment (docker compose)"): builds
+# docker-compose deployment (compose/, docs/deployment.md): builds
 # the images offline (debootstrap base + host wheelhouse; starts dockerd if needed),
 # brings etcd + 3 nodes + the load generator up, waits until healthy, prints status.
 # compose-down keeps the data volumes: make compose-down COMPOSE_DOWN_ARGS=-v drops them.
