@@ -128,6 +128,10 @@ class NodeConfig:
     node_id: str = ""
     zone: str = "z0"
     metrics_port: int | None = None
+    # /metrics (Prometheus) listens only when metrics_port is set, on metrics_host (default: the host
+    # of ``listen``); with metrics_token set a scrape must send "Authorization: Bearer <token>"
+    metrics_host: str = ""
+    metrics_token: str = ""
     resp_port: int | None = None
     # One-sided reads map the whole region, every tenant's values included: with
     # tenants configured they are off unless all tenants are trusted ([node] onesided_tenants).
@@ -143,6 +147,9 @@ class NodeConfig:
     snapshot_every: int = 200_000  # records written between index snapshots
     # resource limits (TOML table [limits]; memkv/server/limits.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # tombstones of versioned deletes (memkv/engine/store.py): kept this long, at most this many
+    tombstone_retention: float = 3600.0
+    max_tombstones: int = 1_000_000
 
 
 def split_hostport(text: str, default_port: int = 7400) -> tuple[str, int]:
@@ -176,7 +183,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
     node = raw.get("node", {})
-    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir"):
+    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir", "metrics_host",
+                "metrics_token"):
         if key in node:
             setattr(cfg, key, str(node[key]))
     for key in ("metrics_port", "resp_port"):
@@ -188,6 +196,14 @@ def load_config(path: str | Path | None) -> NodeConfig:
         cfg.memory = parse_size(node["memory"])
     if "disk" in node:
         cfg.disk = parse_size(node["disk"])
+    if "tombstone_retention" in node:
+        cfg.tombstone_retention = float(parse_duration(node["tombstone_retention"]) or 0.0)
+        if cfg.tombstone_retention <= 0:
+            raise InvalidArgument("[node] tombstone_retention must be a positive duration")
+    if "max_tombstones" in node:
+        cfg.max_tombstones = int(node["max_tombstones"])
+        if cfg.max_tombstones < 1:
+            raise InvalidArgument("[node] max_tombstones must be >= 1")
     flash = raw.get("flash", {})
     for key in ("segment_size", "compaction_rate"):
         if key in flash:
@@ -227,7 +243,7 @@ def load_config(path: str | Path | None) -> NodeConfig:
         )
     if isinstance(raw.get("limits"), dict):  # [limits] (memkv/server/limits.py)
         cfg.limits = _limits_from(raw["limits"])
-    for section in ("tls", "audit", "security"):  # memkv/server/tls.py, audit.py, stages.py (no-store)
+    for section in ("tls", "audit", "security", "events"):  # server/tls.py, audit.py, stages.py; events/node.py
         if isinstance(raw.get(section), dict):
             cfg.extra[section] = dict(raw[section])
     return cfg

