@@ -21,7 +21,6 @@ without it set ``MEMKV_SKIP_ENGINE_TESTS=1``. Select them with ``-m vllm``. Timi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import random
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm_serve import heavy_lock as machine_heavy_lock
 
 from memkv.vllm_engine import EngineProcess, run_make_model, vllm_python
 
@@ -43,7 +43,6 @@ CACHED = (PROMPT_TOKENS // BLOCK) * BLOCK
 # B prefills P+S in other chunks than the engine without connector (loaded KV + suffix vs one pass), so
 # float sums run in another order: logprobs agree to ~1e-5 (measured: 4e-6), tokens exactly.
 LOGPROB_TOL = 1e-4
-LOCK = os.environ.get("MEMKV_HEAVY_LOCK", "/tmp/memkv-heavy.lock")
 # The standalone node authenticates: engines pass tenant and token through the environment
 # (MEMKV_TENANT/MEMKV_TOKEN) or through kv_connector_extra_config.
 TENANTS = """
@@ -59,9 +58,8 @@ ENGINE_ENV = {"MEMKV_TENANT": "engines", "MEMKV_TOKEN": "engines-secret"}
 
 @pytest.fixture(scope="module")
 def heavy_lock() -> Iterator[None]:
-    """The machine-wide lock for heavy jobs, held while this module's engines run (waits for others)."""
-    with open(LOCK, "ab") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """The machine-wide lock for heavy jobs (tests/vllm_serve.py), held while this module's engines run."""
+    with machine_heavy_lock():
         yield
 
 
