@@ -146,7 +146,7 @@ class ClusterMember:
         except Exception:  # noqa: BLE001 - not installed as a distribution
             version = ""
         self.info = NodeInfo(self.node_id, self._advertised(), self.zone, self.config.memory, str(version),
-                             host=self.host)
+                             services=self.node.advertised(), host=self.host)
         self.etcd = Etcd(self.endpoints, timeout=max(1.0, min(3.0, self.lease_ttl / 2)))
         self.view = ClusterView(self.etcd, self.cluster, resync_s=10.0)
         self.view.start()

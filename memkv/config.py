@@ -253,7 +253,7 @@ def load_config(path: str | Path | None) -> NodeConfig:
         )
     if isinstance(raw.get("limits"), dict):  # [limits] (memkv/server/limits.py)
         cfg.limits = _limits_from(raw["limits"])
-    for section in ("tls", "audit", "security"):  # memkv/server/tls.py, audit.py, stages.py (no-store)
+    for section in ("tls", "audit", "security", "events"):  # server/tls.py, audit.py, stages.py; events/node.py
         if isinstance(raw.get(section), dict):
             cfg.extra[section] = dict(raw[section])
     return cfg

@@ -15,6 +15,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+from conftest import free_port, wait_for_port
 
 from memkv.client import SyncClient
 from memkv.client.core.calls import SimpleCall
@@ -22,7 +23,6 @@ from memkv.client.executors.blocking_connection import BlockingConnection
 from memkv.errors import PermissionDenied
 from memkv.protocol.opcodes import Op
 from memkv.tools.admin import admin_call
-from tests.conftest import free_port, wait_for_port
 
 redis = pytest.importorskip("redis")
 

@@ -18,6 +18,9 @@ reads the store only through its public methods (``lookup``, ``current``,
   writes of the key).
 * ``promote_sync``: a caller outside the async request path needs the bytes of a
   value that is only in the tier (blocking read back into the region).
+* ``read_head``: the first bytes of a value that is only in the tier, without
+  bringing it back (``Store.head``: a restarted node's KV events read the block
+  headers of what it recovered).
 """
 
 from __future__ import annotations
@@ -38,3 +41,5 @@ class Tier(Protocol):
     def buried(self, ikey: tuple[str, str, bytes], version: int, until: float) -> None: ...
 
     def promote_sync(self, entry: Entry) -> None: ...
+
+    def read_head(self, entry: Entry, n: int) -> bytes | None: ...

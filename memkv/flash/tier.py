@@ -317,6 +317,25 @@ class FlashTier:
         if not self._finish_load(e, res, n, loc):
             raise CorruptValue(f"value of {e.key!r} is damaged on flash")
 
+    def read_head(self, e: Entry, n: int) -> bytes | None:
+        """The first ``n`` bytes of a flash-only value (one blocking pread, no promotion); None when
+        its record is not on disk yet or cannot be read."""
+        loc = e.flash
+        if loc is None or loc[4] > self.log.durable_seq:
+            return None
+        seg = self.log.segments.get(loc[0])
+        if seg is None:
+            return None
+        buf = bytearray(n)
+        seg.readers += 1
+        try:
+            got = preadv_all(seg.fd, memoryview(buf), loc[1])
+        except OSError:
+            return None
+        finally:
+            seg.readers -= 1
+        return bytes(buf) if got == n else None
+
     def report_flash_corrupt(self, e: Entry, why: str) -> None:
         self.corrupt += 1
         log.error("flash: value %s/%r is damaged (%s); dropped, served as a miss", e.namespace, e.key, why)

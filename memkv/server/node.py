@@ -126,7 +126,8 @@ class Node:
         no_store_ttl = parse_duration(sec.get("no_store_ttl", DEFAULT_NO_STORE_TTL)) or DEFAULT_NO_STORE_TTL
 
         # What the node's subsystems and its extensions declare (memkv/server/extension.py).
-        context = NodeContext(cfg, self.node_id, self.store, self.tenants, self.clock, self.started, self.address)
+        context = NodeContext(cfg, self.node_id, self.store, self.tenants, self.clock, self.started, self.address,
+                              self.advertised)
         self.onesided = OneSided(self.store, self.limits, tenants_trusted=cfg.onesided_tenants)
         declared: list[Extension] = [
             self._own_extension(),
@@ -134,6 +135,11 @@ class Node:
             Admin(self.node_id, self.store, self.flash, self.tenants, self.audit).extension(),
             *(e.extend(context) for e in extensions),
         ]
+        for ext in declared:
+            if ext.store_observer is not None:
+                self.store.attach_observer(ext.store_observer)
+        self.advertisers: tuple[Callable[[], dict[str, str]], ...] = tuple(
+            ext.advertise for ext in declared if ext.advertise is not None)
         routing = _one(declared, "routing")
         forwarder = _one(declared, "forwarder")
         source = _one(declared, "tenant_source")
@@ -230,6 +236,13 @@ class Node:
 
     def address(self) -> str:
         return f"{split_hostport(self.config.listen)[0]}:{self.listen_port}"
+
+    def advertised(self) -> dict[str, str]:
+        """What the extensions advertise in the node's cluster record (``Extension.advertise``)."""
+        out: dict[str, str] = {}
+        for advertise in self.advertisers:
+            out.update(advertise())
+        return out
 
     def stats(self, session: Session | None = None) -> dict[str, Any]:
         """STATS: the store's figures and one section per subsystem. ``session`` is who asks (None:
