@@ -11,8 +11,8 @@ limits; batches and big values are limited by copies, bench.run / bench.transpor
 * ``put``: ``SyncClient.put`` of a new key (``--size`` bytes, default 64 KiB; the
   region evicts the oldest when full);
 * ``get_tcp``: ``get_into`` over TCP of a working set put beforehand;
-* ``get_shm``: the same over shared memory (a LOCATE round trip, then a copy
-  out of the worker's mapped region).
+* ``get_shm``: the same over shared memory (client/core/onesided.py: the
+  worker's region mapped; how much the node does per read depends on that path).
 
 The client is given worker 0's address and routes every key to its worker by
 slot (the layout comes from HELLO, client/core/routing.py). Each client process
