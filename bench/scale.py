@@ -102,6 +102,7 @@ def _client(url: str, op: str, size: int, seconds: float, keys: list[bytes], idx
             barrier: Any, out: Any) -> None:
     """One client process: connect, wait for the others, run ``op`` for ``seconds``, report the count."""
     from memkv.client import SyncClient
+    from memkv.errors import OutOfMemory
 
     transport = "shm" if op == "get_shm" else "tcp"
     try:
@@ -110,7 +111,7 @@ def _client(url: str, op: str, size: int, seconds: float, keys: list[bytes], idx
             buf = bytearray(size)
             n = len(keys)
             i = idx * 7919
-            done = misses = 0
+            done = misses = retries = 0
             if op == "put":  # warm: the connections to every worker open, the shm mappings made
                 c.put(f"{tag}-{idx}-warm".encode(), value)
             else:
@@ -122,16 +123,21 @@ def _client(url: str, op: str, size: int, seconds: float, keys: list[bytes], idx
             while time.perf_counter() - t0 < seconds:
                 for _ in range(16):
                     if op == "put":
-                        c.put(f"{tag}-{idx}-{i}".encode(), value)
+                        try:
+                            c.put(f"{tag}-{idx}-{i}".encode(), value)
+                        except OutOfMemory:  # evicted bytes still in quarantine: the node says retry
+                            retries += 1
+                            time.sleep(0.01)
+                            continue
                     elif c.get_into(keys[i % n], buf) != size:
                         misses += 1
                     i += 1
                     done += 1
             dt = time.perf_counter() - t0
-            out.put((idx, done, misses, dt, None, time.process_time() - c0))
+            out.put((idx, done, misses, dt, None, time.process_time() - c0, retries))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the point
         barrier.abort()  # the others stop waiting for this one
-        out.put((idx, 0, 0, 0.0, f"{type(exc).__name__}: {exc}", 0.0))
+        out.put((idx, 0, 0, 0.0, f"{type(exc).__name__}: {exc}", 0.0, 0))
 
 
 def measure(url: str, op: str, clients: int, size: int, seconds: float, keys: list[bytes], tag: str,
@@ -160,6 +166,7 @@ def measure(url: str, op: str, clients: int, size: int, seconds: float, keys: li
     ops_s = sum(r[1] / r[3] for r in res)
     wall = statistics.median(r[3] for r in res)
     return {"ops_s": ops_s, "GBps": ops_s * size / 1e9, "misses": sum(r[2] for r in res),
+            "oom_retries": sum(r[6] for r in res),
             "per_client_ops_s": ops_s / clients,
             # cores busy while the clients ran (from their barrier until the last reported)
             "worker_cores": (w1 - w0) / (t1 - t0), "machine_cores": (m1 - m0) / (t1 - t0),
@@ -251,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[dict[str, Any]] = []
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="memkv-scale-") as tmp:
-        servers = {w: start_server(w, "512MiB", Path(tmp)) for w in WORKERS}
+        servers = {w: start_server(w, "2GiB", Path(tmp)) for w in WORKERS}
         try:
             keys = {w: working_set(url, args.size, min(2048, (128 << 20) // args.size))
                     for w, (_, url) in servers.items()}
