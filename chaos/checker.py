@@ -16,6 +16,8 @@ Invariants (issue 8 item 3):
    min(R, live nodes) distinct replicas, all of them live (:func:`slot_map_problems`).
 5. **No zombie write** -- probes marked ``expect="refused"`` (e.g. a write that reached
    a node while it was paused beyond its lease) were not acknowledged.
+6. **Served probes** -- probe reads marked ``expect="served"`` (a node asked, after a crash,
+   for durable values it had acknowledged) returned an acknowledged value of the key.
 
 Everything here takes plain data (lists of ops, tuples) and returns plain data, so it
 is unit-tested with hand-made histories (tests/test_chaos.py), including failing ones.
@@ -195,6 +197,14 @@ def zombie_writes(ops: Sequence[Op]) -> list[Op]:
     return [o for o in ops if o.phase == "probe" and o.expect == "refused" and o.acked]
 
 
+def unserved_probes(ops: Sequence[Op]) -> list[Op]:
+    """Probe reads marked ``expect="served"`` that did not return an acknowledged value of the key
+    (e.g. a node asked, after a crash, for the durable values it had acknowledged)."""
+    acked = {(o.key, o.crc) for o in ops if o.op == "put" and o.acked}
+    return [o for o in ops if o.phase == "probe" and o.expect == "served" and o.op == "get"
+            and not (o.acked and o.result == "ok" and (o.key, o.crc) in acked)]
+
+
 @dataclass
 class Verdict:
     passed: bool
@@ -213,6 +223,7 @@ def check(history: History, *, read_bound_s: float, check_lost: bool = True,
     rwin = unavailability(ops, "get", slow_s=slow_s)
     wwin = unavailability(ops, "put")
     zombies = zombie_writes(ops)
+    unserved = unserved_probes(ops)
     stale = stale_reads(ops)
     ttc = time_to_converge(converge_samples, healed_at) if healed_at is not None and converge_samples else None
     v: list[str] = []
@@ -227,6 +238,9 @@ def check(history: History, *, read_bound_s: float, check_lost: bool = True,
                  + ("" if w.recovered else ", never recovered"))
     if zombies:
         v.append(f"{len(zombies)} write(s) acknowledged by a fenced (zombie) node")
+    if unserved:
+        v.append(f"{len(unserved)} probe read(s) of acknowledged durable values not served, e.g. "
+                 f"{unserved[0].key} ({unserved[0].result} {unserved[0].error})".rstrip())
     if converge_samples and ttc is None:
         v.append("the cluster did not converge after the fault healed")
     elif ttc is not None and converge_bound_s is not None and ttc > converge_bound_s:
@@ -245,6 +259,7 @@ def check(history: History, *, read_bound_s: float, check_lost: bool = True,
         "invalid_reads": len(bad_reads),
         "stale_reads": len(stale),
         "zombie_writes": len(zombies),
+        "unserved_probes": len(unserved),
         "probes": sum(o.phase == "probe" for o in ops),
         "read_unavailable_s": round(longest(rwin), 3),
         "write_unavailable_s": round(longest(wwin), 3),

@@ -31,7 +31,7 @@ from chaos.targets import ComposeTarget, LocalTarget, Unsupported
 
 COMMON = {"nodes": 3, "replicas": 2, "lease_ttl": 2, "victim": "n2", "warmup_s": 2.0, "after_s": 2.0,
           "timeout": 1.5, "rate": 40.0, "workers": 2, "value_size": 1024, "converge_timeout_s": 60.0,
-          "force": False}
+          "force": False, "etcd_members": 1, "seed": 1}
 
 
 def params_for(name: str, overrides: dict[str, Any] | None = None, target: str = "local") -> dict[str, Any]:
@@ -79,7 +79,8 @@ def make_target(kind: str, workdir: Path, p: dict[str, Any], node_args: Any) -> 
     if kind == "compose":
         t: Any = ComposeTarget(workdir, replicas=p["replicas"], lease_ttl=p["lease_ttl"])
     else:
-        t = LocalTarget(workdir, nodes=int(p["nodes"]), replicas=int(p["replicas"]), lease_ttl=int(p["lease_ttl"]))
+        t = LocalTarget(workdir, nodes=int(p["nodes"]), replicas=int(p["replicas"]), lease_ttl=int(p["lease_ttl"]),
+                        etcd_members=int(p["etcd_members"]), seed=int(p["seed"]))
     if node_args is not None:
         t.node_args = node_args(t, p)
     return t
@@ -134,14 +135,15 @@ def run_scenario(name: str, *, target: str = "local", overrides: dict[str, Any] 
         verdict = check(rec.history, read_bound_s=float(p["read_bound_s"]), check_lost=sc.check_lost,
                         converge_samples=sampler.samples, healed_at=healed,
                         converge_bound_s=float(p["converge_timeout_s"]))
-        result.update(status="passed" if verdict.passed else "failed", violations=verdict.violations,
+        violations = verdict.violations + ctx.violations
+        result.update(status="failed" if violations else "passed", violations=violations,
                       metrics=verdict.metrics, notes=ctx.notes)
         if results_dir is not None:
             results_dir.mkdir(parents=True, exist_ok=True)
             hist = results_dir / f"{name}-{target}-{time.strftime('%Y%m%d-%H%M%S')}.history.jsonl"
             rec.history.dump(hist)
             result["history"] = str(hist)
-        if not verdict.passed and tgt is not None:
+        if violations and tgt is not None:
             result["node_logs"] = {k: v[-1500:] for k, v in tgt.node_logs().items()}
     except Unsupported as exc:  # the target cannot inject this fault: said in the report, not a pass
         result.update(status="unsupported", reason=f"unsupported on {target}: {exc}")

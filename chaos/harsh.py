@@ -1,0 +1,224 @@
+"""The harsher faults (issue 19 item 3): network quality, clock skew, slow disk, memory
+pressure, etcd member loss. Each scenario injects and heals its faults while the load runs;
+besides the history checker's invariants it checks, with ``ctx.expect``, the behaviour
+memkv promises under that fault (docs/chaos.md, "What memkv promises under each fault").
+
+How each fault is made (local target, :class:`chaos.targets.LocalTarget`):
+- network: :mod:`chaos.netfault` (iptables marks per directed link + NFQUEUE delayer);
+- clocks and fsync: the fault shim preloaded into every node (:mod:`chaos.faultshim`);
+- memory: the node's memory cgroup, limited, plus a hog process in the same group;
+- etcd: three members, one killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import time
+
+from chaos.ctx import Ctx, open_probe, probe_get
+from chaos.history import Op
+from chaos.load import BLOCKS_NS
+from chaos.netfault import CLIENTS, ETCD, links
+from chaos.targets import Unsupported
+from memkv.client.cluster_map import key_slot
+
+
+def errors_between(ctx: Ctx, t0: float, t1: float, error: str, op: str = "put") -> int:
+    """Load ops of kind ``op`` issued in [t0, t1) that failed with ``error`` (class name)."""
+    return sum(1 for o in list(ctx.rec.history.ops)
+               if o.phase == "load" and o.op == op and t0 <= o.t0 < t1 and o.error == error)
+
+
+def acked_between(ctx: Ctx, t0: float, t1: float, op: str = "put") -> int:
+    return sum(1 for o in list(ctx.rec.history.ops) if o.phase == "load" and o.op == op and t0 <= o.t0 < t1 and o.acked)
+
+
+def watch_registered(ctx: Ctx, nodes: set[str], seconds: float) -> tuple[int, int]:
+    """Poll the cluster state for ``seconds``: (polls where one of ``nodes`` was not registered,
+    polls that answered). etcd errors of the runner's own client are not counted."""
+    missing = answered = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            st = ctx.target.state()
+        except Exception:  # noqa: BLE001 - etcd blip seen by the runner itself
+            time.sleep(0.2)
+            continue
+        answered += 1
+        if not nodes <= set(st.nodes):
+            missing += 1
+        time.sleep(0.2)
+    return missing, answered
+
+
+# -- network quality
+def net_slow_clients(ctx: Ctx) -> None:
+    """Delay, jitter and reordering, then packet loss, between the clients and one node (both ways)."""
+    v, t, p = ctx.victim, ctx.target, ctx.p
+    hold = float(p.get("hold_s", 6.0))
+    h = t.net_impair(links(CLIENTS, v), delay_ms=p.get("delay_ms", 80), jitter_ms=p.get("jitter_ms", 60),
+                     reorder=p.get("reorder", 0.2))
+    ctx.fault(h.describe())
+    ctx.sleep(hold)
+    t.net_heal(h)
+    h = t.net_impair(links(CLIENTS, v), delay_ms=5, jitter_ms=5, loss=p.get("loss", 0.1))
+    ctx.fault(h.describe())
+    ctx.sleep(hold)
+    t.net_heal(h)
+    ctx.heal(f"clients<->{v} healed")
+    ctx.info(f"delayer: {t.net.stats() if t.net is not None else {}}")
+
+
+def net_flaky_nodes(ctx: Ctx) -> None:
+    """Lossy, jittery, reordering links between every pair of nodes and to etcd while one node
+    is lost (slots re-replicated over those links) and comes back."""
+    t, p = ctx.target, ctx.p
+    nodes = sorted(t.nodes)
+    victim = str(p.get("kill", nodes[-1]))
+    between = t.net_impair(links(nodes, nodes, both=False), delay_ms=p.get("delay_ms", 40),
+                           jitter_ms=p.get("jitter_ms", 30), loss=p.get("loss", 0.03), reorder=p.get("reorder", 0.1))
+    ctx.fault(between.describe())
+    to_etcd = t.net_impair(links(nodes, ETCD), delay_ms=p.get("etcd_delay_ms", 30), jitter_ms=20,
+                           loss=p.get("etcd_loss", 0.02))
+    ctx.fault(to_etcd.describe())
+    ctx.sleep(2.0)
+    t.kill(victim)
+    ctx.fault(f"kill -9 {victim}")
+    ctx.wait_gone(victim)
+    ctx.wait_converged()  # re-replicated over the impaired links
+    ctx.info(f"{victim}'s slots re-replicated over the impaired links")
+    t.start(victim)
+    ctx.heal(f"restart {victim}")
+    ctx.wait_member(victim)
+    ctx.wait_converged()  # and copied back to it
+    t.net_heal(between)
+    t.net_heal(to_etcd)
+    ctx.heal("links healed")
+    ctx.info(f"delayer: {t.net.stats() if t.net is not None else {}}")
+
+
+# -- clocks
+def clock_skew_node(ctx: Ctx) -> None:
+    """One node's wall clock 3 min ahead, then 7 min behind: writes are accepted while its clock
+    is within 5 min of the writers', refused with a typed error beyond; its etcd lease holds."""
+    v, t, p = ctx.victim, ctx.target, ctx.p
+    hold = float(p.get("hold_s", 5.0))
+    ahead, behind = float(p.get("ahead_s", 180)), float(p.get("behind_s", -420))
+    t.clock_skew(v, ahead)
+    t_ahead = ctx.fault(f"{v} clock {ahead:+.0f} s")
+    missing_a, polls_a = watch_registered(ctx, {v}, hold)
+    t.clock_skew(v, behind)
+    t_behind = ctx.fault(f"{v} clock {behind:+.0f} s")
+    missing_b, polls_b = watch_registered(ctx, {v}, hold)
+    t.clock_skew(v, 0)
+    t_heal = ctx.heal(f"{v} clock back")
+    ctx.sleep(1.0)
+    refused_ahead = errors_between(ctx, t_ahead, t_behind, "InvalidArgument")
+    refused_behind = errors_between(ctx, t_behind + 0.3, t_heal, "InvalidArgument")  # shim re-reads in <= 0.1 s
+    ctx.info(f"writes acknowledged / refused (InvalidArgument): ahead {acked_between(ctx, t_ahead, t_behind)} / "
+             f"{refused_ahead}, behind {acked_between(ctx, t_behind, t_heal)} / {refused_behind}")
+    ctx.expect(refused_ahead == 0, f"no write refused while {v} is ahead ({refused_ahead})")
+    if behind < -300:
+        ctx.expect(refused_behind > 0, f"writes replicated on {v} refused while it is >5 min behind "
+                                       f"({refused_behind} refused)")
+    ctx.expect(missing_a + missing_b == 0, f"{v} kept its etcd lease while skewed (missing in "
+                                           f"{missing_a + missing_b} of {polls_a + polls_b} polls)")
+
+
+# -- disks
+def slow_fsync(ctx: Ctx) -> None:
+    """One node's fsyncs take 300 ms, then 2 s (past the client timeout); then it is killed -9 with
+    writes waiting on fsync, and restarted: nothing acknowledged is lost."""
+    v, t, p = ctx.victim, ctx.target, ctx.p
+    hold = float(p.get("hold_s", 5.0))
+    t.slow_fsync(v, float(p.get("slow_ms", 300)))
+    t1 = ctx.fault(f"{v} fsync +{p.get('slow_ms', 300)} ms")
+    ctx.sleep(hold)
+    t.slow_fsync(v, float(p.get("stall_ms", 2000)))
+    t2 = ctx.fault(f"{v} fsync +{p.get('stall_ms', 2000)} ms")
+    ctx.sleep(hold)
+    t.kill(v)
+    t3 = ctx.fault(f"kill -9 {v} with writes waiting on fsync")
+    t.slow_fsync(v, 0)
+    ctx.sleep(float(p.get("down_s", 1.0)))
+    t.start(v)
+    ctx.heal(f"restart {v}, fsync normal")
+    limit = float(p["timeout"])
+    gave_up = sum(1 for o in list(ctx.rec.history.ops) if o.phase == "load" and o.op == "put" and o.acked
+                  and t2 <= o.t0 < t3 and o.t1 - o.t0 >= limit)
+    ctx.info(f"writes acknowledged: slow {acked_between(ctx, t1, t2)}, stalled {acked_between(ctx, t2, t3)}, of "
+             f"which {gave_up} only after the client's {limit:.1f} s timeout on {v} (acknowledged by the other "
+             f"replica alone)")
+
+
+# -- memory
+def _acked_keys_on(ctx: Ctx, node_id: str, before: float) -> list[tuple[str, int]]:
+    """(key, crc) of write-once keys acknowledged before ``before`` whose slot lists ``node_id``."""
+    sm = ctx.target.state().slotmap
+    out = []
+    for o in list(ctx.rec.history.ops):
+        if o.op == "put" and o.acked and o.ns == BLOCKS_NS and o.phase == "load" and o.t1 < before:
+            if node_id in sm.table[key_slot(o.key.encode(), sm.slots)]:
+                out.append((o.key, o.crc))
+    return out
+
+
+def oom_kill(ctx: Ctx) -> None:
+    """A memory limit on one node's cgroup and a process pressing on it: the kernel OOM-kills the
+    node; it restarts and serves every durable value it had acknowledged, from its own disk."""
+    v, t, p = ctx.victim, ctx.target, ctx.p
+    usage = t.memory_usage(v)
+    headroom = int(p.get("headroom_mib", 16)) << 20
+    t.memory_limit(v, usage + headroom)
+    ctx.fault(f"{v} memory limit {(usage + headroom) >> 20} MiB (using {usage >> 20} MiB)")
+    hog = t.memory_hog(v, int(p.get("hog_mib", 96)))
+    t_hog = ctx.fault(f"memory hog in {v}'s cgroup")
+    deadline = time.monotonic() + float(p.get("oom_timeout_s", 30))
+    while t.running(v) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = not t.running(v)
+    t_dead = ctx.rec.now()
+    rc = t.nodes[v].proc.returncode if killed else None
+    ooms = t.oom_kills(v)
+    t.end_hog(hog)
+    t.memory_limit(v, None)
+    ctx.expect(killed and ooms >= 1, f"the kernel OOM-killed {v} (exit {rc}, oom_kill count {ooms}, "
+                                     f"{t_dead - t_hog:.1f} s after the hog started)")
+    if not killed:
+        t.kill(v)
+    ctx.fault(f"{v} OOM-killed" if killed else f"{v} not OOM-killed: kill -9")
+    expected = _acked_keys_on(ctx, v, t_dead)
+    t.start(v)
+    ctx.heal(f"restart {v} without the limit")
+    with open_probe(ctx, v, epoch=None, timeout=5.0) as c:
+        ops: list[Op] = [probe_get(ctx, c, key) for key, _ in expected]
+    bad = [o for o, (_, want) in zip(ops, expected, strict=True) if not (o.acked and o.crc == want)]
+    ctx.expect(not bad and bool(expected), f"{v} served all {len(expected)} durable values it had acknowledged "
+                                           f"before the OOM kill from its own disk ({len(bad)} not)")
+
+
+# -- etcd
+def etcd_member_kill(ctx: Ctx) -> None:
+    """A 3-member etcd: kill -9 the raft leader, later a follower (each down for several lease
+    TTLs, then restarted): nodes keep their leases through the surviving members."""
+    t, p = ctx.target, ctx.p
+    if len(getattr(t, "etcd_members", ())) < 3:
+        raise Unsupported("needs a 3-member etcd (etcd_members=3)")
+    hold = float(p.get("hold_s", ctx.ttl * 3))
+    nodes = set(t.nodes)
+    total_missing = total_polls = 0
+    for role in ("leader", "follower"):
+        leader = t.etcd_leader()
+        if leader is None:
+            raise RuntimeError("no etcd leader found")
+        victim = leader if role == "leader" else (leader + 1) % len(t.etcd_members)
+        t.etcd_member_kill(victim)
+        ctx.fault(f"kill -9 etcd member e{victim} ({role})")
+        missing, polls = watch_registered(ctx, nodes, hold)
+        total_missing += missing
+        total_polls += polls
+        t.etcd_member_start(victim)
+        ctx.heal(f"restart etcd member e{victim}")
+        ctx.sleep(2.0)
+    ctx.expect(total_missing == 0, f"every node stayed registered while one etcd member was down "
+                                   f"(missing in {total_missing} of {total_polls} polls)")
+
