@@ -46,9 +46,10 @@ class Ctx:
     def heal(self, what: str) -> float:
         return self.rec.event("heal", what)
 
-    def info(self, what: str) -> None:
-        self.rec.event("info", what)
+    def info(self, what: str) -> float:
+        t = self.rec.event("info", what)
         self.notes.append(what)
+        return t
 
     def expect(self, ok: bool, what: str) -> bool:
         """A scenario-specific invariant (the history checker's are in :mod:`chaos.checker`):

@@ -15,10 +15,12 @@ from __future__ import annotations
 import time
 
 from chaos.ctx import Ctx, open_probe, probe_get
-from chaos.history import Op
-from chaos.load import BLOCKS_NS
+from chaos.history import Op, crc
+from chaos.load import BLOCKS_NS, SESSION_NS, make_value
 from chaos.netfault import CLIENTS, ETCD, links
 from chaos.targets import Unsupported
+from chaos.worker import ProcessWorker
+from memkv.client import SyncClient
 from memkv.client.cluster_map import key_slot
 
 
@@ -222,3 +224,68 @@ def etcd_member_kill(ctx: Ctx) -> None:
     ctx.expect(total_missing == 0, f"every node stayed registered while one etcd member was down "
                                    f"(missing in {total_missing} of {total_polls} polls)")
 
+
+
+def clock_skew_client(ctx: Ctx) -> None:
+    """A client process whose clock is 3 min, then 7 min ahead: its writes are accepted within
+    5 min of the nodes' clocks and refused (typed) beyond. Last writer wins by version: a blind
+    overwrite by a correct client just after it loses; one made after reading the key wins (HLC)."""
+    t, p = ctx.target, ctx.p
+    hold = float(p.get("hold_s", 5.0))
+    ahead, far = float(p.get("ahead_s", 180)), float(p.get("far_s", 420))
+    env, clock = t.client_faults("skewed")
+    clock.skew(ahead)
+    url = t.url
+    common = ["--url", url, "--timeout", str(p["timeout"]), "--value-size", str(p["value_size"])]
+    skewed = ProcessWorker(ctx.rec, ["load", *common, "--wid", "50", "--run-id", f"skew{ctx.rec.start:.0f}",
+                                     "--rate", str(p.get("skewed_rate", 20))], env=env)
+    try:
+        t_a = ctx.fault(f"a client (own process, own keys) with its clock {ahead:+.0f} s")
+        ctx.sleep(hold)
+        clock.skew(far)
+        t_far = ctx.fault(f"that client's clock {far:+.0f} s")
+        ctx.sleep(hold)
+        clock.skew(ahead)
+        t_back = ctx.info(f"that client's clock {ahead:+.0f} s again")
+        ctx.sleep(1.0)
+    finally:
+        err = skewed.stop()
+    mine = [o for o in skewed.ops if o.op == "put"]
+    acked_a = sum(o.acked for o in mine if t_a <= o.t0 < t_far)
+    refused_far = sum(o.error == "InvalidArgument" for o in mine if t_far + 0.3 <= o.t0 < t_back)
+    acked_far = sum(o.acked for o in mine if t_far + 0.3 <= o.t0 < t_back)
+    ctx.expect(acked_a > 0 and all(o.acked for o in mine if t_a <= o.t0 < t_far),
+               f"every write of the client {ahead:+.0f} s ahead acknowledged ({acked_a})"
+               + ("" if mine else f"; worker stderr: {err}"))
+    ctx.expect(refused_far > 0 and acked_far == 0, f"every write of the client {far:+.0f} s ahead refused with "
+                                                   f"InvalidArgument ({refused_far} refused, {acked_far} acked)")
+    # last writer wins by version (HLC): a blind overwrite loses, one made after reading wins
+    key = f"skew/{ctx.rec.start:.0f}/k"
+
+    def put_skewed(tag: str) -> None:
+        w = ProcessWorker(ctx.rec, ["put", *common, "--ns", SESSION_NS, "--key", key, "--tag", tag], env=env)
+        w.stop()
+
+    def current() -> int | None:
+        with SyncClient.connect(url, transport="tcp", timeout=5.0) as c:
+            got = c.get(key, namespace=SESSION_NS)
+        return None if got is None else crc(got)
+
+    put_skewed("skewed-1")
+    blind = make_value(key, "correct-blind", 256)
+    with SyncClient.connect(url, transport="tcp", timeout=5.0) as c:
+        t0 = ctx.rec.now()
+        c.put(key, blind, namespace=SESSION_NS)
+        ctx.rec.add(Op("put", key, t0, ctx.rec.now(), True, "ok", crc(blind), SESSION_NS, phase="probe"))
+    after_blind = current()
+    ctx.expect(after_blind == crc(make_value(key, "skewed-1", int(p["value_size"]))),
+               "a blind overwrite by a correct client, just after the skewed client's write, loses to it "
+               "(last writer by version)")
+    read_then = make_value(key, "correct-after-read", 256)
+    with SyncClient.connect(url, transport="tcp", timeout=5.0) as c:
+        c.get(key, namespace=SESSION_NS)  # the reply's version moves this process's clock past it
+        t0 = ctx.rec.now()
+        c.put(key, read_then, namespace=SESSION_NS)
+        ctx.rec.add(Op("put", key, t0, ctx.rec.now(), True, "ok", crc(read_then), SESSION_NS, phase="probe"))
+    ctx.expect(current() == crc(read_then), "an overwrite by a correct client after it read the key wins (HLC)")
+    ctx.heal("skewed client stopped")

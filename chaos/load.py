@@ -63,8 +63,9 @@ def classify(exc: BaseException) -> str:
 
 
 class LoadGenerator:
-    def __init__(self, url: str, recorder: Recorder, cfg: LoadConfig | None = None) -> None:
+    def __init__(self, url: str, recorder: Recorder, cfg: LoadConfig | None = None, *, first_wid: int = 0) -> None:
         self.url = url
+        self.first_wid = first_wid  # worker ids (and key names) of this generator start here
         self.rec = recorder
         self.cfg = cfg or LoadConfig()
         self.stop_ev = threading.Event()
@@ -77,7 +78,7 @@ class LoadGenerator:
 
     # -- life cycle
     def start(self) -> LoadGenerator:
-        for i in range(self.cfg.workers):
+        for i in range(self.first_wid, self.first_wid + self.cfg.workers):
             t = threading.Thread(target=self._worker, args=(i,), name=f"chaos-load-{i}", daemon=True)
             t.start()
             self.threads.append(t)

@@ -130,8 +130,10 @@ def run_scenario(name: str, *, target: str = "local", overrides: dict[str, Any] 
         time.sleep(float(p["after_s"]))
         load.stop()
         sampler.stop()
-        log(f"[{name}] verifying {len(load.written)} keys")
-        verify(tgt.url, rec, sorted(load.written), timeout=max(3.0, float(p["timeout"]) * 2))
+        # every key a load worker tried to write, this process's or another's (chaos.worker)
+        written = load.written | {(o.ns, o.key) for o in list(rec.history.ops) if o.op == "put" and o.phase == "load"}
+        log(f"[{name}] verifying {len(written)} keys")
+        verify(tgt.url, rec, sorted(written), timeout=max(3.0, float(p["timeout"]) * 2))
         verdict = check(rec.history, read_bound_s=float(p["read_bound_s"]), check_lost=sc.check_lost,
                         converge_samples=sampler.samples, healed_at=healed,
                         converge_bound_s=float(p["converge_timeout_s"]))

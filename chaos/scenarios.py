@@ -257,6 +257,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("net_slow_clients", harsh.net_slow_clients, needs=("net",)),
     Scenario("net_flaky_nodes", harsh.net_flaky_nodes, needs=("net",), defaults={"converge_timeout_s": 120}),
     Scenario("clock_skew_node", harsh.clock_skew_node, needs=("shim",)),
+    Scenario("clock_skew_client", harsh.clock_skew_client, needs=("shim",)),
     Scenario("slow_fsync", harsh.slow_fsync, needs=("shim",)),
     Scenario("oom_kill", harsh.oom_kill, needs=("memory",), defaults={"lease_ttl": 5}),
     Scenario("etcd_member_kill", harsh.etcd_member_kill, defaults={"etcd_members": 3}),

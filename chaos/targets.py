@@ -412,6 +412,19 @@ class LocalTarget:
         """The node's wall clock runs ``seconds`` ahead (negative: behind); 0 heals."""
         self._shim(node_id).skew(seconds)
 
+    def client_faults(self, name: str) -> tuple[dict[str, str], faultshim.FaultFile]:
+        """Environment that preloads the fault shim into a client process (:mod:`chaos.worker`),
+        and its control file. Clients run on this machine for every target."""
+        if self.shim is None:
+            try:
+                self.shim = faultshim.build(self.workdir / "shim")
+            except faultshim.ShimUnavailable as exc:
+                raise Unsupported(f"the fault shim is not available: {exc}") from None
+        d = self.workdir / "clients"
+        d.mkdir(parents=True, exist_ok=True)
+        f = faultshim.FaultFile(d / f"{name}.faults")
+        return faultshim.env(self.shim, f.path), f
+
     def slow_fsync(self, node_id: str, ms: float) -> None:
         """Every fsync/fdatasync of the node takes ``ms`` longer; 0 heals."""
         self._shim(node_id).slow_fsync(ms)
