@@ -289,3 +289,42 @@ def clock_skew_client(ctx: Ctx) -> None:
         ctx.rec.add(Op("put", key, t0, ctx.rec.now(), True, "ok", crc(read_then), SESSION_NS, phase="probe"))
     ctx.expect(current() == crc(read_then), "an overwrite by a correct client after it read the key wins (HLC)")
     ctx.heal("skewed client stopped")
+
+
+def lost_single_copy(ctx: Ctx) -> None:
+    """Writes acknowledged while one replica is cut from the clients (it keeps its etcd lease)
+    reach the other replica only; that node is then lost past its lease and its slots are
+    re-replicated from the replica that missed the writes; it comes back."""
+    t, p = ctx.target, ctx.p
+    cut, holder = ctx.victim, str(p.get("holder", "n3"))
+    sm = t.state().slotmap
+    keys = []
+    for i in range(200_000):
+        k = f"single/{ctx.rec.start:.0f}/{i}"
+        if set(sm.table[key_slot(k.encode(), sm.slots)]) == {cut, holder}:
+            keys.append(k)
+            if len(keys) >= int(p.get("keys", 20)):
+                break
+    h = t.partition_clients(cut)
+    ctx.fault(f"partition clients -> {cut}")
+    with SyncClient.connect(t.url, transport="tcp", timeout=float(p["timeout"])) as c:
+        for k in keys:
+            value = make_value(k, "single", 256)
+            t0 = ctx.rec.now()
+            try:
+                c.put(k, value, namespace=BLOCKS_NS)
+                ctx.rec.add(Op("put", k, t0, ctx.rec.now(), True, "ok", crc(value), BLOCKS_NS, worker=-1))
+            except Exception as exc:  # noqa: BLE001 - recorded as an unacknowledged write
+                ctx.rec.add(Op("put", k, t0, ctx.rec.now(), False, "error", crc(value), BLOCKS_NS,
+                               type(exc).__name__, worker=-1))
+    t.heal(h)
+    ctx.heal(f"heal clients -> {cut}")
+    acked = sum(1 for o in list(ctx.rec.history.ops) if o.worker == -1 and o.acked)
+    ctx.info(f"{acked} of {len(keys)} writes to slots on {{{cut}, {holder}}} acknowledged while {cut} was cut off")
+    t.kill(holder)
+    ctx.fault(f"kill -9 {holder}")
+    ctx.wait_gone(holder)
+    ctx.wait_converged()
+    t.start(holder)
+    ctx.heal(f"restart {holder}")
+    ctx.wait_member(holder)

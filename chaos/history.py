@@ -28,7 +28,7 @@ def crc(data: bytes | bytearray | memoryview) -> int:
 
 @dataclass
 class Op:
-    op: str  # "put" | "get"
+    op: str  # "put" | "get" | "delete"
     key: str
     t0: float
     t1: float

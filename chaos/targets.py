@@ -391,6 +391,13 @@ class LocalTarget:
     def heal(self, handle: Any) -> None:
         self._undrop(handle)
 
+    def heal_all_links(self) -> None:
+        """Every partition and every impaired link healed."""
+        self._undrop(list(self._rules))
+        if self.net is not None:
+            for f in list(self.net.faults.values()):
+                self.net.heal(f)
+
     # -- network quality (delay, jitter, loss, reordering)
     def net_impair(self, pairs: list[tuple[str, str]], **params: float) -> Any:
         """Impair the directed links ``pairs`` ("clients", "etcd", node ids) until ``net_heal``."""

@@ -21,6 +21,7 @@ from chaos.checker import (  # noqa: E402
     check,
     invalid_reads,
     lost_writes,
+    resurrected_deletes,
     slot_map_problems,
     stale_reads,
     time_to_converge,
@@ -92,6 +93,75 @@ def test_never_acked_key_cannot_be_lost() -> None:
 def test_stale_reads_are_counted() -> None:
     ops = [put("a", 0, 1, 1), put("a", 2, 3, 2), get("a", 4, 5, 1), get("a", 4, 5, None), get("a", 4, 5, 2)]
     assert [o.crc for o in stale_reads(ops)] == [1, None]
+
+
+# -- deletes: no resurrected delete
+def delete(key: str, t0: float, t1: float, acked: bool = True) -> Op:
+    return Op("delete", key, t0, t1, acked, "ok" if acked else "error", None)
+
+
+def test_value_read_after_its_acked_delete_is_resurrected() -> None:
+    ops = [put("a", 0, 1, 11), delete("a", 2, 3), get("a", 4, 5, 11)]
+    assert resurrected_deletes(ops) == [ops[2]]
+    assert resurrected_deletes(ops + [get("a", 6, 7, 11, phase="final")]) == [ops[2], get("a", 6, 7, 11, phase="final")]
+
+
+def test_no_resurrection_when_the_put_overlaps_the_delete_or_the_read_overlaps_it() -> None:
+    assert resurrected_deletes([put("a", 0, 2.5, 11), delete("a", 2, 3), get("a", 4, 5, 11)]) == []
+    assert resurrected_deletes([put("a", 0, 1, 11), delete("a", 2, 3), get("a", 2.5, 4, 11)]) == []
+
+
+def test_no_resurrection_for_an_unacknowledged_delete_or_put() -> None:
+    assert resurrected_deletes([put("a", 0, 1, 11), delete("a", 2, 3, acked=False), get("a", 4, 5, 11)]) == []
+    assert resurrected_deletes([put("a", 0, 1, 11, acked=False), delete("a", 2, 3), get("a", 4, 5, 11)]) == []
+
+
+def test_rewrite_after_delete_is_fine_but_the_deleted_value_is_not() -> None:
+    base = [put("a", 0, 1, 11), delete("a", 2, 3), put("a", 4, 5, 22)]
+    assert resurrected_deletes(base + [get("a", 6, 7, 22)]) == []
+    assert len(resurrected_deletes(base + [get("a", 6, 7, 11)])) == 1
+
+
+def test_lost_writes_with_deletes() -> None:
+    # last acknowledged mutation a delete: a final miss is right, a resurrected value is judged elsewhere
+    assert lost_writes([put("a", 0, 1, 11), delete("a", 2, 3), get("a", 9, 10, None, phase="final")]) == ([], 0)
+    assert lost_writes([put("a", 0, 1, 11), delete("a", 2, 3), get("a", 9, 10, 11, phase="final")]) == ([], 0)
+    # a put acknowledged after the delete must survive it
+    losses, _ = lost_writes([put("a", 0, 1, 11), delete("a", 2, 3), put("a", 4, 5, 22),
+                             get("a", 9, 10, None, phase="final")])
+    assert [(x.key, x.why) for x in losses] == [("a", "miss")]
+    # a delete overlapping the last acknowledged put: either outcome
+    assert allowed_final([put("a", 0, 5, 11), delete("a", 1, 2)]) == {11, None}
+
+
+def test_stale_reads_with_deletes_and_quiet_windows() -> None:
+    ops = [put("a", 0, 1, 11), delete("a", 2, 3), get("a", 4, 5, None), get("a", 4, 5, 11),
+           put("b", 0, 1, 5), get("b", 20, 21, None)]
+    assert [(o.key, o.crc) for o in stale_reads(ops)] == [("a", 11), ("b", None)]
+    assert [(o.key, o.crc) for o in stale_reads(ops, [(15, 30)])] == [("b", None)]
+    assert stale_reads(ops, []) == []
+
+
+def test_check_reports_resurrections_and_quiet_stale_reads() -> None:
+    h = History([put("a", 0, 1, 11), delete("a", 2, 3), get("a", 4, 5, 11), get("a", 9, 9.1, None, phase="final"),
+                 put("b", 0, 1, 5), get("b", 20, 21, None), get("b", 30, 31, 5, phase="final")])
+    v = check(h, read_bound_s=5, quiet=[(15, 25)])
+    text = " | ".join(v.violations)
+    assert not v.passed and "deleted by an acknowledged delete" in text and "stale read(s) with no fault" in text
+    assert v.metrics["resurrected_deletes"] == 1 and v.metrics["stale_reads_quiet"] == 1
+    assert check(h, read_bound_s=5).metrics["stale_reads_quiet"] is None
+
+
+def test_losses_of_writes_acknowledged_after_the_client_timeout_can_be_reported_apart() -> None:
+    """A write the client acknowledged only after giving up on one replica (1.5 s timeout) lives on
+    fewer copies; with known_short_ack_s its loss is reported apart (a known gap), others still fail."""
+    ops = [put("slow", 0, 1.5, 1), get("slow", 10, 11, None, phase="final"),
+           put("fast", 0, 0.01, 2), get("fast", 10, 11, None, phase="final")]
+    v = check(History(ops, []), read_bound_s=5, known_short_ack_s=1.5)
+    assert v.metrics["acked_writes_lost"] == 1 and v.metrics["acked_writes_lost_short_ack"] == 1
+    assert v.metrics["lost_examples"][0]["key"] == "fast" and not v.passed
+    assert check(History(ops[:2], []), read_bound_s=5, known_short_ack_s=1.5).passed
+    assert not check(History(ops[:2], []), read_bound_s=5).passed
 
 
 # -- unavailability
