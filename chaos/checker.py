@@ -32,7 +32,7 @@ is unit-tested with hand-made histories (tests/test_chaos.py), including failing
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,15 +98,25 @@ class Loss:
     why: str  # "miss" | "error" | "stale"
     expected_crc: int | None
     got_crc: int | None
-    ack_s: float = 0.0  # how long the lost write took to be acknowledged
+    t0: float = 0.0  # the lost write: issued ...
+    t1: float = 0.0  # ... and acknowledged
 
 
-def short_acks(losses: Sequence[Loss], timeout_s: float) -> list[Loss]:
-    """Losses of writes acknowledged only after the client's timeout: the client had given up on
-    a replica (unreachable, paused, slow) and acknowledged with the others -- on fewer than R
-    copies, which the loss of those copies' node then destroys while the skipped replica is
-    still live (reproduced by the lost_single_copy scenario; anti-entropy is issue 19 item 2)."""
-    return [x for x in losses if x.ack_s >= timeout_s - 0.05]
+def losses_with_impaired_replica(losses: Sequence[Loss], impaired: dict[str, Sequence[tuple[float, float]]],
+                                 replicas_at: Callable[[str, float, float], set[str]]) -> list[Loss]:
+    """Losses of writes made while a replica of their slot was impaired (down, paused, cut off,
+    slow, fenced: ``impaired[node]`` windows). memkv acknowledges a durable write once the
+    replicas that answered have it and skips one that timed out, is unreachable or fenced; such a
+    write lives on fewer than R copies until something copies it, and nothing does yet (no
+    hinted handoff, no anti-entropy: issue 19 item 2) -- when its one copy's node later leaves the
+    slot map, the write is gone. ``lost_single_copy`` reproduces it. ``replicas_at(key, t0, t1)``:
+    the nodes that held the key's slot around the write."""
+    out = []
+    for x in losses:
+        nodes = replicas_at(x.key, x.t0, x.t1)
+        if any(a <= x.t1 and x.t0 <= b for n in nodes for a, b in impaired.get(n, ())):
+            out.append(x)
+    return out
 
 
 def lost_writes(ops: Sequence[Op]) -> tuple[list[Loss], int]:
@@ -129,14 +139,13 @@ def lost_writes(ops: Sequence[Op]) -> tuple[list[Loss], int]:
             unverified += 1
             continue
         allowed = allowed_final(ms)
-        took = round(w.t1 - w.t0, 3)
         if f.result == "miss":
             if None not in allowed:
-                losses.append(Loss(key, "miss", w.crc, None, took))
+                losses.append(Loss(key, "miss", w.crc, None, w.t0, w.t1))
         elif f.result != "ok":
-            losses.append(Loss(key, "error", w.crc, None, took))
+            losses.append(Loss(key, "error", w.crc, None, w.t0, w.t1))
         elif f.crc not in allowed and w.op == "put":
-            losses.append(Loss(key, "stale", w.crc, f.crc, took))
+            losses.append(Loss(key, "stale", w.crc, f.crc, w.t0, w.t1))
     return losses, unverified
 
 
@@ -268,17 +277,18 @@ class Verdict:
 def check(history: History, *, read_bound_s: float, check_lost: bool = True,
           converge_samples: Sequence[tuple[float, bool]] = (), healed_at: float | None = None,
           converge_bound_s: float | None = None, slow_s: float | None = None,
-          quiet: Sequence[tuple[float, float]] | None = None, known_short_ack_s: float | None = None) -> Verdict:
+          quiet: Sequence[tuple[float, float]] | None = None,
+          known_losses: Callable[[list[Loss]], list[Loss]] | None = None) -> Verdict:
     """All invariants over one run; ``metrics`` feeds the report. ``quiet``: windows with no
     fault active and the cluster converged (a soak's), where stale reads are violations.
-    ``known_short_ack_s`` (the client timeout): losses of writes acknowledged only after it
-    (:func:`short_acks`, a known gap) are reported apart and are no violation -- nor are the
-    stale reads of those keys."""
+    ``known_losses`` picks the losses that a known gap explains (a soak passes
+    :func:`losses_with_impaired_replica`): they are reported apart and are no violation --
+    nor are the stale reads of those keys."""
     ops = history.ops
     load = [o for o in ops if o.phase == "load"]
     bad_reads = invalid_reads(ops)
     losses, unverified = lost_writes(ops)
-    known = short_acks(losses, known_short_ack_s) if known_short_ack_s is not None else []
+    known = known_losses(losses) if known_losses is not None else []
     known_keys = {x.key for x in known}
     losses = [x for x in losses if x.key not in known_keys]
     rwin = unavailability(ops, "get", slow_s=slow_s)
@@ -322,8 +332,8 @@ def check(history: History, *, read_bound_s: float, check_lost: bool = True,
         "reads_acknowledged": sum(o.op == "get" and o.acked for o in load),
         "acked_writes_lost": len(losses),
         "lost_examples": [loss.__dict__ for loss in losses[:5]],
-        "acked_writes_lost_short_ack": None if known_short_ack_s is None else len(known),
-        "lost_short_ack_examples": [loss.__dict__ for loss in known[:5]],
+        "acked_writes_lost_known": None if known_losses is None else len(known),
+        "lost_known_examples": [loss.__dict__ for loss in known[:5]],
         "keys_unverified": unverified,
         "final_reads": sum(o.phase == "final" for o in ops),
         "invalid_reads": len(bad_reads),

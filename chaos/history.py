@@ -116,8 +116,10 @@ class Recorder:
             if self.sink is not None:
                 self.sink(op)
 
-    def event(self, kind: str, what: str) -> float:
-        t = self.now()
+    def event(self, kind: str, what: str, t: float | None = None) -> float:
+        """Record an event at ``t`` (default: now; a fault whose injection took a while is
+        recorded at the moment its injection began)."""
+        t = self.now() if t is None else t
         with self._lock:
             self.history.events.append(Event(t, kind, what))
         return t

@@ -55,21 +55,56 @@ def parse_value(text: str) -> Any:
 
 
 class Sampler(threading.Thread):
+    """Samples whether the slot map is converged, and keeps every slot map it saw (per epoch:
+    when it was first seen, the members, each slot's replicas and pending copies), so a lost
+    write can be traced to the slot moves around it (:func:`slot_history`)."""
+
     def __init__(self, target: Any, rec: Recorder, p: dict[str, Any], every: float = 0.25) -> None:
         super().__init__(name="chaos-converge", daemon=True)
         self.target, self.rec, self.p, self.every = target, rec, p, every
         self.samples: list[tuple[float, bool]] = []
+        self.maps: list[tuple[float, Any, tuple[str, ...]]] = []  # (first seen, slot map, registered nodes)
         self.stop_ev = threading.Event()
 
     def run(self) -> None:
         while not self.stop_ev.is_set():
             t = self.rec.now()
             try:
-                ok = converged(self.target, self.target.state(), set(self.p.get("expect_gone", ())))
+                st = self.target.state()
+                ok = converged(self.target, st, set(self.p.get("expect_gone", ())))
+                sm = st.slotmap
+                if sm is not None and (not self.maps or self.maps[-1][1].epoch != sm.epoch):
+                    self.maps.append((t, sm, tuple(sorted(st.nodes))))
             except Exception:  # noqa: BLE001 - etcd down: not converged
                 ok = False
             self.samples.append((t, ok))
             self.stop_ev.wait(self.every)
+
+    def replicas_at(self, key: str, t0: float, t1: float) -> set[str]:
+        """The nodes that held ``key``'s slot (replicas and pending copies) in any slot map in force
+        during [t0, t1] (a second either side: the sampler sees a new map only when it polls)."""
+        from memkv.client.cluster_map import key_slot
+
+        out: set[str] = set()
+        for i, (t, sm, _) in enumerate(self.maps):
+            until = self.maps[i + 1][0] if i + 1 < len(self.maps) else float("inf")
+            if t <= t1 + 1.0 and until >= t0 - 1.0:
+                s = key_slot(key.encode(), sm.slots)
+                out.update(sm.table[s])
+                out.update((getattr(sm, "pending", None) or {}).get(s, ()))
+        return out
+
+    def slot_history(self, key: str) -> list[str]:
+        """The key's slot through every slot map seen: "t=12.3s epoch 7: n1,n3 (+n2 pending) [nodes n1,n3]"."""
+        from memkv.client.cluster_map import key_slot
+
+        out = []
+        for t, sm, nodes in self.maps:
+            s = key_slot(key.encode(), sm.slots)
+            pend = sm.pending.get(s) if getattr(sm, "pending", None) else None
+            out.append(f"t={t:.1f}s epoch {sm.epoch}: slot {s} on {','.join(sm.table[s])}"
+                       + (f" (pending {','.join(pend)})" if pend else "") + f" [registered {','.join(nodes)}]")
+        return out
 
     def stop(self) -> None:
         self.stop_ev.set()

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.checker import check, unavailability
+from chaos.checker import check, losses_with_impaired_replica, unavailability
 from chaos.history import Op, Recorder
 from chaos.load import LoadConfig, LoadGenerator, verify
 from chaos.netfault import CLIENTS, ETCD, links
@@ -47,9 +47,10 @@ DEFAULTS: dict[str, Any] = {
     "nodes": 3, "replicas": 2, "lease_ttl": 2, "etcd_members": 3, "timeout": 1.5, "rate": 30.0, "workers": 2,
     "value_size": 1024, "deletes": 0.0, "warmup_s": 3.0, "gap_s": 6.0, "max_overlap": 2, "settle_s": 5.0,
     "converge_timeout_s": 180.0, "kinds": "", "converge_every_s": 0.5,
-    # losses of writes acknowledged only after the client timeout (on fewer than R copies) are a known
-    # gap until anti-entropy (issue 19 item 2): reported apart, not failed on (chaos.checker.short_acks)
-    "known_short_acks": True,
+    # losses of writes made while a replica of their slot was impaired (acknowledged on fewer than R
+    # copies) are a known gap until anti-entropy, issue 19 item 2: reported apart, not failed on
+    # (chaos.checker.losses_with_impaired_replica; the lost_single_copy scenario reproduces it)
+    "known_single_copy": True,
 }
 
 # kind -> (weight, duration range in s). Durations are the time the fault stays injected.
@@ -71,6 +72,10 @@ CATALOGUE: dict[str, tuple[float, tuple[float, float]]] = {
 }
 NODE_KINDS = {"kill9", "pause", "restart", "oom", "partition_etcd", "partition_clients", "net_clients", "net_etcd",
               "clock_skew", "slow_fsync"}
+# faults after which a client may skip a replica of a write (it times out, is unreachable or fenced):
+# the node kinds that touch the node's process, its disk or its network; etcd faults fence every node
+SKIPS_TARGET = NODE_KINDS - {"clock_skew"}
+SKIPS_ALL = {"etcd_outage", "etcd_member"}
 
 
 @dataclass
@@ -167,7 +172,7 @@ class Soak:
         self.t: Any = None
         self.errors: list[str] = []
         self.active: dict[int, tuple[float, Planned]] = {}
-        self.intervals: list[tuple[float, float, str]] = []  # (start, end, label) as injected
+        self.intervals: list[tuple[float, float, Planned]] = []  # (start, end, fault) as injected
         self._lock = threading.Lock()
         self._handles: dict[int, Any] = {}
 
@@ -253,6 +258,7 @@ class Soak:
         return what
 
     def _run_fault(self, f: Planned) -> None:
+        began = self.rec.now()  # the fault starts when its injection starts (stopping etcd takes seconds)
         try:
             h = self._inject(f)
         except Unsupported as exc:
@@ -265,7 +271,7 @@ class Soak:
             with self._lock:
                 self.errors.append(f"{f.label}: inject: {type(exc).__name__}: {exc}")
             return
-        t0 = self.rec.event("fault", f.label)
+        t0 = self.rec.event("fault", f.label, t=began)
         with self._lock:
             self.active[f.fid] = (t0, f)
         time.sleep(f.duration)
@@ -278,7 +284,7 @@ class Soak:
         t1 = self.rec.event("heal", f"[f{f.fid}] healed")
         with self._lock:
             self.active.pop(f.fid, None)
-            self.intervals.append((t0, t1, f.label))
+            self.intervals.append((t0, t1, f))
 
     def heal_all(self) -> None:
         """Whatever a failed heal left behind: every node running and resumed, clocks, disks and
@@ -355,7 +361,11 @@ class Soak:
                                       if o.op == "put" and o.phase == "load"}
             self.log(f"[soak] verifying {len(written)} keys")
             verify(self.t.url, self.rec, sorted(written), timeout=max(3.0, float(p["timeout"]) * 2))
-            result.update(self.judge(healed, sampler.samples))
+            result.update(self.judge(healed, sampler.samples, sampler))
+            m = result.get("metrics") or {}
+            result["lost_slot_history"] = {  # where each lost key's slot lived, map by map
+                x["key"]: sampler.slot_history(x["key"])
+                for x in (m.get("lost_examples") or []) + (m.get("lost_known_examples") or [])}
         except Exception as exc:  # noqa: BLE001 - reported
             result.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:400]}",
                           traceback=traceback.format_exc()[-3000:])
@@ -412,13 +422,31 @@ class Soak:
                 out.append((start, b))
         return [(a, b) for a, b in out if b - a >= 1.0]
 
-    def judge(self, healed: float, samples: list[tuple[float, bool]]) -> dict[str, Any]:
+    def impaired(self) -> dict[str, list[tuple[float, float]]]:
+        """Per node, when a client may have skipped it as a replica of a write: each fault's window
+        that touched it (or fenced everyone), stretched by a lease TTL and a client timeout (a node
+        fences a TTL after etcd went away, and re-registers after the heal)."""
+        margin = float(self.p["lease_ttl"]) + float(self.p["timeout"]) + 1.0
+        out: dict[str, list[tuple[float, float]]] = {}
+        for a, b, f in self.intervals:
+            nodes = [f.target] if f.kind in SKIPS_TARGET else sorted(self.t.nodes) if f.kind in SKIPS_ALL else []
+            for n in nodes:
+                out.setdefault(n, []).append((a, b + margin))
+        return out
+
+    def judge(self, healed: float, samples: list[tuple[float, bool]], sampler: Any = None) -> dict[str, Any]:
         h = self.rec.history
         load_end = max((o.t1 for o in h.ops if o.phase == "load"), default=healed)
         quiet = self.quiet_windows(samples, load_end)
+        known = None
+        if self.p["known_single_copy"] and sampler is not None:
+            impaired = self.impaired()
+
+            def known(losses: list[Any]) -> list[Any]:
+                return losses_with_impaired_replica(losses, impaired, sampler.replicas_at)
+
         v = check(h, read_bound_s=float("inf"), check_lost=True, converge_samples=samples, healed_at=healed,
-                  converge_bound_s=float(self.p["converge_timeout_s"]), quiet=quiet,
-                  known_short_ack_s=float(self.p["timeout"]) if self.p["known_short_acks"] else None)
+                  converge_bound_s=float(self.p["converge_timeout_s"]), quiet=quiet, known_losses=known)
         violations = list(v.violations)
         load = [o for o in h.ops if o.phase == "load"]
 
@@ -447,9 +475,8 @@ class Soak:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 4) if lat else None
 
         kinds: dict[str, int] = {}
-        for _, _, label in self.intervals:
-            k = label.split()[1]
-            kinds[k] = kinds.get(k, 0) + 1
+        for _, _, f in self.intervals:
+            kinds[f.kind] = kinds.get(f.kind, 0) + 1
         m = dict(v.metrics)
         m.pop("faults", None)
         m.update({
@@ -483,7 +510,7 @@ def union_length(iv: list[tuple[float, float]]) -> float:
     return total
 
 
-def max_overlap_seen(iv: list[tuple[float, float, str]]) -> int:
+def max_overlap_seen(iv: list[tuple[float, float, Any]]) -> int:
     points = sorted([(a, 1) for a, _, _ in iv] + [(b, -1) for _, b, _ in iv])
     cur = best = 0
     for _, d in points:
