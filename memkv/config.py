@@ -18,6 +18,69 @@ POOLS = ("shared", "session")
 EVICTION_POLICIES = ("lru", "s3fifo")
 
 
+# -- typed reading of the TOML values: a value of the wrong type or shape is an InvalidArgument that
+# names the section and key, never a TypeError/ValueError from deep inside the node
+def _where(section: str, key: str) -> str:
+    return f"[{section}] {key}" if section else key
+
+
+def _table(raw: Any, section: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"[{section}] must be a table, not {type(raw).__name__} {raw!r:.60}")
+    return raw
+
+
+def _int(raw: dict[str, Any], key: str, section: str) -> int:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidArgument(f"{_where(section, key)} must be an integer, not {v!r:.60}")
+    return v
+
+
+def _float(raw: dict[str, Any], key: str, section: str) -> float:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:  # NaN is no number either
+        raise InvalidArgument(f"{_where(section, key)} must be a number, not {v!r:.60}")
+    return float(v)
+
+
+def _bool(raw: dict[str, Any], key: str, section: str) -> bool:
+    v = raw[key]
+    if not isinstance(v, bool):
+        raise InvalidArgument(f"{_where(section, key)} must be true or false, not {v!r:.60}")
+    return v
+
+
+def _str(raw: dict[str, Any], key: str, section: str) -> str:
+    v = raw[key]
+    if not isinstance(v, str):
+        raise InvalidArgument(f"{_where(section, key)} must be a string, not {v!r:.60}")
+    return v
+
+
+def _size(raw: dict[str, Any], key: str, section: str) -> int:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise InvalidArgument(f"{_where(section, key)} must be a size like \"512MiB\" or an integer, not {v!r:.60}")
+    try:
+        n = parse_size(v)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{_where(section, key)}: {exc.message}") from None
+    if n < 0:
+        raise InvalidArgument(f"{_where(section, key)} must not be negative ({v!r})")
+    return n
+
+
+def _duration(raw: dict[str, Any], key: str, section: str) -> float | None:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)) or v != v:
+        raise InvalidArgument(f"{_where(section, key)} must be a duration like \"30s\" or a number, not {v!r:.60}")
+    try:
+        return parse_duration(v)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{_where(section, key)}: {exc.message}") from None
+
+
 @dataclass(frozen=True)
 class NamespacePolicy:
     """How a namespace stores its values.
@@ -94,17 +157,17 @@ class LimitsConfig:
 
 def _limits_from(raw: dict[str, Any]) -> LimitsConfig:
     base = LimitsConfig()
-    out = {}
+    out: dict[str, Any] = {}
     for key in ("max_connections",):
         if key in raw:
-            out[key] = int(raw[key])
+            out[key] = _int(raw, key, "limits")
     for key in ("max_inflight_bytes", "tenant_inflight_bytes", "min_payload_rate"):
         if key in raw:
-            out[key] = parse_size(raw[key]) if isinstance(raw[key], str) else int(raw[key])
+            out[key] = _size(raw, key, "limits")
     for key in ("idle_timeout", "frame_timeout", "write_timeout"):
         if key in raw:
             v = raw[key]
-            out[key] = float(parse_duration(v) or 0.0) if isinstance(v, str) else float(v)
+            out[key] = float(_duration(raw, key, "limits") or 0.0) if isinstance(v, str) else _float(raw, key, "limits")
     unknown = set(raw) - set(LimitsConfig.__dataclass_fields__)
     if unknown:
         raise InvalidArgument(f"[limits]: unknown keys {sorted(unknown)}")
@@ -145,16 +208,18 @@ class NodeConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
-def _namespace_from(name: str, raw: dict[str, Any]) -> NamespacePolicy:
+def _namespace_from(name: str, raw: Any) -> NamespacePolicy:
+    section = f"namespaces.{name}"
+    raw = _table(raw, section)
     base = default_namespaces().get(name, NamespacePolicy(name))
     return NamespacePolicy(
         name=name,
-        pool=raw.get("pool", base.pool),
-        durability=raw.get("durability", base.durability),
-        replicas=int(raw.get("replicas", base.replicas)),
-        ttl=parse_duration(raw.get("ttl", base.ttl)),
-        overwrite=bool(raw.get("overwrite", base.overwrite)),
-        tenant_scoped=bool(raw.get("tenant_scoped", base.tenant_scoped)),
+        pool=_str(raw, "pool", section) if "pool" in raw else base.pool,
+        durability=_str(raw, "durability", section) if "durability" in raw else base.durability,
+        replicas=_int(raw, "replicas", section) if "replicas" in raw else base.replicas,
+        ttl=_duration(raw, "ttl", section) if "ttl" in raw else base.ttl,
+        overwrite=_bool(raw, "overwrite", section) if "overwrite" in raw else base.overwrite,
+        tenant_scoped=_bool(raw, "tenant_scoped", section) if "tenant_scoped" in raw else base.tenant_scoped,
     )
 
 
@@ -167,59 +232,63 @@ def load_config(path: str | Path | None) -> NodeConfig:
         raw = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
-    node = raw.get("node", {})
+    node = _table(raw.get("node", {}), "node")
     for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir"):
         if key in node:
-            setattr(cfg, key, str(node[key]))
+            setattr(cfg, key, _str(node, key, "node"))
     for key in ("metrics_port", "resp_port"):
         if key in node:
-            setattr(cfg, key, int(node[key]))
+            setattr(cfg, key, _int(node, key, "node"))
     if "onesided_tenants" in node:
-        cfg.onesided_tenants = bool(node["onesided_tenants"])
+        cfg.onesided_tenants = _bool(node, "onesided_tenants", "node")
     if "memory" in node:
-        cfg.memory = parse_size(node["memory"])
+        cfg.memory = _size(node, "memory", "node")
     if "disk" in node:
-        cfg.disk = parse_size(node["disk"])
-    flash = raw.get("flash", {})
+        cfg.disk = _size(node, "disk", "node")
+    flash = _table(raw.get("flash", {}), "flash")
     for key in ("segment_size", "compaction_rate"):
         if key in flash:
-            setattr(cfg, key, parse_size(flash[key]))
+            setattr(cfg, key, _size(flash, key, "flash"))
     if "compaction_threshold" in flash:
-        cfg.compaction_threshold = float(flash["compaction_threshold"])
+        cfg.compaction_threshold = _float(flash, "compaction_threshold", "flash")
     if "snapshot_every" in flash:
-        cfg.snapshot_every = int(flash["snapshot_every"])
-    if isinstance(raw.get("cluster"), dict):  # [cluster]: replicas, slots, lease_ttl (memkv.cluster)
-        cfg.extra["cluster"] = dict(raw["cluster"])
-    for name, ns in raw.get("namespaces", {}).items():
+        cfg.snapshot_every = _int(flash, "snapshot_every", "flash")
+    if "cluster" in raw:  # [cluster]: replicas, slots, lease_ttl (memkv.cluster)
+        cfg.extra["cluster"] = dict(_table(raw["cluster"], "cluster"))
+    for name, ns in _table(raw.get("namespaces", {}), "namespaces").items():
         cfg.namespaces[name] = _namespace_from(name, ns)
-    for name, pool in raw.get("pools", {}).items():
+    for name, pool in _table(raw.get("pools", {}), "pools").items():
         base = cfg.pools.get(name)
         if base is None:
             raise InvalidArgument(f"unknown pool {name!r}; pools are {POOLS}")
-        quota = pool.get("tenant_quota", base.tenant_quota)
-        policy = pool.get("policy", base.policy)
+        section = f"pools.{name}"
+        pool = _table(pool, section)
+        quota = _size(pool, "tenant_quota", section) if "tenant_quota" in pool else base.tenant_quota
+        policy = _str(pool, "policy", section) if "policy" in pool else base.policy
         if policy not in EVICTION_POLICIES:
             raise InvalidArgument(f"pool {name}: policy must be one of {EVICTION_POLICIES}")
-        cfg.pools[name] = PoolConfig(
-            name, float(pool.get("fraction", base.fraction)), policy,
-            parse_size(quota) if quota is not None else None,
-        )
-    for name, t in raw.get("tenants", {}).items():
+        fraction = _float(pool, "fraction", section) if "fraction" in pool else base.fraction
+        cfg.pools[name] = PoolConfig(name, fraction, policy, quota)
+    for name, t in _table(raw.get("tenants", {}), "tenants").items():
         if name.startswith("__"):
             raise InvalidArgument(f"tenant name {name!r} is reserved (names starting with '__' are cluster-internal)")
+        section = f"tenants.{name}"
+        t = _table(t, section)
         if "token" not in t:
             raise InvalidArgument(f"tenant {name}: token is required")
-        quota = t.get("quota")
+        grants = _table(t.get("grants", {}), f"{section}.grants")
+        for ns_name in grants:
+            _str(grants, ns_name, f"{section}.grants")
         cfg.tenants[name] = TenantConfig(
-            name, str(t["token"]), dict(t.get("grants", {})),
-            parse_size(quota) if quota is not None else None,
-            float(t["rate"]) if t.get("rate") is not None else None,
-            float(t["burst"]) if t.get("burst") is not None else None,
-            bool(t.get("no_store", False)),
+            name, _str(t, "token", section), dict(grants),
+            _size(t, "quota", section) if t.get("quota") is not None else None,
+            _float(t, "rate", section) if t.get("rate") is not None else None,
+            _float(t, "burst", section) if t.get("burst") is not None else None,
+            _bool(t, "no_store", section) if "no_store" in t else False,
         )
-    if isinstance(raw.get("limits"), dict):  # [limits] (memkv/server/limits.py)
-        cfg.limits = _limits_from(raw["limits"])
+    if "limits" in raw:  # [limits] (memkv/server/limits.py)
+        cfg.limits = _limits_from(_table(raw["limits"], "limits"))
     for section in ("tls", "audit", "security"):  # memkv/server/security.py
-        if isinstance(raw.get(section), dict):
-            cfg.extra[section] = dict(raw[section])
+        if section in raw:
+            cfg.extra[section] = dict(_table(raw[section], section))
     return cfg
