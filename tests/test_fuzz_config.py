@@ -239,3 +239,25 @@ def test_memkv_serve_with_fuzzed_configs_serves_or_refuses_cleanly(tmp_path_fact
     run()
     assert seen["error"] > 0, seen
     print(f"memkv serve config fuzz: {seen}")
+
+
+# What the fuzz found (tracebacks before memkv/config.py read values with typed accessors): each a
+# typed InvalidArgument now, naming the section and key.
+@pytest.mark.parametrize(("text", "names"), [
+    ('[node]\nmetrics_port = "abc"\n', "[node] metrics_port"),
+    ('[namespaces.shared]\nttl = [1, 2]\n', "[namespaces.shared] ttl"),
+    ('[namespaces.shared]\nreplicas = "two"\n', "[namespaces.shared] replicas"),
+    ('[namespaces.shared]\noverwrite = "false"\n', "[namespaces.shared] overwrite"),  # was silently True
+    ('namespaces = 3\n', "[namespaces] must be a table"),
+    ('[namespaces]\nshared = 1\n', "[namespaces.shared] must be a table"),
+    ('[pools.shared]\nfraction = "none"\n', "[pools.shared] fraction"),
+    ('[tenants.alice]\ntoken = "t"\nburst = "none"\n', "[tenants.alice] burst"),
+    ('[tenants.alice]\ntoken = "t"\ngrants = true\n', "[tenants.alice.grants] must be a table"),
+    ('[tenants.alice]\ntoken = 5\n', "[tenants.alice] token"),
+    ('[limits]\nmax_connections = [1]\n', "[limits] max_connections"),
+    ('[flash]\nsegment_size = -5\n', "[flash] segment_size"),
+    ('node = "x"\n', "[node] must be a table"),
+])
+def test_bad_values_are_typed_errors_naming_the_key(tmp_path: Path, text: str, names: str) -> None:
+    r = _load(tmp_path, text)
+    assert isinstance(r, MemKVError) and names in r.message, r
