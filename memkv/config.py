@@ -230,7 +230,7 @@ def load_config(path: str | Path | None) -> NodeConfig:
         return cfg
     try:
         raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # TOML files are UTF-8
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
     node = _table(raw.get("node", {}), "node")
     for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir"):

@@ -261,3 +261,12 @@ def test_memkv_serve_with_fuzzed_configs_serves_or_refuses_cleanly(tmp_path_fact
 def test_bad_values_are_typed_errors_naming_the_key(tmp_path: Path, text: str, names: str) -> None:
     r = _load(tmp_path, text)
     assert isinstance(r, MemKVError) and names in r.message, r
+
+
+def test_a_config_that_is_not_utf8_is_a_typed_error(tmp_path: Path) -> None:
+    """Found by atheris (tests/fuzz/atheris_config.py): a byte that is not UTF-8 was a
+    UnicodeDecodeError traceback from ``memkv serve --config``."""
+    path = tmp_path / "memkv.toml"
+    path.write_bytes(b'[node]\nzone = "\xbb"\n')
+    with pytest.raises(MemKVError, match="cannot read config"):
+        load_config(path)

@@ -20,6 +20,7 @@ Bounded and deterministic: hypothesis with ``derandomize=True`` and fixed exampl
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import time
 from typing import Any
@@ -140,7 +141,7 @@ def _node_healthy(node) -> None:
 def test_random_command_pipelines(resp_node) -> None:
     count = itertools.count()
 
-    @settings(SETTINGS, max_examples=300)
+    @settings(SETTINGS, max_examples=int(os.environ.get("MEMKV_FUZZ_RESP_EXAMPLES", "300")))
     @given(st.lists(_command(), min_size=1, max_size=20), st.booleans(), st.booleans())
     def run(commands: list[list[bytes]], multi: bool, resp3: bool) -> None:
         next(count)
