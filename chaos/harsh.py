@@ -206,7 +206,7 @@ def etcd_member_kill(ctx: Ctx) -> None:
     if len(getattr(t, "etcd_members", ())) < 3:
         raise Unsupported("needs a 3-member etcd (etcd_members=3)")
     hold = float(p.get("hold_s", ctx.ttl * 3))
-    nodes = set(t.nodes)
+    nodes = set(t.alive())
     total_missing = total_polls = 0
     for role in ("leader", "follower"):
         leader = t.etcd_leader()

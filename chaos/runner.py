@@ -141,9 +141,10 @@ def run_scenario(name: str, *, target: str = "local", overrides: dict[str, Any] 
     sampler = None
     try:
         tgt = make_target(target, workdir, p, sc.node_args)
-        if "partition" in sc.needs and not tgt.can_partition:
-            raise Unsupported("partitions need `python -m chaos` as root with unshare + iptables "
-                              "(local) or nsenter (compose)")
+        for need in sc.needs:  # before the (slow) bring-up: a fault this target cannot make
+            why = tgt.unsupported(need) if need != "rebalancer" else None
+            if why:
+                raise Unsupported(why)
         log(f"[{name}] target {target}: bringing the cluster up")
         tgt.up()
         rec = Recorder()

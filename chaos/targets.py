@@ -104,9 +104,10 @@ class EtcdMember(EtcdProcess):
         return self.wrap(cmd) if self.wrap is not None else cmd
 
 
-def etcd_leader(endpoints: list[str]) -> int | None:
-    """Index (in ``endpoints``, HOST:PORT) of the etcd member that is the raft leader, None if no
-    member answers. (etcd's maintenance Status call: the memkv etcd adapter has no use for it.)"""
+def etcd_leader(endpoints: list[str]) -> str | None:
+    """The name of the etcd member that is the raft leader, asking the members at ``endpoints``
+    (HOST:PORT) in turn; None if none answers. (etcd's maintenance Status call: the memkv etcd
+    adapter has no use for it, so pyetcd direct.)"""
     import pyetcd
 
     for ep in endpoints:
@@ -114,17 +115,12 @@ def etcd_leader(endpoints: list[str]) -> int | None:
         c = pyetcd.client(host=host, port=int(port), timeout=2)
         try:
             leader = c.status().leader
+            return None if leader is None else str(leader.name)
         except Exception:  # noqa: BLE001 - that member is down: ask the next one
             continue
         finally:
             with contextlib.suppress(Exception):
                 c.close()
-        if leader is None:
-            return None
-        for i, other in enumerate(endpoints):
-            if any(u.rstrip("/").endswith("//" + other) for u in leader.client_urls):
-                return i
-        return None
     return None
 
 
@@ -222,6 +218,26 @@ class LocalTarget:
     @property
     def can_partition(self) -> bool:
         return in_private_netns() and shutil.which("iptables") is not None
+
+    def unsupported(self, need: str) -> str | None:
+        """Why this target cannot inject faults of kind ``need`` here (None: it can), known before
+        the cluster is brought up."""
+        if need in ("partition", "net") and not self.can_partition:
+            return ("partitions and network faults need `python -m chaos` as root in its private network "
+                    "namespace, with iptables (apt-get install iptables)")
+        if need == "net":
+            from chaos import cgroups
+
+            if cgroups.unified() is None:
+                return "network faults need a writable cgroup v2 hierarchy (to tell the processes' packets apart)"
+        if need == "shim" and shutil.which("cc") is None and shutil.which("gcc") is None:
+            return "clock and fsync faults need a C compiler for the fault shim (apt-get install build-essential)"
+        if need == "memory":
+            from chaos import cgroups
+
+            if cgroups.memory() is None:
+                return "memory faults need a writable memory cgroup (v2 memory controller or the v1 hierarchy)"
+        return None
 
     def _start_faults(self) -> None:
         """The fault machinery that must exist before the first process: the shim (built here),
@@ -505,7 +521,9 @@ class LocalTarget:
         self.etcd_start_all()
 
     def etcd_leader(self) -> int | None:
-        return etcd_leader([m.endpoint for m in self.etcd_members])
+        """Index (in ``etcd_members``) of the raft leader, None if no member answers."""
+        name = etcd_leader([m.endpoint for m in self.etcd_members])
+        return next((i for i, m in enumerate(self.etcd_members) if m.name == name), None)
 
     def etcd_member_kill(self, i: int) -> None:
         self.etcd_members[i].kill()
@@ -670,7 +688,11 @@ class ComposeTarget(LocalTarget):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.project_dir = project_dir
         self.cluster = os.environ.get("MEMKV_CLUSTER_NAME", "memkv")
-        self.etcd_endpoint = f"127.0.0.1:{os.environ.get('MEMKV_ETCD_HOST_PORT', '2379')}"
+        # the three etcd members' published ports (compose/docker-compose.yml)
+        self.etcd_members = ["etcd1", "etcd2", "etcd3"]
+        self.etcd_host_ports = [os.environ.get("MEMKV_ETCD_HOST_PORT", "2379"),
+                                os.environ.get("MEMKV_ETCD2_HOST_PORT", "22379"),
+                                os.environ.get("MEMKV_ETCD3_HOST_PORT", "32379")]
         self.replicas = int(kw.get("replicas", 2))
         self.lease_ttl = int(kw.get("lease_ttl", 5))
         self.initial = ["n1", "n2", "n3"]
@@ -690,7 +712,15 @@ class ComposeTarget(LocalTarget):
 
     @staticmethod
     def container(node_id: str) -> str:
-        return "memkv-etcd" if node_id == "etcd" else f"memkv-{node_id}"
+        return f"memkv-{node_id}"
+
+    def unsupported(self, need: str) -> str | None:
+        if need == "partition" and not self.can_partition:
+            return "partitions need nsenter and iptables on the docker host"
+        return {"net": "network quality faults (NFQUEUE delayer) are injected on the local target only",
+                "shim": "clock and fsync faults need the fault shim preloaded into the node, which the images "
+                        "do not do (local target only)",
+                "memory": "the OOM scenario limits a cgroup the local target made (local target only)"}.get(need)
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
         r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
@@ -699,8 +729,12 @@ class ComposeTarget(LocalTarget):
         return r.stdout
 
     @property
+    def etcd_endpoints(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p in self.etcd_host_ports)
+
+    @property
     def url(self) -> str:
-        return f"etcd://{self.etcd_endpoint}/{self.cluster}"
+        return f"etcd://{self.etcd_endpoints}/{self.cluster}"
 
     @property
     def can_partition(self) -> bool:
@@ -844,11 +878,24 @@ class ComposeTarget(LocalTarget):
                 self._rules.remove((node_id, r))
 
     def etcd_down(self) -> None:
-        self.docker("stop", "memkv-etcd")
+        self.docker("stop", *[self.container(m) for m in self.etcd_members])
 
     def etcd_up(self) -> None:
-        self.docker("start", "memkv-etcd")
+        self.docker("start", *[self.container(m) for m in self.etcd_members])
         self.wait(lambda st: True, 60, "etcd back")
+
+    def etcd_start_all(self) -> None:
+        self.etcd_up()
+
+    def etcd_leader(self) -> int | None:
+        name = etcd_leader(self.etcd_endpoints.split(","))
+        return self.etcd_members.index(name) if name in self.etcd_members else None
+
+    def etcd_member_kill(self, i: int) -> None:
+        self.docker("kill", "-s", "KILL", self.container(self.etcd_members[i]), check=False)
+
+    def etcd_member_start(self, i: int) -> None:
+        self.docker("start", self.container(self.etcd_members[i]))
 
     def corrupt_segment(self, node_id: str, flips: int, rnd: random.Random) -> str:
         c = self.container(node_id)
@@ -879,14 +926,14 @@ class ComposeTarget(LocalTarget):
         return out
 
     def state(self) -> ClusterState:
-        etcd = Etcd(self.etcd_endpoint, timeout=2.0)
+        etcd = Etcd(self.etcd_endpoints, timeout=2.0)
         try:
             return ClusterView(etcd, self.cluster).load()
         finally:
             etcd.close()
 
     def etcd_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
-        etcd = Etcd(self.etcd_endpoint, timeout=2.0)
+        etcd = Etcd(self.etcd_endpoints, timeout=2.0)
         try:
             kvs, _ = etcd.get_prefix(prefix)
             return [(kv.key.decode() if isinstance(kv.key, bytes) else kv.key, kv.value) for kv in kvs]
