@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         p = dict(DEFAULTS, **overrides)
         for f in plan(args.seed, args.minutes * 60, nodes=[f"n{i + 1}" for i in range(int(p["nodes"]))],
                       members=int(p["etcd_members"]), gap_s=float(p["gap_s"]), max_overlap=int(p["max_overlap"]),
-                      kinds=[x for x in str(p["kinds"]).split(",") if x]):
+                      kinds=[x for x in str(p["kinds"]).split(",") if x], cover=bool(p["cover"])):
             print(f"{f.at:8.1f}s {f.duration:5.1f}s  {f.label}")
         return 0
     if getattr(args, "target", "local") == "local" and not args.no_netns:

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     # copies) are a known gap until anti-entropy, issue 19 item 2: reported apart, not failed on
     # (chaos.checker.losses_with_impaired_replica; the lost_single_copy scenario reproduces it)
     "known_single_copy": True,
+    "cover": True,  # every fault kind once first (chaos.soak.plan); false: the schedule of soaks before it
 }
 
 # kind -> (weight, duration range in s). Durations are the time the fault stays injected.
@@ -124,18 +125,21 @@ def _params(kind: str, rnd: random.Random) -> dict[str, Any]:
 
 
 def plan(seed: int, seconds: float, *, nodes: list[str], members: int, gap_s: float = 6.0, max_overlap: int = 2,
-         kinds: list[str] | None = None) -> list[Planned]:
-    """The fault schedule: a pure function of its arguments (so a seed names a soak)."""
+         kinds: list[str] | None = None, cover: bool = True) -> list[Planned]:
+    """The fault schedule: a pure function of its arguments (so a seed names a soak). With
+    ``cover`` every kind of the catalogue comes once first (in a seeded order), so that even a
+    short soak injects each fault; then kinds are drawn by weight."""
     rnd = random.Random(seed)
     names = [k for k in CATALOGUE if not kinds or k in kinds]
     if members < 3:
         names = [k for k in names if k != "etcd_member"]
     weights = [CATALOGUE[k][0] for k in names]
+    first = rnd.sample(names, len(names)) if cover else []
     out: list[Planned] = []
     busy: list[tuple[float, float, set[str]]] = []  # (start, planned end + margin, resources)
     t = rnd.uniform(0, gap_s)
     while t < seconds and names:
-        kind = rnd.choices(names, weights)[0]
+        kind = first[0] if first else rnd.choices(names, weights)[0]
         lo, hi = CATALOGUE[kind][1]
         duration = round(rnd.uniform(lo, hi), 1)
         if kind in NODE_KINDS:
@@ -151,6 +155,8 @@ def plan(seed: int, seconds: float, *, nodes: list[str], members: int, gap_s: fl
         if len(active) < max_overlap and not any(res & b[2] for b in active) and t + duration < seconds:
             out.append(Planned(len(out) + 1, round(t, 1), kind, target, duration, _params(kind, rnd)))
             busy.append((t, end, res))
+            if first:
+                first.pop(0)
         t += rnd.expovariate(1.0 / gap_s)
     return out
 
@@ -312,7 +318,8 @@ class Soak:
         workdir = Path(tempfile.mkdtemp(prefix=f"chaos-soak-{self.seed}-"))
         nodes = [f"n{i + 1}" for i in range(int(p["nodes"]))]
         schedule = plan(self.seed, seconds, nodes=nodes, members=int(p["etcd_members"]), gap_s=float(p["gap_s"]),
-                        max_overlap=int(p["max_overlap"]), kinds=[k for k in str(p["kinds"]).split(",") if k])
+                        max_overlap=int(p["max_overlap"]), kinds=[k for k in str(p["kinds"]).split(",") if k],
+                        cover=bool(p["cover"]))
         result: dict[str, Any] = {"kind": "soak", "seed": self.seed, "minutes": self.minutes,
                                   "target": self.target_kind, "params": p, "status": "error",
                                   "schedule": [asdict(f) for f in schedule], "violations": []}

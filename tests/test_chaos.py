@@ -262,7 +262,9 @@ def _need_etcd() -> None:
 # etcd_outage: the nodes fence at slightly different moments, so a write may be acknowledged by the
 # not-yet-fenced replica only; reads find it through the read fallback (misses) and the replicas'
 # write versions (overwrites of session keys), and repair the replica that is behind (client/ops.py).
-FAST = ["kill9", "pause_zombie", "etcd_outage", "corrupt_segment", "disk_full"]
+FAST = ["kill9", "pause_zombie", "etcd_outage", "corrupt_segment", "disk_full",
+        # issue 19's harsher faults, one each for the mechanisms the soak shares (docs/chaos.md)
+        "clock_skew_client", "oom_kill", "net_slow_clients", "etcd_member_kill"]
 
 
 @pytest.mark.timeout(150)
@@ -270,9 +272,15 @@ FAST = ["kill9", "pause_zombie", "etcd_outage", "corrupt_segment", "disk_full"]
 def test_scenario_local(name: str, tmp_path: Path) -> None:
     _need_etcd()
     from chaos.runner import run_scenario
+    from chaos.scenarios import SCENARIOS
 
-    r = run_scenario(name, target="local", overrides={"warmup_s": 1.5, "after_s": 1.0, "rate": 30.0},
-                     results_dir=tmp_path, log=lambda m: None)
+    overrides = {"warmup_s": 1.5, "after_s": 1.0, "rate": 30.0}
+    if {"partition", "net"} & set(SCENARIOS[name].needs):
+        r = _run_in_netns(name, overrides, tmp_path)  # iptables rules only inside the runner's own netns
+    else:
+        r = run_scenario(name, target="local", overrides=overrides, results_dir=tmp_path, log=lambda m: None)
+    if r["status"] == "unsupported":
+        pytest.skip(r.get("reason", "unsupported here"))
     detail = {k: r.get(k) for k in ("status", "reason", "violations", "metrics", "notes", "traceback")}
     if r["status"] != "passed":  # the nodes' and rebalancers' own words, for whoever reads the CI log
         for who, text in (r.get("node_logs") or {}).items():
@@ -285,6 +293,21 @@ def test_scenario_local(name: str, tmp_path: Path) -> None:
         assert m["probes"] == 2, detail
     if name == "disk_full":
         assert m["writes_acknowledged"] < m["writes_attempted"], "the budget never ran out: " + str(detail)
+
+
+def _run_in_netns(name: str, overrides: dict, tmp_path: Path) -> dict:
+    """``python -m chaos run NAME`` (which re-executes itself in a private network namespace when
+    root), its result row read back from the JSON report."""
+    import json
+    import subprocess
+
+    results = tmp_path / "results"
+    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    p = subprocess.run([sys.executable, "-m", "chaos", "run", name, "--results", str(results), *args],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=140)
+    reports = sorted(results.glob("run-local-*.json"))
+    assert reports, f"no report (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return json.loads(reports[-1].read_text())["results"][0]
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -335,3 +358,137 @@ def test_a_terminated_runner_stops_its_cluster(tmp_path: Path) -> None:
         for pid in _processes_mentioning(str(work)):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- the soak's schedule (pure)
+def test_soak_plan_is_a_function_of_the_seed_and_keeps_its_constraints() -> None:
+    from chaos.soak import CATALOGUE, plan, resources
+
+    nodes = ["n1", "n2", "n3"]
+    a = plan(7, 300, nodes=nodes, members=3, max_overlap=2)
+    assert a == plan(7, 300, nodes=nodes, members=3, max_overlap=2) and a != plan(8, 300, nodes=nodes, members=3)
+    assert {f.kind for f in a} == set(CATALOGUE)  # cover: every kind once, even in 5 minutes
+    assert all(f.at + f.duration < 300 for f in a)
+    for f in a:  # never two faults on one resource, never more than max_overlap at once
+        live = [g for g in a if g is not f and g.at <= f.at < g.at + g.duration + 10.0]
+        assert len(live) < 2, (f, live)
+        assert not any(resources(f.kind, f.target, nodes, 3) & resources(g.kind, g.target, nodes, 3) for g in live)
+    only = plan(7, 300, nodes=nodes, members=1, kinds=["kill9", "etcd_member"], cover=False)
+    assert only and {f.kind for f in only} == {"kill9"}  # one etcd member: no member to kill
+
+
+# -- the fault mechanisms themselves, on this machine (skipped where they cannot work, with the reason)
+def test_fault_shim_skews_the_wall_clock_and_slows_fsync(tmp_path: Path) -> None:
+    """The shim moves CLOCK_REALTIME only (sleeps and monotonic time stay right, which libfaketime
+    0.9.10 gets wrong on Python 3.11) and delays fsync/fdatasync, re-reading its file as it runs."""
+    import json
+    import shutil
+    import subprocess
+
+    from chaos import faultshim
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    shim = faultshim.build(tmp_path)
+    ctl = faultshim.FaultFile(tmp_path / "faults")
+    ctl.skew(-420)
+    ctl.slow_fsync(300)
+    code = ("import json, os, time\n"
+            "t0, m0 = time.time(), time.monotonic(); time.sleep(0.2)\n"
+            "fd = os.open('f', os.O_CREAT | os.O_WRONLY); m1 = time.monotonic(); os.fdatasync(fd)\n"
+            "print(json.dumps({'wall': t0, 'slept': m1 - m0, 'fsync': time.monotonic() - m1}))\n")
+    real = __import__("time").time()
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                         env=dict(__import__("os").environ, **faultshim.env(shim, ctl.path)))
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert -425 < r["wall"] - real < -415 and 0.19 < r["slept"] < 5 and r["fsync"] >= 0.29, r
+
+
+def _root_netns() -> None:
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("iptables"):
+        pytest.skip("needs root, unshare and iptables")
+
+
+def test_nfqueue_delays_drops_and_reorders_packets_of_one_link(tmp_path: Path) -> None:
+    """In a network namespace of its own: a TCP echo through a marked link, delayed, then lossy;
+    the bytes always arrive whole (TCP retransmits), the delayer counts what it did."""
+    import subprocess
+
+    _root_netns()
+    script = tmp_path / "echo.py"
+    script.write_text(textwrap_dedent('''
+        import json, socket, subprocess, sys, threading, time
+        for r in (["-A", "OUTPUT", "-p", "tcp", "--dport", "5555", "-j", "MARK", "--set-mark", "3"],
+                  ["-A", "OUTPUT", "-p", "tcp", "--sport", "5555", "-j", "MARK", "--set-mark", "3"],
+                  ["-A", "OUTPUT", "-m", "mark", "!", "--mark", "0", "-j", "NFQUEUE", "--queue-num", "7",
+                   "--queue-bypass"]):
+            subprocess.run(["iptables", "-t", "mangle", *r], check=True)
+        q = subprocess.Popen([sys.executable, "-m", "chaos.nfqueue", "--queue", "7", "--seed", "1"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert q.stdout.readline().startswith('{"ready"')
+        srv = socket.socket(); srv.bind(("127.0.0.1", 5555)); srv.listen()
+        def echo():
+            c, _ = srv.accept()
+            while (d := c.recv(65536)):
+                c.sendall(d)
+        threading.Thread(target=echo, daemon=True).start()
+        cl = socket.create_connection(("127.0.0.1", 5555))
+        def rtt():
+            t = time.monotonic(); cl.sendall(b"x" * 100); got = 0
+            while got < 100:
+                got += len(cl.recv(100))
+            return time.monotonic() - t
+        base = min(rtt() for _ in range(5))
+        q.stdin.write(json.dumps({"mark": 3, "delay_ms": 40, "jitter_ms": 10}) + "\\n")
+        q.stdin.flush(); q.stdout.readline()
+        slow = min(rtt() for _ in range(5))
+        q.stdin.write(json.dumps({"mark": 3, "delay_ms": 5, "jitter_ms": 5, "loss": 0.1, "reorder": 0.2}) + "\\n")
+        q.stdin.flush(); q.stdout.readline()
+        data = bytes(range(256)) * 2000
+        cl.sendall(data); got = b""
+        while len(got) < len(data):
+            got += cl.recv(1 << 20)
+        q.stdin.close(); stats = json.loads(q.stdout.read().strip().splitlines()[-1])
+        print(json.dumps({"base": base, "slow": slow, "whole": got == data, **stats}))
+    '''))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["unshare", "-n", "--", "sh", "-c", f'ip link set lo up && exec "{sys.executable}" {script}'],
+                         cwd=root, capture_output=True, text=True, timeout=120,
+                         env=dict(__import__("os").environ, PYTHONPATH=str(root)))
+    if "Operation not permitted" in out.stderr:
+        pytest.skip(out.stderr[-300:])
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert r["slow"] > r["base"] + 0.05 and r["whole"], r  # ~80 ms more per round trip; TCP delivered it all
+    assert r["delayed"] > 0 and r["dropped"] > 0 and r["reordered"] > 0, r
+
+
+def test_memory_cgroup_limit_and_oom_kill(tmp_path: Path) -> None:
+    """A process in a limited group that keeps allocating is OOM-killed by the kernel, and the
+    group counts it (the oom_kill scenario's mechanism)."""
+    import subprocess
+
+    from chaos.cgroups import ProcessGroups
+
+    groups = ProcessGroups(f"t{__import__('os').getpid()}")
+    if groups.mem is None:
+        pytest.skip("no writable memory cgroup here")
+    try:
+        groups.add("victim")
+        groups.set_memory_limit("victim", 64 << 20)
+        code = ("b = []\nwhile True:\n    b.append(bytearray(4 << 20))\n"
+                "    b[-1][::4096] = b'x' * (len(b[-1]) // 4096)\n")
+        p = subprocess.run(groups.wrap("victim", [sys.executable, "-c", code]), timeout=60)
+        assert p.returncode == -9 and groups.oom_kills("victim") >= 1, (p.returncode, groups.oom_kills("victim"))
+    finally:
+        groups.close()
+
+
+def textwrap_dedent(s: str) -> str:
+    import textwrap
+
+    return textwrap.dedent(s)
