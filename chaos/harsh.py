@@ -210,18 +210,23 @@ def etcd_member_kill(ctx: Ctx) -> None:
     hold = float(p.get("hold_s", ctx.ttl * 3))
     nodes = set(t.alive())
     total_missing = total_polls = 0
+    killed: list[int] = []
     for role in ("leader", "follower"):
         leader = t.etcd_leader()
         if leader is None:
             raise RuntimeError("no etcd leader found")
-        victim = leader if role == "leader" else (leader + 1) % len(t.etcd_members)
+        members = len(t.etcd_members)
+        victim = leader if role == "leader" else next(
+            i for i in range(members) if i != leader and i not in killed)  # a member not killed before
+        name = t.etcd_member_name(victim)
         t.etcd_member_kill(victim)
-        ctx.fault(f"kill -9 etcd member e{victim} ({role})")
+        killed.append(victim)
+        ctx.fault(f"kill -9 etcd member {name} ({role})")
         missing, polls = watch_registered(ctx, nodes, hold)
         total_missing += missing
         total_polls += polls
         t.etcd_member_start(victim)
-        ctx.heal(f"restart etcd member e{victim}")
+        ctx.heal(f"restart etcd member {name}")
         ctx.sleep(2.0)
     ctx.expect(total_missing == 0, f"every node stayed registered while one etcd member was down "
                                    f"(missing in {total_missing} of {total_polls} polls)")

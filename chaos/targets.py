@@ -525,6 +525,9 @@ class LocalTarget:
         name = etcd_leader([m.endpoint for m in self.etcd_members])
         return next((i for i, m in enumerate(self.etcd_members) if m.name == name), None)
 
+    def etcd_member_name(self, i: int) -> str:
+        return self.etcd_members[i].name
+
     def etcd_member_kill(self, i: int) -> None:
         self.etcd_members[i].kill()
 
@@ -890,6 +893,9 @@ class ComposeTarget(LocalTarget):
     def etcd_leader(self) -> int | None:
         name = etcd_leader(self.etcd_endpoints.split(","))
         return self.etcd_members.index(name) if name in self.etcd_members else None
+
+    def etcd_member_name(self, i: int) -> str:
+        return self.etcd_members[i]
 
     def etcd_member_kill(self, i: int) -> None:
         self.docker("kill", "-s", "KILL", self.container(self.etcd_members[i]), check=False)
