@@ -111,6 +111,24 @@ class Sampler(threading.Thread):
         self.join(10)
 
 
+def wind_down(tgt: Any, rec: Recorder, load: LoadGenerator, sampler: Sampler, p: dict[str, Any], healed: float,
+              settle_s: float, log: Any) -> None:
+    """After the last heal: wait (``converge_timeout_s`` at most) until the sampler saw the map
+    converged, keep the load running ``settle_s`` more, stop it, then read back every key a load
+    worker tried to write -- this process's or another's (:mod:`chaos.worker`)."""
+    deadline = time.monotonic() + float(p["converge_timeout_s"])
+    while time.monotonic() < deadline:
+        if sampler.samples and sampler.samples[-1][1] and sampler.samples[-1][0] > healed:
+            break
+        time.sleep(0.1)
+    time.sleep(settle_s)
+    load.stop()
+    sampler.stop()
+    written = load.written | {(o.ns, o.key) for o in list(rec.history.ops) if o.op == "put" and o.phase == "load"}
+    log(f"verifying {len(written)} keys")
+    verify(tgt.url, rec, sorted(written), timeout=max(3.0, float(p["timeout"]) * 2))
+
+
 def make_target(kind: str, workdir: Path, p: dict[str, Any], node_args: Any) -> Any:
     if kind == "compose":
         t: Any = ComposeTarget(workdir, replicas=p["replicas"], lease_ttl=p["lease_ttl"])
@@ -159,18 +177,7 @@ def run_scenario(name: str, *, target: str = "local", overrides: dict[str, Any] 
         log(f"[{name}] injecting: {sc.doc}")
         sc.fn(ctx)
         healed = rec.history.last_heal() or rec.now()
-        deadline = time.monotonic() + float(p["converge_timeout_s"])
-        while time.monotonic() < deadline:
-            if sampler.samples and sampler.samples[-1][1] and sampler.samples[-1][0] > healed:
-                break
-            time.sleep(0.1)
-        time.sleep(float(p["after_s"]))
-        load.stop()
-        sampler.stop()
-        # every key a load worker tried to write, this process's or another's (chaos.worker)
-        written = load.written | {(o.ns, o.key) for o in list(rec.history.ops) if o.op == "put" and o.phase == "load"}
-        log(f"[{name}] verifying {len(written)} keys")
-        verify(tgt.url, rec, sorted(written), timeout=max(3.0, float(p["timeout"]) * 2))
+        wind_down(tgt, rec, load, sampler, p, healed, float(p["after_s"]), lambda m: log(f"[{name}] {m}"))
         verdict = check(rec.history, read_bound_s=float(p["read_bound_s"]), check_lost=sc.check_lost,
                         converge_samples=sampler.samples, healed_at=healed,
                         converge_bound_s=float(p["converge_timeout_s"]))

@@ -37,9 +37,9 @@ from typing import Any
 
 from chaos.checker import check, losses_with_impaired_replica, unavailability
 from chaos.history import Op, Recorder
-from chaos.load import LoadConfig, LoadGenerator, verify
+from chaos.load import LoadConfig, LoadGenerator
 from chaos.netfault import CLIENTS, ETCD, links
-from chaos.runner import Sampler, make_target
+from chaos.runner import Sampler, make_target, wind_down
 from chaos.targets import Unsupported
 from chaos.worker import ProcessWorker
 
@@ -356,18 +356,8 @@ class Soak:
                 th.join(120)
             self.heal_all()
             healed = self.rec.event("heal", "everything healed")
-            deadline = time.monotonic() + float(p["converge_timeout_s"])
-            while time.monotonic() < deadline:
-                if sampler.samples and sampler.samples[-1][1] and sampler.samples[-1][0] > healed:
-                    break
-                time.sleep(0.2)
-            time.sleep(float(p["settle_s"]))
-            load.stop()
-            sampler.stop()
-            written = load.written | {(o.ns, o.key) for o in list(self.rec.history.ops)
-                                      if o.op == "put" and o.phase == "load"}
-            self.log(f"[soak] verifying {len(written)} keys")
-            verify(self.t.url, self.rec, sorted(written), timeout=max(3.0, float(p["timeout"]) * 2))
+            wind_down(self.t, self.rec, load, sampler, p, healed, float(p["settle_s"]),
+                      lambda m: self.log(f"[soak] {m}"))
             result.update(self.judge(healed, sampler.samples, sampler))
             m = result.get("metrics") or {}
             result["lost_slot_history"] = {  # where each lost key's slot lived, map by map

@@ -174,6 +174,15 @@ def damage(flash: Path, plan: list[tuple[str, str, float, int]], rnd: random.Ran
     return done
 
 
+def _copy(pristine: Pristine, work: Path, keep_snapshot: bool) -> Path:
+    """The pristine data dir copied to ``work/data`` (without its snapshot unless kept); its flash dir."""
+    shutil.copytree(pristine.data_dir, work / "data", ignore=shutil.ignore_patterns("LOCK"))
+    flash = work / "data" / "flash"
+    if not keep_snapshot:
+        (flash / SNAPSHOT).unlink()
+    return flash
+
+
 def intact(n: Newest, src: Path, dst: Path) -> bool:
     """Whether the record's bytes are all there, unchanged, in the damaged copy."""
     a, b = src / n.seg, dst / n.seg
@@ -194,11 +203,7 @@ def test_damaged_data_dir_recovers_every_intact_record(pristine: Pristine, tmp_p
     @given(st.booleans(), st.lists(DAMAGE, min_size=1, max_size=4), st.integers(0, 1 << 30))
     def run(keep_snapshot: bool, plan: list[Any], seed: int) -> None:
         work = tmp_path_factory.mktemp("recovery")
-        data = work / "data"
-        shutil.copytree(pristine.data_dir, data, ignore=shutil.ignore_patterns("LOCK"))
-        flash = data / "flash"
-        if not keep_snapshot:
-            (flash / SNAPSHOT).unlink()
+        flash = _copy(pristine, work, keep_snapshot)
         done = damage(flash, plan, random.Random(seed))
         src = pristine.data_dir / "flash"
         snapshot_damaged = keep_snapshot and not intact_file(src / SNAPSHOT, flash / SNAPSHOT)
@@ -262,11 +267,7 @@ UNREPORTED = pytest.mark.xfail(strict=True, reason=(
 ])
 def test_missing_segment_is_reported(pristine: Pristine, tmp_path_factory, keep_snapshot: bool, how: str) -> None:
     work = tmp_path_factory.mktemp("missing-segment")
-    data = work / "data"
-    shutil.copytree(pristine.data_dir, data, ignore=shutil.ignore_patterns("LOCK"))
-    flash = data / "flash"
-    if not keep_snapshot:
-        (flash / SNAPSHOT).unlink()
+    flash = _copy(pristine, work, keep_snapshot)
     gone = sorted(flash.glob("seg-*.log"))[1]
     lost = [k for k, n in pristine.newest.items() if n.seg == gone.name and n.value is not None]
     if how == "removed":
