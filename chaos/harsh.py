@@ -335,3 +335,14 @@ def lost_single_copy(ctx: Ctx) -> None:
     t.start(holder)
     ctx.heal(f"restart {holder}")
     ctx.wait_member(holder)
+
+
+def rereplicate_flash_only(ctx: Ctx) -> None:
+    """Small regions (most durable values only on flash), kill -9 one node past its lease: its
+    slots are re-replicated from copies that must be read in from flash, then copied back."""
+    v = ctx.victim
+    ctx.target.kill(v)
+    ctx.fault(f"kill -9 {v} (values mostly on flash: region {ctx.p['memory']})")
+    ctx.sleep(float(ctx.p.get("down_s", ctx.ttl + 2)))
+    ctx.target.start(v)
+    ctx.heal(f"restart {v}")

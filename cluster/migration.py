@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from memkv.client.cluster_map import key_slot
-from memkv.errors import ConnectionLost, InvalidArgument, MemKVError, NodeUnavailable
+from memkv.errors import ConnectionLost, CorruptValue, InvalidArgument, KeyExists, MemKVError, NodeUnavailable
 from memkv.protocol.opcodes import Op
 from memkv.server.handlers import Reply
 
@@ -187,8 +187,17 @@ class MigrationService:
                 continue
             try:
                 value = bytes(self.store.view(e))
+            except CorruptValue:
+                continue  # damaged on flash: reported by the tier and served as a miss; nothing to copy
             except MemKVError:
-                continue
+                # A durable value only on flash that cannot be read in now (the pool is full and nothing
+                # is evictable, or its record is not durable yet) is never skipped: skipping it, the
+                # round flipped and the old owner dropped the slot, losing an acknowledged write (found
+                # by the chaos soak: python -m chaos run rereplicate_flash_only). The chunk goes back
+                # and the push fails; the rebalancer calls again, and a round that cannot copy leaves
+                # the slots with their old owners.
+                job.keys.extendleft(reversed(taken))
+                raise
             ttl = None if e.expires is None else max(1.0, round(e.expires - clock))
             ks, vs, vers = groups.setdefault((ikey[0], e.tenant, ttl), ([], [], []))
             ks.append(e.key)
@@ -237,8 +246,14 @@ class MigrationService:
                 extra = {"owner": tenant, "vers": vers[i:i + 512]}
                 call = PutManyCall(ks[i:i + 512], vs[i:i + 512], namespace=ns, ttl=ttl, pin=False, extra=extra)
                 res = self._call(addr, call)
-                bad = [r for r in res if isinstance(r, MemKVError)]
-                if bad and len(bad) == len(res):
+                # Any value the destination did not store fails the chunk (push puts it back, the
+                # rebalancer calls again): a copy that drops some values silently -- it raised only
+                # when every value failed -- flipped the slot without them, and the old owner then
+                # dropped the last copies (acknowledged writes lost; found by the chaos soak, e.g. a
+                # destination whose pool is full: OutOfMemory per value). KeyExists is no failure:
+                # the destination holds other bytes of a write-once key, which a copy never replaces.
+                bad = [r for r in res if isinstance(r, MemKVError) and not isinstance(r, KeyExists)]
+                if bad:
                     raise bad[0]
 
     def _purge(self, dest: str, slots: list[int], nslots: int, epoch: int) -> None:
