@@ -262,8 +262,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("slow_fsync", harsh.slow_fsync, needs=("shim",)),
     Scenario("oom_kill", harsh.oom_kill, needs=("memory",), defaults={"lease_ttl": 5}),
     Scenario("etcd_member_kill", harsh.etcd_member_kill, defaults={"etcd_members": 3}),
-    Scenario("rereplicate_flash_only", harsh.rereplicate_flash_only, defaults={"memory": "16MiB", "value_size": 32768, "warmup_s": 25,
-                                                        "rate": 40.0}),
+    Scenario("rereplicate_flash_only", harsh.rereplicate_flash_only,
+             defaults={"memory": "16MiB", "value_size": 32768, "warmup_s": 25, "rate": 40.0}),
     Scenario("lost_single_copy", harsh.lost_single_copy, needs=("partition",),
              known="a durable write is acknowledged once the replicas that answered within the client timeout "
                    "have it; the lost copy's node takes it away (no hinted handoff / anti-entropy: issue 19 "
