@@ -229,7 +229,7 @@ class Scenario:
     name: str
     fn: Callable[[Ctx], None]
     fast: bool = False            # part of `make test` (tests/test_chaos.py)
-    needs: tuple[str, ...] = ()   # "partition", "rebalancer"
+    needs: tuple[str, ...] = ()   # "partition", "net", "shim", "memory", "local", "rebalancer"
     defaults: dict[str, Any] = field(default_factory=dict)
     node_args: Callable[[Any, dict[str, Any]], dict[str, list[str]]] | None = None
     check_lost: bool = True       # R >= 2, single fault at a time
@@ -262,9 +262,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("slow_fsync", harsh.slow_fsync, needs=("shim",)),
     Scenario("oom_kill", harsh.oom_kill, needs=("memory",), defaults={"lease_ttl": 5}),
     Scenario("etcd_member_kill", harsh.etcd_member_kill, defaults={"etcd_members": 3}),
-    Scenario("rereplicate_flash_only", harsh.rereplicate_flash_only,
+    Scenario("rereplicate_flash_only", harsh.rereplicate_flash_only, needs=("local",),
              defaults={"memory": "16MiB", "value_size": 32768, "warmup_s": 25, "rate": 40.0}),
-    Scenario("lost_single_copy", harsh.lost_single_copy, needs=("partition",),
+    Scenario("lost_single_copy", harsh.lost_single_copy, needs=("partition", "local"),
              known="a durable write is acknowledged once the replicas that answered within the client timeout "
                    "have it; the lost copy's node takes it away (no hinted handoff / anti-entropy: issue 19 "
                    "item 2)"),

@@ -720,7 +720,9 @@ class ComposeTarget(LocalTarget):
     def unsupported(self, need: str) -> str | None:
         if need == "partition" and not self.can_partition:
             return "partitions need nsenter and iptables on the docker host"
-        return {"net": "network quality faults (NFQUEUE delayer) are injected on the local target only",
+        return {"local": "runs on the local target only (per-node region sizes, or a reproducer kept out of "
+                         "the compose run to spare CI time)",
+                "net": "network quality faults (NFQUEUE delayer) are injected on the local target only",
                 "shim": "clock and fsync faults need the fault shim preloaded into the node, which the images "
                         "do not do (local target only)",
                 "memory": "the OOM scenario limits a cgroup the local target made (local target only)"}.get(need)
