@@ -494,3 +494,21 @@ def textwrap_dedent(s: str) -> str:
     import textwrap
 
     return textwrap.dedent(s)
+
+
+def test_soak_quiet_windows_and_impaired_replicas() -> None:
+    """Quiet = no fault for settle_s and the map converged; impaired = a fault's window on the node it
+    touched (or on every node for etcd faults), stretched by a lease TTL and a client timeout."""
+    import types
+
+    from chaos.soak import Planned, Soak
+
+    s = Soak(1, 1.0, overrides={"settle_s": 5.0, "lease_ttl": 2, "timeout": 1.5})
+    s.t = types.SimpleNamespace(nodes={"n1": 0, "n2": 0, "n3": 0})
+    s.intervals = [(10.0, 20.0, Planned(1, 10, "kill9", "n2", 10)),
+                   (40.0, 45.0, Planned(2, 40, "etcd_outage", "", 5)),
+                   (60.0, 70.0, Planned(3, 60, "clock_skew", "n1", 10))]
+    samples = [(float(t), not (30 <= t < 33)) for t in range(0, 100)]
+    assert s.quiet_windows(samples, 100.0) == [(0.0, 10.0), (25.0, 30.0), (33.0, 40.0), (50.0, 60.0), (75.0, 100.0)]
+    imp = s.impaired()
+    assert imp["n2"] == [(10.0, 24.5), (40.0, 49.5)] and imp["n1"] == [(40.0, 49.5)]  # skew skips no replica
