@@ -14,12 +14,14 @@ PYTEST_ARGS  ?=
 # extra bench args: make bench BENCH_ARGS=--quick
 BENCH_ARGS   ?=
 
-.PHONY: help install test lint demo bench chaos soak fuzz compose-up compose-down test-rdma clean
+.PHONY: help install install-vllm install-engines test lint demo demo-vllm bench chaos soak fuzz compose-up compose-down test-rdma clean
 
 help:
 	@echo "make install      set up Debian packages + .venv (scripts/bootstrap.sh)"
-	@echo "make test         pytest + ruff (what CI runs)"
+	@echo "make install-engines  .venv-vllm, .venv-lmcache, .venv-sglang for the engine tests (scripts/engine-venv.sh)"
+	@echo "make test         pytest + ruff (what CI runs; includes the engine tests)"
 	@echo "make demo         run the end-to-end demo"
+	@echo "make demo-vllm    the demo with two vLLM engine processes (memkv demo --engine vllm)"
 	@echo "make bench        single-node benchmark vs Redis (BENCH_ARGS=--quick)"
 	@echo "make lint         ruff check"
 	@echo "make compose-up   docker-compose cluster (offline image build); make compose-down stops it"
@@ -31,11 +33,28 @@ help:
 install:
 	bash scripts/bootstrap.sh
 
+# vLLM, LMCache and SGLang are tested with the real packages, each in its own venv
+# .venv-<engine> (scripts/engine-venv.sh says why). MEMKV_SKIP_ENGINE_TESTS=1 skips
+# installing and running them, and says so.
+ENGINE_VENVS ?= vllm lmcache sglang
+install-vllm: install
+	bash scripts/engine-venv.sh vllm
+
+install-engines: install
+	@if [ "$${MEMKV_SKIP_ENGINE_TESTS:-0}" = 1 ]; then echo "MEMKV_SKIP_ENGINE_TESTS=1: not installing $(ENGINE_VENVS)" >&2; \
+	else for e in $(ENGINE_VENVS); do bash scripts/engine-venv.sh $$e; done; fi
+
 # pytest exit code 5 (no tests collected) is a failure here, as is any other non-zero.
-test: install
+test: install install-engines
 	@rc=0; $(PY) -m pytest -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS) tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -> FAIL" >&2; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then echo "make test: pytest failed (exit $$rc)" >&2; exit $$rc; fi
+	@if [ "$${MEMKV_SKIP_ENGINE_TESTS:-0}" = 1 ]; then echo "make test: MEMKV_SKIP_ENGINE_TESTS=1: $(ENGINE_VENVS) tests SKIPPED" >&2; \
+	else for e in $(ENGINE_VENVS); do rc=0; \
+	  .venv-$$e/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests/venv_$$e || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: $$e: pytest collected no tests -> FAIL" >&2; exit 1; fi; \
+	  if [ $$rc -ne 0 ]; then echo "make test: $$e tests failed (exit $$rc)" >&2; exit $$rc; fi; \
+	done; fi
 	$(PY) -m ruff check .
 
 lint: install
@@ -43,6 +62,9 @@ lint: install
 
 demo: install
 	$(MEMKV) demo
+
+demo-vllm: install-vllm
+	$(MEMKV) demo --engine vllm
 
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)

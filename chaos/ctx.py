@@ -17,8 +17,6 @@ from chaos.history import Op, Recorder, crc
 from chaos.load import BLOCKS_NS, LoadGenerator, make_value
 from memkv.client import SyncClient
 from memkv.client.cluster_map import key_slot
-from memkv.client.ops import StandaloneRouter
-from memkv.client.url import NodeAddress
 from memkv.cluster.slotmap import compute_table
 from memkv.errors import MemKVError
 
@@ -103,20 +101,10 @@ def converged(target: Any, st: Any, expect_gone: set[str]) -> bool:
 
 
 # -- probes: requests sent straight to one node, outside the load generator
-class _Stamped(StandaloneRouter):
-    epoch: int | None = None
-
-    def stamp(self, meta: dict[str, Any]) -> None:
-        if self.epoch is not None:
-            meta["ep"] = self.epoch
-
-
 def open_probe(ctx: Ctx, node_id: str, *, epoch: int | None, timeout: float) -> SyncClient:
     host, port = ctx.target.address(node_id)
     c = SyncClient.connect(f"memkv://{host}:{port}", transport="tcp", timeout=timeout)  # connected now
-    r = _Stamped(NodeAddress(host, port))
-    r.epoch = epoch
-    c.router = r
+    c.router.epoch = epoch  # requests carry this slot-map epoch, as a cluster client's would
     return c
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from memkv.client.cluster_map import NodeInfo, SlotMap, leader_key, nodes_prefix, prefix, slotmap_key
 from memkv.client.etcd import KV, Etcd, EtcdUnavailable, WatchEvent
+from memkv.client.url import ParsedURL
+from memkv.errors import NodeUnavailable
 
 log = logging.getLogger("memkv.cluster")
 
@@ -185,3 +187,21 @@ class ClusterView:
             finally:
                 if watch_id is not None:
                     self.etcd.cancel_watch(watch_id)
+
+
+def open_view(parsed: ParsedURL, timeout: float) -> ClusterView:
+    """A started view of the cluster of an ``etcd://`` URL (blocking: retries etcd for ``timeout`` s)."""
+    etcd = Etcd([(n.host, n.port) for n in parsed.nodes], timeout=min(timeout, 3.0))
+    view = ClusterView(etcd, parsed.cluster)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            view.load()
+            break
+        except EtcdUnavailable as exc:
+            if time.monotonic() > deadline:
+                etcd.close()
+                raise NodeUnavailable(f"cannot reach etcd for cluster {parsed.cluster!r}: {exc.message}") from None
+            time.sleep(0.2)
+    view.start()
+    return view

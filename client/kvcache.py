@@ -6,9 +6,10 @@
     conn.save(prompt_ids, out.cache)                    # stores every full block
 
 (DESIGN.md §9.) ``client`` is a ``SyncClient`` — or any object with its
-``exists_many / put_many / lookup_prefix / get_many_into`` surface, e.g. the
-Redis adapter the TTFT benchmark uses. ``AsyncKVCacheConnector`` does the same
-with the trio ``Client``.
+``exists_many / put_many / lookup_prefix / get_many_into / get`` surface, e.g.
+the Redis adapter the TTFT benchmark uses. ``AsyncKVCacheConnector`` does the
+same with the trio ``Client``. What a save and a load do is written once, as
+operations over the prefix-chain operations of ``client/core/chains.py``.
 
 Block layout (version 1)
 ------------------------
@@ -40,14 +41,15 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from memkv.client.prefix import PrefixHasher, token_bytes
+from memkv.client.core import chains
+from memkv.client.core.requests import Op
+from memkv.client.prefix import PrefixHasher, operations_of, token_bytes
 from memkv.errors import InvalidArgument, KVLayoutMismatch
 
 HEADER = struct.Struct("<4sHHBBHHHII8s8sQ")
@@ -202,18 +204,6 @@ class LoadStats:
     fetch_seconds: float = 0.0
 
 
-@dataclass
-class _Plan:
-    """One step of a connector operation: a client method call, driven sync or async."""
-
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-_Op = Generator[_Plan, Any, Any]
-
-
 class _ConnectorBase:
     def __init__(self, client: Any, model_id: str, *, block_tokens: int = 16, namespace: str = "shared",
                  salt: bytes | str | None = None, dtype: Any = None, hash: str = "xxh3",
@@ -239,8 +229,8 @@ class _ConnectorBase:
     def layout(self, config: Any) -> KVLayout:
         return KVLayout.from_config(config, block_tokens=self.block_tokens, dtype=self.dtype)
 
-    # -- save -------------------------------------------------------------------------------
-    def _save(self, token_ids: Any, past_key_values: Any) -> _Op:
+    # -- save: an operation (client/core/chains.py) -------------------------------------------
+    def _save(self, store: Any, token_ids: Any, past_key_values: Any) -> Op:
         import torch
 
         layers = _cache_layers(past_key_values)
@@ -260,41 +250,32 @@ class _ConnectorBase:
         if n_blocks == 0:
             return 0
         keys = self.hasher.block_keys(token_ids)[:n_blocks]
-        present = yield _Plan("exists_many", (keys,), {"namespace": self.namespace})
-        todo = [i for i in range(n_blocks) if not present[i]]
-        if not todo:
-            return 0
-        staging = torch.empty((len(todo), layout.block_bytes), dtype=torch.uint8)
-        hdr = staging[:, :HEADER_LEN].numpy()
-        for row, i in enumerate(todo):
-            hdr[row] = np.frombuffer(layout.header(index=i, model_fp=self.model_fp, key=keys[i]), dtype=np.uint8)
-        payload = staging[:, HEADER_LEN:].view(k0.dtype).view(len(todo), layout.n_layers, 2, n_kv, B, head_dim)
-        idx = torch.tensor(todo, dtype=torch.long)
-        contiguous_run = todo == list(range(todo[0], todo[0] + len(todo)))
-        with torch.no_grad():
-            for li, (k, v) in enumerate(layers):
-                for j, t in enumerate((k, v)):
-                    if tuple(t.shape[:2]) != (1, n_kv) or t.shape[3] != head_dim or t.dtype != k0.dtype:
-                        raise InvalidArgument(f"layer {li} has KV shape {tuple(t.shape)} {t.dtype}, layer 0 "
-                                              f"{tuple(k0.shape)} {k0.dtype}: mixed layouts are not supported")
-                    src = t[0, :, : n_blocks * B].detach().to("cpu").reshape(n_kv, n_blocks, B, head_dim)
-                    src = src.permute(1, 0, 2, 3)
-                    src = src[todo[0]:todo[0] + len(todo)] if contiguous_run else src.index_select(0, idx)
-                    payload[:, li, j].copy_(src)
-        items_keys = [keys[i] for i in todo]
-        parents = [keys[i - 1] if i > 0 else None for i in todo]
-        try:
-            yield _Plan("put_many", (list(zip(items_keys, list(staging), strict=True)),),
-                        {"namespace": self.namespace, "ttl": self.ttl, "parents": parents})
-        except Exception as exc:  # a racing replica stored the same prefix first: those blocks are there
-            from memkv.errors import KeyExists
 
-            if not isinstance(exc, KeyExists):
-                raise
-        return len(todo)
+        def stage(todo: list[int]) -> list[Any]:
+            """The blocks not stored yet, laid out (header + KV of every layer) in one staging tensor."""
+            staging = torch.empty((len(todo), layout.block_bytes), dtype=torch.uint8)
+            hdr = staging[:, :HEADER_LEN].numpy()
+            for row, i in enumerate(todo):
+                hdr[row] = np.frombuffer(layout.header(index=i, model_fp=self.model_fp, key=keys[i]), dtype=np.uint8)
+            payload = staging[:, HEADER_LEN:].view(k0.dtype).view(len(todo), layout.n_layers, 2, n_kv, B, head_dim)
+            idx = torch.tensor(todo, dtype=torch.long)
+            contiguous_run = todo == list(range(todo[0], todo[0] + len(todo)))
+            with torch.no_grad():
+                for li, (k, v) in enumerate(layers):
+                    for j, t in enumerate((k, v)):
+                        if tuple(t.shape[:2]) != (1, n_kv) or t.shape[3] != head_dim or t.dtype != k0.dtype:
+                            raise InvalidArgument(f"layer {li} has KV shape {tuple(t.shape)} {t.dtype}, layer 0 "
+                                                  f"{tuple(k0.shape)} {k0.dtype}: mixed layouts are not supported")
+                        src = t[0, :, : n_blocks * B].detach().to("cpu").reshape(n_kv, n_blocks, B, head_dim)
+                        src = src.permute(1, 0, 2, 3)
+                        src = src[todo[0]:todo[0] + len(todo)] if contiguous_run else src.index_select(0, idx)
+                        payload[:, li, j].copy_(src)
+            return list(staging)
 
-    # -- load -------------------------------------------------------------------------------
-    def _load(self, token_ids: Any, config: Any, max_tokens: int | None) -> _Op:
+        return (yield from chains.save_chain(store, keys, stage, namespace=self.namespace, ttl=self.ttl))
+
+    # -- load: an operation (client/core/chains.py) -------------------------------------------
+    def _load(self, store: Any, token_ids: Any, config: Any, max_tokens: int | None) -> Op:
         import torch
 
         t0 = time.perf_counter()
@@ -304,30 +285,31 @@ class _ConnectorBase:
         keys = self.hasher.block_keys(token_ids)
         if max_tokens is not None:
             keys = keys[: max(0, max_tokens) // self.block_tokens]
-        if not keys:
-            return 0, None
-        n = int((yield _Plan("lookup_prefix", (keys,), {"lease": self.lease, "namespace": self.namespace})))
-        stats.lookup_blocks = n
-        if n == 0:
-            stats.seconds = time.perf_counter() - t0
-            return 0, None
-        staging = torch.empty((n, layout.block_bytes), dtype=torch.uint8)
-        t1 = time.perf_counter()
+        staging: Any = None
+        t1 = t0
+
+        def buffers(n: int) -> list[Any]:
+            nonlocal staging, t1
+            stats.lookup_blocks = n
+            staging = torch.empty((n, layout.block_bytes), dtype=torch.uint8)
+            t1 = time.perf_counter()
+            return list(staging)
+
         try:
-            got = yield _Plan("get_many_into", (keys[:n], list(staging)), {"namespace": self.namespace})
+            _n, got = yield from chains.load_chain(store, keys, buffers, namespace=self.namespace, lease=self.lease)
         except InvalidArgument as exc:
             if "too small" not in str(exc):
                 raise
-            got = yield from self._explain_oversize(keys[:n], layout)
+            got = yield from self._explain_oversize(store, keys[:stats.lookup_blocks], layout)
+        if stats.lookup_blocks == 0:
+            stats.seconds = time.perf_counter() - t0
+            return 0, None
         stats.fetch_seconds = time.perf_counter() - t1
         hdrs = staging[:, :HEADER_LEN].numpy()
-        m = 0
-        for i, g in enumerate(got):
-            if g is None:  # lost since the lookup (node failure, corrupt value): use the run before the hole
-                break
-            layout.check(hdrs[i].tobytes(), index=i, model_fp=self.model_fp, key=keys[i], length=int(g),
+        m = chains.first_hole(got)  # lost since the lookup (node failure, corrupt value): the run before the hole
+        for i in range(m):
+            layout.check(hdrs[i].tobytes(), index=i, model_fp=self.model_fp, key=keys[i], length=int(got[i]),
                          model_id=self.model_id)
-            m += 1
         if m == 0:
             stats.seconds = time.perf_counter() - t0
             return 0, None
@@ -348,9 +330,9 @@ class _ConnectorBase:
         stats.seconds = time.perf_counter() - t0
         return m * B, cache
 
-    def _explain_oversize(self, keys: list[bytes], layout: KVLayout) -> _Op:
+    def _explain_oversize(self, store: Any, keys: list[bytes], layout: KVLayout) -> Op:
         """A stored block is larger than this layout's: read block 0's header to say why."""
-        value = yield _Plan("get", (keys[0],), {"namespace": self.namespace})
+        value = yield from store.get(keys[0], namespace=self.namespace)
         if value is None:
             return [None] * len(keys)
         layout.check(bytes(value[:HEADER_LEN]).ljust(HEADER_LEN, b"\0"), index=0, model_fp=self.model_fp,
@@ -359,30 +341,19 @@ class _ConnectorBase:
 
 
 class KVCacheConnector(_ConnectorBase):
-    """Save and load transformers KV caches through a blocking client (``SyncClient``)."""
-
-    def _drive(self, gen: _Op) -> Any:
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                plan = gen.throw(error) if error is not None else gen.send(value)
-            except StopIteration as stop:
-                return stop.value
-            value, error = None, None
-            try:
-                value = getattr(self.client, plan.method)(*plan.args, **plan.kwargs)
-            except Exception as exc:  # handed back to the operation, which may handle it
-                error = exc
+    """Save and load transformers KV caches through a blocking client (``SyncClient``, or another
+    store with its surface)."""
 
     def save(self, token_ids: Any, past_key_values: Any) -> int:
         """Store every full block of ``token_ids`` whose KV is in ``past_key_values``; blocks written."""
-        return self._drive(self._save(token_ids, past_key_values))
+        store, run = operations_of(self.client)
+        return run(self._save(store, token_ids, past_key_values))
 
     def load(self, token_ids: Any, config: Any, *, max_tokens: int | None = None) -> tuple[int, Any]:
         """``(n_tokens, cache)``: the longest cached prefix of ``token_ids`` (at most ``max_tokens``
         tokens) as a transformers ``DynamicCache``; ``(0, None)`` on a miss."""
-        return self._drive(self._load(token_ids, config, max_tokens))
+        store, run = operations_of(self.client)
+        return run(self._load(store, token_ids, config, max_tokens))
 
 
 class AsyncKVCacheConnector(_ConnectorBase):
@@ -392,25 +363,11 @@ class AsyncKVCacheConnector(_ConnectorBase):
     next to the transfer, so it is not pushed to a thread.
     """
 
-    async def _drive(self, gen: _Op) -> Any:
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                plan = gen.throw(error) if error is not None else gen.send(value)
-            except StopIteration as stop:
-                return stop.value
-            value, error = None, None
-            try:
-                value = await getattr(self.client, plan.method)(*plan.args, **plan.kwargs)
-            except Exception as exc:
-                error = exc
-
     async def save(self, token_ids: Any, past_key_values: Any) -> int:
-        return await self._drive(self._save(token_ids, past_key_values))
+        return await self.client.execute(self._save(self.client.core, token_ids, past_key_values))
 
     async def load(self, token_ids: Any, config: Any, *, max_tokens: int | None = None) -> tuple[int, Any]:
-        return await self._drive(self._load(token_ids, config, max_tokens))
+        return await self.client.execute(self._load(self.client.core, token_ids, config, max_tokens))
 
 
 # -- serving helpers (demo, benchmark, tests) --------------------------------------------------

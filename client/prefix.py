@@ -15,11 +15,12 @@ processes, machines and Python versions; Python's ``hash()`` is never used.
 ``key_format="lmcache"`` turns each binary key into an LMCache-style string
 ``model@world_size@worker_id@hash@dtype`` (hash in hex), encoded as UTF-8.
 
-:func:`save_chain` and :func:`load_chain` are the store side: a chain of
-blocks is written with ``put_many(..., parents=...)`` so the node knows it is
-a chain (it then evicts tails before heads); a read asks ``lookup_prefix``
-(which leases the leading blocks so they cannot be evicted before the fetch)
-and fetches them with ``get_many_into`` into the caller's preallocated buffers.
+:func:`save_chain` and :func:`load_chain` are the store side (blocking; the
+operations themselves are ``client/core/chains.py``): a chain of blocks is
+written with ``put_many(..., parents=...)`` so the node knows it is a chain
+(it then evicts tails before heads); a read asks ``lookup_prefix`` (which
+leases the leading blocks so they cannot be evicted before the fetch) and
+fetches them with ``get_many_into`` into the caller's preallocated buffers.
 Any object with the client surface (``SyncClient``, or an adapter such as the
 Redis one in ``bench/``) works.
 """
@@ -28,14 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from memkv.errors import InvalidArgument, KeyExists
+from memkv.client.core import chains
+from memkv.client.core.chains import DirectSurface, run_direct
+from memkv.client.sync_client import SyncClient
+from memkv.errors import InvalidArgument
 
 HASHES = ("xxh3", "blake2b")
 KEY_FORMATS = ("binary", "lmcache")
@@ -123,6 +127,14 @@ class PrefixHasher:
         return [self.format_key(d) for d in self.digests(token_ids)]
 
 
+def operations_of(client: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """``(store, run)`` for the chain operations of ``client/core/chains.py``: a ``SyncClient``
+    runs them with its executor; any other object with the client surface runs them directly."""
+    if isinstance(client, SyncClient):
+        return client.core, client.execute
+    return DirectSurface(client), run_direct
+
+
 def save_chain(client: Any, keys: Sequence[bytes], values: Sequence[Any], *, namespace: str = "shared",
                ttl: float | None = None, skip_existing: bool = True) -> int:
     """Store ``values[i]`` under ``keys[i]`` as one chain (parent of key i is key i-1).
@@ -134,21 +146,9 @@ def save_chain(client: Any, keys: Sequence[bytes], values: Sequence[Any], *, nam
     """
     if len(keys) != len(values):
         raise InvalidArgument("save_chain needs one value per key")
-    if not keys:
-        return 0
-    todo = list(range(len(keys)))
-    if skip_existing:
-        present = client.exists_many(keys, namespace=namespace)
-        todo = [i for i in todo if not present[i]]
-    if not todo:
-        return 0
-    items = [(keys[i], values[i]) for i in todo]
-    parents: list[bytes | None] = [keys[i - 1] if i > 0 else None for i in todo]
-    try:
-        client.put_many(items, namespace=namespace, ttl=ttl, parents=parents)
-    except KeyExists:
-        pass  # a racing replica stored (a bitwise different recompute of) the same prefix first
-    return len(todo)
+    store, run = operations_of(client)
+    return run(chains.save_chain(store, keys, lambda todo: [values[i] for i in todo], namespace=namespace,
+                                 ttl=ttl, skip_existing=skip_existing))
 
 
 def load_chain(client: Any, keys: Sequence[bytes], buffers: Sequence[Any], *, namespace: str = "shared",
@@ -160,13 +160,6 @@ def load_chain(client: Any, keys: Sequence[bytes], buffers: Sequence[Any], *, na
     checksum mismatch) shortens the run: blocks are used only up to the first
     hole, never past it.
     """
-    if not keys:
-        return 0
-    n = int(client.lookup_prefix(keys, lease=lease, namespace=namespace))
-    if n == 0:
-        return 0
-    got = client.get_many_into(list(keys[:n]), list(buffers[:n]), namespace=namespace)
-    for i, g in enumerate(got):
-        if g is None:
-            return i
-    return n
+    store, run = operations_of(client)
+    _n, got = run(chains.load_chain(store, keys, lambda n: buffers[:n], namespace=namespace, lease=lease))
+    return chains.first_hole(got)

@@ -2,7 +2,8 @@
 
 Every cluster node campaigns for ``/memkv/<cluster>/rebalancer/leader`` with
 its own registration lease (so leadership ends when the node dies or is
-fenced); the winner runs :class:`memkv.cluster.rebalancer.Rebalancer`, which
+fenced); the winner runs :class:`memkv.cluster.rebalancer.Rebalancer` (driven on real I/O by
+``memkv.cluster.rebalancer_run``), which
 creates the first slot map and then migrates slots on join, leave, drain and
 node loss. The rebalancer is blocking code (etcd and node calls) and runs in a
 worker thread, never on the node's event loop.
@@ -29,6 +30,7 @@ log = logging.getLogger("memkv.cluster")
 
 async def run_leader(member: ClusterMember) -> None:
     from memkv.cluster.rebalancer import DEFAULT_MBPS, Rebalancer
+    from memkv.cluster.rebalancer_run import RebalancerIO, run
 
     await member.registered.wait()
     assert member.etcd is not None and member.view is not None
@@ -36,13 +38,14 @@ async def run_leader(member: ClusterMember) -> None:
     if str(opts.get("rebalancer", True)).lower() in ("false", "0", "no", "off"):
         log.info("node %s does not run a rebalancer candidate ([cluster] rebalancer = false)", member.node_id)
         return
-    rb = Rebalancer(member.etcd, member.view, member.cluster, member.node_id,
+    rb = Rebalancer(member.view, member.cluster, member.node_id,
                     lease=lambda: member.lease_id, alive=lambda: not member.fenced(),
                     mbps=float(opts.get("rebalance_mbps", DEFAULT_MBPS)), slots=member.slots,
-                    replicas=member.replicas, credentials=member.credentials)
+                    replicas=member.replicas)
     member.rebalancer = rb  # type: ignore[attr-defined]
     stop = threading.Event()
+    io = RebalancerIO(member.etcd, member.view, credentials=member.credentials, stop=stop)
     try:
-        await trio.to_thread.run_sync(rb.run, stop, abandon_on_cancel=True, thread_name="memkv-rebalancer")
+        await trio.to_thread.run_sync(run, rb, io, abandon_on_cancel=True, thread_name="memkv-rebalancer")
     finally:
         stop.set()

@@ -25,10 +25,11 @@ from typing import Any
 
 import trio
 
-from memkv.client.cluster_map import DEFAULT_SLOTS, NodeInfo, key_slot, node_key
+from memkv.client.cluster_map import DEFAULT_SLOTS, NodeInfo, node_key
 from memkv.client.cluster_view import ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
-from memkv.errors import Fenced, Moved
+from memkv.cluster.ownership import route_check
+from memkv.errors import Fenced
 
 log = logging.getLogger("memkv.cluster")
 
@@ -72,21 +73,7 @@ class ClusterMember:
         ep = meta.get("ep")
         if ep is None or self.view is None:
             return
-        sm = self.view.state.slotmap
-        if sm is None:
-            raise Moved(f"node {self.node_id} has no slot map yet (epoch 0)", 0)
-        if not isinstance(ep, int):
-            return
-        if ep > sm.epoch:
-            return  # the client has a newer map than ours (which names us): it is the authority
-        if write and ep < sm.epoch:
-            raise Moved(f"slot map changed: node {self.node_id} is at epoch {sm.epoch}", sm.epoch)
-        me = self.node_id
-        table, slots = sm.table, sm.slots
-        for k in keys:
-            s = key_slot(k, slots)
-            if me not in table[s]:
-                raise Moved(f"slot {s} is not on node {me} at epoch {sm.epoch}", sm.epoch)
+        route_check(self.view.state.slotmap, self.node_id, ep, keys, write)
 
     def stats(self) -> dict[str, Any]:
         st = self.view.state if self.view is not None else None

@@ -25,7 +25,7 @@ def _etcd_for(url: str) -> tuple[Any, str]:
 def _rebalancer(args: argparse.Namespace) -> int:
     import logging
 
-    from memkv.cluster.rebalancer import run_standalone
+    from memkv.cluster.rebalancer_run import run_standalone
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
@@ -44,6 +44,15 @@ def _rebalancer(args: argparse.Namespace) -> int:
 def _slots_on(st: Any, node: str) -> int:
     sm = st.slotmap
     return 0 if sm is None else sum(1 for row in sm.table if node in row)
+
+
+def _freed(etcd: Any, key: str) -> bool:
+    """The rebalancer has had the drained node hand its values over and free them (its record says so)."""
+    kv, _ = etcd.get(key)
+    try:
+        return kv is not None and bool(json.loads(kv.value).get("freed"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _drain(args: argparse.Namespace) -> int:
@@ -81,7 +90,7 @@ def _drain(args: argparse.Namespace) -> int:
                     left = _slots_on(st, args.node_id)
                     progress.update(task, completed=total - left, info=f"epoch {st.epoch}")
                     if left == 0 and st.slotmap is not None and not any(
-                            args.node_id in p for p in st.slotmap.pending.values()):
+                            args.node_id in p for p in st.slotmap.pending.values()) and _freed(etcd, key):
                         break
                 except EtcdUnavailable:
                     pass
@@ -90,8 +99,8 @@ def _drain(args: argparse.Namespace) -> int:
                                   "(is a rebalancer running? is there another node to take them?)")
                     return 1
                 time.sleep(0.3)
-        console.print(f"node {args.node_id} holds no slots: it can be stopped now (its drain mark is removed "
-                      "once it has left)")
+        console.print(f"node {args.node_id} holds no slots and has handed its values over: it can be stopped now "
+                      "(its drain mark is removed once it has left)")
         print(args.node_id, "drained", flush=True)
         return 0
     finally:

@@ -1,10 +1,42 @@
-"""The rebalancing part of ``memkv status``: migrations as rich progress bars."""
+"""The rebalancing part of ``memkv status``: what is moving (read from etcd), shown as progress bars."""
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
+from memkv.cluster.rebalancer import drain_prefix, migrations_prefix, progress_key, under_replicated
 from memkv.sizes import format_size
+
+
+def migration_status(etcd: Any, cluster: str, st: Any) -> dict[str, Any]:
+    """For ``memkv status``: migrations in flight (bytes, rate, ETA), under-replicated slots, progress."""
+    kvs, _ = etcd.get_prefix(migrations_prefix(cluster))
+    now = time.time()
+    out = []
+    for kv in kvs:
+        try:
+            rec = json.loads(kv.value)
+        except ValueError:
+            continue
+        elapsed = max(1e-3, now - float(rec.get("started", now)))
+        for mv in rec.get("moves", []):
+            done, total = int(mv.get("bytes_done", 0)), int(mv.get("bytes_total", 0))
+            rate = done / elapsed
+            left = max(0, total - done)
+            out.append({"round": rec.get("id"), "state": rec.get("state"), "src": mv.get("src"),
+                        "dst": mv.get("dst"), "slots": len(mv.get("slots", [])), "bytes_done": done,
+                        "bytes_total": total, "values_done": int(mv.get("values_done", 0)),
+                        "rate": rate, "eta_s": (left / rate) if rate > 0 else None,
+                        "done": bool(mv.get("done")), "failed": mv.get("failed"), "resumed": rec.get("resumed")})
+    kv, _ = etcd.get(progress_key(cluster))
+    progress = json.loads(kv.value) if kv is not None else None
+    drains = sorted(k.key.rsplit("/", 1)[1] for k in etcd.get_prefix(drain_prefix(cluster))[0])
+    sm = st.slotmap
+    return {"migrations": out, "rebalancer": progress, "draining": drains,
+            "slots_moving": len(sm.pending) if sm is not None else 0,
+            "under_replicated": under_replicated(sm, set(st.nodes)) if sm is not None else 0}
 
 
 def print_migrations(data: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ into a balanced, sticky slot map.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Iterator, Mapping
 
 import mmh3
@@ -24,11 +25,23 @@ def slot_point(slot: int) -> int:
     return point(b"slot:%d" % slot)
 
 
+@functools.lru_cache(maxsize=8)
+def slot_points(slots: int) -> tuple[int, ...]:
+    """Every slot's ring point (the rebalancer asks for them at every change: hash them once)."""
+    return tuple(slot_point(s) for s in range(slots))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def node_points(node_id: str, vnodes: int) -> tuple[tuple[int, str], ...]:
+    """A node's virtual-node points (a node keeps them for life: hash them once)."""
+    return tuple((point(f"{node_id}#{i}".encode()), node_id) for i in range(vnodes))
+
+
 class Ring:
     def __init__(self, members: Mapping[str, str], vnodes: int = VNODES) -> None:
         """``members``: node id -> zone."""
         self.members = dict(members)
-        pts = sorted((point(f"{nid}#{i}".encode()), nid) for nid in self.members for i in range(vnodes))
+        pts = sorted(p for nid in self.members for p in node_points(nid, vnodes))
         self.points = [p for p, _ in pts]
         self.owners = [n for _, n in pts]
         self._by_node: dict[str, list[int]] = {}

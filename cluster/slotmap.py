@@ -24,10 +24,10 @@ slot's list (primary first = the replica most likely to hold the data).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from memkv.client.cluster_map import DEFAULT_SLOTS, SlotMap
-from memkv.cluster.ring import VNODES, Ring, slot_point
+from memkv.cluster.ring import VNODES, Ring, slot_points
 
 
 class _Alive:
@@ -71,8 +71,14 @@ def _zone_ok(members: Mapping[str, str], cand: str, others: Sequence[str], victi
 
 
 def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, replicas: int = 1,
-                  prev: Sequence[Sequence[str]] | None = None, vnodes: int = VNODES) -> list[tuple[str, ...]]:
-    """slot -> replica node ids (primary first) for ``members`` (node id -> zone)."""
+                  prev: Sequence[Sequence[str]] | None = None, vnodes: int = VNODES,
+                  newcomers: Collection[str] = ()) -> list[tuple[str, ...]]:
+    """slot -> replica node ids (primary first) for ``members`` (node id -> zone).
+
+    ``newcomers``: members that joined since the map ``prev`` was last balanced for (the
+    rebalancer passes the members its map does not list yet). They take slots up to the mean even
+    when a part of their share has already moved to them: computed again half-way through a join
+    (after each round), the target still gives them their whole share."""
     ids = sorted(members)
     if not ids:
         return [() for _ in range(slots)]
@@ -86,7 +92,7 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
     cap += max(1, cap // 64)
     lo = total // len(ids)
     ring = Ring(members, vnodes)
-    points = [slot_point(s) for s in range(slots)]
+    points = slot_points(slots)
 
     # 1. keep what survives
     table: list[list[str]] = []
@@ -100,14 +106,14 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
     for row in table:
         load.update(row)
 
-    # Nodes above ``hard`` after a membership change (nodes were added, the mean fell)
-    # are rebalanced by 3a; below it, leaving them be saves moves.
+    # Nodes above ``hard`` (nodes were added and the mean fell, or the fill had to exceed the
+    # bound) are rebalanced by 3a; below it, leaving them be saves moves.
     hard = max(cap, int(total / len(ids) * 1.08))
-    over_before = {n for n in ids if load[n] > hard}
 
     # 2. fill empty positions: ring walk, bounded load, zone-aware
     all_zones = set(members.values())
     alive = _Alive(ring)
+    filled: set[tuple[int, str]] = set()  # positions this computation filled (moving them again costs nothing)
     for n in ids:
         if load[n] >= cap:
             alive.kill(n)
@@ -131,6 +137,7 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
             if pick is None:  # everyone eligible is full: exceed the bound rather than under-replicate
                 pick = min((n for n in ids if n not in row), key=lambda n: (load[n], n))
             row.append(pick)
+            filled.add((s, pick))
             load[pick] += 1
             if load[pick] >= cap:
                 alive.kill(pick)
@@ -142,9 +149,9 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
         load[victim] -= 1
         load[thief] += 1
 
-    # 3b. newcomers (far below the mean) take slots from the most loaded nodes
+    # 3b. newcomers (far below the mean, or named) take slots from the most loaded nodes
     for u in sorted(ids, key=lambda n: (load[n], n)):
-        if load[u] * 2 >= lo:
+        if load[u] * 2 >= lo and u not in newcomers:
             continue
         order = sorted(range(slots), key=lambda s: (ring.distance_to(u, points[s]), s))
         for s in order:
@@ -159,12 +166,13 @@ def compute_table(members: Mapping[str, str], *, slots: int = DEFAULT_SLOTS, rep
             victim = max(victims, key=lambda n: (load[n], n))
             if _zone_ok(members, u, [n for n in row if n != victim], victim):
                 move(s, victim, u)
-    # 3a. nodes that were over the bound before (it shrank: nodes were added) give slots
-    #     to the least loaded eligible node
-    for o in sorted(over_before):
-        if load[o] <= hard:
-            continue
-        for s in sorted((s for s in range(slots) if o in table[s]), key=lambda s: points[s]):
+    # 3a. nodes over the bound (it shrank: nodes were added; or the fill had to exceed it) give
+    #     slots to the least loaded eligible node. Done after the fill, so that the result is a
+    #     fixed point: computing again from it changes nothing (else every round of the
+    #     rebalancer would find a little more to move).
+    for o in sorted(n for n in ids if load[n] > hard):
+        # the fill's own choices first: giving such a position to another node is no extra move
+        for s in sorted((s for s in range(slots) if o in table[s]), key=lambda s: ((s, o) not in filled, points[s])):
             if load[o] <= cap:
                 break
             others = [n for n in table[s] if n != o]

@@ -29,7 +29,7 @@ def cluster_status(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
     etcd = Etcd([(n.host, n.port) for n in parsed.nodes], timeout=timeout)
     try:
         st = ClusterView(etcd, parsed.cluster).load()
-        from memkv.cluster.rebalancer import migration_status  # migrations, under-replicated slots
+        from memkv.cluster.rebalance_status import migration_status  # migrations, under-replicated slots
 
         moving = migration_status(etcd, parsed.cluster, st)
     finally:

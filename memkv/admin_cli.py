@@ -32,29 +32,24 @@ def _nodes(url: str) -> tuple[Any, list[Any]]:
     parsed = parse_url(url)
     if parsed.scheme == "memkv":
         return parsed, [parsed.nodes[0]]
-    from memkv.client.cluster_router import open_sync_cluster_router
+    from memkv.client.core.routing import ClusterRouter
 
-    router = open_sync_cluster_router(parsed)
+    router = ClusterRouter.open(parsed)
     try:
         return parsed, list(router.all_nodes())
     finally:
-        close = getattr(router, "close", None)
-        if close is not None:
-            close()
+        router.close()
 
 
 def admin_call(node: Any, meta: dict[str, Any], *, admin: str | None, token: str | None, tls: Any = None,
                timeout: float = 120.0) -> dict[str, Any]:
     """One ADMIN request to one node (a fresh connection, authenticated when ``admin`` is given)."""
-    from memkv.client.calls import SimpleCall
-    from memkv.client.sync_connection import BlockingConnection
-    from memkv.client.tls import TLSBlockingConnection, client_context
+    from memkv.client.core.calls import SimpleCall
+    from memkv.client.executors.blocking_connection import BlockingConnection
+    from memkv.client.tls import client_context
 
-    ctx = client_context(tls)
-    if ctx is not None:
-        conn = TLSBlockingConnection.open_tls(node.host, node.port, ctx, tenant=admin, token=token, timeout=timeout)
-    else:
-        conn = BlockingConnection.open(node.host, node.port, tenant=admin, token=token, timeout=timeout)
+    conn = BlockingConnection.open(node.host, node.port, tenant=admin, token=token, timeout=timeout,
+                                   tls=client_context(tls))
     try:
         return conn.call(SimpleCall(Op.ADMIN, meta))
     finally:

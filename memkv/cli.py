@@ -62,9 +62,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from memkv.demo_vllm import run_demo_vllm
+
+        return run_demo_vllm(json_path=args.json, nodes=args.nodes or 1)
     from memkv.demo import run_demo
 
-    return run_demo(json_path=args.json, nodes=args.nodes)
+    return run_demo(json_path=args.json, nodes=args.nodes or 2)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -106,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="start a local node/cluster and run a workload")
     d.add_argument("--json", help="also write the results as JSON to this file")
-    d.add_argument("--nodes", type=int, default=2,
-                   help="storage nodes: 2+ start a local cluster (etcd + nodes), 1 a standalone node")
+    d.add_argument("--nodes", type=int, default=None,
+                   help="storage nodes: 2+ start a local cluster (etcd + nodes), 1 a standalone node "
+                        "(default 2; 1 with --engine vllm)")
+    d.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                   help="replicas: transformers processes (default, quick) or vLLM engine processes "
+                        "(needs the vllm extra)")
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="quick put/get benchmark against a running node or cluster")

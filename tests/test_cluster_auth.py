@@ -20,9 +20,9 @@ from conftest import free_port, wait_for_port
 from conftest_etcd import LocalCluster
 
 from memkv.client import SyncClient
-from memkv.client.calls import PutManyCall, SimpleCall
+from memkv.client.core.calls import PutManyCall, SimpleCall
 from memkv.client.etcd import Etcd
-from memkv.client.sync_connection import BlockingConnection
+from memkv.client.executors.blocking_connection import BlockingConnection
 from memkv.cluster.identity import etcd_secret, secret_key
 from memkv.errors import AuthError, PermissionDenied
 from memkv.protocol.auth import INTERNAL_TENANT, internal_token
@@ -192,10 +192,9 @@ def test_internal_ops_need_the_cluster_identity_over_mutual_tls(etcd_server: Any
         etcd.close()
     n1 = cl.nodes["n1"]
     ctx_host, ctx_port = n1.host, n1.port
-    from memkv.client.tls import TLSBlockingConnection
 
     def open_as(tenant: str, token: str) -> BlockingConnection:
-        return TLSBlockingConnection.open_tls(ctx_host, ctx_port, ctx, tenant=tenant, token=token, timeout=10.0)
+        return BlockingConnection.open(ctx_host, ctx_port, tenant=tenant, token=token, timeout=10.0, tls=ctx)
 
     push = {"job": "x:n1:n2", "slots": list(range(4096)), "nslots": 4096, "dest": cl.nodes["n2"].address,
             "epoch": 1, "max_bytes": 1 << 20}

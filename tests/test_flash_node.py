@@ -237,7 +237,7 @@ def test_write_versions_survive_a_restart(start_node):
     """A node restarted from disk must still know how old its values are: replicas compare
     versions to pick the newest (memkv/protocol/versions.py); with versions lost, an older
     value could win over a newer one after a rolling restart."""
-    from memkv.client.calls import GetManyCall
+    from memkv.client.core.calls import GetManyCall
 
     node = start_node(config=DURABLE)
     keys = [f"v{i}".encode() for i in range(20)]

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from memkv.admin_cli import admin_call
 from memkv.client import SyncClient
-from memkv.client.sync_connection import BlockingConnection
+from memkv.client.executors.blocking_connection import BlockingConnection
 from memkv.client.url import parse_url
 from memkv.engine.checksum import checksum
 from memkv.errors import ResourceLimit, TooManyConnections

@@ -10,8 +10,8 @@ import pytest
 from memkv.admin_cli import admin_call
 from memkv.cli import main as cli_main
 from memkv.client import SyncClient
-from memkv.client.calls import SimpleCall
-from memkv.client.sync_connection import BlockingConnection
+from memkv.client.core.calls import SimpleCall
+from memkv.client.executors.blocking_connection import BlockingConnection
 from memkv.client.url import parse_url
 from memkv.errors import AuthError, PermissionDenied, RateLimited
 from memkv.protocol import auth

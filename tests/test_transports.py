@@ -16,9 +16,8 @@ import pytest
 import trio
 
 from memkv.client import Client, SyncClient
-from memkv.client import onesided as onesided_mod
-from memkv.client.calls import SimpleCall
-from memkv.client.ops import Send
+from memkv.client.core import onesided as onesided_mod
+from memkv.client.core.calls import SimpleCall
 from memkv.errors import InvalidArgument, PermissionDenied
 from memkv.protocol.opcodes import Op
 from memkv.transport import pyverbs_available, rdma_devices
@@ -221,7 +220,7 @@ def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
         node = _node_of(c)
         old = os.urandom(64 * KiB)
         c.put(b"q", old)
-        rep = c._exec(Send(SimpleCall(Op.LOCATE, {"ks": [b"q"], "lease": 1.0}), node=node))
+        rep = c.execute(c.core.call(node, SimpleCall(Op.LOCATE, {"ks": [b"q"], "lease": 1.0})))
         off, n, cs, gen = rep["d"][0]
         assert rep["valid"] > 0 and n == len(old)
         assert c.delete(b"q")
@@ -230,7 +229,7 @@ def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
         with open(c.stats()["region"]["path"], "rb") as f:
             f.seek(off)
             assert f.read(n) == old
-        rep2 = c._exec(Send(SimpleCall(Op.LOCATE, {"ks": [b"q0"]}), node=node))
+        rep2 = c.execute(c.core.call(node, SimpleCall(Op.LOCATE, {"ks": [b"q0"]})))
         assert rep2["d"][0][0] != off and rep2["d"][0][3] > gen
         assert c.stats()["region"]["quarantined"] >= 64 * KiB
 

@@ -1,17 +1,5 @@
-"""Value checksums: xxh3-64 over any buffer, without copying it."""
+"""Value checksums (defined with the wire format, ``memkv/protocol/checksum.py``)."""
 
-from __future__ import annotations
+from memkv.protocol.checksum import checksum
 
-import xxhash
-
-_xxh3 = xxhash.xxh3_64_intdigest
-
-
-def checksum(buf) -> int:
-    """xxh3-64 of the bytes of ``buf`` (bytes, bytearray, memoryview, numpy array, mmap).
-
-    The buffer protocol is used directly, so nothing is copied. A non-contiguous
-    buffer (a strided numpy view) cannot be hashed in place and is rejected by
-    xxhash with ``BufferError``/``TypeError``.
-    """
-    return _xxh3(buf)
+__all__ = ["checksum"]

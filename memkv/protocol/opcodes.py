@@ -28,6 +28,7 @@ class Op(enum.IntEnum):
     SLOT_SIZES = 61
     MIGRATE_PUSH = 62
     DROP_SLOTS = 63
+    SLOT_VERSIONS = 64  # the versions a node holds of given keys: a freeing node hands off what owners lack
 
 
 class Flag(enum.IntFlag):

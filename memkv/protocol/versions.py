@@ -6,7 +6,7 @@ written independently by the client; one that was down, fenced or unreachable du
 overwrite keeps the older value. Versions make that visible and decidable: a node keeps
 the newer of two writes whatever order they arrive in (``Store.commit``), a cluster read
 of an overwritable namespace compares the replicas' versions and returns (and repairs
-onto the others) the newest (``client/ops.py``), and a slot copy never replaces a newer
+onto the others) the newest (``client/core/repair.py``), and a slot copy never replaces a newer
 value (``cluster/migration.py``). Versions are persisted with each flash record, so a
 node that restarts from disk still knows how old its values are.
 

@@ -1,9 +1,10 @@
-"""Requests as sans-IO objects: what to send, where the reply payload goes, what to return.
+"""One request and its reply, as sans-IO objects: what to send, where the reply payload goes, what to return.
 
-Both the trio connection and the blocking connection run the same ``Call``
-objects, so the logic of every operation exists once. A call never touches a
-socket: ``destinations`` tells the connection where to ``recv_into`` the reply
-payload, and ``finish`` turns the reply into the caller's result.
+A ``Call`` never touches a socket. The connection protocol
+(``client/core/protocol.py``) encodes ``op``/``meta``/``payload``, asks
+``destinations(frame)`` where the reply payload goes (the caller's buffer,
+or a fresh ``bytes`` filled in place) and hands the finished reply to
+``finish``, which turns it into the caller's result and checks its checksum.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from memkv.client.buffers import byte_view, finish_bytes, new_bytes
-from memkv.engine.checksum import checksum
-from memkv.errors import InvalidArgument
+from memkv.errors import InvalidArgument, error_from_code
+from memkv.protocol.checksum import checksum
 from memkv.protocol.codec import Frame
 from memkv.protocol.opcodes import Op
 from memkv.protocol.versions import CLOCK
@@ -69,7 +70,7 @@ class PutCall(Call):
                  parent: bytes | None = None, extra: dict[str, Any] | None = None) -> None:
         view = byte_view(value)
         meta: dict[str, Any] = {"k": key, "cs": checksum(view)}
-        if extra:  # security options: "model", "nostore" (memkv/server/security.py)
+        if extra:  # security options: "model", "nostore"
             meta.update(extra)
         if "ver" not in meta:
             # the write's version, the same on every replica (memkv/protocol/versions.py)
@@ -97,7 +98,7 @@ class PutManyCall(Call):
         views = [byte_view(v) for v in values]
         meta: dict[str, Any] = {"ks": keys, "ls": [v.nbytes for v in views],
                                 "cs": [checksum(v) for v in views]}
-        if extra:  # security options: "model", "nostore" (memkv/server/security.py); "vers" (repairs, copies)
+        if extra:  # security options: "model", "nostore"; "vers" (repairs, copies)
             meta.update(extra)
         if "ver" not in meta and "vers" not in meta:
             meta["ver"] = CLOCK.next()
@@ -113,8 +114,6 @@ class PutManyCall(Call):
 
     def finish(self, frame: Frame, dests: list[memoryview]) -> list[Any]:
         """Per item: the generation (int) or the typed error, in request order."""
-        from memkv.errors import error_from_code
-
         errs = frame.meta.get("errs") or [None] * len(frame.meta.get("gens", []))
         vers = frame.meta.get("vers")
         if vers:
@@ -133,10 +132,13 @@ class GetCall(Call):
         self.key = key
         self.into = byte_view(into, writable=True) if into is not None else None
         self.version = 0  # of the value returned (0: a miss)
-        self.overwrite = False  # the namespace allows overwrites: replicas may disagree (client/ops.py)
+        self.overwrite = False  # the namespace allows overwrites: replicas may disagree (client/core/repair.py)
+        self.too_small = 0  # size of a value the caller's buffer could not hold
+        self._buf: bytes | bytearray = b""
 
     def destinations(self, frame: Frame) -> list[memoryview]:
         n = frame.payload_len
+        self.too_small = 0
         if self.into is None:
             self._buf, view = new_bytes(n)
             return [view]
@@ -153,7 +155,7 @@ class GetCall(Call):
             return None
         self.version = int(meta.get("ver", 0))
         CLOCK.observe(self.version)
-        if getattr(self, "too_small", 0):
+        if self.too_small:
             raise InvalidArgument(f"buffer of {self.into.nbytes if self.into else 0} bytes is too small "
                                   f"for a value of {self.too_small} bytes")
         if not dests:  # an empty value: the connection asked for no destination
@@ -179,10 +181,12 @@ class GetManyCall(Call):
         self.too_small: list[int] = []
         self.versions: list[int] = []  # per key, of the value returned (0: a miss)
         self.overwrite = False
+        self._bufs: list[bytes | bytearray] = []
 
     def destinations(self, frame: Frame) -> list[memoryview]:
         dests: list[memoryview] = []
-        self._bufs: list[bytes | bytearray] = []
+        self._bufs = []
+        self.too_small = []
         for i, n in enumerate(frame.meta.get("ls", [])):
             if n < 0:
                 continue
@@ -203,6 +207,8 @@ class GetManyCall(Call):
         gens = frame.meta.get("gens", [])
         self.versions = list(frame.meta.get("vers") or [0] * len(lens))
         self.overwrite = bool(frame.meta.get("ow"))
+        if not frame.payload_len:  # no destinations were asked for: nothing of an earlier attempt counts
+            self._bufs, self.too_small = [], []
         if self.versions:
             CLOCK.observe(max(self.versions))
         if self.too_small:
@@ -220,8 +226,7 @@ class GetManyCall(Call):
                 self.versions[i] = 0
                 out.append(None)
             elif self.intos is None:
-                bufs = getattr(self, "_bufs", ())
-                out.append(finish_bytes(bufs[j - 1]) if j - 1 < len(bufs) else bytes(dest))
+                out.append(finish_bytes(self._bufs[j - 1]) if j - 1 < len(self._bufs) else bytes(dest))
             else:
                 out.append(n)
         return out

@@ -1,9 +1,10 @@
-"""Client side of the shared-memory transport: the node's region, mapped read-only.
+"""Shared-memory transport: the node's region, mapped read-only by a client on the same host.
 
 The node hands a read-only descriptor of its (unlinked) region file over an
 abstract Unix socket (SCM_RIGHTS) to a client that shows a ticket it got over
 its TCP connection; the client maps it read-only and copies values itself. No
-node work on the data path: one memcpy from the mapping into the caller's buffer.
+node work on the data path: one memcpy from the mapping into the caller's
+buffer, hashed chunk by chunk while the bytes are still in cache.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import array
 import mmap
 import os
 import socket
+from collections.abc import Generator
 
 import xxhash
 
+from memkv.client.transports.base import ReadRequest
 from memkv.errors import NodeUnavailable
 
 CHUNK = 256 * 1024  # copy-then-hash unit: stays in L2 between the copy and the hash
@@ -22,6 +25,8 @@ POPULATE_MAX = int(os.environ.get("MEMKV_SHM_POPULATE_MAX", str(4 << 30)))
 
 
 class ShmRegion:
+    """A ``OneSidedTransport`` (``base.py``) over a read-only mapping of the node's region."""
+
     kind = "shm"
 
     def __init__(self, sock_name: bytes, ticket: bytes, region_id: str, size: int, timeout: float = 2.0) -> None:
@@ -42,15 +47,20 @@ class ShmRegion:
         self.view = memoryview(self._mmap)
         self.region_id = region_id
         self.size = size
+        self.broken = False
 
-    def copy(self, offset: int, length: int, dest: memoryview) -> None:
-        """Copy ``length`` bytes at ``offset`` of the region into ``dest`` (one memcpy)."""
-        if offset < 0 or offset + length > self.size:
-            raise NodeUnavailable("descriptor outside the region")
-        dest[:length] = self.view[offset:offset + length]
+    @classmethod
+    def open(cls, info: dict) -> ShmRegion:
+        """From a LOCATE ``do="info"`` reply (blocking: the Unix-socket hand-off)."""
+        return cls(info["sock"], info["ticket"], info["r"], int(info["size"]))
+
+    def read(self, reqs: list[ReadRequest]) -> Generator[None, None, list[int]]:
+        """Copy every request; a memory copy never waits, so this generator never yields."""
+        return [self.copy_checksummed(off, n, dest) for off, n, dest in reqs]
+        yield  # noqa: B901 - a generator, the shape of every transport's read
 
     def copy_checksummed(self, offset: int, length: int, dest: memoryview) -> int:
-        """Copy like ``copy`` and return the xxh3 checksum of what was copied.
+        """Copy ``length`` bytes at ``offset`` of the region into ``dest``; the xxh3 checksum of what was copied.
 
         The copy goes in cache-sized chunks, each hashed right after it lands
         while it is still in cache: one pass over memory instead of two.

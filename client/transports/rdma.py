@@ -1,12 +1,12 @@
-"""Client side of the RDMA transport (pyverbs): RDMA READs into a registered staging buffer.
+"""RDMA transport (pyverbs): RDMA READs of the node's region into a registered staging buffer.
 
 One RC queue pair per (client, node), set up through the TCP connection
 (LOCATE ``do="rdma"``). A read of many values posts one READ per value (or
 per piece of a value larger than the staging buffer) before polling, then
 copies the staging buffer into the callers' buffers. ``read`` is a generator
-that yields whenever it has to wait for completions, so the trio client and
-the blocking client drive the same code. Any failure raises ``RdmaError`` and
-marks the channel broken; the caller falls back to TCP.
+that yields whenever it has to wait for completions (``base.py``), so the
+trio client and the blocking client drive the same code. Any failure raises
+``RdmaError`` and marks the channel broken; the core falls back to TCP.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import time
 from collections.abc import Generator
 from typing import Any
 
+from memkv.client.transports.base import ReadRequest
+from memkv.protocol.checksum import checksum
 from memkv.transport import Verbs, buffer_address
 
 STAGE_BYTES = int(os.environ.get("MEMKV_RDMA_STAGE", str(16 << 20)))
@@ -30,6 +32,8 @@ class RdmaError(Exception):
 
 
 class RdmaChannel:
+    """A ``OneSidedTransport`` (``base.py``): one queue pair to one node's region."""
+
     kind = "rdma"
 
     def __init__(self, stage_bytes: int = STAGE_BYTES) -> None:
@@ -66,9 +70,9 @@ class RdmaChannel:
         self.region_id = region_id
         self.size = size
 
-    def _rounds(self, reqs: list[tuple[int, int, memoryview]]) -> list[list[tuple[int, int, memoryview]]]:
+    def _rounds(self, reqs: list[ReadRequest]) -> list[list[ReadRequest]]:
         """Pieces (remote offset, length, destination) packed into rounds that fit the stage and the SQ."""
-        rounds: list[list[tuple[int, int, memoryview]]] = [[]]
+        rounds: list[list[ReadRequest]] = [[]]
         used = 0
         for off, n, dest in reqs:
             done = 0
@@ -82,8 +86,24 @@ class RdmaChannel:
                 done += piece
         return [r for r in rounds if r]
 
-    def read(self, reqs: list[tuple[int, int, memoryview]]) -> Generator[None, None, None]:
-        """RDMA READ each ``(offset, length, dest)`` of the node's region into ``dest``."""
+    def read(self, reqs: list[ReadRequest]) -> Generator[None, None, list[int]]:
+        """RDMA READ each ``(offset, length, dest)`` of the node's region into ``dest``; their checksums.
+
+        One reader at a time per queue pair (tasks and threads share a client): a
+        second one waits, yielding. A read abandoned half-way (its task cancelled)
+        may leave completions in flight: the channel is then never used again."""
+        while not self.lock.acquire(blocking=False):
+            yield
+        try:
+            yield from self._read(reqs)
+        except BaseException:
+            self.broken = True
+            raise
+        finally:
+            self.lock.release()
+        return [checksum(dest[:n]) for _off, n, dest in reqs]
+
+    def _read(self, reqs: list[ReadRequest]) -> Generator[None, None, None]:
         import pyverbs.enums as e
         from pyverbs.wr import SGE, SendWR
 

@@ -1,0 +1,161 @@
+"""``ClientCore``: the client API of DESIGN.md §9 as operations, written once for both executors.
+
+``Client`` (trio) and ``SyncClient`` (blocking) are thin: each public method
+asks the core for an operation and runs it with its executor's one driver
+loop (``client/executors/``). Everything a method means — validation,
+one-sided or TCP, routing, failover, repair, restarts after ``MOVED`` —
+is decided here and below, without I/O, so both clients behave the same by
+construction and the decisions can be tested by feeding replies to an
+operation (``tests/test_client_core.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from memkv.client.core import ops
+from memkv.client.core.calls import Call
+from memkv.client.core.dispatch import call_node, restarting
+from memkv.client.core.onesided import OneSidedReads
+from memkv.client.core.requests import Blocking, Op
+from memkv.client.core.routing import ClusterRouter, Router, StandaloneRouter
+from memkv.client.url import NodeAddress, ParsedURL
+from memkv.errors import InvalidArgument
+from memkv.protocol.opcodes import Op as Opcode
+
+TRANSPORTS = ("auto", "tcp", "shm", "rdma")
+
+
+def check_transport(transport: str) -> None:
+    if transport not in TRANSPORTS:
+        raise InvalidArgument(f"transport must be one of {TRANSPORTS}")
+
+
+def security_meta(model: str | None, no_store: bool) -> dict[str, Any] | None:
+    """``model``: provenance recorded in the node's audit log; ``no_store``: DRAM only, short TTL,
+    never on flash, key hashed in the audit log (README "Security")."""
+    if model is None and not no_store:
+        return None
+    meta: dict[str, Any] = {}
+    if model is not None:
+        meta["model"] = str(model)
+    if no_store:
+        meta["nostore"] = True
+    return meta
+
+
+class ClientCore:
+    """Everything a client does, as operations over one router (and one-sided transports)."""
+
+    def __init__(self, router: Router, *, transport: str = "tcp") -> None:
+        check_transport(transport)
+        self.router = router
+        # one-sided reads (shared memory / RDMA) for transport auto|shm|rdma (client/core/onesided.py)
+        self.onesided = OneSidedReads(transport) if transport != "tcp" else None
+
+    @classmethod
+    def connect(cls, parsed: ParsedURL, *, transport: str) -> Op:
+        """The operation that connects: a ``ClientCore`` for ``memkv://`` (one node, pinged now so that
+        a wrong address or token fails here rather than at the first put) or ``etcd://`` (the slot
+        map read and watched)."""
+        check_transport(transport)
+        if parsed.scheme == "memkv":
+            core = cls(StandaloneRouter(parsed.nodes[0]), transport=transport)
+            yield from core.ping()
+            return core
+        router = yield Blocking(ClusterRouter.open, parsed)
+        return cls(router, transport=transport)
+
+    def close(self) -> Op:
+        """Release the transports and the router (a cluster router's watcher thread)."""
+        if self.onesided is not None:
+            self.onesided.close()
+        if self.router.clustered:
+            yield Blocking(self.router.close)
+
+    def _op(self, fn: Callable[..., Op], *args: Any, **kwargs: Any) -> Op:
+        """``fn(router, ...)``; in a cluster run again from the start after MOVED (``dispatch.restarting``)."""
+        if self.router.clustered:
+            return restarting(self.router, fn, self.router, *args, **kwargs)
+        return fn(self.router, *args, **kwargs)
+
+    # -- the API (DESIGN.md §9); the executors give the defaults
+    def put(self, key: bytes | str, value: Any, *, namespace: str, ttl: float | None, pin: bool,
+            parent: bytes | None = None, model: str | None = None, no_store: bool = False) -> Op:
+        return self._op(ops.put, key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent,
+                        extra=security_meta(model, no_store))
+
+    def get(self, key: bytes | str, *, namespace: str) -> Op:
+        if self.onesided is not None:
+            return self._op(self.onesided.read, [key], namespace, single=True)
+        return self._op(ops.get, key, namespace=namespace)
+
+    def get_into(self, key: bytes | str, buffer: Any, *, namespace: str) -> Op:
+        if self.onesided is not None:
+            return self._op(self.onesided.read, [key], namespace, single=True, into=buffer)
+        return self._op(ops.get, key, namespace=namespace, into=buffer)
+
+    def put_many(self, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *, namespace: str,
+                 ttl: float | None = None, pin: bool = False, parents: list[bytes | None] | None = None,
+                 model: str | None = None, no_store: bool = False) -> Op:
+        return self._op(ops.put_many, items, namespace=namespace, ttl=ttl, pin=pin, parents=parents,
+                        extra=security_meta(model, no_store))
+
+    def get_many(self, keys: Iterable[bytes | str], *, namespace: str) -> Op:
+        if self.onesided is not None:
+            return self._op(self.onesided.read, list(keys), namespace)
+        return self._op(ops.get_many, keys, namespace=namespace)
+
+    def get_many_into(self, keys: Iterable[bytes | str], buffers: list[Any], *, namespace: str) -> Op:
+        if self.onesided is not None:
+            return self._op(self.onesided.read, list(keys), namespace, intos=buffers)
+        return self._op(ops.get_many, keys, namespace=namespace, intos=buffers)
+
+    def exists_many(self, keys: Iterable[bytes | str], *, namespace: str) -> Op:
+        return self._op(ops.keyed_batch, Opcode.EXISTS_MANY, keys, namespace=namespace, field_name="ex")
+
+    def delete(self, key: bytes | str, *, namespace: str) -> Op:
+        return self._op(ops.delete, key, namespace=namespace)
+
+    def pin(self, keys: Iterable[bytes | str], *, ttl: float | None, namespace: str) -> Op:
+        return self._op(ops.keyed_batch, Opcode.PIN, keys, namespace=namespace, field_name="n", is_write=True,
+                        extra={"ttl": ttl} if ttl is not None else None)
+
+    def unpin(self, keys: Iterable[bytes | str], *, namespace: str) -> Op:
+        return self._op(ops.keyed_batch, Opcode.UNPIN, keys, namespace=namespace, field_name="n", is_write=True)
+
+    def lookup_prefix(self, keys: Iterable[bytes | str], *, lease: float, namespace: str) -> Op:
+        return self._op(ops.lookup_prefix, keys, namespace=namespace, lease=lease)
+
+    def stats(self) -> Op:
+        return ops.stats(self.router)
+
+    def ping(self) -> Op:
+        return ops.ping(self.router)
+
+    def call(self, node: NodeAddress, call: Call) -> Op:
+        """One raw ``call`` on ``node`` (tools and tests: a request the API has no method for)."""
+        return call_node(self.router, node, call)
+
+
+class ClientBase:
+    """What ``Client`` and ``SyncClient`` share: a core, an executor that runs its operations, and
+    views of both (``router``: where keys go; ``onesided``: transports and counters; ``pool``: the
+    executor's connections)."""
+
+    def __init__(self, core: ClientCore, executor: Any) -> None:
+        self.core = core
+        self._executor = executor
+
+    @property
+    def router(self) -> Router:
+        return self.core.router
+
+    @property
+    def onesided(self) -> OneSidedReads | None:
+        return self.core.onesided
+
+    @property
+    def pool(self) -> Any:
+        return self._executor.pool

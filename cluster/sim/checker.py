@@ -1,0 +1,321 @@
+"""The simulator's invariants, checked as the simulated cluster runs.
+
+**No acknowledged write is lost while a live copy of it exists.** The ledger holds, per key, the
+newest acknowledged version. A node *holds* a key when it has that version or a newer one. Then:
+
+- *free*: a node that frees (``DROP_SLOTS``, or the purge before a copy) the last copy held by a
+  live node of an acknowledged key violates it -- the control plane destroyed data nobody else had;
+- *map*: a published slot map that changes a slot's owners (its row without pending
+  destinations: where reads go, and what the rebalancer keeps) so that none of them holds an
+  acknowledged key of the slot (a registered owner that is down holds what its flash holds)
+  violates it -- the map points away from every copy -- unless the slot's pending destination
+  holds it (it becomes an owner, or gives it back if the move is abandoned) or an owner this map
+  (or an earlier one) removed still holds it (it hands it over when it frees the slot);
+- *drain*: a node stopped after ``memkv drain`` said it can be, while it held the only copy;
+- *final*: once the cluster has converged, every acknowledged key is held by at least one owner
+  of its slot (a replica that missed a write while it was down stays behind: there is no
+  anti-entropy, read repair fixes it; counted, not a violation).
+
+A key is *excused* from then on when failures took every copy the control plane could know of:
+when a node crashes or its registration ends, and no other live, registered node of the slot's
+row (owners and pending destinations, in the map of that moment) holds it. That is R or more
+failures for a write that reached all R replicas, or fewer for one acknowledged while replicas
+were down (the client skips dead owners) -- beyond what replication promises.
+
+**Moves per membership change.** Every ownership a published map adds to a slot's owners is a
+move. Each change of the member set (registered, not draining; N members before it, effective
+replication r = min(R, N) before and r' after) adds to the allowance:
+
+- a node leaving (crash, stop, drain): its ownerships at that moment, and the slots being moved
+  to it (a copy in flight may still complete), since consistent hashing re-homes only the
+  leaver's slots, ``+ 0.15 x S x r'/(N-1) + 3``;
+- a node joining: ``1.4 x S x r'/(N+1) + S x (r' - r) + 2`` (its fair share, plus a whole new
+  replica per slot when r grows);
+- both: plus the deficit of members far below the new mean (``load < mean/2``: compute_table
+  tops them up to the mean), ``sum(mean - load)`` over them.
+
+The slack is for small S: with S = 32 or 64 and zone constraints, the fill can be forced over
+the load bound (a row that already holds a node of the only other zone) and balancing back costs
+a few moves; a map grown node by node starts a little unbalanced. Worst seen over 25 000
+schedules: a join 1.34 x its fair share, a leave its load + 8 at S = 64. At S = 4096 and 65 536
+the computation moves exactly the ideal (tests/test_cluster_ring.py; bench.control_plane: a join
+130 ownerships for an ideal of 131, a leave exactly the leaver's).
+
+**Convergence** (checked by the world): after the faults heal, the map reaches the rebalancer's
+own target for the live members within the scenario's bound.
+
+Anything a program raises that it was not written to handle (a rebalancer step logging an
+exception, a process dying) is a violation too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from memkv.client.cluster_map import SlotMap, nodes_prefix, slotmap_key
+from memkv.cluster.rebalancer import drain_prefix
+
+if TYPE_CHECKING:
+    from memkv.cluster.sim.node import SimNode, Value
+    from memkv.cluster.sim.world import World
+
+
+def placement(table: Any, zone: dict[str, str], host: dict[str, str]) -> dict[str, int]:
+    """How the replicas of each slot spread over the topology: rows whose replicas share a zone
+    although the members span enough zones, and likewise for hosts (what host-aware placement
+    will have to bring to zero)."""
+    members = {n for row in table for n in row}
+    zones, hosts = len({zone[n] for n in members}), len({host[n] for n in members})
+    out = {"rows": 0, "zone_shared": 0, "host_shared": 0}
+    for row in table:
+        if len(row) < 2:
+            continue
+        out["rows"] += 1
+        if len({zone[n] for n in row}) < min(len(row), zones):
+            out["zone_shared"] += 1
+        if len({host[n] for n in row}) < min(len(row), hosts):
+            out["host_shared"] += 1
+    return out
+
+
+@dataclass
+class Violation:
+    t: float
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[t={self.t:.3f}] {self.kind}: {self.message}"
+
+
+@dataclass
+class Change:
+    t: float
+    kind: str  # join | leave
+    node: str
+    members_before: int
+    allowance: float
+    moves: int = 0  # moves published while this was the latest change
+
+
+@dataclass
+class Checker:
+    world: World
+    ledger: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # acknowledged: key -> (version, slot)
+    excused: dict[bytes, str] = field(default_factory=dict)
+    violations: list[Violation] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    moves: int = 0
+    allowance: float = 0.0
+    counting: bool = False  # moves and changes count from the end of the cluster's formation
+    maps: int = 0
+    _members: frozenset[str] = frozenset()
+    _registered: set[str] = field(default_factory=set)
+    _draining: set[str] = field(default_factory=set)
+    _last_owners: tuple[frozenset[str], ...] | None = None
+    _map: SlotMap | None = None
+    _lost: set[bytes] = field(default_factory=set)
+    _due: dict[bytes, set[str]] = field(default_factory=dict)  # removed owners that still hold a key: hand-off due
+
+    def __post_init__(self) -> None:
+        w = self.world
+        self._nodes_prefix = nodes_prefix(w.cluster)
+        self._drain_prefix = drain_prefix(w.cluster)
+        self._slotmap_key = slotmap_key(w.cluster)
+        w.etcd.watchers.append(self._on_commit)
+
+    def violation(self, kind: str, message: str, key: bytes | None = None) -> None:
+        if key is not None:  # one violation per lost key (later maps repeat it)
+            if key in self._lost:
+                return
+            self._lost.add(key)
+        v = Violation(self.world.loop.now, kind, message)
+        self.violations.append(v)
+        self.world.trace("CHECK", str(v))
+
+    # -- who holds what
+    def _holders(self, key: bytes, version: int) -> list[str]:
+        """Live nodes that hold ``key`` at ``version`` or newer."""
+        return [n.id for n in self.world.node_list if self._holds(n.id, key, version)]
+
+    def _row_holders(self, key: bytes, version: int, slot: int) -> list[str]:
+        """Live, registered nodes of the slot's row (owners and destinations) that hold it."""
+        row = self._map.table[slot] if self._map is not None else ()
+        return [n for n in row if n in self._registered and self._holds(n, key, version)]
+
+    def _excuse_lost(self, why: str) -> None:
+        for key, (version, slot) in self.ledger.items():
+            if key not in self.excused and not self._row_holders(key, version, slot):
+                self.excused[key] = why
+                self.world.trace("CHECK", f"excused {key!r} v{version}: {why}")
+
+    # -- events
+    def acked(self, key: bytes, version: int, slot: int) -> None:
+        old = self.ledger.get(key)
+        if old is None or old[0] < version:
+            self.ledger[key] = (version, slot)
+            self.excused.pop(key, None)
+            if not self._row_holders(key, version, slot):
+                self.excused[key] = "the replicas that stored it were gone when the write was acknowledged"
+
+    def node_down(self, node: SimNode, lost: dict[bytes, Value]) -> None:
+        """``node`` crashed or stopped; ``lost``: the values that went with it (a volatile node's)."""
+        self._excuse_lost(f"{node.id} went down and no other live node of the slot held it")
+        if not lost or self._map is None:
+            return
+        # A volatile node that comes back before its lease expires keeps its place in the map
+        # without its data: the control plane cannot see that loss (a node's registration does
+        # not say whether its data survived). What no other owner held is gone as far as the
+        # map can tell.
+        for key, v in lost.items():
+            a = self.ledger.get(key)
+            if a is None or v.version < a[0] or key in self.excused:
+                continue
+            s = a[1]
+            pend = self._map.pending.get(s, ())
+            if not any(n not in pend and n in self._registered and self._holds(n, key, a[0])
+                       for n in self._map.table[s]):
+                self.excused[key] = f"{node.id} lost it in a crash (volatile) and no other owner held it"
+
+    def freed(self, node: SimNode, values: list[tuple[bytes, Value]], how: str) -> None:
+        for key, v in values:
+            a = self.ledger.get(key)
+            if a is None or v.version < a[0] or key in self.excused:
+                continue
+            if not self._holders(key, a[0]):
+                sm = node.view.state.slotmap
+                where = (f"epoch {sm.epoch}: row {sm.table[a[1]]}, pending {sm.pending.get(a[1], ())}"
+                         if sm else "none")
+                self.violation("lost-by-" + how, f"{node.id} freed the last live copy of acknowledged key {key!r} "
+                                                 f"v{a[0]} (slot {a[1]}; its map {where})", key)
+
+    def _on_commit(self, rev: int, key: str, value: bytes | None) -> None:
+        if key.startswith(self._nodes_prefix):
+            nid = key[len(self._nodes_prefix):]
+            if value is None:
+                self._registered.discard(nid)
+                self._excuse_lost(f"{nid}'s registration ended and no other node of the slot held it")
+            else:
+                self._registered.add(nid)
+            self._members_changed(nid)
+        elif key.startswith(self._drain_prefix):
+            nid = key[len(self._drain_prefix):]
+            (self._draining.add if value is not None else self._draining.discard)(nid)
+            self._members_changed(nid)
+        elif key == self._slotmap_key and value is not None:
+            self._on_map(SlotMap.decode(value) if self.world.decoded is None
+                         else self.world.decoded.slotmap(rev, value))
+
+    def _members_changed(self, nid: str) -> None:
+        members = frozenset(self._registered - self._draining)
+        if members == self._members:
+            return
+        before, self._members = self._members, members
+        if not self.counting:
+            return
+        s = self.world.scenario
+        n = len(before)
+        load = Counter(x for row in (self._last_owners or ()) for x in row)
+        n2 = len(members)
+        lo = s.slots * min(s.replicas, max(1, n2)) // max(1, n2)
+        # members far below the new mean (compute_table's 3b: load < mean / 2) are topped up to it
+        deficit = sum(lo - load[x] for x in members if x != nid and 2 * load[x] < lo)
+        if nid in members and nid not in before:
+            r, r2 = min(s.replicas, n), min(s.replicas, n + 1)
+            allowance = 1.4 * s.slots * r2 / (n + 1) + s.slots * (r2 - r) + 2 + deficit
+            kind = "join"
+        else:
+            r2 = min(s.replicas, max(1, n - 1))
+            pending = sum(1 for p in (self._map.pending.values() if self._map is not None else ()) if nid in p)
+            allowance = (load[nid] + pending + 0.15 * s.slots * r2 / max(1, n - 1) + 3 + deficit)
+            kind = "leave"
+        self.allowance += allowance
+        self.changes.append(Change(self.world.loop.now, kind, nid, n, allowance))
+
+    def _on_map(self, sm: SlotMap) -> None:
+        self.maps += 1
+        last, self._map = self._map, sm
+        previous = self._last_owners
+        if previous is None or last is None or len(last.table) != len(sm.table):
+            owners = tuple(frozenset(n for n in row if n not in sm.pending.get(s, ()))
+                           for s, row in enumerate(sm.table))
+        else:  # only the rows this map changed (a round touches few of 65 536)
+            touched = {s for s, (a, b) in enumerate(zip(last.table, sm.table, strict=True)) if a != b}
+            touched |= set(last.pending) | set(sm.pending)
+            lst = list(previous)
+            for s in touched:
+                lst[s] = frozenset(n for n in sm.table[s] if n not in sm.pending.get(s, ()))
+            owners = tuple(lst)
+        if previous is not None and self.counting:
+            added = sum(len(new - old) for old, new in zip(previous, owners, strict=True) if new is not old)
+            self.moves += added
+            if added and self.changes:
+                self.changes[-1].moves += added
+        self._last_owners = owners
+        for key, (version, slot) in self.ledger.items():
+            if key in self.excused:
+                continue
+            own = owners[slot]
+            if previous is not None and previous[slot] == own and key not in self._due:
+                continue  # this map did not change the slot's owners (one may be down, not yet seen)
+            if any(self._holds(n, key, version, on_disk=True) for n in own):
+                self._due.pop(key, None)
+                continue
+            if any(self._holds(n, key, version) for n in sm.pending.get(slot, ())):
+                continue  # the destination has it: it becomes an owner, or gives it back if the move is abandoned
+            # owners that this or an earlier map removed and that still hold it hand it over when
+            # they free the slot (DROP_SLOTS): until then the key is due, not lost
+            removed = (previous[slot] - own) if previous is not None else frozenset()
+            due = {n for n in removed | self._due.get(key, set()) if self._holds(n, key, version)}
+            if due:
+                self._due[key] = due
+                continue
+            self.violation("map", f"epoch {sm.epoch}: owners {sorted(own)} of slot {slot} lack acknowledged "
+                                  f"key {key!r} v{version} (held by {self._holders(key, version)})", key)
+
+    def stopping_drained(self, node: SimNode) -> None:
+        """The operator stops a node ``memkv drain`` said can be stopped: it must not hold the last
+        copy of anything."""
+        for key, (version, slot) in self.ledger.items():
+            if key in self.excused or not self._holds(node.id, key, version) or self._map is None:
+                continue
+            pend = self._map.pending.get(slot, ())
+            if not any(n != node.id and n not in pend and self._holds(n, key, version) for n in self._map.table[slot]):
+                self.violation("lost-by-drain", f"{node.id} was drained and stopped holding the only copy of "
+                                                f"acknowledged key {key!r} v{version} (slot {slot})", key)
+
+    def _holds(self, node_id: str, key: bytes, version: int, *, on_disk: bool = False) -> bool:
+        """Whether ``node_id`` is alive and holds ``key`` at ``version`` or newer; with ``on_disk``,
+        also when it is down but still registered with its data on flash (the control plane rightly
+        counts on it: it comes back with its data)."""
+        n = self.world.nodes.get(node_id)
+        if n is None or not (n.alive or (on_disk and n.durable and node_id in self._registered)):
+            return False
+        v = n.data.get(key)
+        return v is not None and v.version >= version
+
+    # -- at the end
+    def final(self, sm: SlotMap) -> dict[str, Any]:
+        behind = 0
+        for key, (version, slot) in sorted(self.ledger.items()):
+            if key in self.excused:
+                continue
+            row = sm.table[slot]
+            held = [n for n in row if self._holds(n, key, version)]
+            if not held:
+                self.violation("final", f"no owner {list(row)} of slot {slot} holds acknowledged key {key!r} "
+                                        f"v{version} after convergence", key)
+            behind += len(row) - len(held)
+        if self.moves > self.allowance:
+            self.violation("moves", f"{self.moves} ownerships moved for {len(self.changes)} membership changes, "
+                                    f"allowed {self.allowance:.1f}: " + ", ".join(
+                                        f"{c.kind} {c.node} at N={c.members_before} (+{c.allowance:.1f}, "
+                                        f"moved {c.moves})" for c in self.changes))
+        nodes = self.world.nodes
+        return {"placement": placement(sm.table, {n: v.zone for n, v in nodes.items()},
+                                       {n: v.host for n, v in nodes.items()}),
+                "acked_keys": len(self.ledger), "excused": len(self.excused), "replicas_behind": behind,
+                "moves": self.moves, "allowance": round(self.allowance, 1), "changes": len(self.changes),
+                "maps": self.maps}

@@ -1,0 +1,256 @@
+"""An in-memory storage node: what the control plane sees of a memkv node, and nothing more.
+
+It registers under ``nodes/<id>`` with a lease it renews every third of the TTL (and is fenced
+-- refuses writes -- once it could not renew for 90 % of it), keeps a view of the cluster, runs
+a rebalancer candidate (the real ``Rebalancer``) unless the world has standalone candidates, and
+serves:
+
+- client writes (``PUT``): the ownership rule of ``memkv.cluster.ownership`` against its own
+  map, then the value is committed a little later (``commit_delay``: a real node checks before it
+  commits, and a write that passed the check just before the map changed is what the copy's
+  catch-up exists for); a value is kept only if its version is newer than the one held;
+- ``SLOT_SIZES``, ``MIGRATE_PUSH`` and ``DROP_SLOTS``: the real migration programs
+  (``memkv.cluster.migration_job``) against this node's data;
+- copies (``PUT_MANY`` with versions) from a migration source, refused while a copy fault holds.
+
+Values are (version, generation, size, slot) per key -- no bytes. A crash loses the process
+state (view, lease, push jobs, calls in flight) and, for a volatile node, the data; a durable
+node keeps its data across a restart, as flash does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from memkv.client.cluster_map import NodeInfo, node_key
+from memkv.client.etcd import EtcdUnavailable
+from memkv.cluster import migration_job
+from memkv.cluster.effects import ETCD, NodeCall, Program, Sleep
+from memkv.cluster.migration_job import CopyItem, FreeSlots, IKey, ScanSlots, SendCopies, may_free
+from memkv.cluster.ownership import route_check
+from memkv.cluster.rebalancer import Rebalancer
+from memkv.cluster.sim.loop import Process
+from memkv.cluster.sim.net import NetActor
+from memkv.cluster.sim.view import SimView
+from memkv.errors import ConnectionLost, DiskFull, Fenced, InvalidArgument, MemKVError
+from memkv.protocol.opcodes import Op
+
+if TYPE_CHECKING:
+    from memkv.cluster.sim.world import World
+
+NS = "blocks"
+OP_COPY = -1  # PUT_MANY with ``vers`` from a migration source (the simulator's own tag for it)
+
+
+@dataclass(slots=True)
+class Value:
+    version: int
+    gen: int
+    size: int
+    slot: int
+
+
+class SimNode(NetActor):
+    def __init__(self, world: World, node_id: str, zone: str, host: str, *, durable: bool,
+                 candidate: bool) -> None:
+        super().__init__(world.loop, node_id, world.net)
+        self.world = world
+        self.id = node_id
+        self.on_failure = world.process_failed
+        self.zone = zone
+        self.host = host
+        self.addr = f"{node_id}.{host}:7700"
+        self.durable = durable
+        self.candidate = candidate
+        self.incarnation = 0
+        self.data: dict[bytes, Value] = {}
+        self.gen = 0
+        self.jobs: dict[str, migration_job.PushJob] = {}
+        self.lease_id: int | None = None
+        self.valid_until = 0.0
+        self.rebalancer: Rebalancer | None = None
+        self.refuse_copies_until = 0.0
+        self._inflight: dict[int, Callable[[Any, BaseException | None], None]] = {}
+        self._call_seq = 0
+        self.etcd_timeout = max(1.0, min(3.0, world.scenario.lease_ttl / 2))
+        self.call_timeout = 30.0
+
+    # -- life
+    def start(self) -> None:
+        w = self.world
+        self.alive = True
+        self.incarnation += 1
+        self.net.nodes[self.addr] = self
+        self.view = SimView(self.loop, w.etcd, w.cluster, w.decoded, w.watch_delay)
+        self.spawn(f"{self.id}/lease", self._lease_loop())
+        if self.candidate:
+            self.rebalancer = w.make_rebalancer(self.view, self.id, lease=lambda: self.lease_id,
+                                                alive=lambda: not self.fenced())
+            self.spawn(f"{self.id}/rebalancer", self.rebalancer.campaign())
+        w.trace(self.id, f"starts (incarnation {self.incarnation}, {len(self.data)} values)")
+
+    def crash(self) -> None:
+        """kill -9: the process and everything volatile go; the lease expires on its own."""
+        if not self.halt():
+            return
+        self.lease_id, self.valid_until = None, 0.0
+        self.jobs.clear()
+        self.rebalancer = None
+        inflight, self._inflight = self._inflight, {}
+        for _, reply in sorted(inflight.items()):
+            reply(None, ConnectionLost(f"{self.addr} closed the connection"))
+        lost: dict[bytes, Any] = {}
+        if not self.durable:
+            lost, self.data = self.data, {}
+        self.world.checker.node_down(self, lost)
+
+    def stop(self) -> None:
+        """A clean shutdown: revoke the lease (the node key and any leadership go at once), exit."""
+        if not self.alive:
+            return
+        if self.lease_id is not None and self.world.etcd.up:
+            self.world.etcd.revoke(self.lease_id)
+        self.crash()
+
+    def fenced(self) -> bool:
+        return self.loop.now >= self.valid_until
+
+    def _lease_loop(self) -> Program[None]:
+        """node_member's registration and lease loop: register, renew every ttl/3, register again
+        when the lease is gone."""
+        ttl = self.world.scenario.lease_ttl
+        period = ttl / 3
+        info = NodeInfo(self.id, self.addr, self.zone, 1 << 30, "sim")
+        while True:
+            try:
+                if self.lease_id is None:
+                    t0 = self.loop.now
+                    lease = yield ETCD.grant(ttl)
+                    yield ETCD.put(node_key(self.world.cluster, self.id), info.encode(), lease=lease)
+                    self.lease_id, self.valid_until = lease, t0 + ttl * 0.9
+                    self.world.trace(self.id, f"registered (lease {lease:x})")
+                yield Sleep(period)
+                t0 = self.loop.now
+                left = yield ETCD.keepalive(self.lease_id)
+                if left <= 0:
+                    self.world.trace(self.id, "lease expired; registering again")
+                    self.lease_id, self.valid_until = None, 0.0
+                    continue
+                self.valid_until = t0 + min(left, ttl) * 0.9
+            except EtcdUnavailable:
+                yield Sleep(min(0.5, period))
+
+    # -- serving
+    def serve(self, op: int, meta: dict[str, Any], reply: Callable[[Any, BaseException | None], None]) -> None:
+        self._call_seq += 1
+        seq = self._call_seq
+        self._inflight[seq] = reply
+
+        def done(value: Any, error: BaseException | None) -> None:
+            if self._inflight.pop(seq, None) is not None:
+                reply(value, error)
+
+        if op == Op.PUT:  # the hot path of the simulation: no process of its own
+            self._put(meta, done)
+        else:
+            self.spawn(f"{self.id}/op{op}", self._handle(op, meta), done)
+
+    def _handle(self, op: int, meta: dict[str, Any]) -> Program[Any]:
+        if op == OP_COPY:
+            return self._store_copies(meta)
+        if op == Op.MIGRATE_PUSH:
+            req = migration_job.PushRequest.from_meta(meta)
+            return (yield from migration_job.push(self.jobs, req, view=self.view, me=self.id, version=self._version,
+                                                  read=self._copy_item, clock=self.loop.clock))
+        if op == Op.DROP_SLOTS:
+            slots, nslots = migration_job.slots_of(meta)
+            return (yield from migration_job.drop(self.view, self.id, slots, nslots, int(meta.get("epoch", 0)),
+                                                  bool(meta.get("pending")), version=self._version,
+                                                  read=self._copy_item))
+        if op == Op.SLOT_VERSIONS:
+            return {"vers": [self._version(tuple(k)) for k in meta["keys"]]}
+        if op == Op.SLOT_SIZES:
+            return self._slot_sizes(int(meta["nslots"]))
+        raise InvalidArgument(f"simulated node: no op {op}")
+
+    def _put(self, meta: dict[str, Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """A client write: fenced? owner at the client's epoch? then commit a moment later."""
+        key: bytes = meta["key"]
+        try:
+            if self.fenced():
+                raise Fenced(f"node {self.id} lost its etcd lease")
+            route_check(self.view.state.slotmap, self.id, meta.get("ep"), [key], True)
+        except MemKVError as exc:
+            self.loop.call_later(0.0, done, None, exc)
+            return
+        incarnation = self.incarnation
+
+        def commit() -> None:
+            if self.alive and self.incarnation == incarnation:
+                self._commit(key, meta["ver"], meta["size"], meta["slot"])
+                done({"ok": True}, None)
+
+        self.loop.call_later(self.world.commit_delay(), commit)
+
+    def _commit(self, key: bytes, version: int, size: int, slot: int) -> bool:
+        old = self.data.get(key)
+        if old is not None and old.version >= version:
+            return False
+        self.gen += 1
+        self.data[key] = Value(version, self.gen, size, slot)
+        return True
+
+    def _store_copies(self, meta: dict[str, Any]) -> dict[str, Any]:
+        if self.loop.now < self.refuse_copies_until:
+            raise DiskFull(f"node {self.id}: copies refused (injected copy failure)")
+        n = 0
+        for key, version, size, slot in meta["copies"]:
+            n += self._commit(key, version, size, slot)
+        return {"stored": n}
+
+    def _slot_sizes(self, nslots: int) -> dict[str, Any]:
+        sizes: dict[int, list[int]] = {}
+        for v in self.data.values():  # (the world has one slot count: ``nslots``)
+            row = sizes.setdefault(v.slot, [0, 0])
+            row[0] += v.size
+            row[1] += 1
+        ordered = sorted(sizes)
+        return {"slots": ordered, "bytes": [sizes[s][0] for s in ordered], "values": [sizes[s][1] for s in ordered]}
+
+    def _version(self, ikey: Any) -> int:
+        v = self.data.get(ikey[2])
+        return v.version if v is not None else 0
+
+    def _copy_item(self, ikey: IKey) -> CopyItem | None:
+        v = self.data.get(ikey[2])
+        if v is None:
+            return None
+        return CopyItem(ikey[2], v, v.size, v.version, ikey[1], None)
+
+    # -- effects of the migration programs
+    def perform_io(self, proc: Process, tok: int, eff: Any) -> None:
+        if isinstance(eff, ScanSlots):
+            keys = [(NS, "", k) for k, v in sorted(self.data.items(), key=lambda kv: kv[1].gen)
+                    if v.gen > eff.after_gen and v.slot in eff.slots]
+            self.loop.call_later(0.0, proc.wake, tok, (keys, self.gen), None)
+        elif isinstance(eff, SendCopies):
+            copies = [(k, ver, v.size, v.slot)
+                      for ks, vs, vers in eff.groups.values() for k, v, ver in zip(ks, vs, vers, strict=True)]
+            super().perform_io(proc, tok, NodeCall(eff.dest, OP_COPY, {"copies": copies}))
+        elif isinstance(eff, FreeSlots):
+            self.loop.call_later(0.0, proc.wake, tok, self._free(eff), None)
+        else:
+            super().perform_io(proc, tok, eff)
+
+    def _free(self, eff: FreeSlots) -> tuple[int, int]:
+        cur = self.view.state.slotmap
+        freed: list[tuple[bytes, Value]] = []
+        for key, v in list(self.data.items()):
+            if v.slot in eff.slots and may_free(cur, self.id, v.slot, eff.pending_only):
+                del self.data[key]
+                freed.append((key, v))
+        if freed:
+            self.world.checker.freed(self, freed, "purge" if eff.pending_only else "drop")
+        return len(freed), sum(v.size for _, v in freed)
