@@ -19,11 +19,11 @@ BENCH_ARGS   ?=
 help:
 	@echo "make install      set up Debian packages + .venv (scripts/bootstrap.sh)"
 	@echo "make install-engines  .venv-vllm, .venv-lmcache, .venv-sglang for the engine tests (scripts/engine-venv.sh)"
-	@echo "make test         pytest + ruff (what CI runs; includes the engine tests)"
+	@echo "make test         pytest + ruff + import contracts (what CI runs; includes the engine tests)"
 	@echo "make demo         run the end-to-end demo"
 	@echo "make demo-vllm    the demo with two vLLM engine processes (memkv demo --engine vllm)"
 	@echo "make bench        single-node benchmark vs Redis (BENCH_ARGS=--quick)"
-	@echo "make lint         ruff check"
+	@echo "make lint         ruff check + import contracts (lint-imports)"
 	@echo "make compose-up   docker-compose cluster (offline image build); make compose-down stops it"
 	@echo "make chaos        every chaos scenario (CHAOS_TARGET=local|compose), report in chaos/results/"
 	@echo "make soak         random overlapping faults under load (SOAK_SEED=1 SOAK_MINUTES=4), docs/chaos.md"
@@ -56,9 +56,12 @@ test: install install-engines
 	  if [ $$rc -ne 0 ]; then echo "make test: $$e tests failed (exit $$rc)" >&2; exit $$rc; fi; \
 	done; fi
 	$(PY) -m ruff check .
+	$(PY) scripts/lint_imports.py
 
+# ruff, then the layer contracts of pyproject.toml [tool.importlinter] (scripts/lint_imports.py)
 lint: install
 	$(PY) -m ruff check .
+	$(PY) scripts/lint_imports.py
 
 demo: install
 	$(MEMKV) demo

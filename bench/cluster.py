@@ -73,7 +73,7 @@ def _phase(url: str, op: str, size: int, clients: int, seconds: float) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memkv.localproc import LocalCluster
+    from memkv.tools.localproc import LocalCluster
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", default="1,3")

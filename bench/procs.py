@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from memkv.localproc import stop_process
+from memkv.tools.localproc import stop_process
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from memkv.client import SyncClient
     from memkv.client.cluster_view import ClusterView
     from memkv.client.etcd import Etcd
-    from memkv.cluster.cli import wait_for_cluster
-    from memkv.cluster.local import EtcdProcess
+    from memkv.tools.localproc import EtcdProcess
+    from memkv.tools.up import wait_for_cluster
 
     base = Path(tempfile.mkdtemp(prefix="memkv-rebalance-"))
     etcd = EtcdProcess(base / "etcd", log_path=base / "etcd.log").start()

@@ -37,8 +37,7 @@ from chaos.load import NODE_CONFIG
 from chaos.netfault import ETCD, NetFaults, NetUnavailable
 from memkv.client.cluster_view import ClusterState, ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
-from memkv.cluster.local import EtcdProcess
-from memkv.localproc import stop_process
+from memkv.tools.localproc import EtcdProcess, stop_process
 
 
 class Unsupported(Exception):

@@ -125,10 +125,8 @@ def node_tls(cfg: Any) -> ssl.SSLContext | None:
     return client_tls(cfg.extra.get("tls") or {}, dict(cfg.extra.get("cluster") or {}))
 
 
-def install_secret(node: Any, secret: str, cluster: str) -> Credentials:
-    """Let the node accept the cluster identity; returns the credentials its own calls use."""
-    from memkv.config import TenantConfig
-
+def install_secret(tenants: Any, secret: str, cluster: str, cfg: Any) -> Credentials:
+    """Let the node's tenant table accept the cluster identity; returns the credentials its own calls use."""
     token = internal_token(secret, cluster)
-    node.handlers.internal = TenantConfig(INTERNAL_TENANT, token, {"*": "rw"})
-    return Credentials(INTERNAL_TENANT, token, node_tls(node.config))
+    tenants.set_internal(token)
+    return Credentials(INTERNAL_TENANT, token, node_tls(cfg))

@@ -1,7 +1,7 @@
 """The node side of slot migration (DESIGN.md §7): the ops the rebalancer drives.
 
-Four node-to-node / rebalancer-to-node operations, served by every cluster
-node (``install`` is called by ``attach_cluster``). Their decisions are the sans-IO programs of
+Four node-to-node / rebalancer-to-node operations, served by every cluster node (declared
+with the node's cluster membership: ``ClusterMember.extend``). Their decisions are the sans-IO programs of
 ``memkv.cluster.migration_job`` (also run by the control-plane simulator); this module performs
 their effects on the node: the store, node-to-node calls, waits on the node's slot map.
 
@@ -33,8 +33,9 @@ their effects on the node: the store, node-to-node calls, waits on the node's sl
 - ``SLOT_VERSIONS {keys}``: the versions held of [namespace, tenant, key] triples (0: none).
 
 Once the node has tenants, all four need the cluster identity (``__cluster__``, token derived from the
-cluster secret: memkv/cluster/identity.py); the push logs in to ``dest`` as it too and stores every value
-for its own tenant (``PUT_MANY`` ``owner``), so tenant-scoped values keep their scope.
+cluster secret: memkv/cluster/identity.py; the node's grants stage checks it); the push logs in to ``dest``
+as it too and stores every value for its own tenant (``PUT_MANY`` ``owner``), so tenant-scoped values keep
+their scope.
 
 Also: Prometheus gauges/counters on the node's /metrics (slots moving and
 under-replicated slots as this node's map says, bytes and values it pushed).
@@ -52,9 +53,12 @@ from memkv.client.cluster_map import key_slot
 from memkv.cluster import migration_job
 from memkv.cluster.effects import NodeCall, Sleep, WaitView, run_async
 from memkv.cluster.migration_job import CopyItem, FreeSlots, IKey, ScanSlots, SendCopies, may_free
+from memkv.engine.store import Store
 from memkv.errors import ConnectionLost, CorruptValue, InvalidArgument, KeyExists, MemKVError
 from memkv.protocol.opcodes import Op
-from memkv.server.handlers import Reply
+from memkv.server.binary import Reply
+from memkv.server.extension import Operation
+from memkv.server.requests import Access, Call
 
 log = logging.getLogger("memkv.cluster")
 
@@ -65,16 +69,25 @@ OP_DROP_SLOTS = int(Op.DROP_SLOTS)
 OP_SLOT_VERSIONS = int(Op.SLOT_VERSIONS)
 
 
+INTERNAL = Access(internal=True)
+
+
 class MigrationService:
-    def __init__(self, node: Any, member: Any) -> None:
-        self.node = node
+    def __init__(self, store: Store, member: Any) -> None:
         self.member = member
-        self.store = node.store
+        self.store = store
         self.jobs: dict[str, migration_job.PushJob] = {}
         self.bytes_pushed = 0
         self.values_pushed = 0
         self.values_dropped = 0
         self._pool: Any = None
+
+    def operations(self) -> tuple[Operation, ...]:
+        """The node's migration operations (cluster identity only, once the node has tenants)."""
+        return (Operation("SLOT_SIZES", INTERNAL, self.slot_sizes, opcode=OP_SLOT_SIZES),
+                Operation("MIGRATE_PUSH", INTERNAL, self.push, opcode=OP_MIGRATE_PUSH),
+                Operation("DROP_SLOTS", INTERNAL, self.drop, opcode=OP_DROP_SLOTS),
+                Operation("SLOT_VERSIONS", INTERNAL, self.slot_versions, opcode=OP_SLOT_VERSIONS))
 
     # -- helpers
     def _pool_(self) -> Any:
@@ -111,22 +124,18 @@ class MigrationService:
         raise TypeError(f"not a migration effect: {eff!r}")
 
     async def _scan(self, slots: frozenset[int], nslots: int, after_gen: int = 0) -> tuple[list[IKey], int]:
-        """Index keys of ``slots`` written after ``after_gen``, and the highest generation seen."""
+        """Index keys of ``slots`` written after ``after_gen``, and the store's generation when the
+        listing began (every value written since has a higher one)."""
+        top = self.store.generation
         out: list[IKey] = []
-        top = after_gen
-        entries = list(self.store._index.values())
-        for i, e in enumerate(entries):
-            if e.generation > top:
-                top = e.generation
-            if e.generation > after_gen and key_slot(e.key, nslots) in slots:
-                out.append(e.ikey)
-            if i % 20000 == 19999:
-                await trio.sleep(0)
-        return out, top
+        for batch in self.store.entries_in_slots(slots, lambda k: key_slot(k, nslots), after=after_gen, batch=20000):
+            out.extend(e.ikey for e in batch)
+            await trio.sleep(0)
+        return out, max(top, after_gen)
 
     def _copy_item(self, ikey: IKey) -> CopyItem | None:
-        e = self.store._index.get(ikey)
-        clock = self.store.clock()
+        e = self.store.lookup(ikey)
+        clock = self.store.now()
         if e is None or (e.expires is not None and e.expires <= clock):
             return None
         try:
@@ -143,24 +152,19 @@ class MigrationService:
 
     def _version(self, ikey: IKey) -> int:
         """The version this node holds of ``ikey`` (0: none, or expired)."""
-        e = self.store._index.get(ikey)
-        if e is None or (e.expires is not None and e.expires <= self.store.clock()):
+        e = self.store.lookup(ikey)
+        if e is None or (e.expires is not None and e.expires <= self.store.now()):
             return 0
         return int(e.version)
 
-    def _require_internal(self, session: Any, what: str) -> None:
-        """Only the cluster identity once the node has tenants (a tenant, even an admin, gets PermissionDenied)."""
-        sec = getattr(self.node, "security", None)
-        session.require_internal(what, auth_enabled=bool(sec is not None and sec.tenants))
-
     # -- ops
-    async def slot_sizes(self, session: Any, meta: dict[str, Any]) -> Reply:
-        self._require_internal(session, "SLOT_SIZES")
+    async def slot_sizes(self, session: Any, req: Call) -> Reply:
+        meta = req.meta
         nslots = meta.get("nslots")
         if not isinstance(nslots, int) or nslots <= 0:
             raise InvalidArgument("nslots (int) is required")
         sizes: dict[int, list[int]] = {}
-        for i, e in enumerate(list(self.store._index.values())):
+        for i, e in enumerate(self.store.entries()):
             s = key_slot(e.key, nslots)
             row = sizes.get(s)
             if row is None:
@@ -174,9 +178,8 @@ class MigrationService:
         return Reply({"slots": ordered, "bytes": [sizes[s][0] for s in ordered],
                       "values": [sizes[s][1] for s in ordered]})
 
-    async def push(self, session: Any, meta: dict[str, Any]) -> Reply:
-        self._require_internal(session, "MIGRATE_PUSH")
-        req = migration_job.PushRequest.from_meta(meta)
+    async def push(self, session: Any, call: Call) -> Reply:
+        req = migration_job.PushRequest.from_meta(call.meta)
         r = await run_async(migration_job.push(self.jobs, req, view=self.member.view, me=self.member.node_id,
                                                version=self._version, read=self._copy_item, clock=time.monotonic),
                             self._effect)
@@ -189,7 +192,7 @@ class MigrationService:
 
         for (ns, tenant, ttl), (ks, vs, vers) in groups.items():
             # "owner": each value is stored for its own tenant (and in its tenant-scoped namespace's scope);
-            # only the cluster identity may set it (Handlers.owner). "vers": the values keep their versions.
+            # only the cluster identity may set it (the node's grants stage). "vers": the values keep their versions.
             for i in range(0, len(ks), 512):
                 extra = {"owner": tenant, "vers": vers[i:i + 512]}
                 call = PutManyCall(ks[i:i + 512], vs[i:i + 512], namespace=ns, ttl=ttl, pin=False, extra=extra)
@@ -226,10 +229,10 @@ class MigrationService:
             pool.drop(addr)
             return pool.call(addr, call)
 
-    async def drop(self, session: Any, meta: dict[str, Any]) -> Reply:
+    async def drop(self, session: Any, req: Call) -> Reply:
         """Free slots this node no longer owns; with ``pending``, the values it holds of slots
         where it is only a pending migration destination (before the copy starts)."""
-        self._require_internal(session, "DROP_SLOTS")
+        meta = req.meta
         slots, nslots = migration_job.slots_of(meta)
         r = await run_async(migration_job.drop(self.member.view, self.member.node_id, slots, nslots,
                                                int(meta.get("epoch", 0)), bool(meta.get("pending")),
@@ -237,11 +240,10 @@ class MigrationService:
         self.values_dropped += r["values"]
         return Reply(r)
 
-    async def slot_versions(self, session: Any, meta: dict[str, Any]) -> Reply:
+    async def slot_versions(self, session: Any, req: Call) -> Reply:
         """The versions this node holds of ``keys`` ([namespace, tenant, key] each; 0: none): what a
         node freeing slots asks the owners before it hands them the values they lack."""
-        self._require_internal(session, "SLOT_VERSIONS")
-        keys = meta.get("keys")
+        keys = req.meta.get("keys")
         if not isinstance(keys, list) or not all(
                 isinstance(k, list | tuple) and len(k) == 3 and isinstance(k[2], bytes) for k in keys):
             raise InvalidArgument("keys: a list of [namespace, tenant, key] is required")
@@ -250,19 +252,17 @@ class MigrationService:
     async def _free(self, gone: frozenset[int], nslots: int, pending_only: bool) -> tuple[int, int]:
         me = self.member.node_id
         n = nbytes = 0
-        entries = list(self.store._index.values())
-        for i, e in enumerate(entries):
-            if key_slot(e.key, nslots) in gone:
+        for batch in self.store.entries_in_slots(gone, lambda k: key_slot(k, nslots)):
+            for e in batch:
                 cur = self.member.view.state.slotmap
                 if cur is not None and not may_free(cur, me, key_slot(e.key, cur.slots), pending_only):
                     continue
-                if self.store._index.get(e.ikey) is not e:
+                if not self.store.current(e):
                     continue  # written again since the listing (a double write): keep it
                 if self.store.delete(e.key, namespace=e.ikey[0], tenant=e.ikey[1]):
                     n += 1
                     nbytes += e.length
-            if i % 5000 == 4999:
-                await trio.sleep(0)
+            await trio.sleep(0)
         return n, nbytes
 
     # -- metrics
@@ -281,25 +281,3 @@ class MigrationService:
         return {"cluster_slots_moving": moving, "cluster_slots_under_replicated": under,
                 "migration_bytes_pushed": self.bytes_pushed, "migration_values_pushed": self.values_pushed,
                 "migration_values_dropped": self.values_dropped, "migration_jobs": len(self.jobs)}
-
-
-def install(node: Any, member: Any) -> MigrationService:
-    svc = MigrationService(node, member)
-    node.migration = svc
-    node.extra_handlers[OP_SLOT_SIZES] = svc.slot_sizes
-    node.extra_handlers[OP_MIGRATE_PUSH] = svc.push
-    node.extra_handlers[OP_DROP_SLOTS] = svc.drop
-    node.extra_handlers[OP_SLOT_VERSIONS] = svc.slot_versions
-    # /metrics: chain onto the node's extra-metrics hook (MetricsCollector ``extra``).
-    previous = node._flash_metrics
-
-    def extra_metrics() -> dict[str, float]:
-        out = dict(previous())
-        try:
-            out.update(svc.metrics())
-        except Exception:  # noqa: BLE001 - metrics must never break a scrape
-            log.exception("migration metrics failed")
-        return out
-
-    node._flash_metrics = extra_metrics
-    return svc

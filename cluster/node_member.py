@@ -1,6 +1,9 @@
 """A storage node as a cluster member: registration, lease, fencing, ownership checks.
 
-``attach_cluster(node)`` (called by ``memkv serve --etcd ...``):
+A :class:`ClusterMember` is one of the extensions a node is built with (``memkv
+serve --etcd ...``: memkv/tools/cli.py; memkv/server/extension.py). It gives the
+node its routing (the pipeline's route stage asks ``check`` and ``owners``) and
+the slot-migration operations (memkv/cluster/migration.py), and runs:
 - registers the node under ``/memkv/<cluster>/nodes/<id>`` with a lease of
   ``lease_ttl`` seconds (config ``[cluster] lease_ttl``, default 5), renewed
   every third of it; a clean shutdown revokes the lease;
@@ -14,6 +17,9 @@
   when their epoch is older than the node's. Requests without ``ep``
   (``memkv://`` admin access, RESP) are not routed and only fenced;
 - runs the leader election / slot-map publisher (``memkv.cluster.leader``).
+
+Once the cluster secret is known (config or etcd) the node's tenant table accepts
+the cluster identity (memkv/cluster/identity.py).
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ from typing import Any
 
 import trio
 
-from memkv.client.cluster_map import DEFAULT_SLOTS, NodeInfo, node_key
+from memkv.client.cluster_map import DEFAULT_SLOTS, NodeInfo, key_slot, node_key
 from memkv.client.cluster_view import ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
+from memkv.cluster import identity
+from memkv.cluster.migration import MigrationService
 from memkv.cluster.ownership import route_check
+from memkv.config import NodeConfig
 from memkv.errors import Fenced
+from memkv.server.extension import Extension, NodeContext
 
 log = logging.getLogger("memkv.cluster")
 
@@ -37,14 +47,15 @@ DEFAULT_LEASE_TTL = 5
 
 
 class ClusterMember:
-    def __init__(self, node: Any) -> None:
-        cfg = node.config
+    def __init__(self, config: NodeConfig) -> None:
+        cfg = config
         opts = dict(cfg.extra.get("cluster", {}))
-        self.node = node
-        self.node_id: str = node.node_id
+        self.config = cfg
+        self.node: NodeContext | None = None  # the node this member extends (``extend``)
+        self.node_id: str = cfg.node_id
         self.cluster: str = cfg.cluster or "default"
         self.zone: str = cfg.zone or "z0"
-        self.endpoints: str = cfg.etcd
+        self.endpoints: str = cfg.etcd or ""
         self.lease_ttl = max(2, int(opts.get("lease_ttl", DEFAULT_LEASE_TTL)))
         self.slots = int(opts.get("slots", DEFAULT_SLOTS))
         ns_replicas = max((ns.replicas for ns in cfg.namespaces.values()), default=1)
@@ -57,23 +68,40 @@ class ClusterMember:
         self.info: NodeInfo | None = None
         # the cluster identity of node-to-node calls (memkv/cluster/identity.py): the secret comes from the
         # config ([cluster] secret / secret_file, MEMKV_CLUSTER_SECRET) or from etcd (``run``, before registering)
-        from memkv.cluster import identity
-
         self.secret = identity.configured_secret(opts)
-        self.credentials = (identity.install_secret(node, self.secret, self.cluster) if self.secret
-                            else identity.Credentials(tls=identity.node_tls(cfg)))
+        self.credentials = identity.Credentials(tls=identity.node_tls(cfg))
+        self.migration: MigrationService | None = None
+
+    def extend(self, node: NodeContext) -> Extension:
+        """What the node gets from its cluster membership: routing, slot migration, the lease task."""
+        self.node = node
+        self.node_id = node.node_id
+        if self.secret:
+            self.credentials = identity.install_secret(node.tenants, self.secret, self.cluster, self.config)
+        self.migration = svc = MigrationService(node.store, self)
+        return Extension("cluster", operations=svc.operations(), background=(self.run,), stats=self.stats,
+                         metrics=svc.metrics, routing=self)
 
     # -- the request-path check (sync, no I/O)
     def fenced(self) -> bool:
         return time.monotonic() >= self.valid_until
 
-    def check(self, session: Any, meta: dict[str, Any], keys: list[bytes], write: bool) -> None:
+    def check(self, keys: list[bytes], write: bool, epoch: Any) -> None:
+        """The pipeline's route stage (memkv/server/stages.py): ``Fenced`` / ``Moved``."""
         if write and self.fenced():
             raise Fenced(f"node {self.node_id} lost its etcd lease; it refuses writes until it registers again")
-        ep = meta.get("ep")
+        ep = epoch
         if ep is None or self.view is None:
             return
         route_check(self.view.state.slotmap, self.node_id, ep, keys, write)
+
+    def owners(self, key: bytes) -> tuple[str, ...] | None:
+        """The nodes serving ``key`` in this node's slot map (None: no map yet)."""
+        view = self.view
+        sm = view.state.slotmap if view is not None else None
+        if sm is None:
+            return None
+        return tuple(sm.table[key_slot(key, sm.slots)])
 
     def stats(self) -> dict[str, Any]:
         st = self.view.state if self.view is not None else None
@@ -86,7 +114,8 @@ class ClusterMember:
 
     # -- background
     def _advertised(self) -> str:
-        host = self.node.config.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        assert self.node is not None
+        host = self.config.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
         if host in ("0.0.0.0", "::", ""):
             try:
                 host = socket.gethostbyname(socket.gethostname())
@@ -94,9 +123,10 @@ class ClusterMember:
                 host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        return f"{host}:{self.node.listen_port}"
+        return f"{host}:{self.node.address().rpartition(':')[2]}"
 
     async def run(self) -> None:
+        assert self.node is not None
         await self.node.started.wait()
         try:
             from importlib.metadata import version as _dist_version
@@ -104,7 +134,7 @@ class ClusterMember:
             version = _dist_version("memkv")
         except Exception:  # noqa: BLE001 - not installed as a distribution
             version = ""
-        self.info = NodeInfo(self.node_id, self._advertised(), self.zone, self.node.config.memory, str(version))
+        self.info = NodeInfo(self.node_id, self._advertised(), self.zone, self.config.memory, str(version))
         self.etcd = Etcd(self.endpoints, timeout=max(1.0, min(3.0, self.lease_ttl / 2)))
         self.view = ClusterView(self.etcd, self.cluster, resync_s=10.0)
         self.view.start()
@@ -124,8 +154,7 @@ class ClusterMember:
         takes slots only once it can authenticate its node-to-node calls and accept its peers'."""
         if self.secret is not None:
             return
-        from memkv.cluster import identity
-
+        assert self.node is not None
         while True:
             try:
                 self.secret = await trio.to_thread.run_sync(identity.etcd_secret, self.etcd, self.cluster)
@@ -134,7 +163,7 @@ class ClusterMember:
                 log.warning("node %s: cannot read the cluster secret from etcd (%s); retrying", self.node_id,
                             exc.message)
                 await trio.sleep(0.5)
-        self.credentials = identity.install_secret(self.node, self.secret, self.cluster)
+        self.credentials = identity.install_secret(self.node.tenants, self.secret, self.cluster, self.config)
 
     def _shutdown(self) -> None:
         lease, self.lease_id = self.lease_id, None
@@ -183,22 +212,3 @@ class ClusterMember:
                 if not self.fenced():
                     log.warning("node %s: cannot renew lease (%s)", self.node_id, exc.message)
                 await trio.sleep(min(0.5, period))
-
-
-def attach_cluster(node: Any) -> ClusterMember:
-    member = ClusterMember(node)
-    node.cluster_member = member
-    node.handlers.route_checks.append(member.check)
-    from memkv.cluster.migration import install as install_migration  # slot migration ops (rebalancer)
-
-    install_migration(node, member)
-    node.background.append(member.run)
-    previous = node.handlers.stats_extra
-
-    def stats_extra() -> dict[str, Any]:
-        out = dict(previous()) if previous is not None else {}
-        out["cluster"] = member.stats()
-        return out
-
-    node.handlers.stats_extra = stats_extra
-    return member

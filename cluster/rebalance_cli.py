@@ -1,4 +1,5 @@
-"""Rebalancer subcommands of ``memkv``: ``rebalancer``, ``drain``, ``throttle``."""
+"""Rebalancer subcommands of ``memkv``: ``rebalancer``, ``drain``, ``throttle`` (``add_parsers``, called by
+memkv/tools/cli.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import signal
 import threading
 import time
 from typing import Any
-
-from memkv.cli import EXTRA_PARSERS
 
 
 def _etcd_for(url: str) -> tuple[Any, str]:
@@ -146,7 +145,3 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("url", help="etcd://HOST:PORT[,HOST:PORT]/CLUSTER")
     t.add_argument("mbps", type=float, nargs="?", help="MB/s (0: unthrottled); omit to go back to the config")
     t.set_defaults(func=_throttle)
-
-
-if add_parsers not in EXTRA_PARSERS:
-    EXTRA_PARSERS.append(add_parsers)

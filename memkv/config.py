@@ -1,6 +1,6 @@
 """Node configuration: namespaces with their policies, tenants, and node flags.
 
-The TOML layout is part of the interface contract (DESIGN.md §9). Flags given on
+The TOML layout is part of the interface users write against (README). Flags given on
 the command line override values from the file.
 """
 
@@ -136,7 +136,7 @@ class TenantConfig:
     token: str
     grants: dict[str, str] = field(default_factory=dict)  # namespace -> "r" | "rw" | "admin"
     quota: int | None = None
-    # security (memkv/server/security.py): requests/s token bucket, its burst, DRAM-only writes
+    # memkv/server/tenants.py and stages.py: requests/s token bucket, its burst, DRAM-only writes
     rate: float | None = None
     burst: float | None = None
     no_store: bool = False
@@ -206,6 +206,14 @@ class NodeConfig:
     snapshot_every: int = 200_000  # records written between index snapshots
     # resource limits (TOML table [limits]; memkv/server/limits.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+def split_hostport(text: str, default_port: int = 7400) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) of a listen address; a bare host gets ``default_port``."""
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text, default_port
+    return host.strip("[]"), int(port)
 
 
 def _namespace_from(name: str, raw: Any) -> NamespacePolicy:
@@ -288,7 +296,7 @@ def load_config(path: str | Path | None) -> NodeConfig:
         )
     if "limits" in raw:  # [limits] (memkv/server/limits.py)
         cfg.limits = _limits_from(_table(raw["limits"], "limits"))
-    for section in ("tls", "audit", "security"):  # memkv/server/security.py
+    for section in ("tls", "audit", "security"):  # memkv/server/tls.py, audit.py, stages.py (no-store)
         if section in raw:
             cfg.extra[section] = dict(_table(raw[section], section))
     return cfg

@@ -1,4 +1,4 @@
-"""Pieces of the one-sided transports shared by the node and the client (DESIGN.md §8).
+"""Pieces of the one-sided transports shared by the node and the client (README "Transports").
 
 * ``host_identity()`` — who may use shared memory: two processes with the same
   boot id and the same network namespace can reach each other's abstract Unix

@@ -1,6 +1,6 @@
 """Fixtures for cluster tests: a real etcd (Debian's /usr/bin/etcd) and real node processes.
 
-``etcd_server`` — an :class:`~memkv.cluster.local.EtcdProcess` on free loopback
+``etcd_server`` — an :class:`~memkv.tools.localproc.EtcdProcess` on free loopback
 ports with a tmp data dir (``stop()``, ``start()``, ``restart()``, ``kill()``);
 skipped when no etcd binary is installed.
 
@@ -38,7 +38,7 @@ def poll(cond: Callable[[], Any], timeout: float, what: str = "") -> Any:
 
 @pytest.fixture
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from memkv.cluster.local import EtcdProcess, find_etcd
+    from memkv.tools.localproc import EtcdProcess, find_etcd
 
     if find_etcd() is None:
         pytest.skip("no etcd binary (apt-get install etcd-server)")

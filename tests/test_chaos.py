@@ -253,7 +253,7 @@ def test_history_roundtrip(tmp_path: Path) -> None:
 
 # -- scenarios against local processes (real etcd + node processes)
 def _need_etcd() -> None:
-    from memkv.cluster.local import find_etcd
+    from memkv.tools.localproc import find_etcd
 
     if find_etcd() is None:
         pytest.skip("no etcd binary (apt-get install etcd-server)")

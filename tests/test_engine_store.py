@@ -11,6 +11,7 @@ import pytest
 
 from memkv.config import NamespacePolicy, PoolConfig, default_namespaces
 from memkv.engine import Region, Store, checksum
+from memkv.engine.clock import ManualClock
 from memkv.errors import (
     ChecksumMismatch,
     InvalidArgument,
@@ -25,20 +26,9 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture

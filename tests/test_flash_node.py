@@ -220,7 +220,6 @@ def test_compaction_reclaims_overwritten_deleted_and_expired(start_node):
             c.put(f"d{i}".encode(), os.urandom(8000), namespace="ctx")
             c.delete(f"d{i}".encode(), namespace="ctx")
         written = _flash(c)["bytes_written"]
-        time.sleep(1.0)
         _wait_for(lambda: _flash(c)["used"] < written / 3 and _flash(c)["compactions"] >= 3, what="compaction")
         st = _flash(c)
         assert st["reclaimed"] > 0

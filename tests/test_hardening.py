@@ -24,7 +24,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memkv.admin_cli import admin_call
 from memkv.client import SyncClient
 from memkv.client.executors.blocking_connection import BlockingConnection
 from memkv.client.url import parse_url
@@ -33,6 +32,7 @@ from memkv.errors import ResourceLimit, TooManyConnections
 from memkv.errors import TimeoutError as MemKVTimeout
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Op
+from memkv.tools.admin import admin_call
 from tests.conftest import free_port, wait_for_port
 
 # --------------------------------------------------------------------------------------- helpers

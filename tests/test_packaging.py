@@ -1,4 +1,4 @@
-"""The distribution is laid out as DESIGN.md §2 says and installs its CLI."""
+"""The distribution is laid out as pyproject.toml says (three source folders) and installs its CLI."""
 
 from __future__ import annotations
 

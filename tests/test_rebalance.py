@@ -359,7 +359,7 @@ def test_migration_copies_survive_a_destination_restarted_on_its_address(start_n
 
     dest = start_node()
     member = types.SimpleNamespace(node_id="src", credentials=types.SimpleNamespace(pool_kwargs=dict))
-    svc = MigrationService(types.SimpleNamespace(store=None), member)
+    svc = MigrationService(None, member)  # type: ignore[arg-type]  # (sends only: no store needed)
     pool = svc._pool_()
     try:
         for _ in range(3):  # idle pooled connections to the first process

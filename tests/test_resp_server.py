@@ -297,3 +297,63 @@ def test_cluster_forwarding(etcd_server, start_node) -> None:
         assert c.get_many(keys) == [k * 3 for k in keys]
     assert r2.delete(*keys) == len(keys)
     assert r1.mget(keys) == [None] * len(keys)
+
+
+def test_info_keyspace_counts_what_dbsize_counts(resp_node) -> None:
+    """INFO keyspace and DBSIZE are one count (the node's Count/Keyspace operations): a tenant sees
+    the keys visible to it in a tenant-scoped namespace, never another tenant's, and no line for a
+    namespace it may not read."""
+    node = resp_node(config=TENANTS + '[tenants.carol]\ntoken = "carol-secret"\ngrants = { session = "rw" }\n')
+
+    def keys(r: redis.Redis) -> dict[str, int]:
+        return {db: line["keys"] for db, line in r.info("keyspace").items()}
+
+    alice1 = client(node, username="alice", password="alice-secret", db=1)
+    for i in range(3):
+        alice1.set(f"s{i}", b"v")
+    client(node, username="alice", password="alice-secret").set("shared-key", b"v")
+    carol1 = client(node, username="carol", password="carol-secret", db=1)
+    assert alice1.dbsize() == 3 and carol1.dbsize() == 0
+    assert keys(alice1) == {"db0": 1, "db1": 3}
+    assert keys(carol1) == {"db1": 0}  # not alice's session keys; no grant on shared
+    bob = client(node, password="bob-secret")
+    assert keys(bob) == {"db0": 1}  # no grant on session
+    bob1 = client(node, password="bob-secret", db=1)
+    with pytest.raises(redis.ResponseError, match="grant"):
+        bob1.dbsize()
+
+
+DURABLE = TENANTS.replace('grants = { shared = "rw", session = "rw" }', 'grants = { shared = "rw", ctx = "rw" }') + """
+[tenants.ghost]
+token = "ghost-secret"
+grants = { ctx = "rw" }
+no_store = true
+[namespaces.ctx]
+pool = "session"
+durability = "durable"
+overwrite = true
+"""
+
+
+def test_resp_writes_take_the_same_path_as_binary_ones(resp_node) -> None:
+    """A RESP write in a durable namespace is acknowledged once it is on disk (it survives a SIGKILL
+    right after the reply); a no-store tenant's write stays in DRAM with its TTL capped, and no
+    flash record names it -- the pipeline's stages, not a second implementation."""
+    from memkv.flash import record as r
+
+    node = resp_node(config=DURABLE)
+    alice = client(node, username="alice", password="alice-secret", db=2)  # db 2: ctx
+    ghost = client(node, username="ghost", password="ghost-secret", db=2)
+    big = os.urandom(200_000)  # streamed into its reservation
+    assert alice.set("d", b"durable") is True and alice.set("big", big) is True
+    assert ghost.set("g", b"dram only", ex=100_000) is True
+    assert 0 < ghost.ttl("g") <= 300  # [security] no_store_ttl
+    node.kill()
+    node.start()
+    alice = client(node, username="alice", password="alice-secret", db=2)
+    ghost = client(node, username="ghost", password="ghost-secret", db=2)
+    assert alice.get("d") == b"durable" and alice.get("big") == big
+    assert ghost.get("g") is None
+    keys = {x.key for seg in (node.data_dir / "flash").glob("seg-*.log") for x in r.scan(seg.read_bytes())
+            if isinstance(x, r.Record)}
+    assert {b"d", b"big"} <= keys and b"g" not in keys

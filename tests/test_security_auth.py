@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-from memkv.admin_cli import admin_call
 from memkv.cli import main as cli_main
 from memkv.client import SyncClient
 from memkv.client.core.calls import SimpleCall
@@ -16,6 +15,7 @@ from memkv.client.url import parse_url
 from memkv.errors import AuthError, PermissionDenied, RateLimited
 from memkv.protocol import auth
 from memkv.protocol.opcodes import Op
+from memkv.tools.admin import admin_call
 
 ADMIN = """
 [tenants.root]

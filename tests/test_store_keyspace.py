@@ -5,18 +5,11 @@ from __future__ import annotations
 import math
 
 from memkv.engine import Store
+from memkv.engine.clock import ManualClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def make(tmp_path) -> tuple[Store, Clock]:
-    clock = Clock()
+def make(tmp_path) -> tuple[Store, ManualClock]:
+    clock = ManualClock()
     return Store(memory=4 << 20, shm_dir=str(tmp_path), clock=clock, quarantine_s=0), clock
 
 
@@ -40,7 +33,7 @@ def test_expiry_and_ttl(tmp_path) -> None:
     assert s.set_expiry(b"k", None, namespace="session", tenant="a")
     assert s.ttl_left(b"k", namespace="session", tenant="a") == math.inf
     s.set_expiry(b"k", 5, namespace="session", tenant="a")
-    clock.t += 6
+    clock.advance(6)
     assert s.expire() == 1
     assert s.ttl_left(b"k", namespace="session", tenant="a") is None
     assert not s.set_expiry(b"k", 5, namespace="session", tenant="a")

@@ -312,22 +312,24 @@ def test_tenants_keep_reads_on_tcp(start_node):
 
 # -- the region file: nothing left behind ----------------------------------------------------------------
 
-def _shm_files() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("memkv-")}
+def _shm_files(pids: list[int]) -> set[str]:
+    """Region files of these node processes (``memkv-NAME-PID-RAND.region``): /dev/shm is shared with
+    every other process of the machine, whose nodes may be starting meanwhile."""
+    return {f for f in os.listdir("/dev/shm") if f.startswith("memkv-") and any(f"-{p}-" in f for p in pids)}
 
 
 def test_sigkill_leaves_nothing_in_dev_shm(start_node):
-    before = _shm_files()
     nodes = [start_node() for _ in range(2)]
+    pids = [n.pid for n in nodes]
     with SyncClient.connect(nodes[0].url) as c:
         c.put(b"k", b"v")
         assert c.get(b"k") == b"v"
         assert c.onesided.transport_of(_node_of(c)) == "shm"
-    assert _shm_files() - before == set()  # unlinked right after mapping
+    assert _shm_files(pids) == set()  # unlinked right after mapping
     for n in nodes:
         os.kill(n.pid, signal.SIGKILL)
         n.kill()
-    assert _shm_files() - before == set()
+    assert _shm_files(pids) == set()
 
 
 def test_stale_region_files_of_dead_nodes_are_swept(start_node):

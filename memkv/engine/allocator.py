@@ -15,10 +15,10 @@
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 
+from memkv.engine.clock import SYSTEM
 from memkv.errors import InvalidArgument
 
 _SCAN = 32  # extents of the own bin looked at for a best fit before going up a bin
@@ -31,7 +31,7 @@ class ExtentAllocator:
         *,
         granularity: int = 256,
         quarantine_s: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = SYSTEM.monotonic,
     ) -> None:
         if granularity <= 0 or granularity & (granularity - 1):
             raise InvalidArgument(f"granularity must be a power of two, got {granularity}")

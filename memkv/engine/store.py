@@ -33,17 +33,18 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 from memkv.config import NamespacePolicy, PoolConfig, default_namespaces, default_pools
 from memkv.engine.allocator import ExtentAllocator
 from memkv.engine.checksum import checksum as _checksum
+from memkv.engine.clock import SYSTEM, Clock
 from memkv.engine.entry import Entry
 from memkv.engine.eviction import LRUPolicy, S3FIFOPolicy, make_policy
 from memkv.engine.region import Region
+from memkv.engine.tier import Tier
 from memkv.errors import (
     ChecksumMismatch,
     InvalidArgument,
@@ -53,7 +54,7 @@ from memkv.errors import (
     UnknownNamespace,
     ValueTooLarge,
 )
-from memkv.protocol.versions import CLOCK, newer
+from memkv.protocol.versions import CLOCK, VersionClock, newer
 
 # indices into the per-namespace / per-tenant counter lists
 _HITS, _MISSES, _PUTS, _BYTES, _ENTRIES = range(5)
@@ -65,11 +66,11 @@ class Reservation:
 
     __slots__ = (
         "key", "namespace", "tenant", "ikey", "offset", "length", "size", "checksum", "ttl", "pin",
-        "parent", "view", "pool", "policy", "done", "version",
+        "parent", "view", "pool", "policy", "done", "version", "dram_only",
     )
 
     def __init__(self, key, namespace, tenant, ikey, offset, length, size, checksum, ttl, pin, parent,
-                 view, pool, policy, version=0) -> None:
+                 view, pool, policy, version=0, dram_only=False) -> None:
         self.key: bytes = key
         self.namespace: str = namespace
         self.tenant: str = tenant
@@ -86,6 +87,8 @@ class Reservation:
         self.policy: NamespacePolicy = policy
         self.done = False
         self.version: int = version  # the writer's (memkv/protocol/versions.py); 0: the store assigns one
+        # never handed to the tier (no-store writes: no flash record, so no segment or snapshot holds it)
+        self.dram_only: bool = dram_only
 
     def __repr__(self) -> str:
         return f"<Reservation {self.namespace}/{self.key!r} off={self.offset} len={self.length}>"
@@ -125,7 +128,8 @@ class Store:
         pools: dict[str, PoolConfig] | None = None,
         shm_dir: str = "/dev/shm",
         name: str = "node",
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM,
+        versions: VersionClock = CLOCK,
         quarantine_s: float = 2.0,
         tenant_quotas: dict[str, int] | None = None,
         max_value: int = 1 << 30,
@@ -138,6 +142,8 @@ class Store:
             if ns.pool not in pool_cfgs:
                 raise InvalidArgument(f"namespace {ns.name}: unknown pool {ns.pool!r}")
         self.clock = clock
+        self._now = clock.monotonic
+        self.versions = versions
         self.quarantine_s = float(quarantine_s)
         self.max_value = int(max_value)
         self.tenant_quotas: dict[str, int] = dict(tenant_quotas or {})
@@ -149,7 +155,7 @@ class Store:
         self.region = Region(memory, directory=shm_dir, name=name)
         try:
             self.allocator = ExtentAllocator(
-                memory, granularity=granularity, quarantine_s=self.quarantine_s, clock=clock
+                memory, granularity=granularity, quarantine_s=self.quarantine_s, clock=clock.monotonic
             )
         except BaseException:
             self.region.close()
@@ -173,8 +179,19 @@ class Store:
         self.checksum_mismatches = 0
         self.superseded = 0  # writes dropped because the key already held a newer version
         self.closed = False
-        # The flash tier (memkv.flash.tier.FlashTier) of durable namespaces, or None.
-        self.flash: Any = None
+        # The tier under the region that keeps durable namespaces (the flash tier), or None:
+        # set once, while the node is built (``attach_tier``).
+        self.tier: Tier | None = None
+
+    def attach_tier(self, tier: Tier) -> None:
+        """Durable namespaces are kept by ``tier`` from now on (once, before any request)."""
+        if self.tier is not None:
+            raise InvalidArgument("the store already has a tier")
+        self.tier = tier
+
+    def now(self) -> float:
+        """The store's monotonic time (its injected clock)."""
+        return self._now()
 
     # -- helpers -------------------------------------------------------------------------
     def _ns(self, namespace: str) -> NamespacePolicy:
@@ -199,7 +216,7 @@ class Store:
         e = self._index.get((namespace, tenant if pol.tenant_scoped else "", key))
         if e is not None and e.expires is not None:
             if now is None:
-                now = self.clock()
+                now = self._now()
             if e.expires <= now:
                 self._drop(e, now, "expire")
                 return None
@@ -209,11 +226,11 @@ class Store:
         """Remove a live entry from the index, the accounting and the region."""
         if self._index.get(e.ikey) is not e:
             return
-        if e.flash is not None and self.flash is not None:
+        if e.flash is not None and self.tier is not None:
             if reason == "evict":  # the value stays on flash: only its DRAM copy goes
                 self._demote(e, now)
                 return
-            self.flash.dropped(e, reason)
+            self.tier.dropped(e, reason)
         del self._index[e.ikey]
         t = e.tenant
         if e.offset >= 0:  # a flash-only entry has no region accounting
@@ -271,8 +288,53 @@ class Store:
         e.exposed = False
         self.evictions += 1
 
-    def attach(self, res: Reservation, e: Entry) -> None:
-        """Give a flash-only entry its region copy back (the flash tier filled ``res.view``)."""
+    # -- what the tier and the node's subsystems use (never the index itself) ----------------
+    def lookup(self, ikey: tuple[str, str, bytes]) -> Entry | None:
+        """The indexed entry under an index key ``(namespace, scope, key)``, as it is: no expiry
+        check, no access counted (slot copies, compaction, recovery bookkeeping)."""
+        return self._index.get(ikey)
+
+    def current(self, entry: Entry) -> bool:
+        """Whether ``entry`` is still the one indexed for its key (not replaced, dropped or expired away)."""
+        return self._index.get(entry.ikey) is entry
+
+    def drop(self, entry: Entry, reason: str = "delete") -> bool:
+        """Remove ``entry`` if it is still current; ``reason`` as the tier sees it ("delete" writes a
+        tombstone, "rollback" forgets a write whose record never became durable)."""
+        if self._index.get(entry.ikey) is not entry:
+            return False
+        self._drop(entry, self._now(), reason)
+        return True
+
+    def erase_tenant(self, tenant: str) -> dict[str, int]:
+        """Overwrite with zeros and drop every value ``tenant`` wrote (purge); counts of what went."""
+        now = self._now()
+        wview = self.region.view
+        out = {"values": 0, "bytes": 0, "region_values": 0, "flash_values": 0}
+        for e in [e for e in self._index.values() if e.tenant == tenant]:
+            if self._index.get(e.ikey) is not e:
+                continue
+            if e.offset >= 0:
+                wview[e.offset:e.offset + e.length] = bytes(e.length)
+                out["region_values"] += 1
+            if e.flash is not None:
+                out["flash_values"] += 1
+            out["bytes"] += e.length
+            out["values"] += 1
+            self._drop(e, now, "delete")
+        return out
+
+    def set_tenant_quotas(self, quotas: dict[str, int]) -> None:
+        """Per-tenant byte quotas (the node's tenant table changed)."""
+        self.tenant_quotas = dict(quotas)
+
+    def reserve_copy(self, e: Entry) -> Reservation:
+        """Room in the region for the value of a tier-only entry (promotion: no tier admission)."""
+        return self.reserve(e.key, e.length, namespace=e.namespace, tenant=e.tenant, checksum=e.checksum,
+                            dram_only=True)
+
+    def refill(self, res: Reservation, e: Entry) -> None:
+        """Give a tier-only entry its region copy back (the tier filled ``res.view`` from ``reserve_copy``)."""
         res.done = True
         pool = res.pool
         e.offset = res.offset
@@ -302,7 +364,7 @@ class Store:
             return 0
         index = self._index
         children = self._children
-        now = self.clock()
+        now = self._now()
         info: list[Any] = []
         for ns, tenant in names:  # a name no entry uses may be unknown (None)
             pol = self.namespaces.get(ns)
@@ -337,7 +399,7 @@ class Store:
             heapq.heappush(self._expiry, (e.expires, next(self._seq), e))
         if generations:
             self.generation = max(self.generation, max(generations))
-            CLOCK.observe(max(versions))
+            self.versions.observe(max(versions))
         # accounting per (namespace, tenant)
         if len(info) == 1:
             sums = {0: [sum(lengths), n]}
@@ -406,22 +468,26 @@ class Store:
         pin: bool = False,
         parent: bytes | None = None,
         version: int = 0,
+        dram_only: bool = False,
     ) -> Reservation:
-        """Make room for a value of ``length`` bytes and allocate it (see the module doc)."""
+        """Make room for a value of ``length`` bytes and allocate it (see the module doc).
+
+        ``dram_only``: the value stays in the region even in a durable namespace (the tier
+        neither admits nor records it)."""
         pol = self._ns(namespace)
         if length < 0:
             raise InvalidArgument(f"negative length {length}")
         if length > self.max_value:
             raise ValueTooLarge(f"value of {length} bytes is over the limit of {self.max_value}")
         pool = self.pools[pol.pool]
-        if self.flash is not None and pol.durability == "durable":
-            self.flash.admit(key, length)  # DiskFull before any payload is received
+        if self.tier is not None and pol.durability == "durable" and not dram_only:
+            self.tier.admit(key, length)  # DiskFull before any payload is received
         alloc = self.allocator
         size = alloc.round(length)
         if size > pool.budget:
             raise ValueTooLarge(f"{length} bytes do not fit pool {pool.name} ({pool.budget} bytes)")
         ikey = (namespace, tenant if pol.tenant_scoped else "", key)
-        now = self.clock()
+        now = self._now()
         old = self._index.get(ikey)
         if old is not None:
             if old.expires is not None and old.expires <= now:
@@ -489,7 +555,7 @@ class Store:
             parent = None
         return Reservation(
             key, namespace, tenant, ikey, off, length, size, checksum, ttl, pin, parent,
-            self.region.view[off:off + length], pool, pol, version,
+            self.region.view[off:off + length], pool, pol, version, dram_only,
         )
 
     def _release(self, res: Reservation, *, immediate: bool) -> None:
@@ -500,7 +566,7 @@ class Store:
             pool.tenant_used[res.tenant] = left
         else:
             pool.tenant_used.pop(res.tenant, None)
-        self.allocator.free(res.offset, self.clock(), tag=pool.name, immediate=immediate)
+        self.allocator.free(res.offset, self._now(), tag=pool.name, immediate=immediate)
         try:
             res.view.release()
         except BufferError:
@@ -531,13 +597,13 @@ class Store:
             raise ChecksumMismatch(
                 f"checksum of {res.key!r} is {cs:#018x}, the writer sent {res.checksum:#018x}"
             )
-        now = self.clock()
+        now = self._now()
         pol = res.policy
         version = res.version
         if version:
-            CLOCK.observe(version)
+            self.versions.observe(version)
         else:
-            version = CLOCK.next()
+            version = self.versions.next()
         ttl = res.ttl if res.ttl is not None else pol.ttl
         expires = now + ttl if ttl is not None and ttl > 0 else None
         index = self._index
@@ -565,8 +631,8 @@ class Store:
                 old.pin_until = math.inf
             if version > old.version:
                 old.version = version
-            if self.flash is not None and pol.durability == "durable":
-                self.flash.committed(old)
+            if self.tier is not None and pol.durability == "durable" and not res.dram_only:
+                self.tier.committed(old)
             return old
         if old is not None and not pol.overwrite:
             self._release(res, immediate=True)
@@ -609,8 +675,8 @@ class Store:
             res.view.release()
         except BufferError:
             pass
-        if self.flash is not None and pol.durability == "durable":
-            self.flash.committed(e)  # queue the record; the reply waits for its group commit
+        if self.tier is not None and pol.durability == "durable" and not res.dram_only:
+            self.tier.committed(e)  # queue the record; the reply waits for its group commit
         return e
 
     def put(self, key: bytes, value, *, namespace: str, tenant: str = "", ttl: float | None = None,
@@ -655,8 +721,8 @@ class Store:
     def view(self, entry: Entry) -> memoryview:
         """Read-only view of the value's bytes in the region."""
         off = entry.offset
-        if off < 0 and entry.flash is not None and self.flash is not None:
-            self.flash.promote_sync(entry)  # blocking read from flash (the request path promotes async)
+        if off < 0 and entry.flash is not None and self.tier is not None:
+            self.tier.promote_sync(entry)  # blocking read from flash (the request path promotes async)
             off = entry.offset
         if off < 0:
             raise InvalidArgument(f"value of {entry.key!r} is not in the region")
@@ -674,7 +740,7 @@ class Store:
     def report_corrupt(self, entry: Entry) -> None:
         """A reader found a checksum mismatch: drop the entry and count it."""
         self.corrupt += 1
-        self._drop(entry, self.clock(), "corrupt")
+        self._drop(entry, self._now(), "corrupt")
 
     def verify(self, entry: Entry) -> bool:
         """Recompute the checksum of the value in the region."""
@@ -682,7 +748,7 @@ class Store:
 
     # -- management ----------------------------------------------------------------------
     def delete(self, key: bytes, *, namespace: str, tenant: str = "") -> bool:
-        now = self.clock()
+        now = self._now()
         e = self._lookup(key, namespace, tenant, now)
         if e is None:
             return False
@@ -693,7 +759,7 @@ class Store:
         self, keys: Iterable[bytes], *, namespace: str, tenant: str = "", ttl: float | None = None
     ) -> int:
         """Pin existing keys (``ttl`` None = until unpinned); number pinned."""
-        now = self.clock()
+        now = self._now()
         until = math.inf if ttl is None else now + ttl
         n = 0
         for k in keys:
@@ -706,7 +772,7 @@ class Store:
         return n
 
     def unpin(self, keys: Iterable[bytes], *, namespace: str, tenant: str = "") -> int:
-        now = self.clock()
+        now = self._now()
         n = 0
         for k in keys:
             e = self._lookup(k, namespace, tenant, now)
@@ -719,7 +785,7 @@ class Store:
     def lookup_prefix(self, keys: Iterable[bytes], *, namespace: str, tenant: str = "",
                       lease_s: float = 5.0) -> int:
         """Number of leading keys that exist; each of them is leased for ``lease_s`` seconds."""
-        now = self.clock()
+        now = self._now()
         until = now + lease_s
         n = 0
         for k in keys:
@@ -734,7 +800,7 @@ class Store:
     def expire(self, now: float | None = None) -> int:
         """Drop every entry whose TTL passed; number dropped."""
         if now is None:
-            now = self.clock()
+            now = self._now()
         heap = self._expiry
         n = 0
         while heap and heap[0][0] <= now:
@@ -747,10 +813,20 @@ class Store:
         return n
 
     def entries(self, namespace: str | None = None) -> Iterator[Entry]:
-        """Live entries (a snapshot of the index taken when iteration starts)."""
+        """Indexed entries (a snapshot of the index taken when iteration starts)."""
         for e in list(self._index.values()):
             if namespace is None or e.namespace == namespace:
                 yield e
+
+    def entries_in_slots(self, slots: Container[int], slot_of: Callable[[bytes], int], *, after: int = 0,
+                         batch: int = 5000) -> Iterator[list[Entry]]:
+        """Indexed entries written after generation ``after`` whose key's slot (``slot_of(key)``, the
+        cluster's hash) is in ``slots`` (slot copies and drops), from a snapshot taken when iteration
+        starts, in lists: one per ``batch`` entries looked at, so that an async caller can let
+        other tasks run between them."""
+        snapshot = list(self._index.values())
+        for i in range(0, len(snapshot), batch):
+            yield [e for e in snapshot[i:i + batch] if e.generation > after and slot_of(e.key) in slots]
 
     # -- key-space helpers for the RESP front end (EXPIRE/TTL/SCAN/DBSIZE) ----------------
     def peek(self, key: bytes, *, namespace: str, tenant: str = "") -> Entry | None:
@@ -759,7 +835,7 @@ class Store:
 
     def set_expiry(self, key: bytes, ttl: float | None, *, namespace: str, tenant: str = "") -> bool:
         """Give an existing key a TTL in seconds (None: persist; <= 0: delete now). False if missing."""
-        now = self.clock()
+        now = self._now()
         e = self._lookup(key, namespace, tenant, now)
         if e is None:
             return False
@@ -773,7 +849,7 @@ class Store:
 
     def ttl_left(self, key: bytes, *, namespace: str, tenant: str = "") -> float | None:
         """Seconds until the key expires; ``math.inf`` without TTL; None if it does not exist."""
-        now = self.clock()
+        now = self._now()
         e = self._lookup(key, namespace, tenant, now)
         if e is None:
             return None
@@ -789,7 +865,7 @@ class Store:
         """
         pol = self._ns(namespace)
         scope = tenant if pol.tenant_scoped else ""
-        now = self.clock()
+        now = self._now()
         keys: list[bytes] = []
         examined = 0
         last = after
@@ -819,7 +895,7 @@ class Store:
     def stats(self) -> dict:
         a = self.allocator
         if a.quarantined_bytes:
-            a.reclaim(self.clock())
+            a.reclaim(self._now())
         pools = {}
         for name, p in self.pools.items():
             pools[name] = {

@@ -6,7 +6,8 @@ points at is copied (raw, lsn kept) through the normal log writer; tombstones
 are kept while an older segment could still hold a put they hide. Once every
 copy (and every record written before the decision, e.g. the tombstones that
 made records dead) is durable, the segment is unlinked. Copy I/O is throttled
-to ``rate`` bytes/s so that serving traffic keeps the device.
+to ``rate`` bytes/s so that serving traffic keeps the device. The schedule (the
+check interval, the throttle) runs on the tier's injected clock.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def pick(tier: FlashTier) -> Segment | None:
 
 async def compact_loop(tier: FlashTier) -> None:
     while True:
-        await trio.sleep(tier.compaction_interval)
+        await tier.clock.sleep(tier.compaction_interval)
         seg = pick(tier)
         if seg is not None:
             try:
@@ -89,16 +90,16 @@ async def compact_segment(tier: FlashTier, seg: Segment) -> int:
                 if ts is None:
                     continue
                 ikey = (rec.namespace, ts, rec.key)
-                e = store._index.get(ikey)
+                e = store.lookup(ikey)
                 if e is None or e.flash is None or e.flash[0] != seg.id or e.flash[1] != rec.value_off:
                     continue
                 data = await trio.to_thread.run_sync(os.pread, seg.fd, rec.size, rec.offset)
                 if len(data) != rec.size or xxhash.xxh3_64_intdigest(
                         memoryview(data)[rec.value_off - rec.offset:]) != rec.value_cs:
-                    if store._index.get(ikey) is e and e.flash is not None and e.flash[0] == seg.id:
+                    if store.current(e) and e.flash is not None and e.flash[0] == seg.id:
                         tier.report_flash_corrupt(e, "compaction found a damaged value")
                     continue
-                if store._index.get(ikey) is not e or e.flash is None or e.flash[0] != seg.id \
+                if not store.current(e) or e.flash is None or e.flash[0] != seg.id \
                         or e.flash[1] != rec.value_off:
                     continue  # changed while we read
                 old = e.flash
@@ -111,13 +112,13 @@ async def compact_segment(tier: FlashTier, seg: Segment) -> int:
                 copied += len(data)
             tier.compaction_copied += rec.size
             if rate > 0:
-                await trio.sleep(rec.size / rate)
+                await tier.clock.sleep(rec.size / rate)
         await flog.wait(flog.seq)
     finally:
         seg.readers -= 1
     seg.doomed = True
     while seg.readers:
-        await trio.sleep(0.01)
+        await tier.clock.sleep(0.01)
     size = seg.size
     await trio.to_thread.run_sync(flog.remove, seg)
     tier.compactions += 1

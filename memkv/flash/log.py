@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from memkv.engine.clock import SYSTEM, Clock
 from memkv.errors import DiskFull, MemKVError, ServerError
 from memkv.flash.segment import Segment, fsync_dir, list_segments, pwritev_all
 
@@ -40,8 +41,10 @@ class Pending:
 
 
 class FlashLog:
-    def __init__(self, directory: str, *, segment_size: int, budget: int, parallel: int = 2) -> None:
+    def __init__(self, directory: str, *, segment_size: int, budget: int, parallel: int = 2,
+                 clock: Clock = SYSTEM) -> None:
         self.dir = directory
+        self.clock = clock
         self.parallel = max(1, int(parallel))  # batches in flight (write + fdatasync each)
         self.segment_size = int(segment_size)
         self.budget = int(budget)
@@ -216,7 +219,7 @@ class FlashLog:
         self.failed_batches += 1
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             err: MemKVError = DiskFull(f"flash device is full: {exc}")
-            self.enospc_at = trio.current_time() if _in_trio() else 0.0
+            self.enospc_at = self.clock.monotonic()
         else:
             err = ServerError(f"flash write failed: {exc}")
         log.error("flash: a batch of %d records failed to write: %s", len(batch), exc)
@@ -245,10 +248,3 @@ class FlashLog:
         for seg in self.segments.values():
             seg.close()
 
-
-def _in_trio() -> bool:
-    try:
-        trio.lowlevel.current_task()
-        return True
-    except RuntimeError:
-        return False

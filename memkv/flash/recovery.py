@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any
 
+from memkv.engine.clock import SYSTEM
 from memkv.flash import record as r
 from memkv.flash.segment import Segment
 from memkv.flash.snapshot import SnapshotError, read_snapshot
@@ -93,7 +94,7 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
     """``scope(ns, tenant)`` gives the tenant part of the index key, None for an unknown namespace."""
     t0 = time.perf_counter()
     out = Recovered()
-    now_wall = time.time() if now_wall is None else now_wall
+    now_wall = SYSTEM.wall() if now_wall is None else now_wall
     try:
         snap = read_snapshot(directory)
     except SnapshotError as exc:

@@ -1,6 +1,6 @@
 """The flash tier of a node: durable namespaces on append-only segment files.
 
-Wiring (see ``attach``):
+It is the store's tier (``memkv.engine.tier.Tier``; ``Store.attach_tier``):
 
 * ``Store.reserve`` asks ``admit`` whether the disk budget has room
   (``DiskFull`` otherwise, before any payload is received);
@@ -11,13 +11,16 @@ Wiring (see ``attach``):
 * ``Store._drop`` calls ``dropped`` (a tombstone for a delete; dead bytes for
   the compactor), and eviction of an entry with a flash copy only frees its
   region extent (``offset = -1``);
-* GET/GET_MANY of a flash-only entry first ``promote`` it: read it back into a
-  region extent in a worker thread and verify its checksum (a mismatch is a
-  miss, logged and counted).
+* a read of a flash-only entry is promoted first (``promote_for_read``, the
+  node's promotion stage: memkv/server/stages.py): read back into a region
+  extent in a worker thread and its checksum verified (a mismatch is a miss,
+  logged and counted).
 
 While a record is being written its entry is leased (not evictable) and marked
 exposed (a delete quarantines the extent instead of reusing it at once), so
-the bytes the writer thread reads stay put.
+the bytes the writer thread reads stay put. Time (expiry stamps, the retry
+after ENOSPC, the snapshot and compaction schedules) comes from the store's
+injected clock.
 """
 
 from __future__ import annotations
@@ -28,18 +31,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from memkv.engine.checksum import checksum as _checksum
-from memkv.errors import CorruptValue, DiskFull, InvalidArgument, MemKVError
+from memkv.errors import CorruptValue, DiskFull, InvalidArgument, MemKVError, OutOfMemory
 from memkv.flash import record as r
 from memkv.flash.compaction import compact_loop
 from memkv.flash.log import FlashLog
 from memkv.flash.recovery import recover
+from memkv.flash.scrub import scrub_segments
 from memkv.flash.segment import preadv_all
 from memkv.flash.snapshot import write_snapshot
 
@@ -51,6 +55,7 @@ log = logging.getLogger("memkv.flash")
 
 NAME_SLACK = r.HEADER_SIZE + 3 * 128  # header + namespace/tenant/parent upper bound, for admission
 READ_LEASE_S = 2.0  # a value promoted for a reply is not evicted before the reply is sent
+SNAPSHOT_CHECK_S = 0.25  # how often the snapshot loop looks at the records written since the last one
 
 
 class FlashTier:
@@ -58,6 +63,7 @@ class FlashTier:
                  compaction_rate: int = 64 << 20, compaction_threshold: float = 0.5,
                  compaction_interval: float = 0.5, snapshot_every: int = 200_000) -> None:
         self.store = store
+        self.clock = store.clock
         self.dir = os.path.join(data_dir, "flash")
         os.makedirs(self.dir, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.dir, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -70,11 +76,10 @@ class FlashTier:
         self.compaction_threshold = float(compaction_threshold)
         self.compaction_interval = float(compaction_interval)
         self.snapshot_every = int(snapshot_every)
-        self.log = FlashLog(self.dir, segment_size=segment_size, budget=disk)
+        self.log = FlashLog(self.dir, segment_size=segment_size, budget=disk, clock=self.clock)
         self.durable_ns = {n for n, p in store.namespaces.items() if p.durability == "durable"}
         self.lsn = 0
         self.touched = 0  # highest write seq the current request must wait for
-        self.promoting = False
         self.corrupt = 0
         self.promotions = 0
         self.disk_full = 0
@@ -84,11 +89,11 @@ class FlashTier:
         self.snapshots = 0
         self.snapshot_lsn = 0
         self._inflight: dict[Entry, trio.Event] = {}
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # a measurement (stats), not a schedule
         gc_was_on = gc.isenabled()
         gc.disable()  # millions of new objects, no cycles: the collector would only rescan them
         try:
-            self.recovered = recover(self.dir, self.log.segments, self.scope)
+            self.recovered = recover(self.dir, self.log.segments, self.scope, now_wall=self.clock.wall())
             self.lsn = self.snapshot_lsn = self.recovered.max_lsn
             self.recovered_entries = self.recovered.entries
             self._adopt_all()
@@ -98,7 +103,7 @@ class FlashTier:
             gc.freeze()  # the recovered index is long-lived: keep it out of future collections
         self.recovery_s = time.perf_counter() - t0
         self.corrupt += len(self.recovered.damaged)
-        store.flash = self
+        store.attach_tier(self)
         log.info("flash: %d durable values recovered in %.2fs (%d from the snapshot, %d log records replayed, "
                  "%d damaged, %d torn)", self.recovered_entries, self.recovery_s,
                  self.recovered.snapshot_entries, self.recovered.replayed, len(self.recovered.damaged),
@@ -120,7 +125,7 @@ class FlashTier:
             store.generation = gen
         exps = cols["expires"]
         if any(exps):
-            mono_off = store.clock() - time.time()
+            mono_off = self.clock.monotonic() - self.clock.wall()
             exps = [x + mono_off if x else None for x in exps]
         else:
             exps = repeat(None, len(cols["keys"]))
@@ -132,11 +137,9 @@ class FlashTier:
 
     # -- hooks called by the Store
     def admit(self, key: bytes, length: int) -> None:
-        if self.promoting:
-            return
         flog = self.log
         if flog.enospc_at is not None:
-            if trio.current_time() - flog.enospc_at < 1.0:
+            if self.clock.monotonic() - flog.enospc_at < 1.0:
                 self.disk_full += 1
                 raise DiskFull("flash device is full (ENOSPC); delete data so that compaction can free space")
             flog.enospc_at = None  # try again
@@ -153,7 +156,7 @@ class FlashTier:
         store = self.store
         self.lsn += 1
         lsn = self.lsn
-        exp = 0.0 if e.expires is None else e.expires - store.clock() + time.time()
+        exp = 0.0 if e.expires is None else e.expires - self.clock.monotonic() + self.clock.wall()
         head = r.encode_head(r.PUT, e.namespace, e.tenant, e.key, e.parent, e.length, e.checksum, lsn,
                              e.generation, exp, e.version)
         size = len(head) + e.length
@@ -170,8 +173,8 @@ class FlashTier:
                 e.lease_until = saved_lease
             if not saved_exposed:
                 e.exposed = False
-            if not ok and e.flash is loc and store._index.get(e.ikey) is e:
-                store._drop(e, store.clock(), "rollback")  # never acknowledged: forget it
+            if not ok and e.flash is loc:
+                store.drop(e, "rollback")  # never acknowledged: forget it
 
         p.done = done
         if p.seq > self.touched:
@@ -194,7 +197,7 @@ class FlashTier:
     async def promote(self, e: Entry) -> None:
         """Bring a flash-only entry back into the region (no-op if it is there or gone)."""
         store = self.store
-        while e.offset < 0 and e.flash is not None and store._index.get(e.ikey) is e:
+        while e.offset < 0 and e.flash is not None and store.current(e):
             ev = self._inflight.get(e)
             if ev is not None:
                 await ev.wait()
@@ -216,7 +219,7 @@ class FlashTier:
             except MemKVError:
                 return
             loc = e.flash
-            if loc is None or e.offset >= 0 or store._index.get(e.ikey) is not e:
+            if loc is None or e.offset >= 0 or not store.current(e):
                 return
         seg = self.log.segments.get(loc[0])
         if seg is None:
@@ -234,15 +237,11 @@ class FlashTier:
         self._finish_load(e, res, n, loc)
 
     def _reserve(self, e: Entry):
-        self.promoting = True
-        try:
-            return self.store.reserve(e.key, e.length, namespace=e.namespace, tenant=e.tenant, checksum=e.checksum)
-        finally:
-            self.promoting = False
+        return self.store.reserve_copy(e)
 
     def _finish_load(self, e: Entry, res: Any, n: int, loc: tuple) -> bool:
         store = self.store
-        if store._index.get(e.ikey) is not e or e.offset >= 0:
+        if not store.current(e) or e.offset >= 0:
             store.abort(res)
             return e.offset >= 0
         if n != e.length or _checksum(res.view) != e.checksum:
@@ -250,7 +249,7 @@ class FlashTier:
             if n >= 0:
                 self.report_flash_corrupt(e, f"checksum mismatch in segment {loc[0]} at {loc[1]}")
             return False
-        store.attach(res, e)
+        store.refill(res, e)
         self.promotions += 1
         return True
 
@@ -276,15 +275,33 @@ class FlashTier:
         log.error("flash: value %s/%r is damaged (%s); dropped, served as a miss", e.namespace, e.key, why)
         self.store.report_corrupt(e)
 
+    # -- purge
+    async def settle(self) -> None:
+        """Wait until every record queued so far is on disk (or its batch failed)."""
+        try:
+            await self.log.wait(self.log.seq)
+        except MemKVError as exc:
+            log.warning("flash: a log write failed while settling: %s", exc)
+
+    async def scrub_tenant(self, tenant: str) -> tuple[int, int]:
+        """Zero every record of ``tenant`` in the segment files (after its entries were dropped);
+        (records, bytes). Twice: a compaction running meanwhile may have copied a record before
+        it was dropped."""
+        await self.settle()
+        records, nbytes = await trio.to_thread.run_sync(scrub_segments, self.dir, tenant)
+        await self.settle()
+        r2, b2 = await trio.to_thread.run_sync(scrub_segments, self.dir, tenant)
+        return records + r2, nbytes + b2
+
     # -- snapshots
     def _capture(self) -> tuple[tuple[int, int, dict[int, list[int]], list[tuple]], int]:
         flog = self.log
         segs = {sid: [s.size, s.min_lsn] for sid, s in flog.segments.items()}
-        wall = time.time() - self.store.clock()
+        wall = self.clock.wall() - self.clock.monotonic()
         rows = [
             (e.namespace, e.tenant, e.key, e.parent, e.length, e.checksum, e.generation,
              0.0 if e.expires is None else e.expires + wall, loc[0], loc[1], loc[2], loc[3], e.version)
-            for e in self.store._index.values() if (loc := e.flash) is not None
+            for e in self.store.entries() if (loc := e.flash) is not None
         ]
         return (self.lsn, self.store.generation, segs, rows), flog.seq
 
@@ -298,7 +315,7 @@ class FlashTier:
 
     async def _snapshot_loop(self) -> None:
         while True:
-            await trio.sleep(0.25)
+            await self.clock.sleep(SNAPSHOT_CHECK_S)
             if self.lsn - self.snapshot_lsn >= self.snapshot_every:
                 try:
                     await self.snapshot()
@@ -349,54 +366,18 @@ class FlashTier:
                           "torn": self.recovered.torn_tail},
         }
 
-    # -- request path
-    def wrap_handlers(self, handlers: Any) -> None:
-        """GET/GET_MANY in a durable namespace with a flash-only value: promote first (async).
+    # -- request path: the promotion stage (memkv/server/stages.py)
+    def cold(self, entries: Sequence[Entry | None]) -> bool:
+        """Whether any of these entries is only on flash (a read must promote it first)."""
+        return any(e is not None and e.offset < 0 and e.flash is not None for e in entries)
 
-        Values promoted for a request are leased for ``READ_LEASE_S`` so that promoting the
-        next key of the same GET_MANY cannot evict them before the reply is sent. When the
-        pool has no room (everything pinned), the value is read into a private buffer.
+    async def promote_for_read(self, entries: Sequence[Entry | None]) -> dict[int, memoryview]:
+        """Bring the flash-only ``entries`` of one read into the region; returns the values read
+        into private buffers instead (by position) when the pool has no room (everything pinned).
+
+        Values promoted for a read are leased for ``READ_LEASE_S`` so that promoting the next
+        key of the same GET_MANY cannot evict them before the reply is sent.
         """
-        from memkv.protocol import codec as c
-        from memkv.protocol.opcodes import Op
-
-        store = self.store
-        durable = self.durable_ns
-        orig_get = handlers.simple[Op.GET]
-        orig_many = handlers.simple[Op.GET_MANY]
-
-        def wrap(orig: Callable[..., Any], many: bool) -> Callable[..., Any]:
-            def handler(session: Any, meta: dict[str, Any]) -> Any:
-                ns = meta.get("ns", "shared")
-                if ns not in durable:
-                    return orig(session, meta)
-                try:
-                    handlers._ns(session, meta, "r")
-                    keys = c.get_keys(meta, "ks", handlers.limits) if many else [c.get_key(meta, "k", handlers.limits)]
-                    cold = False
-                    for k in keys:
-                        e = store._lookup(k, ns, session.tenant, None)
-                        if e is not None and e.offset < 0 and e.flash is not None:
-                            cold = True
-                            break
-                except MemKVError:
-                    return orig(session, meta)
-                if not cold:
-                    return orig(session, meta)
-                handlers._route(session, meta, keys, False)
-                return self._get_cold(session, ns, keys, many)
-
-            return handler
-
-        handlers.simple[Op.GET] = wrap(orig_get, False)
-        handlers.simple[Op.GET_MANY] = wrap(orig_many, True)
-
-    async def _get_cold(self, session: Any, ns: str, keys: list[bytes], many: bool) -> Any:
-        from memkv.errors import OutOfMemory
-        from memkv.server.handlers import Reply
-
-        store = self.store
-        entries = [store.get(k, namespace=ns, tenant=session.tenant) for k in keys]
         private: dict[int, memoryview] = {}
         for i, e in enumerate(entries):
             if e is None:
@@ -409,39 +390,10 @@ class FlashTier:
                     if buf is not None:
                         private[i] = memoryview(buf)
             if e.offset >= 0:
-                until = store.clock() + READ_LEASE_S
+                until = self.clock.monotonic() + READ_LEASE_S
                 if e.lease_until < until:
                     e.lease_until = until
-        lens: list[int] = []
-        sums: list[int] = []
-        gens: list[int] = []
-        vers: list[int] = []
-        views: list[Any] = []
-        total = 0
-        for i, e in enumerate(entries):
-            view = None
-            if e is not None and store._index.get(e.ikey) is e:
-                view = private.get(i)
-                if view is None and e.offset >= 0:
-                    view = store.view(e)
-            if view is None:
-                lens.append(-1)
-                sums.append(0)
-                gens.append(0)
-                vers.append(0)
-                continue
-            lens.append(e.length)
-            sums.append(e.checksum)
-            gens.append(e.generation)
-            vers.append(e.version)
-            views.append(view)
-            total += e.length
-        ow = {"ow": True} if store.namespaces[ns].overwrite else {}  # as Handlers.get
-        if not many:
-            if lens[0] < 0:
-                return Reply({"f": False})
-            return Reply({"f": True, "cs": sums[0], "gen": gens[0], "ver": vers[0], **ow}, views, total)
-        return Reply({"ls": lens, "cs": sums, "gens": gens, "vers": vers, **ow}, views, total)
+        return private
 
     async def _read_private(self, e: Entry) -> bytearray | None:
         loc = e.flash
@@ -455,24 +407,21 @@ class FlashTier:
         finally:
             seg.readers -= 1
         if n != e.length or _checksum(buf) != e.checksum:
-            if self.store._index.get(e.ikey) is e:
+            if self.store.current(e):
                 self.report_flash_corrupt(e, f"checksum mismatch in segment {loc[0]} at {loc[1]}")
             return None
         return buf
 
 
-def attach(node: Any) -> FlashTier | None:
-    """Create the flash tier of a node if a namespace is durable (recovering what is on disk)."""
-    cfg = node.config
+def open_tier(cfg: Any, store: Store) -> FlashTier | None:
+    """The flash tier of a node whose config has durable namespaces (recovering what its data dir
+    holds), or None."""
     durable = sorted(n for n, p in cfg.namespaces.items() if p.durability == "durable")
     if not durable:
         return None
     if not cfg.data_dir:
         raise InvalidArgument(f"namespace(s) {', '.join(durable)} are durable but the node has no --data-dir "
                               "(set --data-dir or [node] data_dir)")
-    tier = FlashTier(node.store, cfg.data_dir, disk=cfg.disk, segment_size=cfg.segment_size,
+    return FlashTier(store, cfg.data_dir, disk=cfg.disk, segment_size=cfg.segment_size,
                      compaction_rate=cfg.compaction_rate, compaction_threshold=cfg.compaction_threshold,
                      snapshot_every=cfg.snapshot_every)
-    tier.wrap_handlers(node.handlers)
-    node.background.extend(tier.background())
-    return tier

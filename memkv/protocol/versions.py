@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 # A version further ahead of this node's wall clock than this is refused (a client with a
 # broken clock, or a forged value, must not make keys un-overwritable for everyone else).
@@ -28,14 +29,16 @@ MAX_AHEAD_US = 300 * 1_000_000
 class VersionClock:
     """Strictly increasing versions (thread-safe: clients write from many threads)."""
 
-    __slots__ = ("_last", "_lock")
+    __slots__ = ("_last", "_lock", "_now_us")
 
-    def __init__(self) -> None:
+    def __init__(self, now_us: Callable[[], int] | None = None) -> None:
         self._last = 0
         self._lock = threading.Lock()
+        # the wall clock in microseconds; injected by tests that drive time by hand
+        self._now_us = now_us or _wall_us
 
     def next(self) -> int:
-        now = time.time_ns() // 1000
+        now = self._now_us()
         with self._lock:
             v = now if now > self._last else self._last + 1
             self._last = v
@@ -47,7 +50,11 @@ class VersionClock:
             self._last = version
 
     def plausible(self, version: int) -> bool:
-        return 0 < version <= time.time_ns() // 1000 + MAX_AHEAD_US
+        return 0 < version <= self._now_us() + MAX_AHEAD_US
+
+
+def _wall_us() -> int:
+    return time.time_ns() // 1000
 
 
 CLOCK = VersionClock()

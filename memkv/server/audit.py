@@ -28,11 +28,12 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import trio
+
+from memkv.engine.clock import SYSTEM, Clock
 
 log = logging.getLogger("memkv.audit")
 
@@ -54,8 +55,9 @@ def key_hash(key: bytes) -> str:
 
 class AuditLog:
     def __init__(self, directory: str, node_id: str, *, max_bytes: int = 64 << 20, keep: int = 8,
-                 flush_interval: float = 0.2) -> None:
+                 flush_interval: float = 0.2, clock: Clock = SYSTEM) -> None:
         self.dir = directory
+        self.clock = clock
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "audit.log")
         self.node_id = node_id
@@ -93,7 +95,7 @@ class AuditLog:
     # -- the request path (no I/O)
     def append(self, op: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
-        rec: dict[str, Any] = {"seq": self.seq, "t": round(time.time(), 6), "node": self.node_id, "op": op}
+        rec: dict[str, Any] = {"seq": self.seq, "t": round(self.clock.wall(), 6), "node": self.node_id, "op": op}
         rec.update({k: v for k, v in fields.items() if v is not None})
         rec["prev"] = self.prev
         rec["h"] = self.prev = record_hash(self.prev, rec)
@@ -167,7 +169,7 @@ class AuditLog:
     async def run(self) -> None:
         try:
             while True:
-                await trio.sleep(self.flush_interval)
+                await self.clock.sleep(self.flush_interval)
                 await self.flush()
         finally:
             with trio.CancelScope(shield=True):

@@ -1,9 +1,12 @@
-"""One client connection on a node: read frames, move payloads, send replies.
+"""One binary-protocol connection on a node: read frames, move payloads, send replies.
 
-Payload bytes travel socket -> region extent (``recv_into``) for writes and
-region -> socket (``sendmsg`` of memoryviews) for reads. Replies are queued and
-flushed when the node is about to wait for more input, so a pipelining client
-gets many replies per system call while a lone request is answered at once.
+Each frame is decoded into a typed request (memkv/server/binary.py) and handed
+to the node's pipeline (memkv/server/pipeline.py), the same path RESP requests
+take; this module only moves bytes. Payload bytes travel socket -> region
+extent (``recv_into``) for writes and region -> socket (``sendmsg`` of
+memoryviews) for reads. Replies are queued and flushed when the node is about
+to wait for more input, so a pipelining client gets many replies per system
+call while a lone request is answered at once.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from types import CoroutineType
 from typing import TYPE_CHECKING
 
 import trio
 
-from memkv.errors import MemKVError, ProtocolError, ServerError
+from memkv.errors import AuthError, MemKVError, ProtocolError, ServerError
+from memkv.errors import TimeoutError as MemKVTimeout
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Flag, Op
-from memkv.server.handlers import Reply
+from memkv.server.binary import BinaryOp, Reply
 from memkv.server.limits import Watched
+from memkv.server.requests import Put, Request
 from memkv.server.session import Session
 
 if TYPE_CHECKING:
@@ -79,7 +85,10 @@ class Connection(Watched):
         self.hard = getattr(node, "hardening", None)
         self.flush_at = FLUSH_AT if self.hard is None else min(FLUSH_AT, self.hard.max_inflight)
         self.reader = c.FrameReader(node.limits)
-        self.session = Session(auth_required=bool(node.config.tenants), peer=peer)
+        self.limits = node.limits
+        self.pipeline = node.pipeline
+        self.ops = node.binary
+        self.session = Session(auth_required=bool(node.tenants), peer=peer)
         self.out: list[memoryview | bytes] = []
         self.out_bytes = 0
         # Replies that wait for a flash group commit: (position in out, op, rid, reply, write seq).
@@ -208,104 +217,92 @@ class Connection(Watched):
             await self._discard_payload()
             self._queue_error(op, rid, ProtocolError("clients send requests, not responses"))
             return
-        if op in (Op.PUT, Op.PUT_MANY):
-            hard, tenant, nbytes = self.hard, self.session.tenant, head.payload_len
-            if hard is not None:
-                # Per-connection in-flight bytes: drain queued replies (not reading meanwhile)
-                # before reserving; refuse what could never fit. Then the tenant's share.
-                if self.out_bytes and self.out_bytes + nbytes > hard.max_inflight:
-                    await self.flush()
-                try:
-                    hard.check_put(nbytes)
-                    hard.reserve_tenant(tenant, nbytes)
-                except MemKVError as exc:
-                    await self._discard_payload()
-                    self._queue_error(op, rid, exc)
-                    return
-                try:
-                    await self._put(head, op, rid, meta)
-                finally:
-                    hard.release_tenant(tenant, nbytes)
-                return
-            await self._put(head, op, rid, meta)
+        bop = self.ops.get(op)
+        if bop is None:
+            await self._discard_payload()
+            self._queue_error(op, rid, ProtocolError(f"opcode {op} is not served by this node"))
             return
-        await self._simple(head, op, rid, meta)
+        try:
+            req = bop.decode(meta, self.limits, head.payload_len)
+        except MemKVError as exc:
+            await self._discard_payload()
+            self._queue_error(op, rid, exc)
+            return
+        if type(req) is Put:
+            await self._put(head, op, rid, req, bop)
+            return
+        if head.payload_len:
+            await self._discard_payload()
+            self._queue_error(op, rid, ProtocolError(f"{Op(op).name} takes no payload"))
+            return
+        await self._run(op, rid, req, bop)
 
     def notify_timeout(self) -> None:
         """Closed by a [limits] timeout: say so with a typed error frame when the stream allows it."""
         log.info("closing connection %s: %s timeout", self.session.peer, self.timed_out)
         if self.timed_out == "write" or getattr(self, "tls", None) is not None:
             return  # mid-reply, or encrypted: a plaintext frame would only garble the stream
-        from memkv.errors import TimeoutError as MemKVTimeout
-
         try:
             self.sock.send(c.encode_error(0, 0, MemKVTimeout.code, f"closed: {self.timed_out} timeout"))
         except OSError:
             pass
 
-    async def _put(self, head: c.Frame, op: int, rid: int, meta: dict) -> None:
-        handlers = self.node.handlers
+    async def _put(self, head: c.Frame, op: int, rid: int, req: Put, bop: BinaryOp) -> None:
+        hard = self.hard
+        nbytes = head.payload_len
+        if hard is not None and self.out_bytes and self.out_bytes + nbytes > hard.max_inflight:
+            # Per-connection in-flight bytes: drain queued replies (not reading meanwhile) first.
+            await self.flush()
+        pipeline, session = self.pipeline, self.session
         try:
-            plan = handlers.begin_put(self.session, op, meta, head.payload_len)
+            plan = pipeline.begin_put(session, req)
+            if plan is None:  # binary sessions are never forwarded
+                raise ProtocolError("the keys of this write are served by another node")
         except MemKVError as exc:
             await self._discard_payload()
             self._queue_error(op, rid, exc)
             return
         try:
-            for res, length in zip(plan.reservations, plan.lengths, strict=True):
-                if res is None:
+            for view, length in zip(plan.views(), req.lengths, strict=True):
+                if view is None:
                     left = length
                     while left:
                         chunk = memoryview(_DISCARD)[: min(left, len(_DISCARD))]
                         await self._recv_exact_into(chunk)
                         left -= len(chunk)
                 else:
-                    await self._recv_exact_into(res.view)
+                    await self._recv_exact_into(view)
             self.reader.payload_done()
         except BaseException:
-            handlers.abort_put(plan)
+            pipeline.abort_put(session, plan)
             raise
-        self.node.metrics.bytes_in += head.payload_len
-        fl = self.flash
-        if fl is not None:
-            fl.touched = 0
+        self.node.metrics.bytes_in += nbytes
         try:
-            reply = handlers.finish_put(op, plan)
+            reply = bop.encode(req, pipeline.finish_put(session, plan))
         except MemKVError as exc:
             self._queue_error(op, rid, exc)
             return
-        if fl is not None and fl.touched:  # durable namespace: reply after the group commit
-            self._defer(op, rid, reply, fl.touched)
+        if req.durable:  # durable namespace: reply after the group commit
+            self._defer(op, rid, reply, req.durable)
         else:
             self._queue(op, rid, reply)
 
-    async def _simple(self, head: c.Frame, op: int, rid: int, meta: dict) -> None:
-        handlers = self.node.handlers
-        if head.payload_len:
-            await self._discard_payload()
-            self._queue_error(op, rid, ProtocolError(f"{Op(op).name} takes no payload"))
-            return
-        handler = handlers.simple.get(op) or self.node.extra_handlers.get(op)
-        if handler is None:
-            self._queue_error(op, rid, ProtocolError(f"opcode {op} is not served by this node"))
-            return
-        fl = self.flash
-        if fl is not None:
-            fl.touched = 0
+    async def _run(self, op: int, rid: int, req: Request, bop: BinaryOp) -> None:
         try:
-            reply = handler(self.session, meta)
-            if not isinstance(reply, Reply):  # async handlers (cluster admin operations)
-                reply = await reply
+            result = self.pipeline.run(self.session, req)
+            if type(result) is CoroutineType:  # a stage or the operation had to wait
+                result = await result
+            reply = bop.encode(req, result)
         except MemKVError as exc:
-            if op == Op.AUTH:
+            if op == Op.AUTH and isinstance(exc, AuthError):
                 self.node.metrics.auth_failures += 1
             self._queue_error(op, rid, exc)
             return
         except Exception as exc:  # a bug must cost one request, never the node
-            log.exception("handler for op %s failed", op)
+            log.exception("request %s failed", bop.kind)
             self._queue_error(op, rid, ServerError(f"internal error: {type(exc).__name__}: {exc}"))
             return
-        if fl is not None and fl.touched:  # a delete in a durable namespace: its tombstone first
-            self._defer(op, rid, reply, fl.touched)
+        if req.durable:  # a delete in a durable namespace: its tombstone first
+            self._defer(op, rid, reply, req.durable)
             return
         self._queue(op, rid, reply)

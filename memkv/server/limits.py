@@ -1,7 +1,8 @@
 """Resource limits of a node: no single client may exhaust its memory or file descriptors.
 
-``install(node)`` (called by ``Node.__init__``) makes ``node.hardening``; the binary
-connections (``connection.py``, ``tls.py``) and the RESP front end (``resp.py``) use it.
+The node makes one :class:`Hardening` (``node.hardening``); the binary connections
+(``connection.py``, ``tls.py``) and the RESP front end (``resp.py``) use it, and the
+pipeline's in-flight stage (``stages.InFlight``) reserves a tenant's bytes with it.
 Configuration: TOML ``[limits]`` (``memkv.config.LimitsConfig``).
 
 * **Connections** (``max_connections``, binary + RESP together, clamped below the
@@ -34,15 +35,12 @@ import math
 import resource
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from memkv.config import LimitsConfig
 from memkv.errors import ResourceLimit
-
-if TYPE_CHECKING:
-    from memkv.server.node import Node
 
 log = logging.getLogger("memkv.limits")
 
@@ -123,9 +121,8 @@ def _fd_limit() -> int:
 
 
 class Hardening:
-    def __init__(self, node: Node, cfg: LimitsConfig | None = None) -> None:
-        self.node = node
-        self.cfg = cfg = cfg or getattr(node.config, "limits", None) or LimitsConfig()
+    def __init__(self, cfg: LimitsConfig | None = None) -> None:
+        self.cfg = cfg = cfg or LimitsConfig()
         fds = _fd_limit()
         self.max_connections = min(cfg.max_connections, max(8, fds - FD_RESERVE - MAX_REFUSING))
         if self.max_connections < cfg.max_connections:
@@ -233,18 +230,3 @@ class Hardening:
     def stats(self) -> dict[str, Any]:
         return {"connections": self.open, "max_connections": self.max_connections,
                 "tenant_inflight": dict(self.tenant_inflight), **dict(self.counters)}
-
-
-def install(node: Node) -> Hardening:
-    hard = Hardening(node)
-    node.hardening = hard  # type: ignore[attr-defined]
-    node.background.append(hard.reap)
-    previous = node.handlers.stats_extra
-
-    def stats_extra() -> dict[str, Any]:
-        out = dict(previous()) if previous is not None else {}
-        out["limits"] = hard.stats()
-        return out
-
-    node.handlers.stats_extra = stats_extra
-    return hard

@@ -1,4 +1,11 @@
-"""A storage node: the store, its TCP listener, metrics and housekeeping.
+"""A storage node: the store, its request pipeline, its listeners, metrics and housekeeping.
+
+``Node.__init__`` builds everything a request can touch, once: the store and its
+flash tier, the tenant table, the audit log and resource limits, the operation
+table (the node's own operations plus those its extensions declare:
+memkv/server/extension.py), the pipeline of stages in front of them
+(memkv/server/pipeline.py) and the binary protocol's opcode table. These are
+frozen; serving a request never adds, replaces or wraps any of them.
 
 Everything runs as tasks of one trio nursery; ``serve`` returns only when the
 node is cancelled (Ctrl-C, SIGTERM, or a test's cancel scope).
@@ -6,94 +13,244 @@ node is cancelled (Ctrl-C, SIGTERM, or a test's cancel scope).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import trio
 
-from memkv.config import NodeConfig
+from memkv.config import NodeConfig, split_hostport
+from memkv.engine.clock import SYSTEM, Clock
 from memkv.engine.region import Region
 from memkv.engine.store import Store
+from memkv.errors import InvalidArgument, TooManyConnections
+from memkv.flash.tier import FlashTier, open_tier
 from memkv.protocol import codec as c
+from memkv.server import binary
+from memkv.server.admin import Admin
+from memkv.server.audit import AuditLog
+from memkv.server.binary import BinaryOp
 from memkv.server.connection import Connection
-from memkv.server.handlers import Handlers
+from memkv.server.extension import Extension, NodeContext, NodeExtension, Operation
+from memkv.server.limits import Hardening
 from memkv.server.metrics import MetricsCollector, NodeMetrics
+from memkv.server.onesided import OneSided
+from memkv.server.operations import Operations
+from memkv.server.pipeline import Pipeline, stage_order
+from memkv.server.requests import (
+    Auth,
+    Count,
+    Delete,
+    Expire,
+    Flush,
+    Get,
+    Hello,
+    Keyspace,
+    Login,
+    LookupPrefix,
+    Peek,
+    Pin,
+    Ping,
+    Put,
+    ReportCorrupt,
+    Scan,
+    Stats,
+    TimeToLive,
+    Unpin,
+)
+from memkv.server.resp import RespServer
+from memkv.server.session import Session
+from memkv.server.stages import (
+    DEFAULT_NO_STORE_TTL,
+    Audit,
+    Authenticate,
+    Grants,
+    InFlight,
+    NoStore,
+    Promote,
+    RateLimit,
+    Route,
+)
+from memkv.server.tenants import TenantRegistry
+from memkv.server.tls import connection_class, context_from_config
+from memkv.sizes import parse_duration, parse_size
 
 log = logging.getLogger("memkv.node")
 
 
-def split_hostport(text: str, default_port: int = 7400) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host:
-        return text, default_port
-    return host.strip("[]"), int(port)
-
-
 class Node:
-    def __init__(self, config: NodeConfig, *, limits: c.Limits | None = None) -> None:
+    def __init__(self, config: NodeConfig, *, limits: c.Limits | None = None, clock: Clock = SYSTEM,
+                 extensions: Sequence[NodeExtension] = ()) -> None:
         self.config = config
         self.limits = limits or c.Limits()
         self.node_id = config.node_id or f"node-{os.getpid()}"
+        self.clock = clock
         self.store = Store(memory=config.memory, namespaces=config.namespaces, pools=config.pools,
-                           shm_dir=config.shm_dir, name=self.node_id,
+                           shm_dir=config.shm_dir, name=self.node_id, clock=clock,
                            tenant_quotas={t.name: t.quota for t in config.tenants.values()
                                           if t.quota is not None})
         self.metrics = NodeMetrics()
-        self.handlers = Handlers(self.store, config.tenants, self.limits, self._stats_extra)
-        # Opcodes served by other subsystems (cluster admin, transports): op -> handler.
-        self.extra_handlers: dict[int, Callable[..., Any]] = {}
-        # Long-running tasks other subsystems add before ``serve`` starts.
-        self.background: list[Callable[[], Awaitable[None]]] = []
         self.listen_port: int = 0
         self.started = trio.Event()
-        # One-sided reads (LOCATE, shared memory, RDMA): the region file is unlinked
-        # at once (nothing left in /dev/shm after a SIGKILL); stale files of dead
-        # nodes from older versions are swept.
-        from memkv.server import onesided
-
-        Region.sweep_stale(config.shm_dir)
-        self.store.region.detach_file()
-        self.onesided = onesided.install(self)
-        # The flash tier of durable namespaces (recovers what --data-dir holds); None without any.
-        from memkv.flash.tier import attach as attach_flash
-
+        self.flash: FlashTier | None = None
         try:
-            self.flash = attach_flash(self)
-        except BaseException:
-            self.store.close()
-            raise
-        # Tenants at runtime, rate limits, audit log, purge, no-store, TLS (memkv/server/security.py).
-        self.connection_class: type[Connection] = Connection
-        from memkv.server.security import install as install_security
-
-        try:
-            self.security = install_security(self)
+            self._build(extensions)
         except BaseException:
             if self.flash is not None:
                 self.flash.close()
             self.store.close()
             raise
-        # Resource limits: max connections, in-flight bytes, slowloris timeouts (memkv/server/limits.py).
-        from memkv.server.limits import install as install_limits
 
-        self.hardening = install_limits(self)
+    def _build(self, extensions: Sequence[NodeExtension]) -> None:
+        cfg = self.config
+        # One-sided reads (LOCATE, shared memory, RDMA): the region file is unlinked at once
+        # (nothing left in /dev/shm after a SIGKILL); stale files of dead nodes are swept.
+        Region.sweep_stale(cfg.shm_dir)
+        self.store.region.detach_file()
+        # the flash tier of durable namespaces (recovers what --data-dir holds); None without any
+        self.flash = open_tier(cfg, self.store)
+        self.tenants = TenantRegistry(cfg.tenants, self.store, data_dir=cfg.data_dir, clock=self.clock)
+        self.audit = self._audit_log()
+        self.hardening = Hardening(cfg.limits)
+        self.operations = Operations(self.store)
+        tls = context_from_config(cfg)
+        self.connection_class: type[Connection] = Connection if tls is None else connection_class(tls)
+        sec = cfg.extra.get("security") or {}
+        no_store_ttl = parse_duration(sec.get("no_store_ttl", DEFAULT_NO_STORE_TTL)) or DEFAULT_NO_STORE_TTL
 
-    def _stats_extra(self) -> dict[str, Any]:
-        extra = {"node_id": self.node_id, "server": self.metrics.snapshot(),
-                 "listen": f"{split_hostport(self.config.listen)[0]}:{self.listen_port}"}
+        # What the node's subsystems and its extensions declare (memkv/server/extension.py).
+        context = NodeContext(cfg, self.node_id, self.store, self.tenants, self.clock, self.started, self.address)
+        self.onesided = OneSided(self.store, self.limits, tenants_trusted=cfg.onesided_tenants)
+        declared: list[Extension] = [
+            self._own_extension(),
+            self.onesided.extension(),
+            Admin(self.node_id, self.store, self.flash, self.tenants, self.audit).extension(),
+            *(e.extend(context) for e in extensions),
+        ]
+        routing = _one(declared, "routing")
+        forwarder = _one(declared, "forwarder")
+        source = _one(declared, "tenant_source")
+        if source is not None:
+            self.tenants.source, self.tenants.path = source.name, None
+            source.load(self.tenants)
+        else:
+            self.tenants.load_file()
+
+        operations: dict[str, Operation] = {}
+        opcodes: dict[int, BinaryOp] = dict(binary.core_ops(self._overwritable))
+        for ext in declared:
+            for op in ext.operations:
+                if op.kind in operations:
+                    raise InvalidArgument(f"operation {op.kind} is declared twice")
+                operations[op.kind] = op
+                if op.opcode is not None:
+                    if op.opcode in opcodes:
+                        raise InvalidArgument(f"opcode {op.opcode} is declared twice")
+                    opcodes[op.opcode] = BinaryOp(op.kind, op.decode or binary.decode_call(op.kind, op.access),
+                                                  op.encode or binary.encode_reply)
+        self.binary: MappingProxyType[int, BinaryOp] = MappingProxyType(opcodes)
+        self.pipeline = Pipeline(
+            stage_order(authenticate=Authenticate(self.tenants), rate_limit=RateLimit(self.tenants),
+                        route=None if routing is None else Route(routing, self.node_id, forwarder),
+                        grants=Grants(self.tenants), no_store=NoStore(self.tenants, no_store_ttl),
+                        in_flight=InFlight(self.hardening),
+                        audit=None if self.audit is None else Audit(self.audit),
+                        promote=None if self.flash is None else Promote(self.flash)),
+            operations, self.operations, forwarder=forwarder, tier=self.flash)
+        tasks = [task for ext in declared for task in ext.background]
+        if source is not None:
+            tasks.append(functools.partial(source.watch, self.tenants))
+        self.background: tuple[Callable[[], Awaitable[None]], ...] = tuple(tasks)
+        self.stats_sections: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = tuple(
+            (ext.name, ext.stats) for ext in declared if ext.stats is not None)
+        self.metric_sources: tuple[Callable[[], dict[str, float]], ...] = tuple(
+            ext.metrics for ext in declared if ext.metrics is not None)
+        self.resp = RespServer(self, forwarder) if cfg.resp_port is not None else None
+
+    def _audit_log(self) -> AuditLog | None:
+        """The audit log (needs a data dir; ``[audit] enabled = false`` turns it off)."""
+        cfg = self.config
+        acfg = cfg.extra.get("audit") or {}
+        if not cfg.data_dir or not acfg.get("enabled", True):
+            return None
+        return AuditLog(os.path.join(cfg.data_dir, "audit"), self.node_id,
+                        max_bytes=parse_size(acfg.get("max_size", "64MiB")), keep=int(acfg.get("keep", 8)),
+                        flush_interval=float(acfg.get("flush_interval", 0.2)), clock=self.clock)
+
+    def _overwritable(self, namespace: str) -> bool:
+        return self.store.namespaces[namespace].overwrite
+
+    def _own_extension(self) -> Extension:
+        """The node's own operations (memkv/server/operations.py) and housekeeping."""
+        ops = self.operations
+        tenants = self.tenants
+
+        def hello(session: Session, req: Hello) -> tuple[bytes, bool]:
+            return tenants.hello(session, req), session.auth_required
+
+        table = (
+            (Ping, lambda session, req: self.clock.wall()),
+            (Hello, hello),
+            (Auth, tenants.authenticate),
+            (Login, tenants.login),
+            (Stats, lambda session, req: self.stats(session)),
+            (Get, ops.get),
+            (Peek, ops.peek),
+            (TimeToLive, ops.ttl),
+            (LookupPrefix, ops.lookup_prefix),
+            (Scan, ops.scan),
+            (Count, ops.count),
+            (Keyspace, ops.keyspace),
+            (ReportCorrupt, ops.report_corrupt),
+            (Put, _not_direct),  # two steps: Pipeline.begin_put / finish_put
+            (Delete, ops.delete),
+            (Pin, ops.pin),
+            (Unpin, ops.unpin),
+            (Expire, ops.expire),
+            (Flush, ops.flush),
+        )
+        background: list[Callable[[], Awaitable[None]]] = [self._housekeeping, self.hardening.reap]
+        if self.audit is not None:
+            background.append(self.audit.run)
         if self.flash is not None:
-            extra["flash"] = self.flash.stats()
-        return extra
+            background.extend(self.flash.background())
+        return Extension("node", operations=tuple(Operation(cls.kind, cls.access, run) for cls, run in table),
+                         background=tuple(background))
 
-    def _flash_metrics(self) -> dict[str, float]:
-        if self.flash is None:
-            return {}
-        st = self.flash.stats()
-        return {f"flash_{k}": v for k, v in st.items() if isinstance(v, int | float)}
+    def address(self) -> str:
+        return f"{split_hostport(self.config.listen)[0]}:{self.listen_port}"
+
+    def stats(self, session: Session | None = None) -> dict[str, Any]:
+        """STATS: the store's figures and one section per subsystem. ``session`` is who asks (None:
+        the node itself): what a tenant may observe of other tenants is decided here."""
+        st = self.store.stats()
+        st.update(node_id=self.node_id, server=self.metrics.snapshot(), listen=self.address())
+        if self.flash is not None:
+            st["flash"] = self.flash.stats()
+        security: dict[str, Any] = {**self.tenants.stats(), "tls": self.connection_class is not Connection}
+        if self.audit is not None:
+            security["audit"] = self.audit.stats()
+        st["security"] = security
+        st["limits"] = self.hardening.stats()
+        for name, section in self.stats_sections:
+            st[name] = section()
+        return st
+
+    def extra_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.flash is not None:
+            out.update({f"flash_{k}": v for k, v in self.flash.stats().items() if isinstance(v, int | float)})
+        for source in self.metric_sources:
+            try:
+                out.update(source())
+            except Exception:  # metrics must never break a scrape
+                log.exception("metrics source failed")
+        return out
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = split_hostport(self.config.listen)
@@ -106,9 +263,10 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._accept_loop, listener, nursery)
-                nursery.start_soon(self._housekeeping)
                 if self.config.metrics_port is not None:
                     await nursery.start(self._serve_metrics, self.config.metrics_port)
+                if self.resp is not None:
+                    await nursery.start(self.resp.serve)
                 for task in self.background:
                     nursery.start_soon(task)
                 log.info("memkv node %s listening on %s:%d (region %s, %d bytes)", self.node_id, host,
@@ -134,8 +292,6 @@ class Node:
             raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
             raw.setblocking(False)
             if not self.hardening.admit():  # [limits] max_connections: a typed refusal, then close
-                from memkv.errors import TooManyConnections
-
                 msg = f"node is at its limit of {self.hardening.max_connections} connections"
                 nursery.start_soon(self.hardening.refuse, raw, c.encode_error(0, 0, TooManyConnections.code, msg))
                 continue
@@ -163,7 +319,7 @@ class Node:
 
     async def _housekeeping(self) -> None:
         while True:
-            await trio.sleep(0.5)
+            await self.clock.sleep(0.5)
             self.store.expire()
 
     async def _serve_metrics(self, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -171,7 +327,7 @@ class Node:
         from prometheus_client import CollectorRegistry, generate_latest
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(MetricsCollector(self.metrics, self.store.stats, self._flash_metrics))
+        registry.register(MetricsCollector(self.metrics, self.store.stats, self.extra_metrics))
         host = split_hostport(self.config.listen)[0]
 
         async def handle(stream: trio.SocketStream) -> None:
@@ -195,6 +351,18 @@ class Node:
         listeners = await trio.open_tcp_listeners(port, host=host)
         task_status.started()
         await trio.serve_listeners(handle, listeners)
+
+
+def _not_direct(session: Session, req: Put) -> None:
+    raise AssertionError("a put runs in two steps: Pipeline.begin_put / finish_put")
+
+
+def _one(declared: list[Extension], what: str) -> Any:
+    """The one extension that provides ``what`` (routing, forwarder, tenant source), or None."""
+    found = [getattr(e, what) for e in declared if getattr(e, what) is not None]
+    if len(found) > 1:
+        raise InvalidArgument(f"more than one extension provides the node's {what}")
+    return found[0] if found else None
 
 
 def tune_gc() -> None:

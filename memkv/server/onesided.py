@@ -1,4 +1,4 @@
-"""Server side of one-sided reads (DESIGN.md §8): LOCATE, the shared-memory
+"""Server side of one-sided reads: LOCATE, the shared-memory
 hand-off and the RDMA responder.
 
 One opcode, ``Op.LOCATE``, with a ``do`` field:
@@ -40,21 +40,20 @@ import logging
 import os
 import secrets
 import socket
-import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from memkv.engine.store import Store
 from memkv.errors import InvalidArgument, NodeUnavailable
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Op
-from memkv.server.handlers import Reply
+from memkv.server.binary import Reply
+from memkv.server.extension import Extension, Operation
+from memkv.server.requests import LOGIN, READ, Access, Call, Request
 from memkv.server.session import Session
 from memkv.transport import host_identity, rdma_devices
-
-if TYPE_CHECKING:
-    from memkv.server.node import Node
 
 log = logging.getLogger("memkv.onesided")
 
@@ -63,9 +62,11 @@ MAX_LEASE_S = 60.0
 
 
 class OneSided:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.store = node.store
+    def __init__(self, store: Store, limits: c.Limits, *, tenants_trusted: bool = False) -> None:
+        self.store = store
+        self.limits = limits
+        self.clock = store.clock
+        self.tenants_trusted = tenants_trusted  # [node] onesided_tenants
         self.region_id = secrets.token_hex(8)
         self.sock_name = f"\0memkv-{os.getpid()}-{self.region_id}"
         self._tickets: dict[bytes, float] = {}
@@ -77,51 +78,58 @@ class OneSided:
         self.fds_sent = 0
         self.rdma_qps = 0
 
+    def extension(self) -> Extension:
+        """LOCATE (``do`` = locate | info | rdma) and the task handing the region to same-host clients."""
+        kinds: dict[str, tuple[str, Access]] = {"locate": ("LOCATE", READ), "info": ("LOCATE_INFO", LOGIN),
+                                                "rdma": ("LOCATE_RDMA", LOGIN)}
+
+        def decode(meta: dict[str, Any], limits: c.Limits, payload_len: int) -> Request:
+            do = meta.get("do", "locate")
+            kind = kinds.get(do) if isinstance(do, str) else None
+            if kind is None:
+                raise InvalidArgument(f"LOCATE: unknown 'do' {do!r}")
+            if kind[0] == "LOCATE":  # namespace and keys for the stages (grant, routing)
+                return Call(kind[0], kind[1], meta, c.get_str(meta, "ns", "shared", 128),
+                            c.get_keys(meta, "ks", limits), meta.get("ep"))
+            return Call(kind[0], kind[1], meta)
+
+        return Extension("onesided", operations=(
+            Operation("LOCATE", READ, self.locate, opcode=int(Op.LOCATE), decode=decode),
+            Operation("LOCATE_INFO", LOGIN, self.info),
+            Operation("LOCATE_RDMA", LOGIN, self.rdma_connect),
+        ), background=(self.serve_fds,), stats=self.stats)
+
     # -- policy
     def allowed(self, session: Session) -> bool:
         if self.store.quarantine_s <= 0:
             return False  # nothing would keep a descriptor's bytes in place
         if session.auth_required:
-            return bool(getattr(self.node.config, "onesided_tenants", False))
+            return self.tenants_trusted
         return True
 
-    # -- the handler (registered as node.extra_handlers[Op.LOCATE])
-    def handle(self, session: Session, meta: dict[str, Any]) -> Reply:
-        do = meta.get("do", "locate")
-        if do == "locate":
-            return self.locate(session, meta)
-        if do == "info":
-            return self.info(session)
-        if do == "rdma":
-            return self.rdma_connect(session, meta)
-        raise InvalidArgument(f"LOCATE: unknown 'do' {do!r}")
-
-    def info(self, session: Session) -> Reply:
-        session.require_login()
+    # -- the operations
+    def info(self, session: Session, req: Call) -> Reply:
         ok = self.allowed(session)
         out: dict[str, Any] = {"host": host_identity(), "r": self.region_id, "size": self.store.region.size,
                                "valid": self.store.quarantine_s, "ok": ok, "rdma": ok and self.rdma_enabled}
         if ok and self.store.region.ro_fd is not None:
             ticket = secrets.token_bytes(16)
-            now = time.monotonic()
+            now = self.clock.monotonic()
             self._tickets = {t: exp for t, exp in self._tickets.items() if exp > now}
             self._tickets[ticket] = now + TICKET_TTL_S
             out["sock"] = self.sock_name.encode()
             out["ticket"] = ticket
         return Reply(out)
 
-    def locate(self, session: Session, meta: dict[str, Any]) -> Reply:
-        h = self.node.handlers
-        ns = h._ns(session, meta, "r")
-        keys = c.get_keys(meta, "ks", self.node.limits)
-        h._route(session, meta, keys, False)
+    def locate(self, session: Session, req: Call) -> Reply:
+        meta, ns, keys = req.meta, req.ns, req.keys
         if not self.allowed(session):
             return Reply({"r": self.region_id, "d": [False] * len(keys), "lease": 0.0, "valid": 0.0})
         lease = c.get_opt_float(meta, "lease")
         lease = 2.0 if lease is None else max(0.0, min(lease, MAX_LEASE_S))
         inline = c.get_int(meta, "inline", 0)
         store = self.store
-        until = store.clock() + lease
+        until = store.now() + lease
         descs: list[Any] = []
         views: list[memoryview] = []
         total = 0
@@ -147,11 +155,11 @@ class OneSided:
         self.located += len(keys)
         out = {"r": self.region_id, "d": descs, "lease": lease, "valid": store.quarantine_s}
         if store.namespaces[ns].overwrite:
-            out["ow"] = True  # as Handlers.get: a cluster client compares replica versions, over TCP
+            out["ow"] = True  # as GET: a cluster client compares replica versions, over TCP
         return Reply(out, views, total)
 
-    def rdma_connect(self, session: Session, meta: dict[str, Any]) -> Reply:
-        session.require_login()
+    def rdma_connect(self, session: Session, req: Call) -> Reply:
+        meta = req.meta
         if not (self.allowed(session) and self.rdma_enabled):
             raise NodeUnavailable("this node serves no RDMA")
         if self._rdma is None:
@@ -204,7 +212,7 @@ class OneSided:
                 return
             ticket += data
         exp = self._tickets.pop(ticket, None)
-        if exp is None or exp < time.monotonic():
+        if exp is None or exp < self.clock.monotonic():
             await conn.send(b"NO")
             return
         msg = b"OK" + self.region_id.encode()
@@ -222,12 +230,3 @@ def _close_quietly(obj: Any) -> None:
         obj.close()
     except Exception:
         pass
-
-
-def install(node: Node) -> OneSided:
-    """Serve LOCATE on ``node`` and hand its region to same-host clients."""
-    os_ = OneSided(node)
-    node.extra_handlers[Op.LOCATE] = os_.handle
-    node.background.append(os_.serve_fds)
-    node.onesided = os_  # type: ignore[attr-defined]
-    return os_

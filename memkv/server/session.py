@@ -10,7 +10,7 @@ from memkv.errors import AuthError, PermissionDenied
 _LEVEL = {"r": 1, "rw": 2, "w": 2, "admin": 3}
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     auth_required: bool
     tenant: str = ""
@@ -20,24 +20,47 @@ class Session:
     peer: str = ""
     # the cluster-internal identity (memkv.protocol.auth.INTERNAL_TENANT): rebalancer and node-to-node calls
     internal: bool = False
+    # the tenant record this session logged in with: a revoked or re-provisioned tenant is refused
+    tenant_cfg: TenantConfig | None = None
+    # the front end: "binary" clients follow MOVED replies themselves; a "resp" client cannot, so a
+    # cluster node forwards its requests for keys another node serves (memkv/server/stages.py)
+    front: str = "binary"
+
+    @property
+    def forwarded(self) -> bool:
+        return self.front == "resp"
 
     def login(self, tenant: TenantConfig, *, internal: bool = False) -> None:
         self.tenant = tenant.name
         self.grants = dict(tenant.grants)
         self.authenticated = True
         self.internal = internal
+        self.tenant_cfg = tenant
+
+    def logout(self) -> None:
+        self.authenticated = False
+        self.grants = {}
+        self.tenant_cfg = None
 
     def require_login(self) -> None:
         if self.auth_required and not self.authenticated:
             raise AuthError("authentication required")
 
-    def require_internal(self, what: str, *, auth_enabled: bool) -> None:
+    def require_internal(self, what: str) -> None:
         """Cluster-internal ops (slot migration): only the cluster identity, once the node has tenants."""
-        if self.internal or not (auth_enabled or self.auth_required):
+        if self.internal or not self.auth_required:
             return
         if not self.authenticated:
             raise AuthError("authentication required")
         raise PermissionDenied(f"{what} is a cluster-internal operation: tenant {self.tenant!r} may not use it")
+
+    def may(self, namespace: str, level: str) -> bool:
+        """Whether this session may ``level`` ("r", "rw", "admin") ``namespace``."""
+        if not self.auth_required:
+            return True
+        if not self.authenticated:
+            return False
+        return _LEVEL.get(self.grants.get(namespace, self.grants.get("*", "")), 0) >= _LEVEL[level]
 
     def require(self, namespace: str, level: str) -> None:
         """Raise unless this session may ``level`` ("r", "rw", "admin") ``namespace``."""
@@ -45,6 +68,5 @@ class Session:
             return
         if not self.authenticated:
             raise AuthError("authentication required")
-        have = _LEVEL.get(self.grants.get(namespace, self.grants.get("*", "")), 0)
-        if have < _LEVEL[level]:
+        if not self.may(namespace, level):
             raise PermissionDenied(f"tenant {self.tenant!r} has no {level!r} grant on {namespace!r}")

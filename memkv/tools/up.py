@@ -1,4 +1,4 @@
-"""Cluster subcommands of ``memkv``: ``up`` (a local etcd + N nodes)."""
+"""``memkv up``: a local cluster for development (etcd and N node processes); prints its URL."""
 
 from __future__ import annotations
 
@@ -11,15 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memkv.cli import EXTRA_PARSERS
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from memkv.tools.localproc import EtcdProcess, free_port
 
 
 def wait_for_cluster(endpoint: str, cluster: str, nodes: int, timeout: float = 60.0) -> int:
@@ -46,8 +38,6 @@ def wait_for_cluster(endpoint: str, cluster: str, nodes: int, timeout: float = 6
 
 
 def _up(args: argparse.Namespace) -> int:
-    from memkv.cluster.local import EtcdProcess
-
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="memkv-up-"))
     base.mkdir(parents=True, exist_ok=True)
     config = args.config
@@ -65,7 +55,7 @@ def _up(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for i in range(args.nodes):
-            port = _free_port()
+            port = free_port()
             node_id = f"node{i + 1}"
             log = open(base / f"{node_id}.log", "ab")
             cmd = [sys.executable, "-m", "memkv.cli", "serve", "--config", config,
@@ -113,8 +103,3 @@ def add_parsers(sub: Any) -> None:
     u.add_argument("--zones", type=int, default=1, help="spread nodes over this many zones")
     u.set_defaults(func=_up)
 
-
-if add_parsers not in EXTRA_PARSERS:
-    EXTRA_PARSERS.append(add_parsers)
-
-from memkv.cluster import rebalance_cli as _rebalance_cli  # noqa: E402,F401 - `rebalancer`, `drain`, `throttle`

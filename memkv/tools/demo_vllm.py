@@ -47,8 +47,8 @@ def run_demo_vllm(json_path: str | None = None, nodes: int = 1) -> int:
     from rich.table import Table
 
     from memkv.client import SyncClient
-    from memkv.localproc import LocalCluster, start_node
-    from memkv.status import node_table
+    from memkv.tools.localproc import LocalCluster, start_node
+    from memkv.tools.status import node_table
     from memkv.vllm_engine import EngineError, EngineProcess, run_make_model, vllm_python
 
     console = Console(width=None if sys.stdout.isatty() else 140)

@@ -39,7 +39,7 @@ def show_status(url: str, *, as_json: bool = False) -> int:
     from rich.console import Console
 
     if url.startswith("etcd://"):
-        from memkv.cluster.status import show_cluster_status  # type: ignore[import-not-found]
+        from memkv.cluster.status import show_cluster_status
 
         return show_cluster_status(url, as_json=as_json)
     from memkv.client import SyncClient

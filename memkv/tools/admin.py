@@ -1,4 +1,4 @@
-"""``memkv tenant add|list|revoke``, ``memkv audit``, ``memkv purge`` (DESIGN.md §9; README "Security").
+"""``memkv tenant add|list|revoke``, ``memkv audit``, ``memkv purge`` (README "Security").
 
 URLs: ``memkv://HOST:PORT`` / ``memkvs://HOST:PORT`` (one standalone node: the
 ADMIN op, tenants persisted in the node's data dir) and
@@ -18,7 +18,6 @@ import secrets
 import sys
 from typing import Any
 
-from memkv.cli import EXTRA_PARSERS
 from memkv.errors import InvalidArgument, MemKVError
 from memkv.protocol.opcodes import Op
 
@@ -127,7 +126,7 @@ def _tenant(args: argparse.Namespace) -> int:
 
 
 def _tenant_etcd(args: argparse.Namespace, parsed: Any) -> int:
-    from memkv.server.security import tenant_from_json
+    from memkv.server.tenants import tenant_from_json
 
     etcd = _etcd(parsed)
     as_json = getattr(args, "json", False)
@@ -260,6 +259,3 @@ def add_parsers(sub: Any) -> None:
     pu.add_argument("--tenant", required=True)
     _common(pu)
     pu.set_defaults(func=_purge)
-
-
-EXTRA_PARSERS.append(add_parsers)

@@ -9,7 +9,7 @@ context from memkv and prefilling only the new message. Replica A then answers
 turn 3 by loading B's context. The table shows time-to-first-token (TTFT) with
 and without memkv, and that the generated tokens are identical.
 
-Each replica is ``python -m memkv.demo replica URL`` reading one JSON request
+Each replica is ``python -m memkv.tools.demo replica URL`` reading one JSON request
 per line on stdin and answering one JSON line on stdout.
 
 With ``--nodes N`` (default 2) the store is a local cluster started with
@@ -90,7 +90,7 @@ class Replica:
     def __init__(self, name: str, url: str) -> None:
         self.name = name
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "memkv.demo", "replica", url], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "memkv.tools.demo", "replica", url], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
 
     def _read(self) -> dict[str, Any]:
@@ -133,8 +133,8 @@ def run_demo(json_path: str | None = None, nodes: int = 2) -> int:
     from rich.table import Table
 
     from memkv.client import SyncClient
-    from memkv.localproc import LocalCluster, start_node
-    from memkv.status import node_table
+    from memkv.tools.localproc import LocalCluster, start_node
+    from memkv.tools.status import node_table
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     t_start = time.perf_counter()

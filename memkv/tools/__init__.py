@@ -1,0 +1,1 @@
+"""The command-line layer: cli, admin, demo, status, quick bench, local processes (above node, client, cluster)."""
