@@ -16,6 +16,7 @@ from memkv.sizes import parse_duration, parse_size
 
 POOLS = ("shared", "session")
 EVICTION_POLICIES = ("lru", "s3fifo")
+GRANT_LEVELS = ("r", "rw", "w", "admin")  # what a tenant may do in a namespace
 
 
 # -- typed reading of the TOML values: a value of the wrong type or shape is an InvalidArgument that
@@ -140,6 +141,36 @@ class TenantConfig:
     rate: float | None = None
     burst: float | None = None
     no_store: bool = False
+
+
+def tenant_from_table(name: str, t: Any, section: str) -> TenantConfig:
+    """One tenant from a ``[tenants.NAME]`` table, a ``tenants.json`` entry or an etcd record.
+
+    The one reader of a tenant for all three, so each refuses the same things with the same
+    typed error (fuzzing found ``quota = [1]`` a TypeError in the etcd path and
+    ``no_store = "false"`` silently true in both).
+    """
+    if name.startswith("__"):  # memkv/protocol/auth.py: the cluster-internal identity
+        raise InvalidArgument(f"tenant name {name!r} is reserved (names starting with '__' are cluster-internal)")
+    t = _table(t, section)
+    if "token" not in t or not _str(t, "token", section):
+        raise InvalidArgument(f"tenant {name}: a non-empty token is required")
+    grants = _table(t.get("grants") or {}, f"{section}.grants")
+    for ns_name in grants:
+        if _str(grants, ns_name, f"{section}.grants") not in GRANT_LEVELS:
+            raise InvalidArgument(f"tenant {name}: grants must map namespace -> one of {GRANT_LEVELS}")
+    limits = {}
+    for key in ("rate", "burst"):
+        if t.get(key) is not None:
+            v = limits[key] = _float(t, key, section)
+            if not 0 < v < float("inf"):
+                raise InvalidArgument(f"{_where(section, key)} must be a positive number, not {v!r}")
+    return TenantConfig(
+        name, t["token"], dict(grants),
+        _size(t, "quota", section) if t.get("quota") is not None else None,
+        limits.get("rate"), limits.get("burst"),
+        _bool(t, "no_store", section) if "no_store" in t else False,
+    )
 
 
 @dataclass
@@ -278,22 +309,7 @@ def load_config(path: str | Path | None) -> NodeConfig:
         fraction = _float(pool, "fraction", section) if "fraction" in pool else base.fraction
         cfg.pools[name] = PoolConfig(name, fraction, policy, quota)
     for name, t in _table(raw.get("tenants", {}), "tenants").items():
-        if name.startswith("__"):
-            raise InvalidArgument(f"tenant name {name!r} is reserved (names starting with '__' are cluster-internal)")
-        section = f"tenants.{name}"
-        t = _table(t, section)
-        if "token" not in t:
-            raise InvalidArgument(f"tenant {name}: token is required")
-        grants = _table(t.get("grants", {}), f"{section}.grants")
-        for ns_name in grants:
-            _str(grants, ns_name, f"{section}.grants")
-        cfg.tenants[name] = TenantConfig(
-            name, _str(t, "token", section), dict(grants),
-            _size(t, "quota", section) if t.get("quota") is not None else None,
-            _float(t, "rate", section) if t.get("rate") is not None else None,
-            _float(t, "burst", section) if t.get("burst") is not None else None,
-            _bool(t, "no_store", section) if "no_store" in t else False,
-        )
+        cfg.tenants[name] = tenant_from_table(name, t, f"tenants.{name}")
     if "limits" in raw:  # [limits] (memkv/server/limits.py)
         cfg.limits = _limits_from(_table(raw["limits"], "limits"))
     for section in ("tls", "audit", "security"):  # memkv/server/tls.py, audit.py, stages.py (no-store)
