@@ -95,7 +95,7 @@ def test_every_reader_of_a_tenant_accepts_and_refuses_the_same(tmp_path: Path) -
     a record TOML can express gives the same tenant, or a typed error too, through the config file."""
     seen = {"ok": 0, "typed": 0, "compared": 0}
 
-    @settings(SETTINGS, max_examples=800)
+    @settings(SETTINGS, max_examples=int(os.environ.get("MEMKV_FUZZ_TENANT_EXAMPLES", "800")))
     @given(st.sampled_from(["alice", "__cluster", "b.c", ""]), tenant_records())
     def run(name: str, rec: Any) -> None:
         try:
@@ -165,7 +165,7 @@ GOOD_FILES = st.builds(
 def test_tenants_file_loads_or_is_a_typed_error_naming_it(tmp_path: Path) -> None:
     seen = {"ok": 0, "typed": 0}
 
-    @settings(SETTINGS, max_examples=500)
+    @settings(SETTINGS, max_examples=int(os.environ.get("MEMKV_FUZZ_TENANT_EXAMPLES", "500")))
     @given(tenants_files())
     def run(data: bytes) -> None:
         r = _registry(tmp_path, data)

@@ -2,11 +2,12 @@
 a fixed time, then the hypothesis fuzz tests with larger example counts. Prints one line per
 harness (executions, coverage, crashes) and exits non-zero on any crash.
 
-    .venv/bin/python tests/fuzz/run.py [--seconds 120] [--seed 1] [--only resp,config,recovery]
+    .venv/bin/python tests/fuzz/run.py [--seconds 120] [--seed 1] [--only resp,config,tenants,recovery]
 
 - resp:     RESP bytes, parsed by memkv.protocol.resp and sent to a live node (atheris_resp.py)
 - config:   TOML bytes through memkv.config.load_config (atheris_config.py)
 - recovery: edits to a segment file a real node wrote, then memkv.flash.recovery (atheris_recovery.py)
+- tenants:  tenants.json bytes through a node's tenant table (atheris_tenants.py)
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=120, help="per atheris harness")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--only", default="resp,config,recovery")
+    ap.add_argument("--only", default="resp,config,tenants,recovery")
     ap.add_argument("--no-hypothesis", action="store_true", help="skip the long hypothesis runs")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -118,6 +119,13 @@ def main() -> int:
                                                  '[pools.shared]\nfraction = 0.5\n')
             results.append(_run("config", [sys.executable, str(HERE / "atheris_config.py")], corpus, args.seconds,
                                 args.seed))
+        if "tenants" in only:
+            corpus = work / "corpus-tenants"
+            corpus.mkdir()
+            (corpus / "seed0").write_text('{"tenants": {"alice": {"token": "t", "grants": {"session": "rw"}, '
+                                          '"quota": "1MiB", "rate": 5.0, "no_store": false}}, "revoked": ["bob"]}')
+            results.append(_run("tenants", [sys.executable, str(HERE / "atheris_tenants.py")], corpus, args.seconds,
+                                args.seed))
         if "recovery" in only:
             (work / "writer").mkdir()
             seg = _pristine_segment(work / "writer")
@@ -140,10 +148,11 @@ def main() -> int:
             rc = 1
     if not args.no_hypothesis:
         env = dict(os.environ, MEMKV_FUZZ_SERVE_EXAMPLES="150", MEMKV_FUZZ_RECOVERY_EXAMPLES="300",
-                   MEMKV_FUZZ_RESP_EXAMPLES="3000")
+                   MEMKV_FUZZ_RESP_EXAMPLES="3000", MEMKV_FUZZ_TENANT_EXAMPLES="5000")
         t0 = time.monotonic()
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "--timeout=3600", "tests/test_fuzz_resp.py",
-                            "tests/test_fuzz_config.py", "tests/test_fuzz_recovery.py"], cwd=ROOT, env=env)
+                            "tests/test_fuzz_config.py", "tests/test_fuzz_recovery.py",
+                            "tests/test_fuzz_tenants.py"], cwd=ROOT, env=env)
         print(f"hypothesis fuzz tests (longer): exit {p.returncode} in {time.monotonic() - t0:.0f} s")
         rc = rc or p.returncode
     return rc
