@@ -26,7 +26,7 @@ help:
 	@echo "make lint         ruff check + import contracts (lint-imports)"
 	@echo "make compose-up   docker-compose cluster (offline image build); make compose-down stops it"
 	@echo "make chaos        every chaos scenario (CHAOS_TARGET=local|compose), report in chaos/results/"
-	@echo "make soak         random overlapping faults under load (SOAK_SEED=1 SOAK_MINUTES=4), docs/chaos.md"
+	@echo "make soak         random overlapping faults under load (SOAK_SEED=1 SOAK_MINUTES=3), docs/chaos.md"
 	@echo "make fuzz         atheris harnesses + long hypothesis fuzz runs (FUZZ_SECONDS=120 per harness)"
 	@echo "make test-rdma    RDMA transport suite under Soft-RoCE in a qemu VM"
 
@@ -83,10 +83,10 @@ chaos: install
 	$(PY) -m chaos all --target $(CHAOS_TARGET) $(CHAOS_ARGS)
 
 # soak (docs/chaos.md): one cluster, a seeded schedule of overlapping faults under load for
-# SOAK_MINUTES, the checker over the whole history; CI runs the default (4 min, seed 1).
+# SOAK_MINUTES, the checker over the whole history; CI runs the default (3 min, seed 1: the shortest that injects every kind).
 # SOAK_ARGS e.g. --set deletes=0.1, --set kinds=kill9,net_clients, --keep
 SOAK_SEED    ?= 1
-SOAK_MINUTES ?= 4
+SOAK_MINUTES ?= 3
 SOAK_ARGS    ?=
 soak: install
 	$(PY) -m chaos soak --seed $(SOAK_SEED) --minutes $(SOAK_MINUTES) $(SOAK_ARGS)

@@ -370,6 +370,8 @@ def test_soak_plan_is_a_function_of_the_seed_and_keeps_its_constraints() -> None
     a = plan(7, 300, nodes=nodes, members=3, max_overlap=2)
     assert a == plan(7, 300, nodes=nodes, members=3, max_overlap=2) and a != plan(8, 300, nodes=nodes, members=3)
     assert {f.kind for f in a} == set(CATALOGUE)  # cover: every kind once, even in 5 minutes
+    ci = plan(1, 180, nodes=nodes, members=3, max_overlap=2)  # CI's soak (.ci/run: seed 1, 3 minutes)
+    assert {f.kind for f in ci} == set(CATALOGUE), sorted(set(CATALOGUE) - {f.kind for f in ci})
     assert all(f.at + f.duration < 300 for f in a)
     for f in a:  # never two faults on one resource, never more than max_overlap at once
         live = [g for g in a if g is not f and g.at <= f.at < g.at + g.duration + 10.0]
