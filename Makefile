@@ -1,4 +1,4 @@
-# memkv — developer entry points (DESIGN.md §9). Every target that needs the
+# memkv — developer entry points. Every target that needs the
 # venv first runs scripts/bootstrap.sh (idempotent; fast when nothing changed).
 
 SHELL := /bin/bash
@@ -72,7 +72,7 @@ demo-vllm: install-vllm
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 
-# chaos suite, every scenario (README "Chaos suite"): CHAOS_TARGET=local (processes
+# chaos suite, every scenario (docs/chaos.md): CHAOS_TARGET=local (processes
 # started here, in a private netns) or compose (builds the images with
 # compose/build-offline.sh -- starts dockerd if needed, reuses cached images -- then a
 # fresh deployment per scenario with MEMKV_RESTART_POLICY=no, torn down at the end);
@@ -83,7 +83,8 @@ chaos: install
 	$(PY) -m chaos all --target $(CHAOS_TARGET) $(CHAOS_ARGS)
 
 # soak (docs/chaos.md): one cluster, a seeded schedule of overlapping faults under load for
-# SOAK_MINUTES, the checker over the whole history; CI runs the default (3 min, seed 1: the shortest that injects every kind).
+# SOAK_MINUTES, the checker over the whole history; CI runs the default (3 min, seed 1: the
+# shortest that injects every kind).
 # SOAK_ARGS e.g. --set deletes=0.1, --set kinds=kill9,net_clients, --keep
 SOAK_SEED    ?= 1
 SOAK_MINUTES ?= 3
@@ -92,14 +93,14 @@ soak: install
 	$(PY) -m chaos soak --seed $(SOAK_SEED) --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # fuzzing at the edges, the long runs (docs/chaos.md "Fuzzing"): the atheris harnesses of
-# tests/fuzz/ for FUZZ_SECONDS each (RESP against a live node, config files, segment recovery),
+# tests/fuzz/ for FUZZ_SECONDS each (RESP against a live node, config files, tenants.json, segment recovery),
 # then the hypothesis fuzz tests with larger example counts. make test runs the short ones.
 FUZZ_SECONDS ?= 120
 FUZZ_ARGS    ?=
 fuzz: install
 	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
-# docker-compose deployment (compose/, README "Deployment (docker compose)"): builds
+# docker-compose deployment (compose/, docs/deployment.md): builds
 # the images offline (debootstrap base + host wheelhouse; starts dockerd if needed),
 # brings etcd + 3 nodes + the load generator up, waits until healthy, prints status.
 # compose-down keeps the data volumes: make compose-down COMPOSE_DOWN_ARGS=-v drops them.

@@ -58,7 +58,7 @@ class MemkvNode:
 
 
 class MemkvAdapter:
-    """Benchmark operations on one ``memkv.client.SyncClient`` (DESIGN.md §9)."""
+    """Benchmark operations on one ``memkv.client.SyncClient`` (the client API in README "Using it")."""
 
     ops = frozenset({"put", "get", "get_into", "get_many", "get_many_into"})
 

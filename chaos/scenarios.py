@@ -132,7 +132,7 @@ def corrupt_segment(ctx: Ctx) -> None:
     what = ctx.target.corrupt_segment(v, int(ctx.p.get("flips", 64)), random.Random(int(ctx.p.get("seed", 1))))
     ctx.fault(f"kill -9 {v}; corrupt {what}")
     # default: down past its lease, so it rejoins through the rebalancer (down_s=0.5 keeps its
-    # slots: then it also serves the overwrites it missed -- see README "Chaos suite", findings)
+    # slots: then it also serves the overwrites it missed -- see docs/chaos.md, findings)
     ctx.sleep(float(ctx.p.get("down_s", ctx.ttl + 2)))
     ctx.target.start(v)
     ctx.heal(f"restart {v}")

@@ -1,4 +1,4 @@
-"""The trio client: ``Client.connect(url)`` -> put/get/... (DESIGN.md §9).
+"""The trio client: ``Client.connect(url)`` -> put/get/... (the client API in README "Using it").
 
 Each method asks the client core (``client/core/api.py``) for an operation
 and runs it with the trio executor (``client/executors/trio_executor.py``);
@@ -81,7 +81,7 @@ class Client(ClientBase):
     async def close(self) -> None:
         await self.aclose()
 
-    # -- the API (DESIGN.md §9)
+    # -- the API (README "Using it")
     async def put(self, key: bytes | str, value: Any, *, namespace: str = "shared", ttl: float | None = None,
                   pin: bool = False, parent: bytes | None = None, model: str | None = None,
                   no_store: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""What a cluster looks like in etcd: key layout, node records, the slot map (DESIGN.md §6).
+"""What a cluster looks like in etcd: key layout, node records, the slot map (docs/cluster.md).
 
 Pure data and codecs, shared by clients (routing), nodes (ownership checks)
 and the control plane (which computes maps in ``memkv.cluster.slotmap``).

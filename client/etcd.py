@@ -1,7 +1,7 @@
 """The etcd adapter: every etcd access of memkv (nodes, leader, clients, tools) goes through here.
 
 It wraps ``pyetcd`` (etcd-sdk-python, a maintained fork of python-etcd3; see
-DESIGN.md §10). pyetcd is synchronous: call these methods from a thread
+docs/cluster.md). pyetcd is synchronous: call these methods from a thread
 (``trio.to_thread.run_sync`` in trio code). Every failure (etcd down, timeout,
 gRPC error) surfaces as :class:`EtcdUnavailable`, nothing else.
 

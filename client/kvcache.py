@@ -5,7 +5,7 @@
     out = model(input_ids=prompt_ids[n:], cache=cache)  # prefill only the rest
     conn.save(prompt_ids, out.cache)                    # stores every full block
 
-(DESIGN.md §9.) ``client`` is a ``SyncClient`` — or any object with its
+(the client API in README "Using it".) ``client`` is a ``SyncClient`` — or any object with its
 ``exists_many / put_many / lookup_prefix / get_many_into / get`` surface, e.g.
 the Redis adapter the TTFT benchmark uses. ``AsyncKVCacheConnector`` does the
 same with the trio ``Client``. What a save and a load do is written once, as

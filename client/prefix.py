@@ -1,4 +1,4 @@
-"""Prefix hashing: a prompt's token ids -> a chain of block keys (DESIGN.md §3).
+"""Prefix hashing: a prompt's token ids -> a chain of block keys (docs/engines.md).
 
 A prompt is cut into blocks of ``block_tokens`` tokens (16 and 256 are common);
 only full blocks get a key. Block key *i* is::

@@ -1,4 +1,4 @@
-"""The blocking client: the same methods as ``Client``, usable from plain threads (DESIGN.md §9).
+"""The blocking client: the same methods as ``Client``, usable from plain threads (the client API in README "Using it").
 
 Each method asks the client core (``client/core/api.py``) for an operation
 and runs it with the blocking executor (``client/executors/blocking_executor.py``)
@@ -55,7 +55,7 @@ class SyncClient(ClientBase):
         self._executor.run(self.core.close())
         self._executor.close()
 
-    # -- the API (DESIGN.md §9)
+    # -- the API (README "Using it")
     def put(self, key: bytes | str, value: Any, *, namespace: str = "shared", ttl: float | None = None,
             pin: bool = False, parent: bytes | None = None, model: str | None = None, no_store: bool = False) -> None:
         self._executor.run(self.core.put(key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent,

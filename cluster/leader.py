@@ -1,4 +1,4 @@
-"""The in-node rebalancer candidate (DESIGN.md §7).
+"""The in-node rebalancer candidate (docs/cluster.md).
 
 Every cluster node campaigns for ``/memkv/<cluster>/rebalancer/leader`` with
 its own registration lease (so leadership ends when the node dies or is

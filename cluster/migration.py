@@ -1,4 +1,4 @@
-"""The node side of slot migration (DESIGN.md §7): the ops the rebalancer drives.
+"""The node side of slot migration (docs/cluster.md): the ops the rebalancer drives.
 
 Four node-to-node / rebalancer-to-node operations, served by every cluster node (declared
 with the node's cluster membership: ``ClusterMember.extend``). Their decisions are the sans-IO programs of

@@ -1,4 +1,4 @@
-"""The rebalancer (DESIGN.md §7): leader-elected, moves slots while the cluster serves.
+"""The rebalancer (docs/cluster.md): leader-elected, moves slots while the cluster serves.
 
 This module is the rebalancer's state machine, written as sans-IO programs
 (``memkv.cluster.effects``): every etcd access, node call and wait is a ``yield``, and the time

@@ -1,4 +1,4 @@
-"""Pieces of the one-sided transports shared by the node and the client (README "Transports").
+"""Pieces of the one-sided transports shared by the node and the client (docs/transports.md).
 
 * ``host_identity()`` — who may use shared memory: two processes with the same
   boot id and the same network namespace can reach each other's abstract Unix

@@ -43,7 +43,7 @@ CONNECTOR_MODULE = "memkv.client.vllm"
 
 
 def kv_transfer_config(url: str, **extra: Any) -> dict[str, Any]:
-    """The ``--kv-transfer-config`` of a vLLM that uses memkv (README "Use with vLLM")."""
+    """The ``--kv-transfer-config`` of a vLLM that uses memkv (docs/engines.md)."""
     return {"kv_connector": "MemKVConnector", "kv_connector_module_path": CONNECTOR_MODULE,
             "kv_role": "kv_both", "kv_connector_extra_config": {"url": url, **extra}}
 

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,18 @@ def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool
         if time.monotonic() > deadline:
             raise TimeoutError(f"{host}:{port} did not accept connections within {timeout:.0f}s")
         time.sleep(0.05)
+
+
+def poll(cond: Callable[[], Any], timeout: float, what: str = "") -> Any:
+    """Call ``cond`` every 0.1 s until it returns something true; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
+        time.sleep(0.1)
 
 
 class NodeProc:

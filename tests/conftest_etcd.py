@@ -24,18 +24,6 @@ import pytest
 CLUSTER_FORM_TIMEOUT_S = 60.0
 
 
-def poll(cond: Callable[[], Any], timeout: float, what: str = "") -> Any:
-    """Call ``cond`` every 0.1 s until it returns something true; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from memkv.tools.localproc import EtcdProcess, find_etcd

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest_etcd import poll
+from conftest import poll
 
 from memkv.client import Client, SyncClient
 from memkv.client.cluster_map import key_slot, node_key

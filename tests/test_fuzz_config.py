@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memkv.config import NodeConfig, load_config
 from memkv.errors import MemKVError
-from tests.conftest import free_port
 
 SETTINGS = settings(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import NodeProc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memkv.client import SyncClient
 from memkv.flash import record as rec
 from memkv.flash.snapshot import NAME as SNAPSHOT
-from tests.conftest import NodeProc
 
 NS = "d"
 CONFIG = f"""

@@ -26,13 +26,13 @@ import time
 from typing import Any
 
 import pytest
+from conftest import free_port, wait_for_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memkv.client import SyncClient
 from memkv.protocol import resp as R
 from memkv.server.resp import COMMANDS
-from tests.conftest import free_port, wait_for_port
 
 CONFIG = """
 [namespaces.durable]
@@ -49,7 +49,7 @@ WORDS = ["EX", "PX", "EXAT", "PXAT", "NX", "XX", "GET", "KEEPTTL", "MATCH", "COU
 
 @pytest.fixture(scope="module")
 def resp_node(tmp_path_factory):
-    from tests.conftest import NodeProc
+    from conftest import NodeProc
 
     workdir = tmp_path_factory.mktemp("respfuzz")
     (workdir / "memkv.toml").write_text(CONFIG)

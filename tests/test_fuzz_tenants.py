@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import poll
 from conftest_etcd import LocalCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -243,16 +243,16 @@ def test_a_bad_tenant_record_in_etcd_is_ignored_and_the_node_keeps_serving(etcd_
         etcd.put(f"/memkv/{name}/tenants/bad3", json.dumps({"token": "c", "no_store": "false", "rate": [2]}))
         etcd.put(f"/memkv/{name}/tenants/bob", json.dumps({"token": "b", "quota": [1]}))
         etcd.put(f"/memkv/{name}/tenants/bob", json.dumps({"token": "bob-secret-bob", "grants": {"session": "rw"}}))
-        deadline = time.monotonic() + 30
-        while True:
+        def bob_writes() -> bool:
             try:
                 with SyncClient.connect(node.url, tenant="bob", token="bob-secret-bob", transport="tcp",
                                         timeout=10.0) as c:
                     c.put(b"kb", b"vb", namespace="session")
-                break
+                return True
             except AuthError:
-                assert time.monotonic() < deadline, "bob's well-formed record never reached the node"
-                time.sleep(0.2)
+                return False
+
+        poll(bob_writes, 30, "bob's well-formed record to reach the node through the watch")
         with pytest.raises(AuthError):  # a malformed record is no tenant
             SyncClient.connect(node.url, tenant="bad1", token="b", transport="tcp", timeout=10.0)
         assert node.running

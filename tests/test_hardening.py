@@ -21,6 +21,7 @@ import time
 
 import msgpack
 import pytest
+from conftest import free_port, poll, wait_for_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +34,6 @@ from memkv.errors import TimeoutError as MemKVTimeout
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Op
 from memkv.tools.admin import admin_call
-from tests.conftest import free_port, wait_for_port
 
 # --------------------------------------------------------------------------------------- helpers
 
@@ -82,6 +82,23 @@ def _ping(s: socket.socket) -> dict:
 
 def _put_frame(key: bytes, value: bytes, rid: int = 1, ns: str = "shared") -> bytes:
     return c.encode_frame(Op.PUT, rid, {"k": key, "cs": checksum(value), "ns": ns}, value)
+
+
+def _admitted(node) -> socket.socket | None:
+    """A raw connection the node admitted (answers PING), or None if it refused it."""
+    s = _raw(node)
+    s.sendall(c.encode_frame(Op.PING, 7, {}))
+    f = _read_frame(s)
+    if f is not None and not f.is_error:
+        return s
+    s.close()
+    return None
+
+
+def _audit_of(addr, key: bytes, n: int) -> list[dict] | None:
+    """The audit records of ``key`` once there are ``n`` of them (the log is written asynchronously)."""
+    recs = admin_call(addr, {"cmd": "audit", "k": key}, admin="root", token="root-secret")["records"]
+    return recs if len(recs) >= n else None
 
 
 def _stats(node) -> dict:
@@ -161,8 +178,7 @@ def test_max_connections_binary_and_resp(start_node):
     assert _resp_line(r2).startswith(b"-ERR max number of clients reached")
     # a slot frees up when a connection closes
     held.pop().close()
-    time.sleep(0.3)
-    s = _raw(node)
+    s = poll(lambda: _admitted(node), 10, "a connection slot to free up")
     _ping(s)
     assert node.running
     _no_tracebacks(node)
@@ -239,8 +255,8 @@ def test_tenant_inflight_limit_is_refused(start_node):
     raw = _put_frame(b"slow", value)
     half = len(raw) - len(value) // 2
     a1.sock.sendall(raw[:half])  # alice reserves 800 KiB and fills half of it
-    time.sleep(0.3)
     with SyncClient.connect(node.url, tenant="alice", token="alice-secret") as alice2:
+        poll(lambda: alice2.stats()["limits"]["tenant_inflight"].get("alice"), 10, "alice's reservation")
         with pytest.raises(ResourceLimit):
             alice2.put(b"other", os.urandom(400 << 10))
         with SyncClient.connect(node.url, tenant="bob", token="bob-secret") as bob:
@@ -383,8 +399,9 @@ def test_resp_writes_are_audited_rate_limited_and_revocable(start_node):
     assert sum(1 for x in lines if b"rate" in x and x.startswith(b"-ERR")) >= 10, lines
     # the audit log has RESP's put and delete, with tenant, key and checksum
     addr = parse_url(node.url).nodes[0]
-    time.sleep(0.5)
-    recs = admin_call(addr, {"cmd": "audit", "k": b"rk"}, admin="root", token="root-secret")["records"]
+    recs = poll(
+        lambda: _audit_of(addr, b"rk", 2), 10, "the audit records of rk"
+    )
     assert [x["op"] for x in recs] == ["put", "delete"], recs
     assert recs[0]["tenant"] == "alice" and recs[0]["cs"] == checksum(b"v1") and recs[0]["via"] == "resp"
     big = admin_call(addr, {"cmd": "audit", "k": b"big"}, admin="root", token="root-secret")["records"]

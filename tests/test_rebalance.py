@@ -21,7 +21,8 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest_etcd import LocalCluster, poll
+from conftest import poll
+from conftest_etcd import LocalCluster
 
 from memkv.client import SyncClient
 from memkv.client.cluster_map import key_slot, leader_key

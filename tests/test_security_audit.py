@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
+
+from conftest import poll
 
 from memkv.cli import main as cli_main
 from memkv.client import SyncClient
@@ -71,9 +72,8 @@ def test_audit_history_model_and_chain(start_node, capsys):
         assert r["tenant"] == "alice" and r["k"] == b"block-1".hex() and r["node"] and r["t"] > 0
     assert hist[0]["cs"] != hist[-1]["cs"] and hist[0]["len"] == 200
     # the chain verifies across rotated files
-    time.sleep(0.3)
     audit_dir = node.data_dir / "audit"
-    assert (audit_dir / "audit.log.1").exists()
+    poll(lambda: (audit_dir / "audit.log.1").exists(), 10, "the audit log to rotate")
     res = _cli_json(capsys, "audit", node.url, "--verify")
     assert res[0]["problems"] == [] and res[0]["records"] >= 65
     # tampering is detected: edit one record of the live file (node stopped)
@@ -149,14 +149,13 @@ def test_no_store_stays_in_dram_only(start_node, capsys):
         a.put(b"private-prompt", secret, namespace="session", no_store=True, model="m1")
         a.put(b"normal", kept, namespace="session")
         assert a.get(b"private-prompt", namespace="session") == secret
-        time.sleep(0.5)
-        assert _files_containing(node.data_dir, kept[:40])  # the normal write is on flash
+        poll(lambda: _files_containing(node.data_dir, kept[:40]), 10, "the normal write on flash")
         assert _files_containing(node.data_dir, secret[:40]) == []  # the no-store one is not
         assert _files_containing(node.data_dir, b"private-prompt") == []  # not even its key (audit: hash)
         hist = _cli_json(capsys, "audit", node.url, "--key", "private-prompt")
         assert len(hist) == 1 and "k" not in hist[0] and len(hist[0]["kh"]) == 64 and hist[0]["nostore"]
-        time.sleep(2.6)  # the TTL is capped to [security] no_store_ttl
-        assert a.get(b"private-prompt", namespace="session") is None
+        # the TTL is capped to [security] no_store_ttl (2 s)
+        poll(lambda: a.get(b"private-prompt", namespace="session") is None, 10, "the no-store value to expire")
         assert a.get(b"normal", namespace="session") == kept
     node.restart()
     with SyncClient.connect(node.url, tenant="alice", token="alice-secret") as a:

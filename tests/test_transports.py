@@ -1,4 +1,4 @@
-"""Transport conformance: the same suite against TCP, shared memory and RDMA (DESIGN.md §8).
+"""Transport conformance: the same suite against TCP, shared memory and RDMA (docs/transports.md).
 
 ``transport`` is a parameter; each test checks that the transport it asked
 for really carried the reads (``client.onesided`` counters, the node's

@@ -1,4 +1,4 @@
-"""``ClientCore``: the client API of DESIGN.md §9 as operations, written once for both executors.
+"""``ClientCore``: the client API (README "Using it") as operations, written once for both executors.
 
 ``Client`` (trio) and ``SyncClient`` (blocking) are thin: each public method
 asks the core for an operation and runs it with its executor's one driver
@@ -34,7 +34,7 @@ def check_transport(transport: str) -> None:
 
 def security_meta(model: str | None, no_store: bool) -> dict[str, Any] | None:
     """``model``: provenance recorded in the node's audit log; ``no_store``: DRAM only, short TTL,
-    never on flash, key hashed in the audit log (README "Security")."""
+    never on flash, key hashed in the audit log (docs/security.md)."""
     if model is None and not no_store:
         return None
     meta: dict[str, Any] = {}
@@ -80,7 +80,7 @@ class ClientCore:
             return restarting(self.router, fn, self.router, *args, **kwargs)
         return fn(self.router, *args, **kwargs)
 
-    # -- the API (DESIGN.md §9); the executors give the defaults
+    # -- the API (README "Using it"); the executors give the defaults
     def put(self, key: bytes | str, value: Any, *, namespace: str, ttl: float | None, pin: bool,
             parent: bytes | None = None, model: str | None = None, no_store: bool = False) -> Op:
         return self._op(ops.put, key, value, namespace=namespace, ttl=ttl, pin=pin, parent=parent,

@@ -1,4 +1,4 @@
-"""Prefix chains (DESIGN.md §3) as operations: what the engine integrations do, written once.
+"""Prefix chains (docs/engines.md) as operations: what the engine integrations do, written once.
 
 ``save_chain`` stores the blocks of one prompt as a chain (parent of block
 *i* is block *i-1*, so the node evicts tails before heads), skipping blocks

@@ -1,6 +1,6 @@
 """Sending one call to the nodes of a key: failover reads, replicated writes, and restarts after MOVED.
 
-The policy of the client in one place (DESIGN.md §6):
+The policy of the client in one place (docs/cluster.md):
 
 - a **read** goes to the key's first replica; a replica that is dead
   (``FAILOVER_ERRORS``: refused, lost, timed out) is skipped for the next,

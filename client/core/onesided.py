@@ -1,4 +1,4 @@
-"""One-sided reads (DESIGN.md §8): LOCATE, then copy the bytes yourself through a transport.
+"""One-sided reads (docs/transports.md): LOCATE, then copy the bytes yourself through a transport.
 
 For a client whose transport is ``auto``, ``shm`` or ``rdma``, ``get``/
 ``get_into``/``get_many``/``get_many_into`` are this operation:

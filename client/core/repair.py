@@ -3,7 +3,7 @@
 Replicas are written independently by the client (``dispatch.write``), so a
 replica that was down, fenced or unreachable during a write does not have it,
 and one that missed an overwrite still holds the older value. Reads make up
-for it (README "Cluster", consistency):
+for it (docs/cluster.md, consistency):
 
 - **fallback** (``fallback_reads``): a miss on the replica that answered is
   asked again of the slot's other replicas, in order, before it is a miss;

@@ -2,7 +2,7 @@
 
 A router answers from what it already knows and never waits: the cluster
 router reads the current immutable ``ClusterState`` snapshot of its
-``ClusterView`` (kept fresh by the view's watcher thread, DESIGN.md §6).
+``ClusterView`` (kept fresh by the view's watcher thread, docs/cluster.md).
 Its two blocking methods, ``refresh`` (after ``MOVED``: wait for a newer
 slot map) and ``close`` (stop the watcher), are run by executors as
 ``Blocking`` requests, in a worker thread under trio.

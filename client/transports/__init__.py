@@ -1,4 +1,4 @@
-"""One-sided transports: the client copies a value out of a node's region itself (DESIGN.md §8).
+"""One-sided transports: the client copies a value out of a node's region itself (docs/transports.md).
 
 A transport reads bytes at offsets of one node's region — a shared-memory
 mapping (``shm.py``) or RDMA READs (``rdma.py``) — and nothing else: what to

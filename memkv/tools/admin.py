@@ -1,4 +1,4 @@
-"""``memkv tenant add|list|revoke``, ``memkv audit``, ``memkv purge`` (README "Security").
+"""``memkv tenant add|list|revoke``, ``memkv audit``, ``memkv purge`` (docs/security.md).
 
 URLs: ``memkv://HOST:PORT`` / ``memkvs://HOST:PORT`` (one standalone node: the
 ADMIN op, tenants persisted in the node's data dir) and

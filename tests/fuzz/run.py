@@ -25,9 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # conftest is imported one way: as `conftest`
+
+from conftest import NodeProc, free_port, wait_for_port  # noqa: E402
 
 from memkv.protocol import resp as R  # noqa: E402
-from tests.conftest import NodeProc, free_port, wait_for_port  # noqa: E402
 
 RESP_SEEDS = [R.encode_command("SET", "k", "v"), R.encode_command("GET", "k"),
               R.encode_command("MSET", "a", "1", "b", "2"), R.encode_command("SET", "k", "v", "EX", "10", "NX", "GET"),
