@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ def memkv_command() -> list[str]:
 class MemkvNode:
     """``memkv serve --listen 127.0.0.1:PORT --memory SIZE`` as a subprocess."""
 
-    def __init__(self, workdir: Path, memory: str = "2GiB", host: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: Path, memory: str = "2GiB", host: str = "127.0.0.1", pythonpath: str = "") -> None:
+        self.pythonpath = pythonpath  # another commit's install (bench/baseline.py) runs instead of this tree
         self.host = host
         self.port = free_port(host)
         self.memory = memory
@@ -33,7 +35,7 @@ class MemkvNode:
 
     def command(self) -> list[str]:
         return [
-            *memkv_command(), "serve",
+            *([sys.executable, "-m", "memkv.cli"] if self.pythonpath else memkv_command()), "serve",
             "--listen", f"{self.host}:{self.port}",
             "--memory", self.memory,
             "--data-dir", str(self.workdir / "memkv-data"),
@@ -42,7 +44,10 @@ class MemkvNode:
     def start(self, timeout: float = 30.0) -> MemkvNode:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            env = dict(os.environ, PYTHONPATH=self.pythonpath) if self.pythonpath else None
+            self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         wait_for_tcp(self.host, self.port, self.proc, timeout, self.log)
         return self
 

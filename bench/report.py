@@ -67,21 +67,25 @@ def find(results: list[Result], peer: str, op: str, size: int, clients: int) -> 
     return None
 
 
-def compute_ratios(results: list[Result]) -> list[Result]:
-    """For every non-Redis measurement with a Redis counterpart: GB/s ratio and latency ratios."""
+def compute_ratios(
+    results: list[Result], base: str = BASELINE, same_op: bool = False, peers: tuple[str, ...] = ()
+) -> list[Result]:
+    """For every measurement of another peer (of ``peers`` if given) with a counterpart on
+    ``base``: GB/s ratio and latency ratios. The counterpart is Redis' equivalent command, or the
+    same operation (``same_op``: memkv against an earlier commit of itself)."""
     out = []
     for r in results:
-        if r["peer"] == BASELINE or not r["median"] or r["op"] not in COMPARE:
+        if r["peer"] == base or (peers and r["peer"] not in peers) or not r["median"] or r["op"] not in COMPARE:
             continue
-        base = find(results, BASELINE, COMPARE[r["op"]], r["size"], r["clients"])
-        if base is None:
+        base_r = find(results, base, r["op"] if same_op else COMPARE[r["op"]], r["size"], r["clients"])
+        if base_r is None:
             continue
-        m, b = r["median"], base["median"]
+        m, b = r["median"], base_r["median"]
         out.append(
             {
                 "peer": r["peer"],
                 "op": r["op"],
-                "vs": f"{BASELINE}:{base['op']}",
+                "vs": f"{base}:{base_r['op']}",
                 "size": r["size"],
                 "batch": r["batch"],
                 "clients": r["clients"],
@@ -302,6 +306,16 @@ def print_report(doc: dict[str, Any]) -> None:
             row += [_ratio_cell(q and q["gbps_ratio"], True), _ratio_cell(q and q["p50_ratio"], False)]
         t.add_row(*row)
     console.print(t)
+
+    if doc.get("vs_baseline"):
+        t = Table(title="the working tree against an earlier commit, same run (ratio = memkv / memkv@REV)")
+        for col in ("size", "op", "c", "vs", "GB/s ratio", "p50 ratio", "p99 ratio"):
+            t.add_column(col)
+        for q in doc["vs_baseline"]:
+            t.add_row(fmt_size(q["size"]), op_label(q["op"], q["batch"]), str(q["clients"]), q["vs"],
+                      _ratio_cell(q["gbps_ratio"], True), _ratio_cell(q["p50_ratio"], False),
+                      _ratio_cell(q["p99_ratio"], False))  # fmt: skip
+        console.print(t)
 
     if doc.get("targets"):
         quick = " (--quick: indicative only, few ops per measurement)" if doc.get("quick") else ""

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench import report
+from bench.baseline import install_revision
 from bench.limits import measure_limits
 from bench.machine import machine_info
 from bench.memkv_peer import MemkvNode
@@ -66,12 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-limits", action="store_true", help="skip the memcpy / loopback TCP measurements")
     ap.add_argument("--memkv-memory", default="2GiB", help="--memory of the memkv node (default: 2GiB)")
     ap.add_argument("--memkv-url", help="use this running node (memkv://HOST:PORT) instead of starting one")
+    ap.add_argument("--baseline", metavar="REV", help="also run the node and client of this earlier commit, "
+                    "interleaved with the working tree's (bench/baseline.py); ratios memkv / memkv@REV")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every measurement")
     args = ap.parse_args(argv)
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     bad = [p for p in args.peers if p not in PEERS]
     if bad:
         ap.error(f"unknown peer(s) {bad}; choose from {PEERS}")
+    if args.baseline:
+        args.peers.append("baseline")
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.clients = sorted({int(c) for c in args.clients.split(",")})
     if args.seconds is None:
@@ -89,6 +94,7 @@ class Bench:
         self.errors: list[str] = []
         self.consecutive_errors: dict[str, int] = {}
         self.servers: dict[str, Any] = {}
+        self.baseline_label = ""  # short commit id of --baseline once installed
         self.run_id = int(time.time())
         self.put_budget = (64 if args.quick else 256) * MiB
 
@@ -106,6 +112,15 @@ class Bench:
                 self.fail(peer, f"could not start: {exc}")
 
     def _start_server(self, peer: str, stack: contextlib.ExitStack) -> PeerSpec:
+        if peer == "baseline":
+            with console.status(f"installing memkv at {self.args.baseline} (once; cached)"):
+                label, lib = install_revision(self.args.baseline)
+            self.baseline_label = label
+            node = MemkvNode(self.tmp / f"memkv-{label}", memory=self.args.memkv_memory, pythonpath=str(lib))
+            with console.status(f"starting memkv@{label} node"):
+                stack.enter_context(node)
+            self.servers[f"memkv@{label}"] = node
+            return PeerSpec("memkv", node.host, node.port, "tcp", revision=label, pythonpath=str(lib))
         if peer == "redis":
             srv = RedisServer(self.tmp / "redis")
             with console.status("starting redis-server"):
@@ -242,6 +257,10 @@ class Bench:
             "limits": limits,
             "results": results,
             "ratios": report.compute_ratios(results),
+            "baseline": self.baseline_label,
+            "vs_baseline": report.compute_ratios(results, f"memkv@{self.baseline_label}", True, ("memkv",))
+            if self.baseline_label
+            else [],
             "targets": report.evaluate_targets(results, limits),
             "errors": self.errors,
         }

@@ -54,9 +54,15 @@ class PeerSpec:
     host: str
     port: int
     transport: str = "tcp"  # memkv only
+    # An earlier commit (bench/baseline.py): its label and the folder first on the worker's
+    # sys.path, so the worker runs that commit's client.
+    revision: str = ""
+    pythonpath: str = ""
 
     @property
     def name(self) -> str:
+        if self.revision:
+            return f"memkv@{self.revision}"
         if self.kind == "memkv" and self.transport != "tcp":
             return f"memkv-{self.transport}"
         return self.kind
@@ -70,6 +76,10 @@ class PeerSpec:
             from bench.redis_peer import RedisAdapter
 
             return RedisAdapter(self.host, self.port)
+        if self.pythonpath:  # before the first import of memkv in this worker process
+            import sys
+
+            sys.path.insert(0, self.pythonpath)
         from bench.memkv_peer import MemkvAdapter
 
         return MemkvAdapter(f"memkv://{self.host}:{self.port}", self.transport)

@@ -55,6 +55,8 @@ class NodeInfo:
     capacity: int = 0
     version: str = ""
     transports: dict[str, str] = field(default_factory=dict)
+    # what the node's subsystems advertise (memkv/server/extension.py), e.g. its KV events endpoints
+    services: dict[str, str] = field(default_factory=dict)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -62,15 +64,18 @@ class NodeInfo:
         return host.strip("[]"), int(port)
 
     def encode(self) -> bytes:
-        return json.dumps({"id": self.node_id, "addr": self.addr, "zone": self.zone, "capacity": self.capacity,
-                           "version": self.version, "transports": self.transports or {"tcp": self.addr}},
-                          sort_keys=True).encode()
+        d = {"id": self.node_id, "addr": self.addr, "zone": self.zone, "capacity": self.capacity,
+             "version": self.version, "transports": self.transports or {"tcp": self.addr}}
+        if self.services:
+            d["services"] = self.services
+        return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> NodeInfo:
         d = json.loads(raw)
         return cls(str(d["id"]), str(d["addr"]), str(d.get("zone", "z0")), int(d.get("capacity", 0)),
-                   str(d.get("version", "")), dict(d.get("transports", {})))
+                   str(d.get("version", "")), dict(d.get("transports", {})),
+                   {str(k): str(v) for k, v in dict(d.get("services", {})).items()})
 
 
 @dataclass(frozen=True)

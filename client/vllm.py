@@ -310,6 +310,7 @@ class BlockRef:
     block_id: int  # vLLM block id (page) it is loaded into / saved from
     block_hash: bytes
     parent_hash: bytes | None
+    token_ids: list[int] = field(default_factory=list)  # saves only: they go into the value's header
 
 
 @dataclass
@@ -515,8 +516,9 @@ class _SchedulerSide:
         if full > start:
             hashes = self._hashes(request, full)
             lora, lora_key, salt = _identity(request)
-            refs = [BlockRef(i, st.block_ids[i], hashes[i], hashes[i - 1] if i > 0 else None)
-                    for i in range(start, full)]
+            tokens, bt = request.all_token_ids, self.block_tokens
+            refs = [BlockRef(i, st.block_ids[i], hashes[i], hashes[i - 1] if i > 0 else None,
+                             list(tokens[i * bt:(i + 1) * bt])) for i in range(start, full)]
             meta.saves.append(Transfer(request.request_id, lora, lora_key, salt, refs))
         st.saved_upto = max(st.saved_upto, full)
 
@@ -836,7 +838,8 @@ class _WorkerSide:
             tkeys = self._keys(t)
             for j, b in enumerate(t.blocks):
                 hdr[row] = np.frombuffer(self.format.header(block_hash=b.block_hash, parent_hash=b.parent_hash,
-                                                            index=b.index, lora=t.lora), dtype=np.uint8)
+                                                            index=b.index, lora=t.lora, token_ids=b.token_ids),
+                                         dtype=np.uint8)
                 keys.append(tkeys[j])
                 # the chain's parent (so memkv evicts tails before heads); block 0 has none
                 parents.append(tkeys[j - 1] if j > 0 else (

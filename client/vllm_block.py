@@ -22,28 +22,16 @@ Identity
   keys, so it never even finds — let alone loads — another machine's pages;
 * requests with different ``cache_salt`` never share a key.
 
-Value (format version 1)
+Value (format version 2)
 ------------------------
-::
-
-    offset 0   b"MKVV"                       magic
-           4   u16 1                          format version
-           6   u16 0                          reserved
-           8   u32 H                          header length: payload starts at H (multiple of 256)
-          12   u32 M                          length of the msgpack map that follows
-          16   msgpack map (M bytes), zero padding up to H:
-                 "block_hash":  bytes   vLLM's hash of this block (as its KV events publish it)
-                 "parent_hash": bytes | nil   vLLM's hash of the previous block (nil for block 0)
-                 "hash_algo":   str     vLLM's prefix_caching_hash_algo ("sha256", ...)
-                 "index":       int     position of the block in its prompt (0-based)
-                 "tokens":      int     tokens per block
-                 "model":       str     model id
-                 "lora":        str | nil   LoRA adapter name
-                 "layout":      bytes   layout fingerprint (16 bytes)
-                 "layout_desc": map     the layout descriptor itself (human-readable)
-                 "pages":       int     number of layer pages in the payload
-                 "page_bytes":  int     bytes per layer page
-           H   payload: one page per attention layer, in the layout's layer order
+A header (memkv/protocol/block_header.py: magic, version, lengths, a msgpack
+map with vLLM's block hash and parent hash, the block's token ids, position,
+block size, model, LoRA), to which this connector adds ``layout`` (the
+fingerprint), ``layout_desc`` (the descriptor itself, human-readable),
+``pages`` and ``page_bytes``; then the payload: one page per attention layer,
+in the layout's layer order. The node reads the same header to announce the
+block in KV events (memkv/events/), so every copy of the value carries what
+routers need to know about it.
 
 The header holds no time, host or writer identity: two engines that compute
 the same bytes store the same value, and memkv's "same bytes again" rule makes
@@ -67,11 +55,10 @@ from typing import Any
 import msgpack
 import xxhash
 
-MAGIC = b"MKVV"
-FORMAT_VERSION = 1
-PREFIX = struct.Struct("<4sHHII")
-HEADER_ALIGN = 256
-KEY_DOMAIN = b"memkv-vllm-v1"
+from memkv.protocol.block_header import FORMAT_VERSION, MAGIC, PREFIX, header_length, pack, prefix_of, unpack_map
+
+# The format version is part of the key: values of another format are never even found.
+KEY_DOMAIN = b"memkv-vllm-v%d" % FORMAT_VERSION
 
 
 class BlockMismatch(Exception):
@@ -154,25 +141,25 @@ class BlockFormat:
         self.hash_algo = hash_algo
         self.layout_fp = layout.fingerprint
         # Header length fixed per layout: computed from the largest map it will hold.
-        widest = self._meta(b"\xff" * hash_len, b"\xff" * hash_len, 2**32 - 1, "\xff" * 256)
-        self.header_len = -(-(PREFIX.size + len(widest)) // HEADER_ALIGN) * HEADER_ALIGN
+        widest = self._meta(b"\xff" * hash_len, b"\xff" * hash_len, 2**32 - 1, "\xff" * 256,
+                            [2**32 - 1] * layout.block_tokens)
+        self.header_len = header_length(len(msgpack.packb(widest, use_bin_type=True)))
         self.value_len = self.header_len + layout.payload_bytes
 
-    def _meta(self, block_hash: bytes, parent_hash: bytes | None, index: int, lora: str | None) -> bytes:
+    def _meta(self, block_hash: bytes, parent_hash: bytes | None, index: int, lora: str | None,
+              token_ids: list[int]) -> dict[str, Any]:
         lay = self.layout
-        return msgpack.packb({"block_hash": bytes(block_hash),
-                              "parent_hash": bytes(parent_hash) if parent_hash is not None else None,
-                              "hash_algo": self.hash_algo, "index": index, "tokens": lay.block_tokens,
-                              "model": self.model_id, "lora": lora, "layout": self.layout_fp,
-                              "layout_desc": lay.descriptor(), "pages": lay.layers, "page_bytes": lay.page_bytes},
-                             use_bin_type=True)
+        return {"block_hash": bytes(block_hash), "parent_hash": bytes(parent_hash) if parent_hash is not None else None,
+                "hash_algo": self.hash_algo, "index": index, "tokens": lay.block_tokens,
+                "token_ids": [int(t) for t in token_ids], "model": self.model_id, "lora": lora,
+                "layout": self.layout_fp, "layout_desc": lay.descriptor(), "pages": lay.layers,
+                "page_bytes": lay.page_bytes}
 
-    def header(self, *, block_hash: bytes, parent_hash: bytes | None, index: int, lora: str | None) -> bytes:
-        meta = self._meta(block_hash, parent_hash, index, lora)
-        raw = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, self.header_len, len(meta)) + meta
-        if len(raw) > self.header_len:  # a LoRA name longer than the 256 bytes budgeted
-            raise ValueError(f"block header of {len(raw)} bytes exceeds {self.header_len}")
-        return raw.ljust(self.header_len, b"\0")
+    def header(self, *, block_hash: bytes, parent_hash: bytes | None, index: int, lora: str | None,
+               token_ids: list[int]) -> bytes:
+        if len(token_ids) != self.layout.block_tokens:
+            raise ValueError(f"a block of {self.layout.block_tokens} tokens, not {len(token_ids)}")
+        return pack(self._meta(block_hash, parent_hash, index, lora, token_ids), self.header_len)
 
     def check(self, value: Any, length: int | None, *, block_hash: bytes) -> None:
         """Raise :class:`BlockMismatch` unless ``value`` (``length`` bytes read) is this block in this layout."""
@@ -180,18 +167,15 @@ class BlockFormat:
             raise BlockMismatch("not in memkv (evicted, lost with a node, or dropped as corrupt)")
         if length != self.value_len:
             raise BlockMismatch(f"value of {length} bytes, this layout's blocks have {self.value_len}")
-        head = bytes(value[:PREFIX.size])
-        magic, version, _, hlen, mlen = PREFIX.unpack(head)
+        magic, version, hlen, mlen = prefix_of(value) or (b"", 0, 0, 0)
         if magic != MAGIC or version != FORMAT_VERSION:
             raise BlockMismatch(f"not a memkv vLLM block of format {FORMAT_VERSION} (magic {magic!r}, v{version})")
         if hlen != self.header_len or PREFIX.size + mlen > hlen:
             raise BlockMismatch(f"header of {hlen} bytes, this layout's is {self.header_len}")
         try:
-            meta = msgpack.unpackb(bytes(value[PREFIX.size:PREFIX.size + mlen]), raw=False)
+            meta = unpack_map(value, mlen)
         except Exception as exc:
             raise BlockMismatch(f"unreadable header: {exc}") from exc
-        if not isinstance(meta, dict):
-            raise BlockMismatch("unreadable header")
         if meta.get("layout") != self.layout_fp:
             raise BlockMismatch(f"saved with KV layout {meta.get('layout_desc')}, this worker's is "
                                 f"{self.layout.descriptor()}")
@@ -202,11 +186,11 @@ class BlockFormat:
 
 
 def read_header(value: Any) -> dict[str, Any]:
-    """The header map of a stored block (for tools and KV events); raises ``BlockMismatch`` if there is none."""
-    magic, version, _, hlen, mlen = PREFIX.unpack(bytes(value[:PREFIX.size]))
+    """The header map of a stored block (for tools and tests); raises ``BlockMismatch`` if there is none."""
+    magic, version, hlen, mlen = prefix_of(value) or (b"", 0, 0, 0)
     if magic != MAGIC:
         raise BlockMismatch(f"not a memkv vLLM block (magic {magic!r})")
-    meta = msgpack.unpackb(bytes(value[PREFIX.size:PREFIX.size + mlen]), raw=False)
+    meta = unpack_map(value, mlen)
     meta["format_version"] = version
     meta["header_len"] = hlen
     return meta

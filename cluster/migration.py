@@ -43,8 +43,10 @@ under-replicated slots as this node's map says, bytes and values it pushed).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -70,6 +72,55 @@ OP_SLOT_VERSIONS = int(Op.SLOT_VERSIONS)
 
 
 INTERNAL = Access(internal=True)
+
+
+def copy_item(store: Store, ikey: IKey) -> CopyItem | None:
+    """What a copy sends of ``ikey``: its live value, or its tombstone (value None), or None."""
+    e = store.lookup(ikey)
+    clock = store.now()
+    if e is None or (e.expires is not None and e.expires <= clock):
+        version = store.tombstone_of(ikey)
+        return CopyItem(ikey[2], None, 0, version, ikey[1], None) if version else None
+    try:
+        value = bytes(store.view(e))
+    except CorruptValue:
+        return None  # damaged on flash: reported by the tier and served as a miss; nothing to copy
+    # Any other error propagates: a durable value only on flash that cannot be read in now (the pool is
+    # full and nothing is evictable, or its record is not durable yet) is never skipped -- skipped, the
+    # round would flip and the old owner drop the last copies. The push fails and the rebalancer calls
+    # again; a round that cannot copy leaves the slots with their old owners.
+    ttl = None if e.expires is None else max(1.0, round(e.expires - clock))
+    return CopyItem(e.key, value, len(value), e.version, e.tenant, ttl)
+
+
+def send_states(call: Callable[[Any], Any], groups: migration_job.Groups) -> None:
+    """Store ``groups`` on a node (``call`` sends one request there, as the cluster identity): values
+    with ``PUT_MANY``, tombstones with ``DELETE_MANY``, each keeping its version and tenant. Raises
+    when every value of a batch failed."""
+    from memkv.client.core.calls import PutManyCall, SimpleCall
+
+    for (ns, tenant, ttl), (ks, vs, vers) in groups.items():
+        # "owner": each value is stored for its own tenant (and in its tenant-scoped namespace's scope);
+        # only the cluster identity may set it (the node's grants stage). "vers": the values keep their versions.
+        live = [i for i, v in enumerate(vs) if v is not None]
+        dead = [i for i, v in enumerate(vs) if v is None]
+        for i in range(0, len(live), 512):
+            part = live[i:i + 512]
+            extra = {"owner": tenant, "vers": [vers[j] for j in part]}
+            res = call(PutManyCall([ks[j] for j in part], [vs[j] for j in part], namespace=ns, ttl=ttl, pin=False,
+                                   extra=extra))
+            # Any value the destination did not store fails the batch (a copy that dropped values silently
+            # would flip the slot without them). KeyExists is no failure: the destination holds other bytes
+            # of a write-once key, which a copy never replaces.
+            bad = [r for r in res if isinstance(r, MemKVError) and not isinstance(r, KeyExists)]
+            if bad:
+                raise bad[0]
+        for i in range(0, len(dead), 4096):
+            part = dead[i:i + 4096]
+            meta: dict[str, Any] = {"ks": [ks[j] for j in part], "vers": [vers[j] for j in part], "owner": tenant}
+            if ns != "shared":
+                meta["ns"] = ns
+            call(SimpleCall(Op.DELETE_MANY, meta, "ds"))
 
 
 class MigrationService:
@@ -116,7 +167,7 @@ class MigrationService:
         if isinstance(eff, NodeCall):
             from memkv.client.core.calls import SimpleCall
 
-            return await trio.to_thread.run_sync(self._call, eff.addr, SimpleCall(eff.op, eff.meta))
+            return await trio.to_thread.run_sync(self.call, eff.addr, SimpleCall(eff.op, eff.meta))
         if isinstance(eff, FreeSlots):
             return await self._free(eff.slots, eff.nslots, eff.pending_only)
         if isinstance(eff, Sleep):
@@ -124,38 +175,23 @@ class MigrationService:
         raise TypeError(f"not a migration effect: {eff!r}")
 
     async def _scan(self, slots: frozenset[int], nslots: int, after_gen: int = 0) -> tuple[list[IKey], int]:
-        """Index keys of ``slots`` written after ``after_gen``, and the store's generation when the
-        listing began (every value written since has a higher one)."""
+        """Index keys of ``slots`` written or deleted after ``after_gen`` (values, then tombstones), and
+        the store's generation when the listing began (every value written since has a higher one)."""
         top = self.store.generation
         out: list[IKey] = []
-        for batch in self.store.entries_in_slots(slots, lambda k: key_slot(k, nslots), after=after_gen, batch=20000):
+        slot_of = functools.partial(key_slot, slots=nslots)
+        for batch in self.store.entries_in_slots(slots, slot_of, after=after_gen, batch=20000):
             out.extend(e.ikey for e in batch)
             await trio.sleep(0)
+        out.extend(ik for ik, _v in self.store.tombstones_in_slots(slots, slot_of, after=after_gen))
         return out, max(top, after_gen)
 
     def _copy_item(self, ikey: IKey) -> CopyItem | None:
-        e = self.store.lookup(ikey)
-        clock = self.store.now()
-        if e is None or (e.expires is not None and e.expires <= clock):
-            return None
-        try:
-            value = bytes(self.store.view(e))
-        except CorruptValue:
-            return None  # damaged on flash: reported by the tier and served as a miss; nothing to copy
-        # Any other error propagates: a durable value only on flash that cannot be read in now (the
-        # pool is full and nothing is evictable, or its record is not durable yet) is never skipped.
-        # Skipped, the round flipped and the old owner dropped the slot: acknowledged writes lost
-        # (found by the chaos soak; python -m chaos run rereplicate_flash_only). The push fails and the
-        # rebalancer calls again; a round that cannot copy leaves the slots with their old owners.
-        ttl = None if e.expires is None else max(1.0, round(e.expires - clock))
-        return CopyItem(e.key, value, len(value), e.version, e.tenant, ttl)
+        return copy_item(self.store, ikey)
 
     def _version(self, ikey: IKey) -> int:
-        """The version this node holds of ``ikey`` (0: none, or expired)."""
-        e = self.store.lookup(ikey)
-        if e is None or (e.expires is not None and e.expires <= self.store.now()):
-            return 0
-        return int(e.version)
+        """The version of what this node holds of ``ikey``: value or tombstone (0: neither)."""
+        return self.store.state_version(ikey)
 
     # -- ops
     async def slot_sizes(self, session: Any, req: Call) -> Reply:
@@ -188,27 +224,9 @@ class MigrationService:
         return Reply(r)
 
     def _send(self, dest: str, groups: migration_job.Groups) -> None:
-        from memkv.client.core.calls import PutManyCall
+        send_states(functools.partial(self.call, dest), groups)
 
-        for (ns, tenant, ttl), (ks, vs, vers) in groups.items():
-            # "owner": each value is stored for its own tenant (and in its tenant-scoped namespace's scope);
-            # only the cluster identity may set it (the node's grants stage). "vers": the values keep their versions.
-            for i in range(0, len(ks), 512):
-                extra = {"owner": tenant, "vers": vers[i:i + 512]}
-                call = PutManyCall(ks[i:i + 512], vs[i:i + 512], namespace=ns, ttl=ttl, pin=False, extra=extra)
-                res = self._call(dest, call)
-                # Any value the destination did not store fails the chunk (it goes back on the job's
-                # list, the rebalancer calls again): a copy that dropped some values silently -- it
-                # raised only when every value failed -- flipped the slot without them, and the old
-                # owner then dropped the last copies (acknowledged writes lost; found by the chaos
-                # soak: a destination whose pool is full answers OutOfMemory per value). KeyExists is
-                # no failure: the destination holds other bytes of a write-once key, which a copy
-                # never replaces.
-                bad = [r for r in res if isinstance(r, MemKVError) and not isinstance(r, KeyExists)]
-                if bad:
-                    raise bad[0]
-
-    def _call(self, dest: str, call: Any) -> Any:
+    def call(self, dest: str, call: Any) -> Any:
         """One call to the destination ``dest`` (HOST:PORT); once more on a fresh connection if the
         pooled one was dead.
 
@@ -241,8 +259,9 @@ class MigrationService:
         return Reply(r)
 
     async def slot_versions(self, session: Any, req: Call) -> Reply:
-        """The versions this node holds of ``keys`` ([namespace, tenant, key] each; 0: none): what a
-        node freeing slots asks the owners before it hands them the values they lack."""
+        """The versions this node holds of ``keys`` ([namespace, tenant, key] each; a value's or a
+        tombstone's, 0: neither): what a node freeing slots asks the owners before it hands them the
+        values (and tombstones) they lack."""
         keys = req.meta.get("keys")
         if not isinstance(keys, list) or not all(
                 isinstance(k, list | tuple) and len(k) == 3 and isinstance(k[2], bytes) for k in keys):
@@ -250,19 +269,28 @@ class MigrationService:
         return Reply({"vers": [self._version((str(ns), str(t), bytes(k))) for ns, t, k in keys]})
 
     async def _free(self, gone: frozenset[int], nslots: int, pending_only: bool) -> tuple[int, int]:
+        """Free (no tombstone: the slot's owners keep the key's state) the values and tombstones of
+        ``gone`` that :func:`may_free` still allows."""
         me = self.member.node_id
+        store = self.store
         n = nbytes = 0
-        for batch in self.store.entries_in_slots(gone, lambda k: key_slot(k, nslots)):
+        slot_of = functools.partial(key_slot, slots=nslots)
+
+        def allowed(key: bytes) -> bool:
+            cur = self.member.view.state.slotmap
+            return cur is None or may_free(cur, me, key_slot(key, cur.slots), pending_only)
+
+        for batch in store.entries_in_slots(gone, slot_of):
             for e in batch:
-                cur = self.member.view.state.slotmap
-                if cur is not None and not may_free(cur, me, key_slot(e.key, cur.slots), pending_only):
-                    continue
-                if not self.store.current(e):
-                    continue  # written again since the listing (a double write): keep it
-                if self.store.delete(e.key, namespace=e.ikey[0], tenant=e.ikey[1]):
+                if not allowed(e.key) or not store.current(e):
+                    continue  # (not current: written again since the listing, a double write: keep it)
+                if store.drop(e, "free"):
                     n += 1
                     nbytes += e.length
             await trio.sleep(0)
+        for ikey, _v in store.tombstones_in_slots(gone, slot_of):
+            if allowed(ikey[2]):
+                store.forget_tombstone(ikey)
         return n, nbytes
 
     # -- metrics

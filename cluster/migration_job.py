@@ -17,7 +17,9 @@ When the list is exhausted the job re-lists the keys written since the listing -
 passed the ownership check just before the map changed -- at least ``CATCHUP_DELAY_S`` after the
 map changed, and is done when that finds nothing more. A chunk whose sending fails goes back to
 the front of the list (the next call sends it again). Calling again is harmless (versions), so a
-new rebalancer leader simply starts a job again.
+new rebalancer leader simply starts a job again. Tombstones travel with the values (a key's state
+is its value or its tombstone, each with a version; the newer wins on the destination), so that a
+delete one replica missed is not undone by a copy or a hand-off from it.
 
 **Drop** (``DROP_SLOTS {slots, nslots, epoch[, pending]}``): once the node's map has reached
 ``epoch``, free the values of the listed slots the node no longer owns (with ``pending``: of the
@@ -51,13 +53,13 @@ HANDOFF_BATCH = 4096  # keys per SLOT_VERSIONS call
 
 IKey = tuple[str, str, bytes]  # (namespace, tenant, key): a value's identity in a node's store
 GroupKey = tuple[str, str, float | None]  # (namespace, tenant, ttl): one PUT_MANY per group
-Groups = dict[GroupKey, tuple[list[bytes], list[Any], list[int]]]  # keys, values, versions
+Groups = dict[GroupKey, tuple[list[bytes], list[Any], list[int]]]  # keys, values (None: tombstone), versions
 
 
 @dataclass(frozen=True)
 class ScanSlots:
-    """Effect: the keys (``IKey``) of ``slots`` written after generation ``after_gen``, in write
-    order, and the highest generation in the store."""
+    """Effect: the keys (``IKey``) of ``slots`` written or deleted after generation ``after_gen``
+    (values and tombstones), and the highest generation in the store."""
 
     slots: frozenset[int]
     nslots: int
@@ -66,7 +68,8 @@ class ScanSlots:
 
 @dataclass(frozen=True, eq=False)
 class SendCopies:
-    """Effect: store ``groups`` on ``dest`` (``PUT_MANY`` + ``vers``, as the cluster identity)."""
+    """Effect: store ``groups`` on ``dest`` (``PUT_MANY`` + ``vers`` for values, ``DELETE_MANY`` +
+    ``vers`` for tombstones, as the cluster identity)."""
 
     dest: str
     groups: Groups
@@ -74,9 +77,9 @@ class SendCopies:
 
 @dataclass(frozen=True)
 class FreeSlots:
-    """Effect: delete this node's values of ``slots`` for which :func:`may_free` still holds
-    against the node's map of the moment (and that were not written again meanwhile); returns
-    (values freed, bytes freed)."""
+    """Effect: free this node's values and tombstones of ``slots`` for which :func:`may_free` still
+    holds against the node's map of the moment (and that were not written again meanwhile) -- a
+    free, not a delete: no tombstone is left; returns (values freed, bytes freed)."""
 
     slots: frozenset[int]
     nslots: int
@@ -85,10 +88,12 @@ class FreeSlots:
 
 @dataclass(frozen=True)
 class CopyItem:
-    """A live value as the copy sends it (``ttl``: seconds left, None = none)."""
+    """A live value as the copy sends it (``ttl``: seconds left, None = none), or a tombstone
+    (``value`` None: the key was deleted as of ``version``; copies carry tombstones so that a
+    replica that missed the delete does not keep, or hand back, the older value)."""
 
     key: bytes
-    value: Any  # bytes in production (the simulator's value record stands in for them)
+    value: Any  # bytes in production (the simulator's value record stands in for them); None: a tombstone
     size: int
     version: int
     tenant: str
@@ -149,7 +154,7 @@ class PushJob:
             except BaseException:  # cannot be read now (e.g. no room to read it in from flash): never
                 self.keys.extendleft(reversed(taken))  # skipped -- back on the list, the push fails
                 raise
-            if item is None:  # deleted or expired since the listing (or damaged)
+            if item is None:  # freed or expired since the listing (or damaged)
                 continue
             items.append((ikey, item))
             nbytes += item.size
@@ -157,7 +162,8 @@ class PushJob:
 
 
 def group(items: list[tuple[IKey, CopyItem]]) -> Groups:
-    """Values grouped as they are sent: one ``PUT_MANY`` per (namespace, tenant, ttl)."""
+    """Values grouped as they are sent: one ``PUT_MANY`` per (namespace, tenant, ttl), and the
+    tombstones of each (namespace, tenant) (value None) one ``DELETE_MANY``."""
     groups: Groups = {}
     for ikey, item in items:
         ks, vs, vers = groups.setdefault((ikey[0], item.tenant, item.ttl), ([], [], []))

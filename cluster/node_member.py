@@ -35,6 +35,7 @@ from memkv.client.cluster_map import DEFAULT_SLOTS, NodeInfo, key_slot, node_key
 from memkv.client.cluster_view import ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
 from memkv.cluster import identity
+from memkv.cluster.anti_entropy import AntiEntropy
 from memkv.cluster.migration import MigrationService
 from memkv.cluster.ownership import route_check
 from memkv.config import NodeConfig
@@ -49,7 +50,7 @@ DEFAULT_LEASE_TTL = 5
 class ClusterMember:
     def __init__(self, config: NodeConfig) -> None:
         cfg = config
-        opts = dict(cfg.extra.get("cluster", {}))
+        self.opts = opts = dict(cfg.extra.get("cluster", {}))
         self.config = cfg
         self.node: NodeContext | None = None  # the node this member extends (``extend``)
         self.node_id: str = cfg.node_id
@@ -71,6 +72,7 @@ class ClusterMember:
         self.secret = identity.configured_secret(opts)
         self.credentials = identity.Credentials(tls=identity.node_tls(cfg))
         self.migration: MigrationService | None = None
+        self.anti_entropy: AntiEntropy | None = None
 
     def extend(self, node: NodeContext) -> Extension:
         """What the node gets from its cluster membership: routing, slot migration, the lease task."""
@@ -79,8 +81,14 @@ class ClusterMember:
         if self.secret:
             self.credentials = identity.install_secret(node.tenants, self.secret, self.cluster, self.config)
         self.migration = svc = MigrationService(node.store, self)
-        return Extension("cluster", operations=svc.operations(), background=(self.run,), stats=self.stats,
-                         metrics=svc.metrics, routing=self)
+        self.anti_entropy = ae = AntiEntropy(node.store, self, self.opts)
+        return Extension("cluster", operations=svc.operations() + ae.operations(), background=(self.run, ae.run),
+                         stats=self.stats, metrics=self.metrics, routing=self)
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges on the node's /metrics: slot migration's and anti-entropy's."""
+        assert self.migration is not None and self.anti_entropy is not None
+        return {**self.migration.metrics(), **self.anti_entropy.metrics()}
 
     # -- the request-path check (sync, no I/O)
     def fenced(self) -> bool:
@@ -110,7 +118,8 @@ class ClusterMember:
         return {"cluster": self.cluster, "zone": self.zone, "epoch": sm.epoch if sm else 0,
                 "fenced": self.fenced(), "leader": st.leader if st else None,
                 "slots_primary": primary, "slots_replica": other,
-                "etcd_connected": bool(self.view and self.view.connected)}
+                "etcd_connected": bool(self.view and self.view.connected),
+                "anti_entropy": self.anti_entropy.stats() if self.anti_entropy is not None else None}
 
     # -- background
     def _advertised(self) -> str:
@@ -134,7 +143,8 @@ class ClusterMember:
             version = _dist_version("memkv")
         except Exception:  # noqa: BLE001 - not installed as a distribution
             version = ""
-        self.info = NodeInfo(self.node_id, self._advertised(), self.zone, self.config.memory, str(version))
+        self.info = NodeInfo(self.node_id, self._advertised(), self.zone, self.config.memory, str(version),
+                             services=self.node.advertised())
         self.etcd = Etcd(self.endpoints, timeout=max(1.0, min(3.0, self.lease_ttl / 2)))
         self.view = ClusterView(self.etcd, self.cluster, resync_s=10.0)
         self.view.start()

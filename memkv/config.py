@@ -222,6 +222,10 @@ class NodeConfig:
     node_id: str = ""
     zone: str = "z0"
     metrics_port: int | None = None
+    # /metrics (Prometheus) listens only when metrics_port is set, on metrics_host (default: the host
+    # of ``listen``); with metrics_token set a scrape must send "Authorization: Bearer <token>"
+    metrics_host: str = ""
+    metrics_token: str = ""
     resp_port: int | None = None
     # One-sided reads map the whole region, every tenant's values included: with
     # tenants configured they are off unless all tenants are trusted ([node] onesided_tenants).
@@ -237,6 +241,9 @@ class NodeConfig:
     snapshot_every: int = 200_000  # records written between index snapshots
     # resource limits (TOML table [limits]; memkv/server/limits.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # tombstones of versioned deletes (memkv/engine/store.py): kept this long, at most this many
+    tombstone_retention: float = 3600.0
+    max_tombstones: int = 1_000_000
 
 
 def split_hostport(text: str, default_port: int = 7400) -> tuple[str, int]:
@@ -272,7 +279,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # TOML files are UTF-8
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
     node = _table(raw.get("node", {}), "node")
-    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir"):
+    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir", "metrics_host",
+                "metrics_token"):
         if key in node:
             setattr(cfg, key, _str(node, key, "node"))
     for key in ("metrics_port", "resp_port"):
@@ -284,6 +292,14 @@ def load_config(path: str | Path | None) -> NodeConfig:
         cfg.memory = _size(node, "memory", "node")
     if "disk" in node:
         cfg.disk = _size(node, "disk", "node")
+    if "tombstone_retention" in node:
+        cfg.tombstone_retention = float(_duration(node, "tombstone_retention", "node") or 0.0)
+        if cfg.tombstone_retention <= 0:
+            raise InvalidArgument("[node] tombstone_retention must be a positive duration")
+    if "max_tombstones" in node:
+        cfg.max_tombstones = _int(node, "max_tombstones", "node")
+        if cfg.max_tombstones < 1:
+            raise InvalidArgument("[node] max_tombstones must be >= 1")
     flash = _table(raw.get("flash", {}), "flash")
     for key in ("segment_size", "compaction_rate"):
         if key in flash:
@@ -312,7 +328,7 @@ def load_config(path: str | Path | None) -> NodeConfig:
         cfg.tenants[name] = tenant_from_table(name, t, f"tenants.{name}")
     if "limits" in raw:  # [limits] (memkv/server/limits.py)
         cfg.limits = _limits_from(_table(raw["limits"], "limits"))
-    for section in ("tls", "audit", "security"):  # memkv/server/tls.py, audit.py, stages.py (no-store)
+    for section in ("tls", "audit", "security", "events"):  # server/tls.py, audit.py, stages.py; events/node.py
         if section in raw:
             cfg.extra[section] = dict(_table(raw[section], section))
     return cfg

@@ -91,9 +91,9 @@ class LocalCluster:
 @pytest.fixture
 def start_cluster(etcd_server: Any, start_node: Callable[..., Any]) -> Callable[..., LocalCluster]:
     def _start(n: int = 3, *, replicas: int = 2, lease_ttl: int = 2, name: str | None = None,
-               zones: int = 1) -> LocalCluster:
+               zones: int = 1, cluster_opts: str = "") -> LocalCluster:
         name = name or f"t{uuid.uuid4().hex[:8]}"
-        config = f"[cluster]\nreplicas = {replicas}\nlease_ttl = {lease_ttl}\n"
+        config = f"[cluster]\nreplicas = {replicas}\nlease_ttl = {lease_ttl}\n{cluster_opts}"
         cluster = LocalCluster(etcd_server, name, start_node, config)
         for i in range(n):
             cluster.add_node(f"n{i + 1}", zone=f"z{i % zones}")

@@ -621,3 +621,46 @@ def test_store_assigns_increasing_versions_and_same_bytes_take_the_newer(store) 
     # write-once namespace: the same bytes are idempotent whatever the version
     w1 = put(store, b"w", b"once", version=100)
     assert put(store, b"w", b"once", version=50) is w1 and w1.version == 100
+
+
+# -- versioned deletes ---------------------------------------------------------------------------
+
+def test_versioned_delete_keeps_a_tombstone_that_refuses_older_writes(store) -> None:
+    """A delete as of version 20 stands against any write no newer (a late replica send, a read
+    repair, a slot copy); a newer write replaces the tombstone; a delete older than the value
+    held leaves the value."""
+    put(store, b"k", b"v10", ns="session", tenant="a", version=10)
+    assert store.delete(b"k", namespace="session", tenant="a", version=20)
+    assert store.get(b"k", namespace="session", tenant="a") is None
+    assert store.tombstone(b"k", namespace="session", tenant="a") == 20
+    assert store.tombstone(b"k", namespace="session", tenant="b") == 0  # tenants' scopes stay apart
+    assert put(store, b"k", b"v15", ns="session", tenant="a", version=15) is None  # older: dropped
+    assert put(store, b"k", b"v20", ns="session", tenant="a", version=20) is None  # the same: dropped
+    assert store.get(b"k", namespace="session", tenant="a") is None
+    e = put(store, b"k", b"v30", ns="session", tenant="a", version=30)
+    assert e is not None and e.version == 30
+    assert store.tombstone(b"k", namespace="session", tenant="a") == 0
+    assert not store.delete(b"k", namespace="session", tenant="a", version=25)  # older than the value
+    assert bytes(store.view(store.get(b"k", namespace="session", tenant="a"))) == b"v30"
+    assert store.stats()["tombstones"]["superseded_deletes"] == 1
+    # a delete of a key never seen still leaves a tombstone (the write may arrive later)
+    assert not store.delete(b"late", namespace="session", tenant="a", version=50)
+    assert put(store, b"late", b"old", ns="session", tenant="a", version=40) is None
+
+
+def test_tombstones_have_bounded_retention(make_store, clock) -> None:
+    s = make_store(tombstone_retention=10.0, max_tombstones=3)
+    for i in range(3):
+        s.delete(b"t%d" % i, namespace="session", tenant="a", version=100 + i)
+    clock.advance(5)
+    s.delete(b"t3", namespace="session", tenant="a", version=200)  # the fourth: the oldest goes
+    st = s.stats()["tombstones"]
+    assert st["held"] == 3 and st["evicted"] == 1
+    assert s.tombstone(b"t0", namespace="session", tenant="a") == 0
+    clock.advance(6)  # t1, t2 are 11 s old, t3 6 s
+    s.expire()
+    st = s.stats()["tombstones"]
+    assert st["held"] == 1 and st["expired"] == 2
+    assert s.tombstone(b"t3", namespace="session", tenant="a") == 200
+    # past its retention a tombstone no longer refuses an older write (the documented bound)
+    assert put(s, b"t1", b"old", ns="session", tenant="a", version=5) is not None

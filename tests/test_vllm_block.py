@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 
 from memkv.client.vllm_block import BlockFormat, BlockMismatch, PageLayout, block_key, read_header
+from memkv.protocol.block_header import BlockHeader, read_block
 
 CPU = PageLayout(backend="CPU_ATTN", isa="vec", dtype="float32", cache_dtype="auto", page_shape=(2, 128, 128),
                  block_dim=0, pages_per_block=1, block_tokens=128, layers=2, itemsize=4, tp=(0, 1), pp=(0, 1),
@@ -40,8 +41,11 @@ def test_layout_fingerprint_covers_the_page_packing() -> None:
         assert dataclasses.replace(CPU, **change).fingerprint != CPU.fingerprint, change
 
 
+TOKENS = list(range(70_000, 70_128))  # over 65535: ids as wide as real vocabularies
+
+
 def make_value(fmt: BlockFormat, *, index: int = 1, parent: bytes | None = H0, block_hash: bytes = H1) -> bytearray:
-    head = fmt.header(block_hash=block_hash, parent_hash=parent, index=index, lora="adapter")
+    head = fmt.header(block_hash=block_hash, parent_hash=parent, index=index, lora="adapter", token_ids=TOKENS)
     return bytearray(head) + bytearray(range(256)) * (fmt.layout.payload_bytes // 256)
 
 
@@ -55,8 +59,26 @@ def test_header_is_self_describing_and_deterministic() -> None:
     assert meta["hash_algo"] == "sha256" and meta["model"] == "m@" and meta["lora"] == "adapter"
     assert meta["layout"] == CPU.fingerprint and meta["layout_desc"]["isa"] == "vec"
     assert meta["pages"] == 2 and meta["page_bytes"] == CPU.page_bytes and meta["header_len"] == fmt.header_len
+    assert meta["token_ids"] == TOKENS and meta["tokens"] == 128
     assert read_header(make_value(fmt, index=0, parent=None))["parent_hash"] is None
     fmt.check(value, len(value), block_hash=H1)
+    # what a node reads of it to announce the block (memkv/protocol/block_header.py)
+    block = read_block(memoryview(value))
+    assert block == BlockHeader(H1, H0, 128, tuple(TOKENS), "m@", "adapter", "sha256", 1)
+    with pytest.raises(ValueError):  # a block is always whole
+        fmt.header(block_hash=H1, parent_hash=H0, index=1, lora=None, token_ids=TOKENS[:-1])
+
+
+def test_node_side_reader_says_not_a_block_for_anything_else() -> None:
+    fmt = BlockFormat(CPU, model_id="m@", hash_algo="sha256", hash_len=64)
+    value = make_value(fmt)
+    assert read_block(value[:fmt.header_len]) is not None  # the header alone is enough
+    broken = [b"", b"MKVV", bytes(4096), b"MKVV" + bytes(4092), value[:fmt.header_len - 1]]
+    for i in (4, 8, 12, 16, 18):  # version, header length, map length, the map, its first key
+        v = bytearray(value)
+        v[i:i + 4] = b"\xff\xff\xff\xff"
+        broken.append(v)
+    assert [read_block(b) for b in broken] == [None] * len(broken)
 
 
 @pytest.mark.parametrize("case", ["missing", "short", "magic", "layout", "model", "block"])

@@ -132,6 +132,7 @@ class GetCall(Call):
         self.key = key
         self.into = byte_view(into, writable=True) if into is not None else None
         self.version = 0  # of the value returned (0: a miss)
+        self.tomb = 0  # of a miss: the version of the key's tombstone on that node (0: none)
         self.overwrite = False  # the namespace allows overwrites: replicas may disagree (client/core/repair.py)
         self.too_small = 0  # size of a value the caller's buffer could not hold
         self._buf: bytes | bytearray = b""
@@ -152,7 +153,9 @@ class GetCall(Call):
         self.overwrite = bool(meta.get("ow"))
         if not meta.get("f"):
             self.version = 0
+            self.tomb = int(meta.get("dv", 0))
             return None
+        self.tomb = 0
         self.version = int(meta.get("ver", 0))
         CLOCK.observe(self.version)
         if self.too_small:
@@ -180,6 +183,7 @@ class GetManyCall(Call):
         self.intos = [byte_view(b, writable=True) for b in intos] if intos is not None else None
         self.too_small: list[int] = []
         self.versions: list[int] = []  # per key, of the value returned (0: a miss)
+        self.tombs: list[int] = []  # per key, of a miss: its tombstone's version on that node (0: none)
         self.overwrite = False
         self._bufs: list[bytes | bytearray] = []
 
@@ -206,6 +210,7 @@ class GetManyCall(Call):
         sums = frame.meta.get("cs", [])
         gens = frame.meta.get("gens", [])
         self.versions = list(frame.meta.get("vers") or [0] * len(lens))
+        self.tombs = list(frame.meta.get("dvs") or [0] * len(lens))
         self.overwrite = bool(frame.meta.get("ow"))
         if not frame.payload_len:  # no destinations were asked for: nothing of an earlier attempt counts
             self._bufs, self.too_small = [], []

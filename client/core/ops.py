@@ -29,6 +29,7 @@ from memkv.client.core.routing import Router, group_by_replicas
 from memkv.client.url import NodeAddress
 from memkv.errors import InvalidArgument, MemKVError
 from memkv.protocol.opcodes import Op as Opcode
+from memkv.protocol.versions import CLOCK
 
 
 def as_key(key: bytes | str) -> bytes:
@@ -76,7 +77,7 @@ def get(router: Router, key: bytes | str, *, namespace: str, into: Any = None) -
     out = [result]
     intos = [into] if into is not None else None
     if result is None:
-        yield from fallback_reads(router, [k], out, [0], served, namespace, intos)
+        yield from fallback_reads(router, [k], out, [0], served, namespace, intos, {0: call.tomb})
     elif call.overwrite:
         yield from newest_reads(router, [k], out, [call.version], [0], served, namespace, intos, seen)
     return out[0]
@@ -147,7 +148,8 @@ def get_many(router: Router, keys: Iterable[bytes | str], *, namespace: str, int
                         vers[i] = v
                     yield from newest_reads(router, ks, out, vers, hits, served, namespace, intos, seen)
             if missing:
-                yield from fallback_reads(router, ks, out, missing, served, namespace, intos)
+                tombs = {i: t for i, t in zip(idx, call.tombs, strict=True) if t}
+                yield from fallback_reads(router, ks, out, missing, served, namespace, intos, tombs)
     return out
 
 
@@ -211,8 +213,11 @@ def lookup_prefix(router: Router, keys: Iterable[bytes | str], *, namespace: str
 
 
 def delete(router: Router, key: bytes | str, *, namespace: str) -> Op:
+    """A versioned delete: stamped like a write (the same version on every replica), it leaves a
+    tombstone there that refuses older writes and makes reads not bring an older value back."""
     k = as_key(key)
-    deleted = yield from write(router, SimpleCall(Opcode.DELETE, _ns({"k": k}, namespace), "d"), k)
+    meta = _ns({"k": k, "ver": CLOCK.next()}, namespace)
+    deleted = yield from write(router, SimpleCall(Opcode.DELETE, meta, "d"), k)
     return bool(deleted)
 
 

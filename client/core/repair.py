@@ -33,6 +33,8 @@ from memkv.client.url import NodeAddress
 from memkv.errors import InvalidArgument, MemKVError
 from memkv.protocol.opcodes import Op as Opcode
 
+State = tuple[int, int]  # what a probed replica holds of a key: (value version, tombstone version), 0: none
+
 
 def report_corrupt(router: Router, call: Call, namespace: str) -> Op:
     """Tell the owners about values whose bytes did not match their checksum (best effort;
@@ -69,32 +71,47 @@ def probe_targets(router: Router, keys: list[bytes], idx: list[int],
 
 
 def probe_ops(router: Router, probes: dict[NodeAddress, list[int]], keys: list[bytes], namespace: str) -> list[Op]:
-    """``EXISTS_MANY`` + ``v``: the versions a replica holds (0: none), no values."""
+    """``EXISTS_MANY`` + ``v``: the versions a replica holds (0: none) and, of the keys it does not
+    hold, its tombstones' versions (``dvs``); no values."""
     ops = []
     for node, idx in probes.items():
         m: dict[str, Any] = {"ks": [keys[i] for i in idx], "v": True}
         if namespace != "shared":
             m["ns"] = namespace
-        ops.append(call_node(router, node, SimpleCall(Opcode.EXISTS_MANY, m, "vers")))
+        ops.append(call_node(router, node, SimpleCall(Opcode.EXISTS_MANY, m)))
     return ops
 
 
-def probe_results(probes: dict[NodeAddress, list[int]], replies: list[Any]) -> dict[NodeAddress, dict[int, int]]:
-    """node -> index -> version, for the probes that answered (a failed probe is skipped)."""
-    seen: dict[NodeAddress, dict[int, int]] = {}
-    for (node, idx), vers in zip(probes.items(), replies, strict=True):
+def probe_results(probes: dict[NodeAddress, list[int]], replies: list[Any]) -> dict[NodeAddress, dict[int, State]]:
+    """node -> index -> (version, tombstone version), for the probes that answered (a failed probe
+    is skipped)."""
+    seen: dict[NodeAddress, dict[int, State]] = {}
+    for (node, idx), reply in zip(probes.items(), replies, strict=True):
+        vers = reply.get("vers") if isinstance(reply, dict) else None
         if isinstance(vers, list) and len(vers) == len(idx):
-            seen[node] = dict(zip(idx, vers, strict=True))
+            dvs = reply.get("dvs")
+            if not (isinstance(dvs, list) and len(dvs) == len(idx)):
+                dvs = [0] * len(idx)
+            seen[node] = {i: (int(v), int(t)) for i, v, t in zip(idx, vers, dvs, strict=True)}
     return seen
 
 
 def fallback_reads(router: Router, keys: list[bytes], out: list[Any], missing: list[int],
-                   served: NodeAddress | None, namespace: str, intos: list[Any] | None) -> Op:
+                   served: NodeAddress | None, namespace: str, intos: list[Any] | None,
+                   tombs: dict[int, int] | None = None) -> Op:
     """``out[i]`` for ``i`` in ``missing`` was a miss from replica ``served``: ask the slot's
     other replicas, in order, before answering a miss, then repair what was found onto every
-    replica that answered a miss for it."""
+    replica that answered a miss for it.
+
+    Misses carry the key's tombstone version (``tombs``: index -> version, from ``served``; None:
+    not known, a one-sided read, then ``served`` is asked for them). A value no newer than a
+    tombstone seen is not returned -- its delete stands -- and its holder is sent the tombstone
+    (``DELETE_MANY`` with the delete's version), so that a replica that missed a delete neither
+    answers with the old value nor gets it copied back to the others."""
     missed: dict[NodeAddress, list[int]] = {}  # node -> indices it answered a miss for
     versions: dict[int, int] = {}  # index -> version of the value found
+    dead: dict[int, int] = {i: t for i, t in (tombs or {}).items() if t}  # index -> newest tombstone seen
+    holders: dict[int, list[NodeAddress]] = {}  # index -> nodes that answered with a value
     if served is not None:
         missed[served] = list(missing)
     left = list(missing)
@@ -113,17 +130,53 @@ def fallback_reads(router: Router, keys: list[bytes], out: list[Any], missing: l
         except MemKVError:
             continue
         found = set()
-        for i, r, v in zip(ask, res, call.versions, strict=True):
+        for i, r, v, t in zip(ask, res, call.versions, call.tombs, strict=True):
             if r is None:
                 missed.setdefault(node, []).append(i)
+                if t > dead.get(i, 0):
+                    dead[i] = t
             else:
+                holders.setdefault(i, []).append(node)
+                if i in dead and v <= dead[i]:
+                    continue  # older than a delete: not an answer; the holder gets the tombstone below
                 out[i] = r
                 versions[i] = v
                 found.add(i)
         if call.corrupt:
             yield from report_corrupt(router, call, namespace)
         left = [i for i in left if i not in found]
+    if tombs is None and served is not None and versions:
+        # a one-sided miss says nothing of tombstones: ask ``served`` before trusting what was found
+        idx = list(versions)
+        replies = yield Parallel(probe_ops(router, {served: idx}, keys, namespace))
+        for i, (_v, t) in probe_results({served: idx}, replies).get(served, {}).items():
+            if t:
+                dead[i] = max(dead.get(i, 0), t)
+    for i in list(versions):
+        if i in dead and versions[i] <= dead[i]:
+            out[i] = None
+            del versions[i]
     yield from repair(router, missed, keys, out, versions, namespace, intos)
+    stale: dict[NodeAddress, list[int]] = {}
+    for i, nodes in holders.items():
+        if i in dead and out[i] is None:
+            for n in nodes:
+                stale.setdefault(n, []).append(i)
+    yield from bury(router, stale, keys, dead, namespace)
+
+
+def bury(router: Router, stale: dict[NodeAddress, list[int]], keys: list[bytes], dead: dict[int, int],
+         namespace: str) -> Op:
+    """Send each node listed for ``i`` the tombstone of ``keys[i]`` (``DELETE_MANY`` with version
+    ``dead[i]``; best effort). The node keeps a value newer than the delete."""
+    for node, idx in stale.items():
+        m: dict[str, Any] = {"ks": [keys[i] for i in idx], "vers": [dead[i] for i in idx]}
+        if namespace != "shared":
+            m["ns"] = namespace
+        try:
+            yield from call_node(router, node, SimpleCall(Opcode.DELETE_MANY, m, "ds"))
+        except MemKVError:
+            pass
 
 
 def repair(router: Router, stale: dict[NodeAddress, list[int]], keys: list[bytes], out: list[Any],
@@ -147,22 +200,39 @@ def repair(router: Router, stale: dict[NodeAddress, list[int]], keys: list[bytes
 
 def newest_reads(router: Router, keys: list[bytes], out: list[Any], versions: list[int], hits: list[int],
                  served: NodeAddress | None, namespace: str, intos: list[Any] | None,
-                 seen: dict[NodeAddress, dict[int, int]] | None = None) -> Op:
+                 seen: dict[NodeAddress, dict[int, State]] | None = None) -> Op:
     """For the keys in ``hits`` (``out[i]`` read from ``served`` with ``versions[i]``) of an
     overwritable namespace: fetch the value from a replica that has a newer one, and repair
-    the newest onto every replica that is behind. ``seen``: versions already probed alongside
-    the read (node -> index -> version); asked here when not given."""
+    the newest onto every replica that is behind. A replica whose tombstone is newer than every
+    value makes the read a miss (``out[i]`` None) and the replicas holding older values get the
+    tombstone. ``seen``: states already probed alongside the read (node -> index -> (version,
+    tombstone version)); asked here when not given."""
     newest: dict[int, tuple[int, Any]] = {i: (versions[i], served) for i in hits}  # i -> (version, node)
     if seen is None:
         probes = probe_targets(router, keys, hits, served)
         seen = probe_results(probes, (yield Parallel(probe_ops(router, probes, keys, namespace)))) if probes else {}
+    dead: dict[int, int] = {}  # index -> the newest tombstone, where it beats every value
     for node, held in seen.items():
         if node == served:
             continue
         for i in hits:
-            v = held.get(i)
-            if v is not None and v > newest[i][0]:
+            v, t = held.get(i, (0, 0))
+            if v > newest[i][0]:
                 newest[i] = (v, node)
+            if t > dead.get(i, 0):
+                dead[i] = t
+    dead = {i: t for i, t in dead.items() if t >= newest[i][0]}
+    if dead:
+        stale: dict[NodeAddress, list[int]] = {}
+        for i in dead:
+            out[i] = None
+            if served is not None:
+                stale.setdefault(served, []).append(i)
+            for node, held in seen.items():
+                if node != served and held.get(i, (0, 0))[0]:
+                    stale.setdefault(node, []).append(i)
+        hits = [i for i in hits if i not in dead]
+        yield from bury(router, stale, keys, dead, namespace)
     # fetch the newer values, one request per replica that has some
     fetch: dict[Any, list[int]] = {}
     for i in hits:
@@ -198,6 +268,6 @@ def newest_reads(router: Router, keys: list[bytes], out: list[Any], versions: li
         if final[i] > versions[i] and served is not None:
             behind.setdefault(served, []).append(i)
         for node, held in seen.items():
-            if node != served and i in held and held[i] < final[i] and node != newest[i][1]:
+            if node != served and i in held and max(held[i]) < final[i] and node != newest[i][1]:
                 behind.setdefault(node, []).append(i)
     yield from repair(router, behind, keys, out, final, namespace, intos)

@@ -1,9 +1,9 @@
 """A simulated cluster client that writes, as the real one does, and keeps the ledger of acks.
 
-Each write goes where the real cluster client sends it (``ClusterRouter.write_replicas`` over
-this client's view: the slot's registered owners and its pending destinations -- the double
-write), stamped with its map's epoch; the replies are combined by the real client's rule
-(``replicated_outcome``: MOVED from any replica means refresh the map and run the write again;
+Each write (a put, or a versioned delete: a tombstone) goes where the real cluster client sends
+it (``ClusterRouter.write_replicas`` over this client's view: the slot's registered owners and its
+pending destinations -- the double write), stamped with its map's epoch; the replies are combined
+by the real client's rule (``replicated_outcome``: MOVED from any replica means refresh the map and run the write again;
 dead or fenced owners are skipped, destinations are not; acknowledged when at least one owner
 and every destination stored it). An acknowledged write goes to the checker's
 ledger: from then on the simulation must not lose it while a copy of it lives.
@@ -31,13 +31,15 @@ if TYPE_CHECKING:
 class SimClient(NetActor):
     call_timeout = 2.0
 
-    def __init__(self, world: World, name: str, keys: list[bytes], rate: float, value_size: int) -> None:
+    def __init__(self, world: World, name: str, keys: list[bytes], rate: float, value_size: int,
+                 delete_every: int = 0) -> None:
         super().__init__(world.loop, name, world.net)
         self.world = world
         self.keys = keys
         self.on_failure = world.process_failed
         self.rate = rate
         self.value_size = value_size
+        self.delete_every = delete_every  # every n-th write is a delete (0: none)
         self.writes = self.acked = 0
 
     def start(self) -> None:
@@ -58,7 +60,10 @@ class SimClient(NetActor):
             self.spawn(f"{self.name}/put", self._write(key, self.world.next_version()))
 
     def _write(self, key: bytes, version: int) -> Program[None]:
+        """A put, or (every ``delete_every``-th write) a versioned delete: the same replicated write of
+        the key's new state, a tombstone."""
         self.writes += 1
+        tomb = bool(self.delete_every) and self.writes % self.delete_every == 0
         for _ in range(MOVED_RETRIES + 1):
             sm = self.view.state.slotmap
             try:
@@ -68,7 +73,8 @@ class SimClient(NetActor):
             if not nodes:
                 return
             slot = key_slot(key, sm.slots)
-            meta = {"key": key, "ver": version, "size": self.value_size, "slot": slot, "ep": sm.epoch}
+            meta = {"key": key, "ver": version, "size": 0 if tomb else self.value_size, "slot": slot,
+                    "ep": sm.epoch, "tomb": tomb}
             outcomes = yield Fanout(tuple(str(a) for a in nodes), int(Op.PUT), meta)
             try:
                 replicated_outcome(outcomes, pending)

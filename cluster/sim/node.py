@@ -13,7 +13,9 @@ serves:
   (``memkv.cluster.migration_job``) against this node's data;
 - copies (``PUT_MANY`` with versions) from a migration source, refused while a copy fault holds.
 
-Values are (version, generation, size, slot) per key -- no bytes. A crash loses the process
+Values are (version, generation, size, slot) per key -- no bytes; a versioned delete is a value
+marked as a tombstone (the store keeps it as the key's state: the newer version wins, copies and
+hand-offs carry it). A crash loses the process
 state (view, lease, push jobs, calls in flight) and, for a volatile node, the data; a durable
 node keeps its data across a restart, as flash does.
 """
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from memkv.client.cluster_map import NodeInfo, node_key
+from memkv.client.cluster_map import NodeInfo, key_slot, node_key
 from memkv.client.etcd import EtcdUnavailable
 from memkv.cluster import migration_job
 from memkv.cluster.effects import ETCD, NodeCall, Program, Sleep
@@ -50,6 +52,7 @@ class Value:
     gen: int
     size: int
     slot: int
+    tomb: bool = False  # a tombstone: the key was deleted as of ``version``
 
 
 class SimNode(NetActor):
@@ -189,25 +192,25 @@ class SimNode(NetActor):
 
         def commit() -> None:
             if self.alive and self.incarnation == incarnation:
-                self._commit(key, meta["ver"], meta["size"], meta["slot"])
+                self._commit(key, meta["ver"], meta["size"], meta["slot"], bool(meta.get("tomb")))
                 done({"ok": True}, None)
 
         self.loop.call_later(self.world.commit_delay(), commit)
 
-    def _commit(self, key: bytes, version: int, size: int, slot: int) -> bool:
+    def _commit(self, key: bytes, version: int, size: int, slot: int, tomb: bool = False) -> bool:
         old = self.data.get(key)
         if old is not None and old.version >= version:
             return False
         self.gen += 1
-        self.data[key] = Value(version, self.gen, size, slot)
+        self.data[key] = Value(version, self.gen, size, slot, tomb)
         return True
 
     def _store_copies(self, meta: dict[str, Any]) -> dict[str, Any]:
         if self.loop.now < self.refuse_copies_until:
             raise DiskFull(f"node {self.id}: copies refused (injected copy failure)")
         n = 0
-        for key, version, size, slot in meta["copies"]:
-            n += self._commit(key, version, size, slot)
+        for key, version, size, slot, tomb in meta["copies"]:
+            n += self._commit(key, version, size, slot, tomb)
         return {"stored": n}
 
     def _slot_sizes(self, nslots: int) -> dict[str, Any]:
@@ -227,7 +230,7 @@ class SimNode(NetActor):
         v = self.data.get(ikey[2])
         if v is None:
             return None
-        return CopyItem(ikey[2], v, v.size, v.version, ikey[1], None)
+        return CopyItem(ikey[2], None if v.tomb else v, v.size, v.version, ikey[1], None)
 
     # -- effects of the migration programs
     def perform_io(self, proc: Process, tok: int, eff: Any) -> None:
@@ -236,7 +239,8 @@ class SimNode(NetActor):
                     if v.gen > eff.after_gen and v.slot in eff.slots]
             self.loop.call_later(0.0, proc.wake, tok, (keys, self.gen), None)
         elif isinstance(eff, SendCopies):
-            copies = [(k, ver, v.size, v.slot)
+            nslots = self.world.scenario.slots
+            copies = [(k, ver, 0, key_slot(k, nslots), True) if v is None else (k, ver, v.size, v.slot, False)
                       for ks, vs, vers in eff.groups.values() for k, v, ver in zip(ks, vs, vers, strict=True)]
             super().perform_io(proc, tok, NodeCall(eff.dest, OP_COPY, {"copies": copies}))
         elif isinstance(eff, FreeSlots):

@@ -72,6 +72,9 @@ class Scenario:
     preformed: bool = False
     slot_bytes: int = 0
     values_per_slot: int = 4
+    # every ``delete_every``-th client write is a versioned delete (a tombstone: copies, hand-offs and
+    # the invariants treat it as the key's newest state); 0: no deletes
+    delete_every: int = 0
 
     def heal_at(self) -> float:
         return max((f.ends() for f in self.faults), default=0.0)
@@ -107,6 +110,8 @@ class Scenario:
                  durable=rng.random() < 0.6, keys=rng.choice([100, 200, 300]), write_rate=rng.choice([3.0, 6.0, 12.0]),
                  value_size=rng.choice([16 << 10, 64 << 10]), mbps=rng.choice([2.0, 8.0, 32.0]),
                  round_s=rng.choice([0.5, 2.0, ROUND_S]))
+        # (drawn apart, so that the schedules drawn before deletes existed are unchanged)
+        sc.delete_every = random.Random(f"deletes-{seed}").choice([0, 0, 3, 7])
         t = 0.0
         kinds = ["join", "leave", "drain", "crash", "crash", "leader_crash", "etcd_down", "etcd_slow", "rpc_jitter",
                  "copy_fail"]

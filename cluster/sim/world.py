@@ -381,7 +381,7 @@ class World:
             self.trace("WORLD", "formed; faults start")
             self.checker.counting = True
             keys = [b"k%05d" % i for i in range(sc.keys)]
-            self.client = SimClient(self, "client", keys, sc.write_rate, sc.value_size)
+            self.client = SimClient(self, "client", keys, sc.write_rate, sc.value_size, sc.delete_every)
             if sc.write_rate > 0:
                 self.client.start()
             etcd0 = (self.etcd.writes, self.etcd.bytes_written)

@@ -26,6 +26,23 @@ for quarantined extents (freed bytes that may not be reused for
 Only extents a reader may know about (the entry was returned by ``get``,
 ``view`` or ``lookup_prefix``) go through the quarantine when freed; bytes that
 were never located by anyone are reusable at once.
+
+Versioned deletes. A delete carries a version like a write (the client stamps it:
+memkv/protocol/versions.py) and leaves a *tombstone*: the key's index key, the
+delete's version and a purge time. A write of that key no newer than the
+tombstone is dropped (``commit``), as a write older than the value held is; a
+delete older than the value held leaves the value. So replicas that receive a
+key's writes and deletes in any order -- late client sends, read repairs, slot
+copies, anti-entropy -- end with the same, newest state, and a value a replica
+missed the delete of is never copied back over the tombstone. Tombstones live
+apart from the index (a GET hit never looks at them; a miss reports the
+tombstone's version so that a cluster read does not take an older value from
+another replica) and are bounded: each is kept ``tombstone_retention`` seconds
+(default one hour) and at most ``max_tombstones`` are kept (the oldest go
+first). After that bound a replica that missed the delete and was not repaired
+meanwhile (anti-entropy compares replicas far more often) could bring the value
+back. A newer write of the key replaces its tombstone. Durable namespaces
+persist tombstones in the flash log and snapshot (``Tier.buried``).
 """
 
 from __future__ import annotations
@@ -43,6 +60,7 @@ from memkv.engine.checksum import checksum as _checksum
 from memkv.engine.clock import SYSTEM, Clock
 from memkv.engine.entry import Entry
 from memkv.engine.eviction import LRUPolicy, S3FIFOPolicy, make_policy
+from memkv.engine.observer import StoreObserver
 from memkv.engine.region import Region
 from memkv.engine.tier import Tier
 from memkv.errors import (
@@ -55,6 +73,9 @@ from memkv.errors import (
     ValueTooLarge,
 )
 from memkv.protocol.versions import CLOCK, VersionClock, newer
+
+DEFAULT_TOMBSTONE_RETENTION_S = 3600.0
+DEFAULT_MAX_TOMBSTONES = 1_000_000
 
 # indices into the per-namespace / per-tenant counter lists
 _HITS, _MISSES, _PUTS, _BYTES, _ENTRIES = range(5)
@@ -96,7 +117,7 @@ class Reservation:
 
 class _Pool:
     __slots__ = ("name", "config", "capacity", "budget", "used", "entries", "policy", "tenant_used",
-                 "tenant_lru", "oom")
+                 "tenant_lru", "tenant_evictions", "oom")
 
     def __init__(self, config: PoolConfig, capacity: int, budget: int) -> None:
         self.name = config.name
@@ -108,6 +129,7 @@ class _Pool:
         self.policy: LRUPolicy | S3FIFOPolicy = make_policy(config.policy)
         self.tenant_used: dict[str, int] = {}
         self.tenant_lru: dict[str, OrderedDict[Entry, None]] = {}  # per tenant, oldest first
+        self.tenant_evictions: dict[str, int] = {}  # what a tenant's own STATS shows (Store.tenant_stats)
         self.oom = 0
 
 
@@ -135,6 +157,8 @@ class Store:
         max_value: int = 1 << 30,
         granularity: int = 256,
         headroom: float | None = None,
+        tombstone_retention: float = DEFAULT_TOMBSTONE_RETENTION_S,
+        max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
     ) -> None:
         self.namespaces: dict[str, NamespacePolicy] = dict(namespaces or default_namespaces())
         pool_cfgs = dict(pools or default_pools())
@@ -177,17 +201,35 @@ class Store:
         self.evictions = 0
         self.expirations = 0
         self.checksum_mismatches = 0
-        self.superseded = 0  # writes dropped because the key already held a newer version
+        self.superseded = 0  # writes dropped because the key already held a newer version (or tombstone)
+        # Tombstones of versioned deletes (see the module doc): index key -> (version, purge time on the
+        # store's monotonic clock, generation), oldest first; kept apart from the index so that a GET hit
+        # never looks at them.
+        if tombstone_retention <= 0 or max_tombstones < 1:
+            raise InvalidArgument("tombstone retention and max_tombstones must be positive")
+        self.tombstone_retention = float(tombstone_retention)
+        self.max_tombstones = int(max_tombstones)
+        self._tombs: OrderedDict[tuple[str, str, bytes], tuple[int, float, int]] = OrderedDict()
+        self.tombstones_expired = 0  # purged after their retention
+        self.tombstones_evicted = 0  # purged early: more than max_tombstones
+        self.superseded_deletes = 0  # deletes older than the value they found (the value stays)
         self.closed = False
         # The tier under the region that keeps durable namespaces (the flash tier), or None:
         # set once, while the node is built (``attach_tier``).
         self.tier: Tier | None = None
+        # Subsystems told of every value that enters or leaves the index (memkv/engine/observer.py):
+        # set while the node is built (``attach_observer``); empty, they cost one test per write.
+        self.observers: tuple[StoreObserver, ...] = ()
 
     def attach_tier(self, tier: Tier) -> None:
         """Durable namespaces are kept by ``tier`` from now on (once, before any request)."""
         if self.tier is not None:
             raise InvalidArgument("the store already has a tier")
         self.tier = tier
+
+    def attach_observer(self, observer: StoreObserver) -> None:
+        """``observer`` is told of every value indexed or dropped from now on (before any request)."""
+        self.observers = (*self.observers, observer)
 
     def now(self) -> float:
         """The store's monotonic time (its injected clock)."""
@@ -262,8 +304,12 @@ class Store:
                     self.pools[p.pool].policy.demote(p)  # the chain's new tail goes next
         if reason == "evict":
             self.evictions += 1
+            self._count_eviction(e)
         elif reason == "expire":
             self.expirations += 1
+        if self.observers:
+            for o in self.observers:
+                o.dropped(e, reason)
 
     def _unaccount(self, pool: _Pool, e: Entry) -> None:
         pool.used -= e.size
@@ -287,6 +333,11 @@ class Store:
         e.offset = -1
         e.exposed = False
         self.evictions += 1
+        self._count_eviction(e)
+
+    def _count_eviction(self, e: Entry) -> None:
+        ev = self.pools[e.pool].tenant_evictions
+        ev[e.tenant] = ev.get(e.tenant, 0) + 1
 
     # -- what the tier and the node's subsystems use (never the index itself) ----------------
     def lookup(self, ikey: tuple[str, str, bytes]) -> Entry | None:
@@ -322,6 +373,10 @@ class Store:
             out["bytes"] += e.length
             out["values"] += 1
             self._drop(e, now, "delete")
+        # its tombstones name its keys: they go too (the tier's unversioned tombstones hide its records)
+        scoped = {n for n, p in self.namespaces.items() if p.tenant_scoped}
+        for ikey in [ik for ik in self._tombs if ik[0] in scoped and ik[1] == tenant]:
+            del self._tombs[ikey]
         return out
 
     def set_tenant_quotas(self, quotas: dict[str, int]) -> None:
@@ -580,13 +635,14 @@ class Store:
         # a writer might still be writing into the extent (shm/RDMA): quarantine it
         self._release(res, immediate=False)
 
-    def commit(self, res: Reservation) -> Entry:
+    def commit(self, res: Reservation) -> Entry | None:
         """Verify the payload's checksum and index it; returns the live entry.
 
         Of two writes of one key the newer version stays, whatever order they arrive in: an
         older write arriving late (a slow replica send, a read repair or a slot copy racing a
         client write) is dropped and the current entry returned (``Store.superseded`` counts
-        them). The same bytes again keep the entry, which takes the newer version."""
+        them). The same bytes again keep the entry, which takes the newer version. A write no
+        newer than the key's tombstone is dropped too, and None returned: the delete stands."""
         if res.done:
             raise InvalidArgument("reservation already committed or aborted")
         res.done = True
@@ -634,6 +690,14 @@ class Store:
             if self.tier is not None and pol.durability == "durable" and not res.dram_only:
                 self.tier.committed(old)
             return old
+        if old is None and self._tombs:
+            tomb = self._tombs.get(ikey)
+            if tomb is not None:
+                if tomb[0] >= version:  # deleted by a newer (or the same) version: the delete stands
+                    self._release(res, immediate=True)
+                    self.superseded += 1
+                    return None
+                del self._tombs[ikey]  # the write is newer than the delete
         if old is not None and not pol.overwrite:
             self._release(res, immediate=True)
             raise KeyExists(f"key {res.key!r} exists in namespace {res.namespace} with different bytes")
@@ -677,10 +741,13 @@ class Store:
             pass
         if self.tier is not None and pol.durability == "durable" and not res.dram_only:
             self.tier.committed(e)  # queue the record; the reply waits for its group commit
+        if self.observers:
+            for o in self.observers:
+                o.indexed(e)
         return e
 
     def put(self, key: bytes, value, *, namespace: str, tenant: str = "", ttl: float | None = None,
-            pin: bool = False, parent: bytes | None = None, version: int = 0) -> Entry:
+            pin: bool = False, parent: bytes | None = None, version: int = 0) -> Entry | None:
         """Convenience: reserve, copy ``value`` (any buffer) into the region, commit."""
         mv = memoryview(value).cast("B")
         res = self.reserve(key, mv.nbytes, namespace=namespace, tenant=tenant, checksum=_checksum(mv),
@@ -728,6 +795,17 @@ class Store:
             raise InvalidArgument(f"value of {entry.key!r} is not in the region")
         return self._ro[off:off + entry.length]
 
+    def head(self, entry: Entry, n: int) -> bytes | None:
+        """The first ``n`` bytes of a value without promoting it: from the region, or read from the
+        tier when the value is only there (None when it cannot be read now). Not checksum-verified:
+        the checksum covers the whole value."""
+        n = min(n, entry.length)
+        if entry.offset >= 0:
+            return bytes(self._ro[entry.offset:entry.offset + n])
+        if entry.flash is not None and self.tier is not None:
+            return self.tier.read_head(entry, n)
+        return None
+
     def expose(self, entry: Entry) -> None:
         """A descriptor of this value is handed to a one-sided reader (shared memory, RDMA).
 
@@ -747,13 +825,117 @@ class Store:
         return entry.offset >= 0 and _checksum(self.view(entry)) == entry.checksum
 
     # -- management ----------------------------------------------------------------------
-    def delete(self, key: bytes, *, namespace: str, tenant: str = "") -> bool:
+    def delete(self, key: bytes, *, namespace: str, tenant: str = "", version: int = 0) -> bool:
+        """Delete the key as of ``version`` (0: the store assigns one) and keep a tombstone; whether a
+        value was removed. A value newer than the delete stays (``superseded_deletes``)."""
         now = self._now()
         e = self._lookup(key, namespace, tenant, now)
-        if e is None:
-            return False
-        self._drop(e, now, "delete")
-        return True
+        if version:
+            self.versions.observe(version)
+        else:
+            version = self.versions.next()
+        if e is not None:
+            if e.version > version:
+                self.superseded_deletes += 1
+                return False
+            ikey = e.ikey
+            self._drop(e, now, "tombstone")
+        else:
+            ikey = (namespace, tenant if self._ns(namespace).tenant_scoped else "", key)
+        self._bury(ikey, version, now)
+        return e is not None
+
+    def _bury(self, ikey: tuple[str, str, bytes], version: int, now: float) -> None:
+        """Keep (or move forward) the tombstone of ``ikey``; a durable namespace's goes to the tier."""
+        tombs = self._tombs
+        cur = tombs.get(ikey)
+        if cur is not None:
+            if cur[0] >= version:
+                return
+            del tombs[ikey]  # re-inserted last: the dict stays in purge order
+        self.generation += 1
+        until = now + self.tombstone_retention
+        tombs[ikey] = (version, until, self.generation)
+        tier = self.tier
+        if tier is not None and self.namespaces[ikey[0]].durability == "durable":
+            tier.buried(ikey, version, until)
+        if len(tombs) > self.max_tombstones:
+            tombs.popitem(last=False)
+            self.tombstones_evicted += 1
+
+    def tombstone(self, key: bytes, *, namespace: str, tenant: str = "") -> int:
+        """The version of the key's tombstone (0: none) -- what a miss reply carries."""
+        if not self._tombs:
+            return 0
+        t = self._tombs.get((namespace, tenant if self._ns(namespace).tenant_scoped else "", key))
+        return 0 if t is None else t[0]
+
+    def tombstone_of(self, ikey: tuple[str, str, bytes]) -> int:
+        """The tombstone version under an index key (0: none)."""
+        t = self._tombs.get(ikey)
+        return 0 if t is None else t[0]
+
+    def state_version(self, ikey: tuple[str, str, bytes]) -> int:
+        """The version of what this node holds of ``ikey``: its live value's, else its tombstone's
+        (0: neither). Replicas compare these (slot copies, anti-entropy): the higher one wins."""
+        e = self._index.get(ikey)
+        if e is not None and (e.expires is None or e.expires > self._now()):
+            return e.version
+        t = self._tombs.get(ikey)
+        return 0 if t is None else t[0]
+
+    def tombstones(self, after: int = 0) -> Iterator[tuple[tuple[str, str, bytes], int, float, int]]:
+        """``(index key, version, purge time, generation)`` of the tombstones made after generation
+        ``after`` (a snapshot taken when iteration starts)."""
+        for ikey, (version, until, gen) in list(self._tombs.items()):
+            if gen > after:
+                yield ikey, version, until, gen
+
+    def tombstones_in_slots(self, slots: Container[int], slot_of: Callable[[bytes], int], *,
+                            after: int = 0) -> list[tuple[tuple[str, str, bytes], int]]:
+        """``(index key, version)`` of the tombstones made after generation ``after`` whose key's slot
+        is in ``slots`` (slot copies carry them)."""
+        return [(ik, v) for ik, v, _u, _g in self.tombstones(after) if slot_of(ik[2]) in slots]
+
+    def forget_tombstone(self, ikey: tuple[str, str, bytes]) -> bool:
+        """Drop a tombstone without a trace (a slot this node no longer holds, after its hand-off)."""
+        return self._tombs.pop(ikey, None) is not None
+
+    def adopt_tombstones(self, rows: Iterable[tuple[tuple[str, str, bytes], int, float]]) -> int:
+        """Tombstones recovered from flash: ``(index key, version, purge time on the store's monotonic
+        clock)``; kept in purge order; an index key that holds a value is skipped (the value is newer)."""
+        now = self._now()
+        tombs = self._tombs
+        n = 0
+        for ikey, version, until in sorted(rows, key=lambda r: r[2]):
+            if until <= now or version <= 0 or ikey in self._index:
+                continue
+            cur = tombs.get(ikey)
+            if cur is not None and cur[0] >= version:
+                continue
+            self.generation += 1
+            tombs[ikey] = (version, until, self.generation)
+            self.versions.observe(version)
+            n += 1
+        while len(tombs) > self.max_tombstones:
+            tombs.popitem(last=False)
+            self.tombstones_evicted += 1
+        return n
+
+    def purge_tombstones(self, now: float | None = None) -> int:
+        """Drop the tombstones whose retention has passed; how many."""
+        if now is None:
+            now = self._now()
+        tombs = self._tombs
+        n = 0
+        while tombs:
+            ikey, (_v, until, _g) = next(iter(tombs.items()))
+            if until > now:
+                break
+            del tombs[ikey]
+            n += 1
+        self.tombstones_expired += n
+        return n
 
     def pin(
         self, keys: Iterable[bytes], *, namespace: str, tenant: str = "", ttl: float | None = None
@@ -810,6 +992,8 @@ class Store:
                 n += 1
         if self.allocator.quarantined_bytes:
             self.allocator.reclaim(now)
+        if self._tombs:
+            self.purge_tombstones(now)
         return n
 
     def entries(self, namespace: str | None = None) -> Iterator[Entry]:
@@ -892,6 +1076,17 @@ class Store:
     def __len__(self) -> int:
         return len(self._index)
 
+    def tenant_stats(self, tenant: str) -> dict[str, Any]:
+        """One tenant's figures and nothing of any other tenant's: its counters (hits, misses, puts,
+        bytes, entries) and, per pool, its bytes and quota (what a non-admin tenant's STATS shows)."""
+        own = dict(zip(_STAT_NAMES, self._tenant_stats.get(tenant, [0] * len(_STAT_NAMES)), strict=True))
+        pools = {name: {"capacity": p.capacity, "policy": p.policy.name, "tenant_quota": self._quota(p, tenant),
+                        "tenants": {tenant: p.tenant_used.get(tenant, 0)},
+                        "evictions": p.tenant_evictions.get(tenant, 0)}
+                 for name, p in self.pools.items()}
+        return {"region": {"size": self.region.size}, "entries": own["entries"], "bytes": own["bytes"],
+                "pools": pools, "tenants": {tenant: own}}
+
     def stats(self) -> dict:
         a = self.allocator
         if a.quarantined_bytes:
@@ -932,6 +1127,9 @@ class Store:
             "corrupt": self.corrupt,
             "checksum_mismatches": self.checksum_mismatches,
             "superseded_writes": self.superseded,
+            "tombstones": {"held": len(self._tombs), "retention_s": self.tombstone_retention,
+                           "max": self.max_tombstones, "expired": self.tombstones_expired,
+                           "evicted": self.tombstones_evicted, "superseded_deletes": self.superseded_deletes},
             "evictions": self.evictions,
             "expirations": self.expirations,
         }

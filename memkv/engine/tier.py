@@ -9,10 +9,18 @@ reads the store only through its public methods (``lookup``, ``current``,
   any payload is received).
 * ``committed``: a durable value was indexed (queue its record; the entry's
   ``flash`` location is set by the tier).
-* ``dropped``: an entry with a tier copy leaves the index (a tombstone for a
-  delete; dead bytes otherwise). Versioned deletes will carry their version here.
+* ``dropped``: an entry with a tier copy leaves the index (an unversioned
+  tombstone record when it is freed for good -- a purge, a slot this node no
+  longer holds -- so that a restart does not bring it back; dead bytes otherwise;
+  a versioned delete's record is written by ``buried``).
+* ``buried``: a versioned delete left a tombstone in a durable namespace (persist
+  it with its version and purge time, so that a restart keeps refusing older
+  writes of the key).
 * ``promote_sync``: a caller outside the async request path needs the bytes of a
   value that is only in the tier (blocking read back into the region).
+* ``read_head``: the first bytes of a value that is only in the tier, without
+  bringing it back (``Store.head``: a restarted node's KV events read the block
+  headers of what it recovered).
 """
 
 from __future__ import annotations
@@ -30,4 +38,8 @@ class Tier(Protocol):
 
     def dropped(self, entry: Entry, reason: str) -> None: ...
 
+    def buried(self, ikey: tuple[str, str, bytes], version: int, until: float) -> None: ...
+
     def promote_sync(self, entry: Entry) -> None: ...
+
+    def read_head(self, entry: Entry, n: int) -> bytes | None: ...

@@ -3,7 +3,8 @@
 A sealed segment whose dead fraction (overwritten, deleted, expired records,
 torn bytes) reaches the threshold is scanned; each record the index still
 points at is copied (raw, lsn kept) through the normal log writer; tombstones
-are kept while an older segment could still hold a put they hide. Once every
+are kept while an older segment could still hold a put they hide, and while the
+index still keeps them (a versioned delete within its retention). Once every
 copy (and every record written before the decision, e.g. the tombstones that
 made records dead) is durable, the segment is unlinked. Copy I/O is throttled
 to ``rate`` bytes/s so that serving traffic keeps the device. The schedule (the
@@ -53,6 +54,7 @@ def pick(tier: FlashTier) -> Segment | None:
 async def compact_loop(tier: FlashTier) -> None:
     while True:
         await tier.clock.sleep(tier.compaction_interval)
+        tier.expire_tombstones()
         seg = pick(tier)
         if seg is not None:
             try:
@@ -79,11 +81,16 @@ async def compact_segment(tier: FlashTier, seg: Segment) -> int:
         for rec in recs:
             if rec.kind == r.DELETE:
                 others = min((s.min_lsn for s in flog.segments.values() if s is not seg), default=1 << 63)
-                if others > rec.lsn:
-                    continue  # no older put of this key can be left anywhere
+                ts = tier.scope(rec.namespace, rec.tenant)
+                kept = rec.version and ts is not None and \
+                    store.tombstone_of((rec.namespace, ts, rec.key)) == rec.version
+                if others > rec.lsn and not kept:
+                    continue  # no older put of this key can be left anywhere, and the index forgot it
                 data = await trio.to_thread.run_sync(os.pread, seg.fd, rec.size, rec.offset)
                 p = flog.append([data], len(data), rec.lsn)
                 p.seg.tombstones += 1
+                if kept:
+                    tier.tombstone_live(p.seg.id, len(data), rec.expires)
                 copied += len(data)
             else:
                 ts = tier.scope(rec.namespace, rec.tenant)

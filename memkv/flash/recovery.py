@@ -2,6 +2,11 @@
 
 The newest record (highest lsn) of a key wins; a tombstone hides older puts;
 a compaction copy has the same lsn as its original (either location is fine).
+A versioned tombstone (a delete with a version: memkv/engine/store.py) whose
+purge time has not passed is adopted as a tombstone of the index, so that a
+restarted node keeps refusing older writes of the key; an unversioned one
+(version 0: a purge, a freed slot, or a delete written before deletes had
+versions) only hides older puts.
 Records whose value fails its checksum are torn writes (the tail) or damaged
 bytes (elsewhere): they are skipped and counted, every other record is used.
 The log writes two batches in parallel (``FlashLog.parallel``), so a crash can also
@@ -26,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import compress
-from typing import Any
+from typing import Any, NamedTuple
 
 from memkv.engine.clock import SYSTEM
 from memkv.flash import record as r
@@ -43,10 +48,27 @@ COLS = ("keys", "names_idx", "parents", "lengths", "checksums", "generations", "
 LSN = 10
 
 
+class TombRow(NamedTuple):
+    """A tombstone in the replay table (its purge time in wall-clock seconds, 0: not kept)."""
+
+    lsn: int
+    version: int
+    expires: float
+    sid: int = -1  # where its record is (-1: in the snapshot)
+    size: int = 0
+
+
+def _lsn(row: tuple) -> int:
+    return row[0] if row.__class__ is TombRow else row[LSN]
+
+
 @dataclass
 class Recovered:
     names: list[tuple[str, str]] = field(default_factory=list)  # (namespace, tenant) of names_idx
     cols: dict[str, list[Any]] = field(default_factory=lambda: {c: [] for c in COLS})
+    # tombstones still kept: (namespace, index-key scope, key, version, purge time in wall seconds, segment
+    # of the record (-1: the snapshot's), record size)
+    tombs: list[tuple[str, str, bytes, int, float, int, int]] = field(default_factory=list)
     max_lsn: int = 0
     max_gen: int = 0
     snapshot_entries: int = 0
@@ -106,8 +128,8 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
         covered = snap.segments
         out.max_lsn = snap.lsn
         out.max_gen = snap.gen
-    # the log tail (everything when there is no snapshot): ikey -> put row, or tombstone lsn
-    table: dict[tuple[str, str, bytes], tuple | int] = {}
+    # the log tail (everything when there is no snapshot): ikey -> put row, or TombRow
+    table: dict[tuple[str, str, bytes], tuple] = {}
     last_id = max(segments, default=0)
     for sid in sorted(segments):
         seg = segments[sid]
@@ -124,9 +146,14 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
     cols = out.cols
     if snap is not None and len(snap):
         _take_snapshot(snap, segments, covered, names, table, now_wall, out)
+    if snap is not None and snap.tombs:
+        _take_snapshot_tombs(snap, names, table, now_wall)
     rows = []
-    for row in table.values():
-        if row.__class__ is int:
+    tombs = out.tombs
+    for ikey, row in table.items():
+        if row.__class__ is TombRow:
+            if row.version and row.expires > now_wall:
+                tombs.append((ikey[0], ikey[1], ikey[2], row.version, row.expires, row.sid, row.size))
             continue
         exp = row[6]
         if exp and exp <= now_wall:
@@ -179,8 +206,7 @@ def _take_snapshot(snap: Any, segments: dict[int, Segment], covered: dict[int, l
                 cur = table.get(ikey)
                 if cur is None:
                     continue
-                cur_lsn = cur if cur.__class__ is int else cur[LSN]
-                if cur_lsn >= lsns[i]:
+                if _lsn(cur) >= lsns[i]:
                     keep[i] = False  # the tail has a newer (or the same, moved) record
                     superseded.add(i)
                 else:
@@ -202,6 +228,20 @@ def _take_snapshot(snap: Any, segments: dict[int, Segment], covered: dict[int, l
         col = src[name]
         cols[name] = col if keep is None else list(compress(col, keep))
     out.snapshot_entries = len(cols["keys"])
+
+
+def _take_snapshot_tombs(snap: Any, names: _Names, table: dict, now_wall: float) -> None:
+    """The snapshot's tombstones still kept go into ``table`` unless the tail has a newer record of
+    the key (a tail record older than the tombstone -- a compaction copy -- is hidden by it)."""
+    scoped = names.scoped
+    for ni, key, version, exp, lsn in snap.tombs:
+        sc = scoped[ni]
+        if sc is None or exp <= now_wall:
+            continue
+        ikey = (names.names[ni][0], sc, key)
+        cur = table.get(ikey)
+        if cur is None or _lsn(cur) < lsn:
+            table[ikey] = TombRow(lsn, version, exp)
 
 
 def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, table: dict,
@@ -276,9 +316,9 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
                 continue
             ikey = (nsnames[ni][0], sc, key)
             cur = get(ikey)
-            if cur is None or lsn >= (cur if cur.__class__ is int else cur[LSN]):
-                table[ikey] = lsn if kind == delete else (key, ni, parent, vl, vcs, gen, exp, sid, ne, ve - pos, lsn,
-                                                              ver)
+            if cur is None or lsn >= (cur[0] if cur.__class__ is TombRow else cur[LSN]):
+                table[ikey] = TombRow(lsn, ver, exp, sid, ve - pos) if kind == delete else (
+                    key, ni, parent, vl, vcs, gen, exp, sid, ne, ve - pos, lsn, ver)
             pos = ve
     finally:
         mv.release()

@@ -8,8 +8,9 @@ It is the store's tier (``memkv.engine.tier.Tier``; ``Store.attach_tier``):
   view of the region) is queued on the log; the entry's ``flash`` slot gets
   ``(segment, value offset, record size, lsn, write seq)``; ``touched`` tells
   the connection which write seq its reply must wait for (group commit);
-* ``Store._drop`` calls ``dropped`` (a tombstone for a delete; dead bytes for
-  the compactor), and eviction of an entry with a flash copy only frees its
+* ``Store._drop`` calls ``dropped`` (an unversioned tombstone record for a
+  value freed for good; dead bytes for the compactor), ``Store.delete`` calls
+  ``buried`` (a versioned tombstone: version and purge time), and eviction of an entry with a flash copy only frees its
   region extent (``offset = -1``);
 * a read of a flash-only entry is promoted first (``promote_for_read``, the
   node's promotion stage: memkv/server/stages.py): read back into a region
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import heapq
 import logging
 import math
 import os
@@ -53,6 +55,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memkv.flash")
 
+# drop reasons after which a value must not come back at a restart (``Store.drop``): a purge, a slot
+# this node freed after handing it off; "tombstone" (a versioned delete) writes its record in ``buried``
+FREED = ("delete", "free")
 NAME_SLACK = r.HEADER_SIZE + 3 * 128  # header + namespace/tenant/parent upper bound, for admission
 READ_LEASE_S = 2.0  # a value promoted for a reply is not evicted before the reply is sent
 SNAPSHOT_CHECK_S = 0.25  # how often the snapshot loop looks at the records written since the last one
@@ -89,6 +94,8 @@ class FlashTier:
         self.snapshots = 0
         self.snapshot_lsn = 0
         self._inflight: dict[Entry, trio.Event] = {}
+        self.recovered_tombstones = 0
+        self._tomb_live: list[tuple[float, int, int]] = []  # (purge wall time, segment, record size)
         t0 = time.perf_counter()  # a measurement (stats), not a schedule
         gc_was_on = gc.isenabled()
         gc.disable()  # millions of new objects, no cycles: the collector would only rescan them
@@ -134,6 +141,13 @@ class FlashTier:
                             zip(cols["sids"], cols["voffs"], cols["rsizes"], cols["lsns"], repeat(0)),
                             cols["versions"])
         rec.cols = {}
+        if rec.tombs:
+            mono_off = self.clock.monotonic() - self.clock.wall()
+            self.recovered_tombstones = store.adopt_tombstones(
+                ((ns, scope, key), ver, exp + mono_off) for ns, scope, key, ver, exp, _sid, _size in rec.tombs)
+            for _ns, _scope, _key, _ver, exp, sid, size in rec.tombs:
+                self.tombstone_live(sid, size, exp)
+            rec.tombs = []
 
     # -- hooks called by the Store
     def admit(self, key: bytes, length: int) -> None:
@@ -185,13 +199,46 @@ class FlashTier:
         seg = self.log.segments.get(loc[0])
         if seg is not None:
             seg.live -= loc[2]
-        if reason == "delete":
-            self.lsn += 1
-            head = r.encode_head(r.DELETE, e.namespace, e.tenant, e.key, None, 0, 0, self.lsn, 0, None)
-            p = self.log.append([head], len(head), self.lsn)
-            p.seg.tombstones += 1
-            if p.seq > self.touched:
-                self.touched = p.seq
+        if reason in FREED:  # gone for good without a versioned delete: an unversioned tombstone record
+            self._tombstone_record(e.namespace, e.tenant, e.key, 0, None)
+
+    def buried(self, ikey: tuple[str, str, bytes], version: int, until: float) -> None:
+        """A versioned delete's tombstone: its record carries the version and, in ``expires``, the wall
+        time until which it is kept (recovery adopts it until then)."""
+        self._tombstone_record(ikey[0], ikey[1], ikey[2], version,
+                               until - self.clock.monotonic() + self.clock.wall())
+
+    def _tombstone_record(self, namespace: str, tenant: str, key: bytes, version: int,
+                          purge_wall: float | None) -> None:
+        self.lsn += 1
+        head = r.encode_head(r.DELETE, namespace, tenant, key, None, 0, 0, self.lsn, 0, purge_wall, version)
+        p = self.log.append([head], len(head), self.lsn)
+        p.seg.tombstones += 1
+        if version and purge_wall:
+            self.tombstone_live(p.seg.id, len(head), purge_wall)
+        if p.seq > self.touched:
+            self.touched = p.seq
+
+    def tombstone_live(self, seg_id: int, size: int, purge_wall: float) -> None:
+        """A kept tombstone's record counts as live bytes of its segment until its purge time (the
+        compactor would otherwise copy the same tombstones over and over); ``expire_tombstones``
+        takes it off then. (A tombstone replaced earlier by a newer write keeps counting until
+        then: at most the retention.)"""
+        seg = self.log.segments.get(seg_id)
+        if seg is None:
+            return
+        seg.live += size
+        heapq.heappush(self._tomb_live, (purge_wall, seg_id, size))
+
+    def expire_tombstones(self) -> None:
+        """Take the records of tombstones past their purge time off their segments' live bytes."""
+        heap = self._tomb_live
+        now = self.clock.wall()
+        while heap and heap[0][0] <= now:
+            _, sid, size = heapq.heappop(heap)
+            seg = self.log.segments.get(sid)
+            if seg is not None:
+                seg.live -= size
 
     # -- reads
     async def promote(self, e: Entry) -> None:
@@ -270,6 +317,25 @@ class FlashTier:
         if not self._finish_load(e, res, n, loc):
             raise CorruptValue(f"value of {e.key!r} is damaged on flash")
 
+    def read_head(self, e: Entry, n: int) -> bytes | None:
+        """The first ``n`` bytes of a flash-only value (one blocking pread, no promotion); None when
+        its record is not on disk yet or cannot be read."""
+        loc = e.flash
+        if loc is None or loc[4] > self.log.durable_seq:
+            return None
+        seg = self.log.segments.get(loc[0])
+        if seg is None:
+            return None
+        buf = bytearray(n)
+        seg.readers += 1
+        try:
+            got = preadv_all(seg.fd, memoryview(buf), loc[1])
+        except OSError:
+            return None
+        finally:
+            seg.readers -= 1
+        return bytes(buf) if got == n else None
+
     def report_flash_corrupt(self, e: Entry, why: str) -> None:
         self.corrupt += 1
         log.error("flash: value %s/%r is damaged (%s); dropped, served as a miss", e.namespace, e.key, why)
@@ -294,7 +360,7 @@ class FlashTier:
         return records + r2, nbytes + b2
 
     # -- snapshots
-    def _capture(self) -> tuple[tuple[int, int, dict[int, list[int]], list[tuple]], int]:
+    def _capture(self) -> tuple[tuple[int, int, dict[int, list[int]], list[tuple], list[tuple]], int]:
         flog = self.log
         segs = {sid: [s.size, s.min_lsn] for sid, s in flog.segments.items()}
         wall = self.clock.wall() - self.clock.monotonic()
@@ -303,7 +369,10 @@ class FlashTier:
              0.0 if e.expires is None else e.expires + wall, loc[0], loc[1], loc[2], loc[3], e.version)
             for e in self.store.entries() if (loc := e.flash) is not None
         ]
-        return (self.lsn, self.store.generation, segs, rows), flog.seq
+        durable = self.durable_ns
+        tombs = [(ik[0], ik[1], ik[2], ver, until + wall)
+                 for ik, ver, until, _gen in self.store.tombstones() if ik[0] in durable]
+        return (self.lsn, self.store.generation, segs, rows, tombs), flog.seq
 
     async def snapshot(self) -> None:
         lsn = self.lsn
@@ -361,7 +430,8 @@ class FlashTier:
             "reclaimed": self.reclaimed,
             "snapshots": self.snapshots,
             "recovery_s": round(self.recovery_s, 4),
-            "recovered": {"entries": self.recovered_entries, "snapshot_entries": self.recovered.snapshot_entries,
+            "recovered": {"entries": self.recovered_entries, "tombstones": self.recovered_tombstones,
+                          "snapshot_entries": self.recovered.snapshot_entries,
                           "replayed": self.recovered.replayed, "damaged": len(self.recovered.damaged),
                           "torn": self.recovered.torn_tail},
         }

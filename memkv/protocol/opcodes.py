@@ -22,6 +22,7 @@ class Op(enum.IntEnum):
     LOCATE = 19  # descriptors for one-sided reads (shared memory, RDMA)
     STATS = 20
     REPORT_CORRUPT = 21  # a reader saw a checksum mismatch
+    DELETE_MANY = 22  # versioned deletes of many keys (read repairs, slot copies, anti-entropy)
     # Control plane and admin operations (cluster, security) use 40+.
     ADMIN = 40
     # Slot migration (memkv/cluster/migration.py): rebalancer -> node, node -> node.
@@ -29,6 +30,9 @@ class Op(enum.IntEnum):
     MIGRATE_PUSH = 62
     DROP_SLOTS = 63
     SLOT_VERSIONS = 64  # the versions a node holds of given keys: a freeing node hands off what owners lack
+    # Anti-entropy (memkv/cluster/anti_entropy.py): node -> node.
+    SLOT_DIGESTS = 65  # one digest per slot of the (key, version, kind) states a node holds
+    SLOT_STATES = 66  # the (key, version, kind) states a node holds in some slots
 
 
 class Flag(enum.IntFlag):

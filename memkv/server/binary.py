@@ -82,7 +82,18 @@ def decode_exists_many(meta: Meta, limits: c.Limits, payload_len: int) -> Reques
 
 
 def decode_delete(meta: Meta, limits: c.Limits, payload_len: int) -> Request:
-    return Delete(_ns(meta), [c.get_key(meta, "k", limits)], meta.get("ep"))
+    return _delete(meta, [c.get_key(meta, "k", limits)])
+
+
+def decode_delete_many(meta: Meta, limits: c.Limits, payload_len: int) -> Request:
+    return _delete(meta, c.get_keys(meta, "ks", limits))
+
+
+def _delete(meta: Meta, keys: list[bytes]) -> Delete:
+    versions, _ = _versions(meta, len(keys))
+    owner = meta.get("owner")
+    return Delete(_ns(meta), keys, meta.get("ep"), versions=versions,
+                  owner=None if owner is None else c.get_str(meta, "owner", None, 128))
 
 
 def decode_pin(meta: Meta, limits: c.Limits, payload_len: int) -> Request:
@@ -183,7 +194,8 @@ def encode_get(overwritable: Callable[[str], bool]) -> Encoder:
     def encode(req: Request, result: list[Any]) -> Reply:
         hit = result[0]
         if hit is None:
-            return Reply({"f": False})
+            tombs = req.tombs  # type: ignore[attr-defined]
+            return Reply({"f": False} if tombs is None else {"f": False, "dv": tombs[0]})
         view, e = hit
         m = {"f": True, "cs": e.checksum, "gen": e.generation, "ver": e.version}
         return Reply(_ow(m, overwritable(req.ns)), [view], e.length)
@@ -213,13 +225,21 @@ def encode_get_many(overwritable: Callable[[str], bool]) -> Encoder:
             vers.append(e.version)
             views.append(view)
             total += e.length
-        return Reply(_ow({"ls": lens, "cs": sums, "gens": gens, "vers": vers}, overwritable(req.ns)), views, total)
+        meta = {"ls": lens, "cs": sums, "gens": gens, "vers": vers}
+        tombs = req.tombs  # type: ignore[attr-defined]
+        if tombs is not None:  # misses of deleted keys: their tombstones' versions (0: none)
+            meta["dvs"] = [tombs.get(i, 0) for i in range(len(result))]
+        return Reply(_ow(meta, overwritable(req.ns)), views, total)
 
     return encode
 
 
 def encode_delete(req: Request, result: list[bool]) -> Reply:
     return Reply({"d": result[0]})
+
+
+def encode_delete_many(req: Request, result: list[bool]) -> Reply:
+    return Reply({"ds": result})
 
 
 def encode_count(req: Request, result: int) -> Reply:
@@ -270,6 +290,7 @@ def core_ops(overwritable: Callable[[str], bool]) -> dict[int, BinaryOp]:
         Op.GET_MANY: BinaryOp("GET", decode_get_many, encode_get_many(overwritable)),
         Op.EXISTS_MANY: BinaryOp("PEEK", decode_exists_many, encode_peek),
         Op.DELETE: BinaryOp("DELETE", decode_delete, encode_delete),
+        Op.DELETE_MANY: BinaryOp("DELETE", decode_delete_many, encode_delete_many),
         Op.PIN: BinaryOp("PIN", decode_pin, encode_count),
         Op.UNPIN: BinaryOp("UNPIN", decode_unpin, encode_count),
         Op.LOOKUP_PREFIX: BinaryOp("LOOKUP_PREFIX", decode_lookup_prefix, encode_count),
@@ -280,8 +301,13 @@ def core_ops(overwritable: Callable[[str], bool]) -> dict[int, BinaryOp]:
 
 
 def encode_peek(req: Request, result: list[Any]) -> Reply:
-    """EXISTS_MANY: which keys exist; with ``v`` the version of each instead (0: absent), so that a
-    cluster client can compare replicas without moving their values (client/ops.py)."""
+    """EXISTS_MANY: which keys exist; with ``v`` the version of each instead (0: absent) and, for
+    absent keys that were deleted, their tombstones' versions (``dvs``), so that a cluster client can
+    compare replicas without moving their values (client/core/repair.py)."""
     if req.versions:  # type: ignore[attr-defined]
-        return Reply({"vers": [0 if e is None else e.version for e in result]})
+        out: dict[str, Any] = {"vers": [0 if e is None else e.version for e in result]}
+        tombs = req.tombs  # type: ignore[attr-defined]
+        if tombs is not None:  # absent keys that were deleted: their tombstones' versions (0: none)
+            out["dvs"] = [tombs.get(i, 0) for i in range(len(result))]
+        return Reply(out)
     return Reply({"ex": [e is not None for e in result]})

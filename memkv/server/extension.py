@@ -3,10 +3,12 @@
 A node is built from its config plus a list of *extensions* (``Node(config,
 extensions=[...])``). Each is asked once, in ``Node.__init__``, for its
 :class:`Extension`: the operations it serves, the tasks it runs, the STATS
-section and /metrics gauges it reports, and -- for the cluster -- how keys are
-routed, how a RESP request for another node's key is forwarded and where
-tenants come from. The node builds its operation table and its pipeline from
-these declarations and freezes them; nothing is added, replaced or wrapped
+section and /metrics gauges it reports, what it follows of the store's contents
+(a store observer: memkv/engine/observer.py), what the node advertises for it
+in its cluster record, and -- for the cluster -- how keys are routed, how a RESP
+request for another node's key is forwarded and where tenants come from. The
+node builds its operation table and its pipeline from these declarations and
+freezes them; nothing is added, replaced or wrapped
 afterwards. The node's own subsystems (one-sided reads, administration, the
 flash tier, resource limits) declare themselves the same way.
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
     from memkv.config import NodeConfig, TenantConfig
     from memkv.engine.clock import Clock
+    from memkv.engine.observer import StoreObserver
     from memkv.engine.store import Store
     from memkv.protocol.codec import Limits
     from memkv.server.binary import Reply
@@ -117,6 +120,11 @@ class Extension:
     routing: Routing | None = None
     forwarder: Forwarder | None = None
     tenant_source: TenantSource | None = None
+    # told of every value indexed or dropped (attached to the store while the node is built)
+    store_observer: StoreObserver | None = None
+    # entries of the node's cluster record (``services``), read when the node registers:
+    # e.g. where its KV events are published
+    advertise: Callable[[], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class NodeContext:
     clock: Clock
     started: trio.Event  # set once the node listens
     address: Callable[[], str]  # "host:port" the node listens on (after ``started``)
+    advertised: Callable[[], dict[str, str]]  # what the extensions advertise (after ``started``)
 
     def token_of(self, tenant: str) -> str | None:
         t: TenantConfig | None = self.tenants.get(tenant)

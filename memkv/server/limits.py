@@ -139,6 +139,7 @@ class Hardening:
         self.tenant_inflight: Counter[str] = Counter()
         self.refusing = 0
         self.counters: Counter[str] = Counter()
+        self.tenant_refusals: Counter[str] = Counter()  # tenant_inflight_refusals per tenant
         timeouts = [t for t in (self.idle_timeout, self.frame_timeout, self.write_timeout) if t != INF]
         self.tick = max(0.05, min([1.0, *(t / 4 for t in timeouts)]))
 
@@ -207,6 +208,7 @@ class Hardening:
         have = self.tenant_inflight[tenant]
         if have + nbytes > self.tenant_limit:
             self.counters["tenant_inflight_refusals"] += 1
+            self.tenant_refusals[tenant] += 1
             raise ResourceLimit(f"tenant {tenant or '(anonymous)'!r} has {have} bytes of writes in flight; "
                                 f"{nbytes} more would exceed its limit of {self.tenant_limit}")
         self.tenant_inflight[tenant] = have + nbytes
@@ -230,3 +232,9 @@ class Hardening:
     def stats(self) -> dict[str, Any]:
         return {"connections": self.open, "max_connections": self.max_connections,
                 "tenant_inflight": dict(self.tenant_inflight), **dict(self.counters)}
+
+    def tenant_stats(self, tenant: str) -> dict[str, Any]:
+        """What one tenant may see of the limits: its own bytes in flight and refusals."""
+        have = self.tenant_inflight.get(tenant, 0)
+        return {"tenant_inflight": {tenant: have} if have else {},
+                "tenant_inflight_refusals": self.tenant_refusals[tenant]}

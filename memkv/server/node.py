@@ -14,6 +14,7 @@ node is cancelled (Ctrl-C, SIGTERM, or a test's cancel scope).
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import os
 import signal
@@ -93,7 +94,8 @@ class Node:
         self.store = Store(memory=config.memory, namespaces=config.namespaces, pools=config.pools,
                            shm_dir=config.shm_dir, name=self.node_id, clock=clock,
                            tenant_quotas={t.name: t.quota for t in config.tenants.values()
-                                          if t.quota is not None})
+                                          if t.quota is not None},
+                           tombstone_retention=config.tombstone_retention, max_tombstones=config.max_tombstones)
         self.metrics = NodeMetrics()
         self.listen_port: int = 0
         self.started = trio.Event()
@@ -124,7 +126,8 @@ class Node:
         no_store_ttl = parse_duration(sec.get("no_store_ttl", DEFAULT_NO_STORE_TTL)) or DEFAULT_NO_STORE_TTL
 
         # What the node's subsystems and its extensions declare (memkv/server/extension.py).
-        context = NodeContext(cfg, self.node_id, self.store, self.tenants, self.clock, self.started, self.address)
+        context = NodeContext(cfg, self.node_id, self.store, self.tenants, self.clock, self.started, self.address,
+                              self.advertised)
         self.onesided = OneSided(self.store, self.limits, tenants_trusted=cfg.onesided_tenants)
         declared: list[Extension] = [
             self._own_extension(),
@@ -132,6 +135,11 @@ class Node:
             Admin(self.node_id, self.store, self.flash, self.tenants, self.audit).extension(),
             *(e.extend(context) for e in extensions),
         ]
+        for ext in declared:
+            if ext.store_observer is not None:
+                self.store.attach_observer(ext.store_observer)
+        self.advertisers: tuple[Callable[[], dict[str, str]], ...] = tuple(
+            ext.advertise for ext in declared if ext.advertise is not None)
         routing = _one(declared, "routing")
         forwarder = _one(declared, "forwarder")
         source = _one(declared, "tenant_source")
@@ -225,9 +233,21 @@ class Node:
     def address(self) -> str:
         return f"{split_hostport(self.config.listen)[0]}:{self.listen_port}"
 
+    def advertised(self) -> dict[str, str]:
+        """What the extensions advertise in the node's cluster record (``Extension.advertise``)."""
+        out: dict[str, str] = {}
+        for advertise in self.advertisers:
+            out.update(advertise())
+        return out
+
     def stats(self, session: Session | None = None) -> dict[str, Any]:
         """STATS: the store's figures and one section per subsystem. ``session`` is who asks (None:
-        the node itself): what a tenant may observe of other tenants is decided here."""
+        the node itself): what a tenant may observe of other tenants is decided here. A session
+        that may not observe the whole node (``Session.observes_all``) gets its own figures only --
+        built from what is its own, not filtered from the node's, so that a figure added to the
+        node's STATS later is not shown to tenants by mistake."""
+        if session is not None and not session.observes_all:
+            return self.tenant_stats(session)
         st = self.store.stats()
         st.update(node_id=self.node_id, server=self.metrics.snapshot(), listen=self.address())
         if self.flash is not None:
@@ -239,6 +259,15 @@ class Node:
         st["limits"] = self.hardening.stats()
         for name, section in self.stats_sections:
             st[name] = section()
+        return st
+
+    def tenant_stats(self, session: Session) -> dict[str, Any]:
+        """STATS as a non-admin tenant sees it: its keys, bytes, hits and misses, its share of each
+        pool, its limits; nothing that counts other tenants' data or traffic."""
+        st = self.store.tenant_stats(session.tenant)
+        st.update(node_id=self.node_id, listen=self.address(), tenant=session.tenant, scope="tenant",
+                  security={"tls": self.connection_class is not Connection},
+                  limits=self.hardening.tenant_stats(session.tenant))
         return st
 
     def extra_metrics(self) -> dict[str, float]:
@@ -328,7 +357,19 @@ class Node:
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(MetricsCollector(self.metrics, self.store.stats, self.extra_metrics))
-        host = split_hostport(self.config.listen)[0]
+        host = self.config.metrics_host or split_hostport(self.config.listen)[0]
+        # the figures name tenants: with a token configured, only a scraper that sends it sees them
+        want = b"bearer " + self.config.metrics_token.encode() if self.config.metrics_token else None
+
+        def authorized(request: bytes) -> bool:
+            if want is None:
+                return True
+            for line in request.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"authorization":
+                    got = value.strip()
+                    return hmac.compare_digest(got[:7].lower() + got[7:], want)
+            return False
 
         async def handle(stream: trio.SocketStream) -> None:
             with trio.move_on_after(5):
@@ -339,7 +380,10 @@ class Node:
                         return
                     request += data
                 path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
-                if path.startswith(b"/metrics"):
+                if not authorized(request):
+                    body, status = b"memkv node: /metrics needs Authorization: Bearer <metrics_token>\n", \
+                        b"401 Unauthorized"
+                elif path.startswith(b"/metrics"):
                     body, status = generate_latest(registry), b"200 OK"
                 else:
                     body, status = b"memkv node: see /metrics\n", b"404 Not Found"

@@ -83,6 +83,11 @@ class Operations:
             e = get(key, namespace=ns, tenant=tenant)
             if e is None:
                 out.append(None)
+                t = store.tombstone(key, namespace=ns, tenant=tenant)
+                if t:
+                    if req.tombs is None:
+                        req.tombs = {}
+                    req.tombs[i] = t
             elif e.offset >= 0:
                 if expose:
                     store.expose(e)
@@ -94,8 +99,13 @@ class Operations:
         return out
 
     def peek(self, session: Session, req: Peek) -> list[Entry | None]:
-        peek, ns, tenant = self.store.peek, req.ns, session.tenant
-        return [peek(k, namespace=ns, tenant=tenant) for k in req.keys]
+        store, ns, tenant = self.store, req.ns, session.tenant
+        out = [store.peek(k, namespace=ns, tenant=tenant) for k in req.keys]
+        if req.versions:
+            tombs = {i: t for i, (k, e) in enumerate(zip(req.keys, out, strict=True))
+                     if e is None and (t := store.tombstone(k, namespace=ns, tenant=tenant))}
+            req.tombs = tombs or None
+        return out
 
     def ttl(self, session: Session, req: TimeToLive) -> list[float | None]:
         left, ns, tenant = self.store.ttl_left, req.ns, session.tenant
@@ -148,12 +158,14 @@ class Operations:
             for key, length, cs, parent, ver in zip(req.keys, req.lengths, req.checksums, parents, vers,
                                                      strict=True):
                 cur = store.peek(key, namespace=ns, tenant=tenant) if skip_existing or cs is None else None
-                if skip_existing and cur is not None and (req.cond == "nx" or not newer(ver, cs or 0, cur.version,
-                                                                                          cur.checksum)):
-                    # already there (nx), or a copy no newer than what the node holds: Store.commit
-                    # would drop it, so take no room for it -- a copy onto a node whose flash is full
-                    # must not fail on values it already has. (A client's retried write still goes
-                    # through commit: its reply waits until the value it repeats is on disk.)
+                if (skip_existing and cur is not None and (req.cond == "nx" or not newer(ver, cs or 0, cur.version,
+                                                                                           cur.checksum))) or (
+                        req.copies and cur is None and 0 < ver <= store.tombstone(key, namespace=ns, tenant=tenant)):
+                    # already there (nx), or a copy no newer than what the node holds (a value or a
+                    # tombstone): Store.commit would drop it, so take no room for it -- a copy onto a
+                    # node whose flash is full must not fail on values it already has. (A client's
+                    # retried write still goes through commit: its reply waits until the value it
+                    # repeats is on disk.)
                     plan.reservations.append(None)
                     plan.errors.append(None)
                     continue
@@ -216,8 +228,14 @@ class Operations:
         return out
 
     def delete(self, session: Session, req: Delete) -> list[bool]:
-        delete, ns, tenant = self.store.delete, req.ns, session.tenant
-        return [delete(k, namespace=ns, tenant=tenant) for k in req.keys]
+        """Versioned deletes (``Store.delete``): tombstones; a value newer than its delete stays."""
+        store, ns = self.store, req.ns
+        tenant = session.tenant if req.owner is None else req.owner  # (the grants stage checked ``owner``)
+        vers = req.versions or [0] * len(req.keys)
+        for v in vers:
+            if v and not store.versions.plausible(v):
+                raise InvalidArgument(f"delete version {v} is too far in the future (node clock + 5 min)")
+        return [store.delete(k, namespace=ns, tenant=tenant, version=v) for k, v in zip(req.keys, vers, strict=True)]
 
     def pin(self, session: Session, req: Pin) -> int:
         return self.store.pin(req.keys, namespace=req.ns, tenant=session.tenant, ttl=req.ttl)

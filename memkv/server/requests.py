@@ -116,7 +116,7 @@ class Get(Request):
     ``view`` is the region's bytes, or a private buffer (read from flash when the region had no
     room: ``entry.offset`` is then -1); ``entry`` is None for a value another node served."""
 
-    __slots__ = ("private", "expose")
+    __slots__ = ("private", "expose", "tombs")
     kind = "GET"
     access = READ
 
@@ -125,6 +125,9 @@ class Get(Request):
         self.ns, self.keys, self.epoch, self.remote, self.durable = ns, keys, epoch, None, 0
         # values the promotion stage read from flash into private buffers (no room in the region)
         self.private: dict[int, memoryview] | None = None
+        # misses of deleted keys: position -> the tombstone's version (the reply carries it, so that a
+        # cluster read does not take an older value from another replica); None: no such miss
+        self.tombs: dict[int, int] | None = None
         # the reply holds the region's bytes while a reader that cannot verify checksums (RESP) gets
         # them: freeing such a value goes through the quarantine (Store.expose)
         self.expose = expose
@@ -140,7 +143,7 @@ class Peek(Request):
     """Metadata of keys without counting an access: a list of entries (or None) aligned with
     ``keys``. ``lengths``: the front end needs value lengths (a forwarded peek then reads the values)."""
 
-    __slots__ = ("lengths", "versions")
+    __slots__ = ("lengths", "versions", "tombs")
     kind = "PEEK"
     access = READ
 
@@ -149,6 +152,7 @@ class Peek(Request):
         super().__init__(ns, keys, epoch)
         self.lengths = lengths
         self.versions = versions  # the front end wants versions (binary EXISTS_MANY ``v``)
+        self.tombs: dict[int, int] | None = None  # with ``versions``: absent keys' tombstone versions
 
     def subset(self, positions: list[int]) -> Peek:
         return Peek(self.ns, _pick(self.keys, positions), self.epoch, lengths=self.lengths, versions=self.versions)
@@ -285,14 +289,24 @@ class Put(Request):
 
 
 class Delete(Request):
-    """Delete keys; the result is a list of bools aligned with ``keys`` (deleted or absent)."""
+    """Delete keys as of a version each (``versions``; None: the store assigns them), leaving
+    tombstones; the result is a list of bools aligned with ``keys`` (a value was removed).
+    ``owner``: the tenant whose keys they are (slot copies and anti-entropy, as the cluster
+    identity; None: the session's)."""
 
-    __slots__ = ()
+    __slots__ = ("versions", "owner")
     kind = "DELETE"
     access = WRITE
 
+    def __init__(self, ns: str, keys: list[bytes], epoch: int | None = None, *, versions: list[int] | None = None,
+                 owner: str | None = None) -> None:
+        super().__init__(ns, keys, epoch)
+        self.versions = versions
+        self.owner = owner
+
     def subset(self, positions: list[int]) -> Delete:
-        return Delete(self.ns, _pick(self.keys, positions), self.epoch)
+        return Delete(self.ns, _pick(self.keys, positions), self.epoch,
+                      versions=None if self.versions is None else _pick(self.versions, positions), owner=self.owner)
 
 
 class Pin(Request):

@@ -770,23 +770,35 @@ class RespConnection(Watched):
         srv = self.server
         want = {bytes(a).lower() for a in args[1:]} or {b"default"}
         everything = bool(want & {b"all", b"everything", b"default"})
-        sections: list[tuple[bytes, list[str]]] = [
-            (b"server", ["redis_version:7.0.0", "memkv_version:0.1.0", "redis_mode:standalone",
-                         f"process_id:{os.getpid()}", f"tcp_port:{srv.port}", f"run_id:{st['node_id']}",
-                         f"uptime_in_seconds:{int(srv.clock.wall() - srv.started_at)}"]),
-            (b"clients", [f"connected_clients:{srv.clients}"]),
-            (b"memory", [f"used_memory:{st['region']['used']}", f"maxmemory:{st['region']['size']}",
-                         "maxmemory_policy:allkeys-lru",
-                         f"mem_fragmentation_ratio:{1 + st['region']['fragmentation']:.2f}"]),
-            (b"stats", [f"total_connections_received:{srv.clients_total}",
-                        f"total_commands_processed:{srv.commands}",
-                        f"memkv_streamed_values:{srv.streamed}",
-                        f"keyspace_hits:{sum(n['hits'] for n in st['namespaces'].values())}",
-                        f"keyspace_misses:{sum(n['misses'] for n in st['namespaces'].values())}",
-                        f"evicted_keys:{st['evictions']}", f"expired_keys:{st['expirations']}"]),
-            (b"keyspace", [f"db{i}:keys={counts[ns]},expires=0,avg_ttl=0,namespace={ns}"
-                           for i, ns in enumerate(srv.dbs) if ns in counts]),
-        ]
+        server = (b"server", ["redis_version:7.0.0", "memkv_version:0.1.0", "redis_mode:standalone",
+                              f"process_id:{os.getpid()}", f"tcp_port:{srv.port}", f"run_id:{st['node_id']}",
+                              f"uptime_in_seconds:{int(srv.clock.wall() - srv.started_at)}"])
+        keyspace = (b"keyspace", [f"db{i}:keys={counts[ns]},expires=0,avg_ttl=0,namespace={ns}"
+                                  for i, ns in enumerate(srv.dbs) if ns in counts])
+        if self.session.observes_all:
+            sections: list[tuple[bytes, list[str]]] = [
+                server,
+                (b"clients", [f"connected_clients:{srv.clients}"]),
+                (b"memory", [f"used_memory:{st['region']['used']}", f"maxmemory:{st['region']['size']}",
+                             "maxmemory_policy:allkeys-lru",
+                             f"mem_fragmentation_ratio:{1 + st['region']['fragmentation']:.2f}"]),
+                (b"stats", [f"total_connections_received:{srv.clients_total}",
+                            f"total_commands_processed:{srv.commands}",
+                            f"memkv_streamed_values:{srv.streamed}",
+                            f"keyspace_hits:{sum(n['hits'] for n in st['namespaces'].values())}",
+                            f"keyspace_misses:{sum(n['misses'] for n in st['namespaces'].values())}",
+                            f"evicted_keys:{st['evictions']}", f"expired_keys:{st['expirations']}"]),
+                keyspace,
+            ]
+        else:  # a tenant's own figures only (Node.tenant_stats): nothing counts other tenants
+            own = st["tenants"][self.session.tenant]
+            sections = [
+                server,
+                (b"memory", [f"used_memory:{own['bytes']}", f"maxmemory:{st['region']['size']}",
+                             "maxmemory_policy:allkeys-lru"]),
+                (b"stats", [f"keyspace_hits:{own['hits']}", f"keyspace_misses:{own['misses']}"]),
+                keyspace,
+            ]
         out = []
         for name, lines in sections:
             if everything or name in want:

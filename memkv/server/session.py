@@ -30,6 +30,13 @@ class Session:
     def forwarded(self) -> bool:
         return self.front == "resp"
 
+    @property
+    def observes_all(self) -> bool:
+        """Whether this session may observe the whole node (every tenant's figures, STATS, INFO): a
+        node without tenants, the cluster identity and admins (grant ``*`` = ``admin``). Any other
+        tenant sees only its own (``Node.stats``, the RESP INFO command)."""
+        return not self.auth_required or self.internal or self.may("*", "admin")
+
     def login(self, tenant: TenantConfig, *, internal: bool = False) -> None:
         self.tenant = tenant.name
         self.grants = dict(tenant.grants)

@@ -25,7 +25,7 @@ from memkv.flash.tier import FlashTier
 from memkv.server.audit import AuditLog, key_hash
 from memkv.server.extension import Forwarder, Routing
 from memkv.server.limits import Hardening
-from memkv.server.requests import Access, Get, Put, Request
+from memkv.server.requests import Access, Delete, Get, Put, Request
 from memkv.server.session import Session
 from memkv.server.tenants import TenantRegistry
 
@@ -146,7 +146,8 @@ class Grants(Stage):
             session.require("*", "admin")
         if access.internal:
             session.require_internal(req.kind)
-        if type(req) is Put and req.owner is not None and req.owner != session.tenant and not session.internal:
+        if (type(req) is Put or type(req) is Delete) and req.owner is not None and req.owner != session.tenant \
+                and not session.internal:
             raise PermissionDenied("only the cluster identity may write on behalf of another tenant")
 
 
@@ -220,9 +221,10 @@ class Audit(Stage):
                        len=req.lengths[i], cs=entry.checksum if cs is None else cs, gen=entry.generation,
                        model=req.model, nostore=True if nostore else None, via=via)
         elif kind == "DELETE":
+            tenant = session.tenant if req.owner is None else req.owner
             for key, deleted in zip(req.keys, result, strict=True):
                 if deleted:
-                    append("delete", tenant=session.tenant, ns=req.ns, **key_fields(key, False), via=via)
+                    append("delete", tenant=tenant, ns=req.ns, **key_fields(key, False), via=via)
         elif kind == "FLUSH":
             for key in result:
                 append("delete", tenant=session.tenant, ns=req.ns, **key_fields(key, False), via=via)

@@ -1,6 +1,7 @@
 """The ``memkv`` command line: ``serve``, ``status``, ``demo``, ``bench`` here; ``up``
-(memkv/tools/up.py), ``tenant``/``audit``/``purge`` (memkv/tools/admin.py) and the rebalancer's
-``rebalancer``/``drain``/``throttle`` (memkv/cluster/rebalance_cli.py) add their subcommands.
+(memkv/tools/up.py), ``tenant``/``audit``/``purge`` (memkv/tools/admin.py), ``route``
+(memkv/tools/route.py) and the rebalancer's ``rebalancer``/``drain``/``throttle``
+(memkv/cluster/rebalance_cli.py) add their subcommands.
 
 This layer sits above the node, the client and the cluster and is the one place
 that puts them together: ``memkv serve`` builds a node (memkv/server/node.py)
@@ -24,9 +25,13 @@ from memkv.errors import MemKVError
 def build_node(cfg: NodeConfig) -> Any:
     """A node for ``cfg``: standalone, or with its cluster membership, etcd tenants and (with a
     RESP port) RESP forwarding."""
+    from memkv.events.node import EventsConfig, NodeEvents
     from memkv.server.node import Node
 
     extensions: list[Any] = []
+    events = EventsConfig.from_config(cfg)
+    if events is not None:  # [events] endpoint / --kv-events: KV events for routers (memkv/events/node.py)
+        extensions.append(NodeEvents(events))
     if cfg.etcd:
         from memkv.cluster.node_member import ClusterMember
         from memkv.cluster.tenant_source import EtcdTenants
@@ -57,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in ("tls_cert", "tls_key", "tls_ca"):  # [tls] cert/key/ca (memkv/server/tls.py)
         if getattr(args, flag, None):
             cfg.extra.setdefault("tls", {})[flag[4:]] = getattr(args, flag)
+    if args.kv_events:
+        cfg.extra.setdefault("events", {})["endpoint"] = args.kv_events
     if args.memory is not None:
         cfg.memory = parse_size(args.memory)
     if args.disk is not None:
@@ -114,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate (chain): serve TLS")
     s.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
     s.add_argument("--tls-ca", dest="tls_ca", help="PEM CA bundle: require client certificates it signed")
+    s.add_argument("--kv-events", dest="kv_events", metavar="ENDPOINT",
+                   help="publish KV events for routers in vLLM's format on this ZMQ endpoint, e.g. tcp://*:5557; "
+                        "replays on the next port unless [events] replay_endpoint says otherwise "
+                        "([events] endpoint, replay_endpoint, topic)")
     s.set_defaults(func=_serve)
 
     st = sub.add_parser("status", help="nodes, slots, bytes, hit rates, migrations")
@@ -140,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from memkv.cluster.rebalance_cli import add_parsers as rebalance_parsers
     from memkv.tools.admin import add_parsers as admin_parsers
+    from memkv.tools.route import add_parsers as route_parsers
     from memkv.tools.up import add_parsers as up_parsers
 
-    for add in (up_parsers, rebalance_parsers, admin_parsers):
+    for add in (up_parsers, rebalance_parsers, admin_parsers, route_parsers):
         add(sub)
     return p
 
