@@ -42,7 +42,7 @@ install-vllm: install
 
 install-engines: install
 	@if [ "$${MEMKV_SKIP_ENGINE_TESTS:-0}" = 1 ]; then echo "MEMKV_SKIP_ENGINE_TESTS=1: not installing $(ENGINE_VENVS)" >&2; \
-	else for e in $(ENGINE_VENVS); do bash scripts/engine-venv.sh $$e; done; fi
+	else for e in $(ENGINE_VENVS); do bash scripts/engine-venv.sh $$e || { echo "make install-engines: building .venv-$$e failed (scripts/engine-venv.sh $$e; log above)" >&2; exit 1; }; done; fi
 
 # pytest exit code 5 (no tests collected) is a failure here, as is any other non-zero.
 test: install install-engines
