@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, Self
 
 from memkv.tools.localproc import stop_process
 
@@ -38,3 +39,32 @@ def tail(path: Path, n: int = 40) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     return "(no log)"
+
+
+class PeerServers:
+    """The server processes of one benchmark peer, started in order, each waited for on its port,
+    stopped in reverse order. A peer's ``start`` builds its command lines and calls :meth:`spawn`."""
+
+    host: str
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, cmd: list[str], port: int, log: Path, timeout: float, **popen: Any) -> None:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **popen)
+        self.procs.append(proc)
+        wait_for_tcp(self.host, port, proc, timeout, log)
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

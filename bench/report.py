@@ -97,7 +97,7 @@ def compute_ratios(
     return out
 
 
-def _best(results: list[Result], peer: str, ops: tuple[str, ...], size: int, clients: int, key: str) -> Result | None:
+def best_of(results: list[Result], peer: str, ops: tuple[str, ...], size: int, clients: int, key: str) -> Result | None:
     """The best of several memkv ways to do the same read (``get`` vs ``get_into``)."""
     cands = [r for op in ops if (r := find(results, peer, op, size, clients))]
     if not cands:
@@ -125,7 +125,7 @@ def evaluate_targets(results: list[Result], limits: dict[str, Any], peer: str = 
         )
 
     def ratio(ops: tuple[str, ...], base_op: str, size: int, clients: int, key: str) -> tuple[float | None, str]:
-        m = _best(results, peer, ops, size, clients, key)
+        m = best_of(results, peer, ops, size, clients, key)
         b = find(results, BASELINE, base_op, size, clients)
         if m is None or b is None or not b["median"][key]:
             return None, f"{peer} {'|'.join(ops)} vs {BASELINE} {base_op}: not measured"
@@ -143,7 +143,7 @@ def evaluate_targets(results: list[Result], limits: dict[str, Any], peer: str = 
                 basis,
             )
 
-    m = _best(results, peer, ("get", "get_into"), 4 * MiB, 1, "gbps")
+    m = best_of(results, peer, ("get", "get_into"), 4 * MiB, 1, "gbps")
     tcp = (limits.get("tcp_stream") or {}).get("gbps")
     add(
         "get_4MiB_vs_loopback_tcp",
@@ -167,6 +167,33 @@ def evaluate_targets(results: list[Result], limits: dict[str, Any], peer: str = 
 
     v, basis = ratio(("get", "get_into"), "get", 4 * KiB, 1, "p50_us")
     add("get_4KiB_p50_vs_redis", "p50 latency of GET 4KiB (1 client) <= 1.2x Redis", v, 1.2, False, basis)
+
+    # issue 18: reads that never wake the node (shm through the client-readable index) and TCP,
+    # against the peers and the machine's limits
+    def versus(p: str, base: str, size: int, key: str) -> tuple[float | None, str]:
+        m = best_of(results, p, ("get", "get_into"), size, 1, key)
+        b = best_of(results, base, ("get", "get_into"), size, 1, key)
+        if m is None or b is None or not b["median"][key]:
+            return None, f"{p} vs {base} GET {fmt_size(size)}: not measured"
+        return m["median"][key] / b["median"][key], f"{p} {m['op']} vs {base} {b['op']}"
+
+    shm = "memkv-auto"
+    m = best_of(results, shm, ("get", "get_into"), 1 * MiB, 1, "gbps")
+    copy = (limits.get("memcpy") or {}).get("gbps")
+    add("shm_get_1MiB_vs_memcpy", "shm GET 1MiB GB/s (1 client) >= 60% of a cold memcpy",
+        m["median"]["gbps"] / copy if m and copy else None, 0.60, True,
+        f"{shm} {m['op'] if m else '?'} vs limits.memcpy")
+    v, basis = versus(shm, "lmcache_server", 1 * MiB, "gbps")
+    add("shm_get_1MiB_vs_lmcache", "shm GET 1MiB GB/s (1 client) >= 2x lmcache_server", v, 2.0, True, basis)
+    m = best_of(results, shm, ("get", "get_into"), 4 * KiB, 1, "p50_us")
+    add("shm_get_4KiB_p50_us", "shm GET 4KiB p50 (1 client) <= 20 us", m["median"]["p50_us"] if m else None,
+        20.0, False, f"{shm} {m['op'] if m else '?'} p50 in us")
+    for size in (1 * MiB, 4 * MiB):
+        v, basis = versus(peer, "lmcache_server", size, "gbps")
+        add(f"tcp_get_{fmt_size(size)}_vs_lmcache", f"TCP GET {fmt_size(size)} GB/s (1 client) >= 1.2x lmcache_server",
+            v, 1.2, True, basis)
+    v, basis = versus(peer, BASELINE, 4 * KiB, "p50_us")
+    add("tcp_get_4KiB_p50_vs_redis", "TCP GET 4KiB p50 (1 client) <= Redis's", v, 1.0, False, basis)
     return targets
 
 

@@ -27,8 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bench import report
 from bench.baseline import install_revision
 from bench.limits import measure_limits
+from bench.lmcache_server_peer import LMCacheServer
 from bench.machine import machine_info
+from bench.memcached_peer import MemcachedServer
 from bench.memkv_peer import MemkvNode
+from bench.mooncake_peer import MooncakeServer
 from bench.procs import tail
 from bench.redis_peer import RedisServer, hiredis_available
 from bench.workload import OPS, ClientPool, PeerSpec, Sample, Task, WorkerError, n_read_keys
@@ -36,7 +39,7 @@ from bench.workload import OPS, ClientPool, PeerSpec, Sample, Task, WorkerError,
 KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB)
 READ_OPS = ("get", "get_into", "get_many", "get_many_into")
-PEERS = ("redis", "memkv", "memkv-auto")
+PEERS = ("redis", "memcached", "lmcache_server", "mooncake", "memkv", "memkv-auto")
 MAX_CONSECUTIVE_ERRORS = 3
 
 # a report piped to a file or CI log should not be cut to 80 columns
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peers", default="redis,memkv", help=f"comma list of {', '.join(PEERS)} (default: redis,memkv)")
     ap.add_argument("--sizes", default=",".join(report.fmt_size(s) for s in DEFAULT_SIZES), help="value sizes")
     ap.add_argument("--clients", default="1,8", help="client process counts (default: 1,8)")
+    ap.add_argument("--ops", default=",".join(("put", *READ_OPS)), help="operations to measure (default: all)")
     ap.add_argument("--batch", type=int, default=16, help="keys per batched GET (default: 16)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each measurement (median kept)")
     ap.add_argument("--seconds", type=float, help="time budget per measurement (default 1.0, quick 0.1)")
@@ -79,6 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.peers.append("baseline")
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.clients = sorted({int(c) for c in args.clients.split(",")})
+    args.ops = [op for op in ("put", *READ_OPS) if op in args.ops.split(",")]
     if args.seconds is None:
         args.seconds = 0.1 if args.quick else 1.0
     return args
@@ -127,6 +132,13 @@ class Bench:
                 stack.enter_context(srv)
             self.servers[peer] = srv
             return PeerSpec("redis", srv.host, srv.port)
+        if peer in ("memcached", "lmcache_server", "mooncake"):
+            server: Any = {"memcached": MemcachedServer, "lmcache_server": LMCacheServer,
+                           "mooncake": MooncakeServer}[peer](self.tmp / peer)
+            with console.status(f"starting {peer}"):
+                stack.enter_context(server)
+            self.servers[peer] = server
+            return PeerSpec(peer, server.host, server.port, metadata=getattr(server, "metadata", ""))
         transport = "tcp" if peer == "memkv" else peer.split("-", 1)[1]
         if self.args.memkv_url:
             hostport = self.args.memkv_url.removeprefix("memkv://")
@@ -167,7 +179,7 @@ class Bench:
         """(size, op, clients, repeat) in run order; peers are interleaved inside each."""
         steps = []
         for size in self.args.sizes:
-            for op in ("put", *READ_OPS):
+            for op in self.args.ops:
                 for clients in self.args.clients:
                     steps += [(size, op, clients, rep) for rep in range(self.args.repeats)]
         return steps

@@ -31,6 +31,9 @@ OPS = {
 }
 PEER_OPS = {
     "redis": ("put", "get", "get_many"),
+    "memcached": ("put", "get", "get_many"),
+    "lmcache_server": ("put", "get", "get_into", "get_many"),
+    "mooncake": ("put", "get", "get_into", "get_many", "get_many_into"),
     "memkv": ("put", "get", "get_into", "get_many", "get_many_into"),
 }
 
@@ -50,10 +53,11 @@ class Adapter(Protocol):
 
 @dataclass(frozen=True)
 class PeerSpec:
-    kind: str  # "redis" | "memkv"
+    kind: str  # a PEER_OPS key
     host: str
     port: int
     transport: str = "tcp"  # memkv only
+    metadata: str = ""  # mooncake only: its metadata server's URL
     # An earlier commit (bench/baseline.py): its label and the folder first on the worker's
     # sys.path, so the worker runs that commit's client.
     revision: str = ""
@@ -76,6 +80,18 @@ class PeerSpec:
             from bench.redis_peer import RedisAdapter
 
             return RedisAdapter(self.host, self.port)
+        if self.kind == "memcached":
+            from bench.memcached_peer import MemcachedAdapter
+
+            return MemcachedAdapter(self.host, self.port)
+        if self.kind == "lmcache_server":
+            from bench.lmcache_server_peer import LMCacheAdapter
+
+            return LMCacheAdapter(self.host, self.port)
+        if self.kind == "mooncake":
+            from bench.mooncake_peer import MooncakeAdapter
+
+            return MooncakeAdapter(self.host, self.port, self.metadata)
         if self.pythonpath:  # before the first import of memkv in this worker process
             import sys
 

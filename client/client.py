@@ -43,6 +43,7 @@ class Client(ClientBase):
     """A trio client. Every method is a coroutine; many tasks may share one client."""
 
     _executor: TrioExecutor
+    CLOSE_TIMEOUT_S = 2.0  # closing sends the last one-sided touches: never wait on a dead node for long
 
     @classmethod
     def connect(cls, url: str, *, tenant: str | None = None, token: str | None = None,
@@ -74,9 +75,11 @@ class Client(ClientBase):
         await self.aclose()
 
     async def aclose(self) -> None:
-        self.pool.close()
-        with trio.CancelScope(shield=True):
-            await self._executor.run(self.core.close())
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.CLOSE_TIMEOUT_S):
+                await self._executor.run(self.core.close())  # (sends the last one-sided touches)
+        finally:
+            self.pool.close()
 
     async def close(self) -> None:
         await self.aclose()

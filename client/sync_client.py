@@ -51,9 +51,11 @@ class SyncClient(ClientBase):
         self.close()
 
     def close(self) -> None:
-        self.pool.close()
-        self._executor.run(self.core.close())
-        self._executor.close()
+        try:
+            self._executor.run(self.core.close())  # (sends the last one-sided touches)
+        finally:
+            self.pool.close()
+            self._executor.close()
 
     # -- the API (README "Using it")
     def put(self, key: bytes | str, value: Any, *, namespace: str = "shared", ttl: float | None = None,

@@ -226,7 +226,7 @@ def test_each_kind_of_request_passes_the_stages_it_needs_in_the_one_order(tmp_pa
         assert _plan(node, "DELETE") == ["authenticate", "rate limit", "grants"]
         assert _plan(node, "AUTH") == ["authenticate"]  # logging in: not rate limited, no grant
         assert _plan(node, "ADMIN") == ["authenticate", "grants"]
-        assert _plan(node, "LOCATE") == ["authenticate", "rate limit", "grants"]
+        assert _plan(node, "LOCATE_TOUCH") == ["authenticate", "rate limit"]  # (its tags: the grants)
         # RESP maps its commands onto the same kinds: one table for both front ends
         assert {"GET", "PEEK", "PUT", "DELETE", "EXPIRE", "TTL", "SCAN", "COUNT", "KEYSPACE", "FLUSH",
                 "LOGIN"} <= set(node.pipeline.plans)

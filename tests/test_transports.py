@@ -2,8 +2,11 @@
 
 ``transport`` is a parameter; each test checks that the transport it asked
 for really carried the reads (``client.onesided`` counters, the node's
-``bytes_out``). RDMA needs pyverbs and an RDMA device: it runs for real in the
-Soft-RoCE VM (``make test-rdma``) and is skipped elsewhere with the reason.
+``bytes_out`` and request counters: a one-sided hit sends the node nothing).
+RDMA needs pyverbs and an RDMA device: it runs for real in the Soft-RoCE VM
+(``make test-rdma``) and is skipped elsewhere with the reason. The index
+itself (format, seqlock, quarantine bound) is tested without processes in
+tests/test_readable_index.py.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ import trio
 
 from memkv.client import Client, SyncClient
 from memkv.client.core import onesided as onesided_mod
-from memkv.client.core.calls import SimpleCall
 from memkv.errors import InvalidArgument, PermissionDenied
-from memkv.protocol.opcodes import Op
 from memkv.transport import pyverbs_available, rdma_devices
 
 KiB, MiB = 1024, 1024 * 1024
@@ -67,13 +68,6 @@ TRANSPORTS = ["tcp", "shm", "rdma"]
 ONESIDED = ["shm", "rdma"]
 
 
-@pytest.fixture(autouse=True)
-def _no_inline(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
-    """The conformance suite checks that bytes really travel one-sided: no inline replies."""
-    if "inline" not in request.node.name:
-        monkeypatch.setattr(onesided_mod, "INLINE_MAX", 0)
-
-
 @pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
     if request.param == "rdma":
@@ -101,16 +95,24 @@ def _node_of(c):
 
 
 def _check_carried(c, transport: str, before_out: int) -> None:
-    """The reads went the way the test asked."""
+    """The reads went the way the test asked: one-sided, every hit; only misses asked the node."""
     st = c.stats()
     if transport == "tcp":
         assert c.onesided is None
         assert st["server"]["bytes_out"] > before_out
     else:
+        counters = c.onesided.counters
         assert c.onesided.transport_of(_node_of(c)) == transport
-        assert c.onesided.counters["onesided"] > 0
-        assert c.onesided.counters["tcp"] == 0
+        assert counters["onesided"] > 0
+        assert counters["tcp"] == counters["not_found"]  # misses (keys not in the index) only
+        assert counters["mismatch"] == counters["changed"] == counters["late"] == 0
         assert st["server"]["bytes_out"] == before_out  # no payload from the node: one-sided
+
+
+def _reads_served(st: dict) -> int:
+    """Requests the node served that read values (GET, GET_MANY) or located them (LOCATE)."""
+    ops = st["server"]["ops"]
+    return sum(ops.get(k, 0) for k in ("GET", "GET_MANY", "LOCATE"))
 
 
 def test_conformance_sync(memkv_node, transport):
@@ -167,7 +169,8 @@ async def test_conformance_trio(memkv_node, transport):
             assert st["server"]["bytes_out"] > out0
         else:
             assert c.onesided.transport_of(_node_of(c)) == transport
-            assert c.onesided.counters["onesided"] >= 4 * 6 and c.onesided.counters["tcp"] == 0
+            assert c.onesided.counters["onesided"] >= 4 * 6
+            assert c.onesided.counters["tcp"] == c.onesided.counters["not_found"] == 1  # b"nope"
             assert st["server"]["bytes_out"] == out0
 
 
@@ -175,10 +178,15 @@ def test_many_values_batched(memkv_node, transport):
     with SyncClient.connect(memkv_node.url, transport=transport) as c:
         vals = {f"b{i}".encode(): os.urandom(1000 + i) for i in range(200)}
         c.put_many(vals)
-        locates = c.onesided.counters["locates"] if c.onesided else 0
+        assert c.get(b"b0") == vals[b"b0"]  # (sets the transport up)
+        before = _reads_served(c.stats())
         assert c.get_many(list(vals)) == list(vals.values())
+        after = _reads_served(c.stats())
         if c.onesided is not None:
-            assert c.onesided.counters["locates"] == locates + 1  # one LOCATE for the whole batch
+            assert after == before  # 200 values, no request to the node
+            assert c.onesided.counters["tcp"] == 0
+        else:
+            assert after == before + 1  # one GET_MANY
 
 
 # -- verification and fallback (one-sided transports only) ---------------------------------------------
@@ -202,7 +210,7 @@ def test_checksum_mismatch_retries_over_tcp_and_reports(memkv_node, onesided):
 
 
 def test_late_copy_is_not_trusted(memkv_node, onesided, monkeypatch):
-    """A copy that ends after the validity window (generation no longer guaranteed) goes over TCP."""
+    """A read that ends after the quarantine bound (the extent may have been reused) goes over TCP."""
     with SyncClient.connect(memkv_node.url, transport=onesided) as c:
         c.put(b"k", b"v" * 5000)
         assert c.get(b"k") == b"v" * 5000
@@ -210,27 +218,39 @@ def test_late_copy_is_not_trusted(memkv_node, onesided, monkeypatch):
         out0 = c.stats()["server"]["bytes_out"]
         assert c.get(b"k") == b"v" * 5000
         assert c.get_many([b"k", b"k"]) == [b"v" * 5000] * 2
-        assert c.onesided.counters["mismatch"] == 3 and c.onesided.counters["tcp"] == 3
+        assert c.onesided.counters["late"] == 3 and c.onesided.counters["tcp"] == 3
         assert c.stats()["server"]["bytes_out"] == out0 + 3 * 5000
 
 
+def _entry(c, key: bytes, namespace: str = "shared"):
+    """What the client's index reader finds for ``key`` (None: not published)."""
+    from memkv.protocol import index_format as ixf
+
+    index = c.onesided.nodes[_node_of(c)]
+    fp = ixf.fingerprint(key, index.seed)
+    first = fp & (index.slots - 1)
+    window = memoryview(bytearray(ixf.WINDOW_BYTES))
+    c.execute(onesided_mod._run(index.transport, [(ixf.slot_offset(index.base, first), ixf.WINDOW_BYTES, window,
+                                                   False)]))
+    return ixf.find(window, first, ixf.fingerprint_bytes(fp), index.tags[namespace])
+
+
 def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
-    """A descriptor handed out by LOCATE never points at another value's bytes during the grace period."""
+    """An extent a reader may have found in the index never holds another value's bytes during the bound."""
     with SyncClient.connect(memkv_node.url, transport=onesided) as c:
-        node = _node_of(c)
         old = os.urandom(64 * KiB)
         c.put(b"q", old)
-        rep = c.execute(c.core.call(node, SimpleCall(Op.LOCATE, {"ks": [b"q"], "lease": 1.0})))
-        off, n, cs, gen = rep["d"][0]
-        assert rep["valid"] > 0 and n == len(old)
+        assert c.get(b"q") == old
+        found = _entry(c, b"q")
+        assert found is not None and found.length == len(old)
         assert c.delete(b"q")
+        assert _entry(c, b"q") is None  # withdrawn before its extent was freed
         for i in range(20):  # same size: would take the freed extent if it were not quarantined
             c.put(f"q{i}".encode(), os.urandom(64 * KiB))
         with open(c.stats()["region"]["path"], "rb") as f:
-            f.seek(off)
-            assert f.read(n) == old
-        rep2 = c.execute(c.core.call(node, SimpleCall(Op.LOCATE, {"ks": [b"q0"]})))
-        assert rep2["d"][0][0] != off and rep2["d"][0][3] > gen
+            f.seek(found.offset)
+            assert f.read(found.length) == old
+        assert _entry(c, b"q0").offset != found.offset
         assert c.stats()["region"]["quarantined"] >= 64 * KiB
 
 
@@ -239,7 +259,7 @@ def test_node_restart_remaps(start_node, onesided):
     with SyncClient.connect(node.url, transport=onesided) as c:
         c.put(b"a", b"1" * 100)
         assert c.get(b"a") == b"1" * 100
-        first = c.onesided.nodes[_node_of(c)].region_id
+        first = c.onesided.nodes[_node_of(c)].transport.region_id
         node.stop()
         node.start(START_TIMEOUT)
         for _ in range(3):  # the first calls may see the dead connection
@@ -251,7 +271,7 @@ def test_node_restart_remaps(start_node, onesided):
         assert c.get(b"a") == b"2" * 100
         assert c.get(b"a") == b"2" * 100
         t = c.onesided.nodes.get(_node_of(c))
-        assert t is not None and t.region_id != first
+        assert t is not None and t.transport.region_id != first
 
 
 def test_rdma_failure_falls_back_to_tcp(memkv_node):
@@ -261,7 +281,7 @@ def test_rdma_failure_falls_back_to_tcp(memkv_node):
     with SyncClient.connect(memkv_node.url, transport="rdma") as c:
         c.put_many({b"r1": b"x" * 70_000, b"r2": b"y" * 10})
         assert c.get(b"r1") == b"x" * 70_000
-        ch = c.onesided.nodes[_node_of(c)]
+        ch = c.onesided.nodes[_node_of(c)].transport
         assert ch.kind == "rdma"
         ch.rkey ^= 0x5A5A  # a bad rkey: the READ completes with a remote access error
         assert c.get_many([b"r1", b"r2"]) == [b"x" * 70_000, b"y" * 10]
@@ -349,17 +369,216 @@ def test_stale_region_files_of_dead_nodes_are_swept(start_node):
             os.unlink(stale)
 
 
-def test_small_values_come_inline_large_ones_one_sided(memkv_node, onesided):
-    small, large = os.urandom(1000), os.urandom(onesided_mod.INLINE_MAX + 1)
+# -- the node is off the path ---------------------------------------------------------------------------
+
+def _node_cpu_s(pid: int) -> float:
+    """User + system CPU seconds the node process has used (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _read_loop(c, keys: list[bytes], vals: dict[bytes, bytes], n: int) -> None:
+    bufs = [bytearray(4096) for _ in range(16)]
+    for i in range(n):
+        k = keys[i % len(keys)]
+        assert c.get(k) == vals[k]
+    for i in range(0, n, 16):
+        ks = [keys[(i + j) % len(keys)] for j in range(16)]
+        assert c.get_many_into(ks, bufs) == [4096] * 16
+        assert [bytes(b) for b in bufs] == [vals[k] for k in ks]
+
+
+def test_hits_send_nothing_to_the_node(memkv_node, onesided):
+    """Thousands of GETs (single and batched) over a one-sided transport: the node's request counters
+    move only by the STATS calls that read them (and a touch batch at most once a second), nothing is
+    sent, and its CPU time moves by a small fraction of what the same reads cost it over TCP."""
+    n = 3200 if onesided == "shm" else 320  # (RDMA runs emulated, slowly, in the Soft-RoCE VM)
+    vals = {b"h%d" % i: os.urandom(4096) for i in range(64)}
+    keys = list(vals)
     with SyncClient.connect(memkv_node.url, transport=onesided) as c:
-        c.put(b"small", small)
-        c.put(b"large", large)
-        c.put(b"empty", b"")
-        assert c.get(b"small") == small and c.get(b"large") == large and c.get(b"empty") == b""
-        bufs = [bytearray(len(large)) for _ in range(3)]
-        assert c.get_many_into([b"small", b"large", b"empty"], bufs) == [len(small), len(large), 0]
-        assert bufs[0][: len(small)] == small and bufs[1] == large
-        counters = c.onesided.counters
-        assert counters["inline"] == 4 and counters["onesided"] == 2 and counters["tcp"] == 0
-        with pytest.raises(InvalidArgument):  # a buffer too small for an inline value: the typed error
-            c.get_into(b"small", bytearray(10))
+        c.put_many(vals)
+        assert c.get(keys[0]) == vals[keys[0]]  # sets the transport up
+        st0 = c.stats()
+        cpu0 = _node_cpu_s(memkv_node.pid)
+        _read_loop(c, keys, vals, n)
+        cpu_onesided = _node_cpu_s(memkv_node.pid) - cpu0
+        st1 = c.stats()
+        touches = c.onesided.counters["touch_requests"]
+        assert c.onesided.counters["onesided"] == 2 * n + 1 and c.onesided.counters["tcp"] == 0
+    ops0, ops1 = st0["server"]["ops"], st1["server"]["ops"]
+    moved = {k: ops1.get(k, 0) - ops0.get(k, 0) for k in ops1 if ops1.get(k, 0) != ops0.get(k, 0)}
+    assert moved == {"STATS": 1, **({"LOCATE": touches} if touches else {})}, moved
+    assert st1["server"]["bytes_out"] == st0["server"]["bytes_out"]
+    with SyncClient.connect(memkv_node.url, transport="tcp") as t:
+        cpu0 = _node_cpu_s(memkv_node.pid)
+        _read_loop(t, keys, vals, n)
+        cpu_tcp = _node_cpu_s(memkv_node.pid) - cpu0
+    print(f"node CPU for {3 * n} reads ({2 * n} values): {onesided} {cpu_onesided:.3f} s, tcp {cpu_tcp:.3f} s")
+    assert cpu_onesided < cpu_tcp / 5
+
+
+def _stamped(key: bytes, gen: int, size: int) -> bytes:
+    """A value that says which key and which write it is, and whose every byte follows from that."""
+    import hashlib
+
+    head = key.ljust(24, b".") + gen.to_bytes(8, "little")
+    block = hashlib.blake2b(head, digest_size=64).digest()
+    return head + (block * (size // 64 + 1))[: size - len(head)]
+
+
+def test_overwrites_while_reading_never_give_a_wrong_or_torn_value(start_node, onesided):
+    """A writer overwrites a few keys as fast as it can (overwritable namespace) while this thread
+    reads them one-sided: every value read is exactly one of the writes of its key, and a key never
+    goes back to an older write. Changed entries are detected (and read over TCP)."""
+    import threading
+
+    from memkv.errors import OutOfMemory
+
+    node = start_node("--memory", "256MiB")
+    size = 16 * KiB if onesided == "shm" else 4 * KiB
+    seconds = 3.0 if onesided == "shm" else 6.0
+    keys = [b"ow%d" % i for i in range(8)]
+    stop = threading.Event()
+    written = [0]
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with SyncClient.connect(node.url, transport="tcp") as w:
+                gen = 1
+                while not stop.is_set():
+                    for k in keys:
+                        try:
+                            w.put(k, _stamped(k, gen, size), namespace="session")
+                            written[0] += 1
+                        except OutOfMemory:  # freed extents wait out their quarantine: back off
+                            stop.wait(0.05)
+                    gen += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    with SyncClient.connect(node.url, transport=onesided) as c:
+        for k in keys:
+            c.put(k, _stamped(k, 0, size), namespace="session")
+        assert c.get(keys[0], namespace="session") is not None
+        t = threading.Thread(target=writer)
+        t.start()
+        last = dict.fromkeys(keys, 0)
+        reads = 0
+        import time
+
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                got = c.get_many(keys, namespace="session") + [c.get(keys[reads % 8], namespace="session")]
+                for k, v in zip([*keys, keys[reads % 8]], got, strict=True):
+                    assert v is not None and len(v) == size
+                    gen = int.from_bytes(v[24:32], "little")
+                    assert v == _stamped(k, gen, size), "a wrong or torn value"
+                    assert gen >= last[k], "a key went back to an older write"
+                    last[k] = gen
+                reads += 1
+        finally:
+            stop.set()
+            t.join()
+        assert not errors, errors
+        counters = dict(c.onesided.counters)
+    print(f"{onesided}: {reads} rounds, {written[0]} overwrites, counters {counters}")
+    assert written[0] > 50 and counters["onesided"] > 0
+    assert counters["changed"] + counters["not_found"] > 0  # the race happened: entries changed under reads
+
+
+def test_one_sided_reads_count_for_eviction(start_node, monkeypatch):
+    """Reads that never reached the node still count: their touches move the value in its pool's LRU."""
+    monkeypatch.setattr(onesided_mod, "TOUCH_INTERVAL_S", 0.0)  # each read's touch goes at once
+    node = start_node()  # 64 MiB: the session pool (LRU) keeps 22.4 MiB of values
+    mib = os.urandom(MiB)
+    with SyncClient.connect(node.url, transport="shm") as c:
+        for i in range(22):
+            c.put(b"e%d" % i, mib, namespace="session")
+        hits0 = c.stats()["namespaces"]["session"]["hits"]
+        assert c.get(b"e0", namespace="session") == mib  # the oldest, read one-sided
+        assert c.onesided.counters["onesided"] == 1 and c.onesided.counters["touch_requests"] == 1
+        st = c.stats()
+        assert st["namespaces"]["session"]["hits"] == hits0 + 1 and st["onesided"]["touches"] == 1
+        for i in range(22, 24):  # evict two values
+            c.put(b"e%d" % i, mib, namespace="session")
+        assert c.exists_many([b"e0", b"e1", b"e2", b"e3"], namespace="session") == [True, False, False, True]
+
+
+TENANTS_ONESIDED = """
+[node]
+onesided_tenants = true
+[tenants.alice]
+token = "alice-secret"
+grants = { shared = "rw", session = "rw" }
+[tenants.bob]
+token = "bob-secret"
+grants = { session = "rw" }
+"""
+
+
+def test_tenants_read_one_sided_only_what_they_may_read(start_node):
+    """With ``onesided_tenants``, each session gets the tags of the namespaces it may read (its own scope
+    of tenant-scoped ones) and reads nothing else one-sided: the rest goes to the node and its grants."""
+    node = start_node(config=TENANTS_ONESIDED)
+    with SyncClient.connect(node.url, tenant="alice", token="alice-secret", transport="shm") as a, \
+            SyncClient.connect(node.url, tenant="bob", token="bob-secret", transport="shm") as b:
+        a.put(b"secret", b"alice only")
+        a.put(b"same", b"alice's", namespace="session")
+        b.put(b"same", b"bob's", namespace="session")
+        assert a.get(b"secret") == b"alice only" and a.get(b"same", namespace="session") == b"alice's"
+        assert b.get(b"same", namespace="session") == b"bob's"
+        counters = (dict(a.onesided.counters), dict(b.onesided.counters))
+        assert a.onesided.counters["onesided"] == 2 and b.onesided.counters["onesided"] == 1, counters
+        ia, ib = a.onesided.nodes[_node_of(a)], b.onesided.nodes[_node_of(b)]
+        assert set(ia.tags) == {"shared", "session"} and set(ib.tags) == {"session"}
+        assert ia.tags["session"] != ib.tags["session"]
+        with pytest.raises(PermissionDenied):  # no tag for "shared": over TCP, where the grant is checked
+            b.get(b"secret")
+        assert b.onesided.counters["onesided"] == 1
+
+
+def test_durable_value_evicted_from_dram_is_read_over_tcp_then_one_sided(start_node):
+    node = start_node("--memory", "16MiB", config="""
+[namespaces.kv]
+durability = "durable"
+""")
+    vals = {b"d%d" % i: os.urandom(MiB) for i in range(12)}  # the shared pool keeps 8.4 MiB of values
+    with SyncClient.connect(node.url, transport="tcp") as w:
+        for k, v in vals.items():
+            w.put(k, v, namespace="kv")
+    with SyncClient.connect(node.url, transport="shm") as c:
+        assert c.get(b"d0", namespace="kv") == vals[b"d0"]  # only on flash: not in the index, over TCP
+        assert c.onesided.counters == {**c.onesided.counters, "onesided": 0, "tcp": 1, "not_found": 1}
+        assert c.get(b"d0", namespace="kv") == vals[b"d0"]  # promoted into the region: published
+        assert c.onesided.counters["onesided"] == 1
+        assert c.get(b"d11", namespace="kv") == vals[b"d11"]
+        assert c.onesided.counters["onesided"] == 2
+
+
+def test_a_killed_node_is_not_read_from_its_stale_region(start_node):
+    """A SIGKILLed node's region stays mapped by its readers; its heartbeat stops, so after
+    ``LIVENESS_S`` they ask the node again (here a new one, which does not have the value)."""
+    import time
+
+    from memkv.protocol import index_format as ixf
+
+    node = start_node()
+    with SyncClient.connect(node.url, transport="shm") as c:
+        c.put(b"a", b"1" * 100)
+        assert c.get(b"a") == b"1" * 100 and c.onesided.counters["onesided"] == 1
+        os.kill(node.pid, signal.SIGKILL)
+        node.kill()
+        node.start(START_TIMEOUT)
+        time.sleep(ixf.LIVENESS_S + 0.3)
+        for _ in range(3):  # the first calls may see the dead connection
+            try:
+                c.put(b"b", b"2")
+                break
+            except Exception:
+                pass
+        assert c.get(b"a") is None
+        assert c.onesided.counters["stale_node"] == 1
+        assert c.get(b"b") == b"2" and c.onesided.counters["onesided"] == 2  # the new node's index

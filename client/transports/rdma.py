@@ -35,6 +35,7 @@ class RdmaChannel:
     """A ``OneSidedTransport`` (``base.py``): one queue pair to one node's region."""
 
     kind = "rdma"
+    waits = True
 
     def __init__(self, stage_bytes: int = STAGE_BYTES) -> None:
         import pyverbs.enums as e
@@ -74,20 +75,21 @@ class RdmaChannel:
         """Pieces (remote offset, length, destination) packed into rounds that fit the stage and the SQ."""
         rounds: list[list[ReadRequest]] = [[]]
         used = 0
-        for off, n, dest in reqs:
+        for off, n, dest, _sum in reqs:
             done = 0
             while done < n:
                 piece = min(n - done, self.stage_bytes)
                 if used + piece > self.stage_bytes or len(rounds[-1]) >= SQ_DEPTH:
                     rounds.append([])
                     used = 0
-                rounds[-1].append((off + done, piece, dest[done:done + piece]))
+                rounds[-1].append((off + done, piece, dest[done:done + piece], False))
                 used += piece
                 done += piece
         return [r for r in rounds if r]
 
     def read(self, reqs: list[ReadRequest]) -> Generator[None, None, list[int]]:
-        """RDMA READ each ``(offset, length, dest)`` of the node's region into ``dest``; their checksums.
+        """RDMA READ each ``(offset, length, dest, sum)`` of the node's region into ``dest``, in order (one
+        queue pair carries its READs out in order); the checksums asked for.
 
         One reader at a time per queue pair (tasks and threads share a client): a
         second one waits, yielding. A read abandoned half-way (its task cancelled)
@@ -101,7 +103,7 @@ class RdmaChannel:
             raise
         finally:
             self.lock.release()
-        return [checksum(dest[:n]) for _off, n, dest in reqs]
+        return [checksum(dest[:n]) if want else 0 for _off, n, dest, want in reqs]
 
     def _read(self, reqs: list[ReadRequest]) -> Generator[None, None, None]:
         import pyverbs.enums as e
@@ -113,9 +115,9 @@ class RdmaChannel:
             pos = 0
             slots: list[tuple[int, int, memoryview]] = []
             try:
-                for off, n, dest in rnd:
+                for off, n, dest, _sum in rnd:
                     if off < 0 or off + n > self.size:
-                        raise RdmaError("descriptor outside the region")
+                        raise RdmaError("read outside the region")
                     self._wr += 1
                     sge = SGE(self.mr.buf + pos, n, self.mr.lkey)
                     wr = SendWR(wr_id=self._wr, opcode=e.IBV_WR_RDMA_READ, num_sge=1, sg=[sge],

@@ -20,6 +20,7 @@ import xxhash
 from memkv.client.transports.base import ReadRequest
 from memkv.errors import NodeUnavailable
 
+_xxh3 = xxhash.xxh3_64_intdigest
 CHUNK = 256 * 1024  # copy-then-hash unit: stays in L2 between the copy and the hash
 POPULATE_MAX = int(os.environ.get("MEMKV_SHM_POPULATE_MAX", str(4 << 30)))
 
@@ -28,6 +29,7 @@ class ShmRegion:
     """A ``OneSidedTransport`` (``base.py``) over a read-only mapping of the node's region."""
 
     kind = "shm"
+    waits = False  # a copy never waits: the core may call ``copy`` directly
 
     def __init__(self, sock_name: bytes, ticket: bytes, region_id: str, size: int, timeout: float = 2.0) -> None:
         name = sock_name.decode() if isinstance(sock_name, bytes) else sock_name
@@ -55,9 +57,23 @@ class ShmRegion:
         return cls(info["sock"], info["ticket"], info["r"], int(info["size"]))
 
     def read(self, reqs: list[ReadRequest]) -> Generator[None, None, list[int]]:
-        """Copy every request; a memory copy never waits, so this generator never yields."""
-        return [self.copy_checksummed(off, n, dest) for off, n, dest in reqs]
+        """Copy every request, in order; a memory copy never waits, so this generator never yields."""
+        return self.copy(reqs)
         yield  # noqa: B901 - a generator, the shape of every transport's read
+
+    def copy(self, reqs: list[ReadRequest]) -> list[int]:
+        """``read`` without the generator (the core's shortcut for a transport that never waits)."""
+        size, src = self.size, self.view
+        out = []
+        for off, n, dest, want in reqs:
+            if off < 0 or off + n > size:
+                raise NodeUnavailable("read outside the region")
+            if want:
+                out.append(self.copy_checksummed(off, n, dest))
+            else:
+                dest[:n] = src[off:off + n]
+                out.append(0)
+        return out
 
     def copy_checksummed(self, offset: int, length: int, dest: memoryview) -> int:
         """Copy ``length`` bytes at ``offset`` of the region into ``dest``; the xxh3 checksum of what was copied.
@@ -65,10 +81,11 @@ class ShmRegion:
         The copy goes in cache-sized chunks, each hashed right after it lands
         while it is still in cache: one pass over memory instead of two.
         """
-        if offset < 0 or offset + length > self.size:
-            raise NodeUnavailable("descriptor outside the region")
-        h = xxhash.xxh3_64()
         src = self.view
+        if length <= CHUNK:
+            dest[:length] = src[offset:offset + length]
+            return _xxh3(dest[:length])
+        h = xxhash.xxh3_64()
         for start in range(0, length, CHUNK):
             end = min(start + CHUNK, length)
             dest[start:end] = src[offset + start:offset + end]

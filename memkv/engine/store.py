@@ -24,8 +24,18 @@ for quarantined extents (freed bytes that may not be reused for
    expires) and raises OutOfMemory if it still cannot allocate.
 
 Only extents a reader may know about (the entry was returned by ``get``,
-``view`` or ``lookup_prefix``) go through the quarantine when freed; bytes that
-were never located by anyone are reusable at once.
+``view`` or ``lookup_prefix``, or published in the client-readable index) go
+through the quarantine when freed; bytes that were never located by anyone are
+reusable at once.
+
+The client-readable index (``readable_index.py``) lives at the end of the region,
+after the allocator's bytes. The store calls its two hooks and nothing else:
+``published(entry)`` once an entry is indexed with its bytes in the region or its
+version or TTL changed (``commit``, ``refill``, ``set_expiry``), and
+``withdrawn(entry)`` before an entry's extent is freed (``_drop``, ``_demote``).
+``touch(entry)`` is how reads that never reached the node count (eviction, hits);
+``close`` stops the index's heartbeat (readers of a dead node's mapping then ask
+the node instead).
 
 Versioned deletes. A delete carries a version like a write (the client stamps it:
 memkv/protocol/versions.py) and leaves a *tombstone*: the key's index key, the
@@ -61,6 +71,7 @@ from memkv.engine.clock import SYSTEM, Clock
 from memkv.engine.entry import Entry
 from memkv.engine.eviction import LRUPolicy, S3FIFOPolicy, make_policy
 from memkv.engine.observer import StoreObserver
+from memkv.engine.readable_index import ReadableIndex, default_slots
 from memkv.engine.region import Region
 from memkv.engine.tier import Tier
 from memkv.errors import (
@@ -72,6 +83,7 @@ from memkv.errors import (
     UnknownNamespace,
     ValueTooLarge,
 )
+from memkv.protocol.index_format import table_bytes
 from memkv.protocol.versions import CLOCK, VersionClock, newer
 
 DEFAULT_TOMBSTONE_RETENTION_S = 3600.0
@@ -157,6 +169,7 @@ class Store:
         max_value: int = 1 << 30,
         granularity: int = 256,
         headroom: float | None = None,
+        index_slots: int | None = None,
         tombstone_retention: float = DEFAULT_TOMBSTONE_RETENTION_S,
         max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
     ) -> None:
@@ -176,7 +189,12 @@ class Store:
         if not 0.0 <= headroom < 1.0:
             raise InvalidArgument("headroom must be in [0, 1)")
         self.headroom = headroom
-        self.region = Region(memory, directory=shm_dir, name=name)
+        # the client-readable index after the values (none without a quarantine: nothing would keep
+        # a reader's bytes in place); ``index_slots`` None: sized from ``memory``, 0: none
+        slots = 0 if self.quarantine_s <= 0 else default_slots(memory) if index_slots is None else int(index_slots)
+        self.memory = int(memory)
+        index_base = -(-self.memory // 4096) * 4096
+        self.region = Region(index_base + (table_bytes(slots) if slots else 0), directory=shm_dir, name=name)
         try:
             self.allocator = ExtentAllocator(
                 memory, granularity=granularity, quarantine_s=self.quarantine_s, clock=clock.monotonic
@@ -190,6 +208,10 @@ class Store:
             cap = int(cfg.fraction * usable)
             self.pools[pname] = _Pool(cfg, cap, int(cap * (1.0 - headroom)))
         self._ro = self.region.view.toreadonly()
+        self.readable: ReadableIndex | None = None
+        if slots:
+            self.readable = ReadableIndex(self.region.view, index_base, slots, wall=clock.wall,
+                                          monotonic=clock.monotonic, quarantine_s=self.quarantine_s)
         self._index: dict[tuple[str, str, bytes], Entry] = {}
         self._children: dict[tuple[str, str, bytes], int] = {}  # parent ikey -> live children
         self._expiry: list[tuple[float, int, Entry]] = []  # heap, lazily cleaned
@@ -287,6 +309,8 @@ class Store:
         ts[_BYTES] -= e.length
         ts[_ENTRIES] -= 1
         if e.offset >= 0:
+            if self.readable is not None:
+                self.readable.withdrawn(e)
             # bytes nobody could have located (never read) are reusable at once
             self.allocator.free(e.offset, now, tag=e.pool, immediate=not e.exposed)
             e.offset = -1
@@ -329,6 +353,8 @@ class Store:
     def _demote(self, e: Entry, now: float) -> None:
         """Evict the region copy of a value that lives on flash; it stays indexed (offset -1)."""
         self._unaccount(self.pools[e.pool], e)
+        if self.readable is not None:
+            self.readable.withdrawn(e)
         self.allocator.free(e.offset, now, tag=e.pool, immediate=not e.exposed)
         e.offset = -1
         e.exposed = False
@@ -404,6 +430,8 @@ class Store:
             res.view.release()
         except BufferError:
             pass
+        if self.readable is not None:
+            self.readable.published(e)
 
     def adopt_columns(self, names: list[tuple[str, str]], keys: list[bytes], names_idx: list[int],
                       parents: list[bytes | None], lengths: list[int], checksums: list[int],
@@ -687,6 +715,8 @@ class Store:
                 old.pin_until = math.inf
             if version > old.version:
                 old.version = version
+            if self.readable is not None:
+                self.readable.published(old)  # its version or TTL may have changed
             if self.tier is not None and pol.durability == "durable" and not res.dram_only:
                 self.tier.committed(old)
             return old
@@ -739,6 +769,8 @@ class Store:
             res.view.release()
         except BufferError:
             pass
+        if self.readable is not None:
+            self.readable.published(e)
         if self.tier is not None and pol.durability == "durable" and not res.dram_only:
             self.tier.committed(e)  # queue the record; the reply waits for its group commit
         if self.observers:
@@ -773,6 +805,10 @@ class Store:
             return None
         ns[_HITS] += 1
         ts[_HITS] += 1
+        self._accessed(e)
+        return e
+
+    def _accessed(self, e: Entry) -> None:
         e.hits += 1
         if e.offset >= 0:  # a flash-only entry is not in its pool's policy
             pool = self.pools[e.pool]
@@ -780,7 +816,22 @@ class Store:
             lru = pool.tenant_lru.get(e.tenant)
             if lru is not None:
                 lru.move_to_end(e)
-        return e
+
+    def touch(self, e: Entry) -> None:
+        """A one-sided reader read this value without asking (its batched touches): count the hit and
+        tell the eviction policy, as ``get`` does."""
+        if self._index.get(e.ikey) is not e:
+            return
+        self._ns_stats[e.namespace][_HITS] += 1
+        self._tstats(e.tenant)[_HITS] += 1
+        self._accessed(e)
+
+    def open_readable_index(self) -> ReadableIndex | None:
+        """The client-readable index, publishing from now on (a one-sided reader asked); None without one."""
+        ix = self.readable
+        if ix is not None and not ix.active:
+            ix.activate(e for e in list(self._index.values()) if e.offset >= 0)
+        return ix
 
     def exists(self, key: bytes, *, namespace: str, tenant: str = "") -> bool:
         return self._lookup(key, namespace, tenant, None) is not None
@@ -1029,6 +1080,8 @@ class Store:
         e.expires = None if ttl is None else now + ttl
         if e.expires is not None:
             heapq.heappush(self._expiry, (e.expires, next(self._seq), e))
+        if self.readable is not None:
+            self.readable.published(e)  # readers see the new expiry
         return True
 
     def ttl_left(self, key: bytes, *, namespace: str, tenant: str = "") -> float | None:
@@ -1108,7 +1161,8 @@ class Store:
         return {
             "region": {
                 "path": self.region.path,
-                "size": self.region.size,
+                "size": self.memory,  # for values; the mapping is larger by the client-readable index
+                "mapped": self.region.size,
                 "used": a.used_bytes,
                 "free": a.free_bytes,
                 "quarantined": a.quarantined_bytes,
@@ -1132,12 +1186,15 @@ class Store:
                            "evicted": self.tombstones_evicted, "superseded_deletes": self.superseded_deletes},
             "evictions": self.evictions,
             "expirations": self.expirations,
+            "readable_index": self.readable.stats() if self.readable is not None else None,
         }
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.readable is not None:
+            self.readable.stop()
         self._index.clear()
         try:
             self._ro.release()

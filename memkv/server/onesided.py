@@ -1,24 +1,27 @@
-"""Server side of one-sided reads: LOCATE, the shared-memory
+"""Server side of one-sided reads: the client-readable index, the shared-memory
 hand-off and the RDMA responder.
 
-One opcode, ``Op.LOCATE``, with a ``do`` field:
+Readers find values themselves in the index the store keeps at the end of its
+region (memkv/engine/readable_index.py, format memkv/protocol/index_format.py):
+a GET over shared memory or RDMA sends nothing to the node. The node only
+answers set-up and bookkeeping, on one opcode, ``Op.LOCATE``, with a ``do`` field:
 
-* ``do="locate"`` (default): ``{"ks": [keys], "ns", "lease"}`` ->
-  ``{"r": region id, "d": [desc | None | False], "lease": s, "valid": s}``
-  where ``desc = [offset, length, checksum, generation]``, ``None`` is a miss
-  and ``False`` a value that exists but is not in the region (read it over
-  TCP). Every located entry is leased for ``lease`` seconds (not evicted while
-  the reader copies) and ``store.expose``d: when it is freed, its extent goes
-  through the allocator's quarantine, so for ``valid`` seconds after the reply
-  (the quarantine) the bytes at the descriptor are exactly those of that
-  generation. A reader checks the checksum and that it finished within
-  ``valid`` of sending the request, and falls back to TCP otherwise.
-* ``do="info"``: the node's host identity, region id and size, the abstract Unix
-  socket that hands out the region and a one-time ticket for it (only where
-  one-sided reads are allowed for this session), and whether RDMA is served.
+* ``do="info"``: the node's host identity, region id and size, where the index
+  is (``ix``: base offset, slots), the quarantine bound readers must finish
+  within (``valid``), the *tags* of the namespaces this session may read
+  (``tags``: namespace -> u32; entries of other tags are not this session's),
+  which of those namespaces are overwritable (``ow``: in a cluster their
+  replicas may disagree, so readers compare every replica's version),
+  and, where one-sided reads are allowed for this session, the abstract Unix
+  socket that hands out the region with a one-time ticket, and whether RDMA is
+  served. The first such request starts the index (``Store.open_readable_index``).
 * ``do="rdma"``: ``{"qpn", "gid", "mtu"}`` of the client's RC queue pair ->
   the node's QP number, GID, the region MR's ``rkey`` and address. The node's
   QP lives as long as the TCP connection's session.
+* ``do="touch"``: ``{"t": [slot, seq, slot, seq, ...]}``: values a reader read
+  without asking, batched (``Store.touch``: hits and the eviction policy see
+  them). A pair whose slot changed since (another seq) or whose tag the session
+  may not read is ignored.
 
 Shared memory. The region's file is unlinked right after the node maps it
 (``Region.detach_file``), so a SIGKILLed node leaves nothing in /dev/shm. A
@@ -28,9 +31,13 @@ SCM_RIGHTS, after presenting a ticket obtained over its (authenticated) TCP
 connection, and maps it read-only.
 
 Tenants. A region mapping (or the region MR) shows every value of every
-tenant, so when tenants are configured one-sided reads are off unless the
-node config sets ``onesided_tenants = true`` (all tenants trusted to that
-extent); reads then go over TCP, where ACLs apply per request.
+tenant: whoever maps it can read every byte, whatever the tags say. So when
+tenants are configured one-sided reads are off unless the node config sets
+``onesided_tenants = true`` (tenants trusted to that extent); each session is
+then given the tags of the namespaces it may read only (tenant-scoped ones:
+its own scope), and the client library reads no other entries -- isolation
+between honest clients, not against a hostile process. Without that setting
+every read goes over TCP, where grants apply per request.
 """
 
 from __future__ import annotations
@@ -48,17 +55,18 @@ import trio
 from memkv.engine.store import Store
 from memkv.errors import InvalidArgument, NodeUnavailable
 from memkv.protocol import codec as c
+from memkv.protocol.index_format import FORMAT_VERSION, HEARTBEAT_S
 from memkv.protocol.opcodes import Op
 from memkv.server.binary import Reply
 from memkv.server.extension import Extension, Operation
-from memkv.server.requests import LOGIN, READ, Access, Call, Request
+from memkv.server.requests import LOGIN, Access, Call, Request
 from memkv.server.session import Session
 from memkv.transport import host_identity, rdma_devices
 
 log = logging.getLogger("memkv.onesided")
 
 TICKET_TTL_S = 30.0
-MAX_LEASE_S = 60.0
+MAX_TOUCHES = 65536  # (slot, seq) pairs per touch request
 
 
 class OneSided:
@@ -73,45 +81,58 @@ class OneSided:
         self._rdma: Any = None  # RdmaResponder, created on first use
         self._rdma_error: str | None = None
         self.rdma_enabled = os.environ.get("MEMKV_RDMA", "1") != "0" and bool(rdma_devices())
-        self.locates = 0
-        self.located = 0
+        self.touches = 0
         self.fds_sent = 0
         self.rdma_qps = 0
 
     def extension(self) -> Extension:
         """LOCATE (``do`` = locate | info | rdma) and the task handing the region to same-host clients."""
-        kinds: dict[str, tuple[str, Access]] = {"locate": ("LOCATE", READ), "info": ("LOCATE_INFO", LOGIN),
-                                                "rdma": ("LOCATE_RDMA", LOGIN)}
+        kinds: dict[str, tuple[str, Access]] = {"info": ("LOCATE_INFO", LOGIN), "rdma": ("LOCATE_RDMA", LOGIN),
+                                                "touch": ("LOCATE_TOUCH", LOGIN)}
 
         def decode(meta: dict[str, Any], limits: c.Limits, payload_len: int) -> Request:
-            do = meta.get("do", "locate")
+            do = meta.get("do")
             kind = kinds.get(do) if isinstance(do, str) else None
             if kind is None:
-                raise InvalidArgument(f"LOCATE: unknown 'do' {do!r}")
-            if kind[0] == "LOCATE":  # namespace and keys for the stages (grant, routing)
-                return Call(kind[0], kind[1], meta, c.get_str(meta, "ns", "shared", 128),
-                            c.get_keys(meta, "ks", limits), meta.get("ep"))
+                raise InvalidArgument(f"LOCATE: unknown 'do' {do!r} (info | rdma | touch)")
             return Call(kind[0], kind[1], meta)
 
         return Extension("onesided", operations=(
-            Operation("LOCATE", READ, self.locate, opcode=int(Op.LOCATE), decode=decode),
-            Operation("LOCATE_INFO", LOGIN, self.info),
+            Operation("LOCATE_INFO", LOGIN, self.info, opcode=int(Op.LOCATE), decode=decode),
             Operation("LOCATE_RDMA", LOGIN, self.rdma_connect),
-        ), background=(self.serve_fds,), stats=self.stats)
+            Operation("LOCATE_TOUCH", LOGIN, self.touch),
+        ), background=(self.serve_fds, self.heartbeat), stats=self.stats)
 
     # -- policy
     def allowed(self, session: Session) -> bool:
-        if self.store.quarantine_s <= 0:
-            return False  # nothing would keep a descriptor's bytes in place
+        if self.store.readable is None:
+            return False  # no index (no quarantine: nothing would keep a reader's bytes in place)
         if session.auth_required:
-            return self.tenants_trusted
+            return self.tenants_trusted and session.authenticated
         return True
+
+    def _readable_tags(self, session: Session) -> dict[int, str]:
+        """tag -> namespace, for the namespaces this session may read (tenant-scoped ones: its own scope)."""
+        index = self.store.readable
+        assert index is not None
+        out = {}
+        for name, pol in self.store.namespaces.items():
+            if session.may(name, "r"):
+                out[index.tag_of(name, session.tenant if pol.tenant_scoped else "")] = name
+        return out
 
     # -- the operations
     def info(self, session: Session, req: Call) -> Reply:
         ok = self.allowed(session)
         out: dict[str, Any] = {"host": host_identity(), "r": self.region_id, "size": self.store.region.size,
                                "valid": self.store.quarantine_s, "ok": ok, "rdma": ok and self.rdma_enabled}
+        if ok:
+            index = self.store.open_readable_index()
+            assert index is not None
+            out["ix"] = {"base": index.base, "slots": index.slots, "v": FORMAT_VERSION}
+            out["tags"] = {name: tag for tag, name in self._readable_tags(session).items()}
+            # (a GET reply marks these "ow"; a reader that never sends a GET learns it here)
+            out["ow"] = sorted(name for name in out["tags"] if self.store.namespaces[name].overwrite)
         if ok and self.store.region.ro_fd is not None:
             ticket = secrets.token_bytes(16)
             now = self.clock.monotonic()
@@ -121,42 +142,25 @@ class OneSided:
             out["ticket"] = ticket
         return Reply(out)
 
-    def locate(self, session: Session, req: Call) -> Reply:
-        meta, ns, keys = req.meta, req.ns, req.keys
-        if not self.allowed(session):
-            return Reply({"r": self.region_id, "d": [False] * len(keys), "lease": 0.0, "valid": 0.0})
-        lease = c.get_opt_float(meta, "lease")
-        lease = 2.0 if lease is None else max(0.0, min(lease, MAX_LEASE_S))
-        inline = c.get_int(meta, "inline", 0)
-        store = self.store
-        until = store.now() + lease
-        descs: list[Any] = []
-        views: list[memoryview] = []
-        total = 0
-        get = store.get
-        for key in keys:
-            e = get(key, namespace=ns, tenant=session.tenant)
-            if e is None:
-                descs.append(None)
-            elif e.offset < 0:
-                descs.append(False)
-            elif e.length <= inline:
-                # Small values travel in the reply: a one-sided copy would cost a
-                # second step for a few bytes. Offset -1 marks them.
-                descs.append([-1, e.length, e.checksum, e.generation])
-                views.append(store.view(e))
-                total += e.length
-            else:
-                store.expose(e)
-                if e.lease_until < until:
-                    e.lease_until = until
-                descs.append([e.offset, e.length, e.checksum, e.generation])
-        self.locates += 1
-        self.located += len(keys)
-        out = {"r": self.region_id, "d": descs, "lease": lease, "valid": store.quarantine_s}
-        if store.namespaces[ns].overwrite:
-            out["ow"] = True  # as GET: a cluster client compares replica versions, over TCP
-        return Reply(out, views, total)
+    def touch(self, session: Session, req: Call) -> Reply:
+        index = self.store.readable
+        pairs = req.meta.get("t")
+        if not isinstance(pairs, list) or len(pairs) % 2 or len(pairs) > 2 * MAX_TOUCHES:
+            raise InvalidArgument(f"LOCATE touch: 't' must be a list of at most {MAX_TOUCHES} (slot, seq) pairs")
+        if index is None or not self.allowed(session):
+            return Reply({"n": 0})
+        readable = self._readable_tags(session)
+        n = 0
+        for i in range(0, len(pairs), 2):
+            slot, seq = pairs[i], pairs[i + 1]
+            if type(slot) is not int or type(seq) is not int:
+                raise InvalidArgument("LOCATE touch: slots and seqs are integers")
+            e = index.entry_at(slot, seq)
+            if e is not None and index.tag_at(slot) in readable:
+                self.store.touch(e)
+                n += 1
+        self.touches += n
+        return Reply({"n": n})
 
     def rdma_connect(self, session: Session, req: Call) -> Reply:
         meta = req.meta
@@ -183,6 +187,16 @@ class OneSided:
         weakref.finalize(session, _close_quietly, qp)
         self.rdma_qps += 1
         return Reply(reply)
+
+    async def heartbeat(self) -> None:
+        """Keep the index's heartbeat going: readers trust the index only while it moves
+        (memkv/protocol/index_format.py), so a hung or dead node stops being read one-sided."""
+        index = self.store.readable
+        if index is None:
+            return
+        while True:
+            index.heartbeat()
+            await self.clock.sleep(HEARTBEAT_S)
 
     # -- the shared-memory hand-off: an abstract Unix socket, SCM_RIGHTS
     async def serve_fds(self) -> None:
@@ -221,7 +235,8 @@ class OneSided:
         self.fds_sent += 1
 
     def stats(self) -> dict[str, Any]:
-        return {"locates": self.locates, "located": self.located, "fds_sent": self.fds_sent,
+        return {"touches": self.touches, "fds_sent": self.fds_sent, "index": self.store.readable.stats()
+                if self.store.readable is not None else None,
                 "rdma": self.rdma_enabled, "rdma_qps": self.rdma_qps, "rdma_error": self._rdma_error}
 
 

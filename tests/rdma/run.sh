@@ -51,7 +51,7 @@ cd "$REPO"
 echo "import site; site.addsitedir('$SITE')" > /usr/lib/python3/dist-packages/zz-memkv-venv.pth
 export PYTHONDONTWRITEBYTECODE=1 MEMKV_RDMA_DEVICE=rxe0 MEMKV_IN_RXE_GUEST=1 MEMKV_NODE_START_TIMEOUT=120 PYTHONUNBUFFERED=1
 python3 -c 'import pyverbs.device as d, memkv; print("guest: pyverbs devices", [x.name for x in d.get_device_list()])'
-timeout 300 python3 -m pytest -p no:cacheprovider -q -ra --timeout=240 -k "$PYTEST_K" \
+timeout $((VM_TIMEOUT - 120)) python3 -m pytest -p no:cacheprovider -q -ra --timeout=240 -k "$PYTEST_K" \
     --junitxml="$R/junit.xml" tests/test_transports.py 2>&1 | tee "$R/pytest.txt"
 rc=\$?
 [ -f "$R/junit.xml" ] || rc=1
