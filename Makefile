@@ -14,7 +14,7 @@ PYTEST_ARGS  ?=
 # extra bench args: make bench BENCH_ARGS=--quick
 BENCH_ARGS   ?=
 
-.PHONY: help install install-vllm install-engines test lint demo demo-vllm bench chaos compose-up compose-down test-rdma clean
+.PHONY: help install install-vllm install-engines test lint demo demo-vllm bench chaos soak fuzz compose-up compose-down test-rdma clean
 
 help:
 	@echo "make install      set up Debian packages + .venv (scripts/bootstrap.sh)"
@@ -26,6 +26,8 @@ help:
 	@echo "make lint         ruff check + import contracts (lint-imports)"
 	@echo "make compose-up   docker-compose cluster (offline image build); make compose-down stops it"
 	@echo "make chaos        every chaos scenario (CHAOS_TARGET=local|compose), report in chaos/results/"
+	@echo "make soak         random overlapping faults under load (SOAK_SEED=1 SOAK_MINUTES=3), docs/chaos.md"
+	@echo "make fuzz         atheris harnesses + long hypothesis fuzz runs (FUZZ_SECONDS=120 per harness)"
 	@echo "make test-rdma    RDMA transport suite under Soft-RoCE in a qemu VM"
 
 install:
@@ -79,6 +81,24 @@ CHAOS_TARGET ?= local
 CHAOS_ARGS   ?=
 chaos: install
 	$(PY) -m chaos all --target $(CHAOS_TARGET) $(CHAOS_ARGS)
+
+# soak (docs/chaos.md): one cluster, a seeded schedule of overlapping faults under load for
+# SOAK_MINUTES, the checker over the whole history; CI runs the default (3 min, seed 1: the
+# shortest that injects every kind).
+# SOAK_ARGS e.g. --set deletes=0.1, --set kinds=kill9,net_clients, --keep
+SOAK_SEED    ?= 1
+SOAK_MINUTES ?= 3
+SOAK_ARGS    ?=
+soak: install
+	$(PY) -m chaos soak --seed $(SOAK_SEED) --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
+
+# fuzzing at the edges, the long runs (docs/chaos.md "Fuzzing"): the atheris harnesses of
+# tests/fuzz/ for FUZZ_SECONDS each (RESP against a live node, config files, tenants.json, segment recovery),
+# then the hypothesis fuzz tests with larger example counts. make test runs the short ones.
+FUZZ_SECONDS ?= 120
+FUZZ_ARGS    ?=
+fuzz: install
+	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 # docker-compose deployment (compose/, docs/deployment.md): builds
 # the images offline (debootstrap base + host wheelhouse; starts dockerd if needed),

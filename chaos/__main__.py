@@ -1,4 +1,4 @@
-"""``python -m chaos``: list | run SCENARIO... | all [--fast] | check HISTORY.jsonl
+"""``python -m chaos``: list | run SCENARIO... | all [--fast] | soak --seed S --minutes M | check HISTORY.jsonl
 
     python -m chaos list
     python -m chaos run kill9 --set lease_ttl=3 --set victim=n1
@@ -7,6 +7,7 @@
     python -m chaos all --target compose    # against the compose deployment: builds the images
                                             # (compose/build-offline.sh), a fresh deployment per
                                             # scenario, torn down at the end (--keep-deployment)
+    python -m chaos soak --seed 7 --minutes 60  # random overlapping faults under load (chaos/soak.py)
     python -m chaos check chaos/results/kill9-local-...history.jsonl
 
 Local runs re-execute themselves in a private network namespace (``unshare -n``, only
@@ -66,6 +67,21 @@ def _unwind_on_signals() -> None:
         signal.signal(sig, unwind)
 
 
+def _soak(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from chaos.report import print_soak
+    from chaos.soak import Soak
+
+    results = Path(args.results)
+    r = Soak(args.seed, args.minutes, overrides=overrides, results_dir=results, keep=args.keep,
+             log=lambda m: print(m, file=sys.stderr, flush=True)).run()
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"soak-{args.seed}-local-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(r, indent=2, default=str))
+    print_soak(r)
+    print(f"report: {path}")
+    return 0 if r["status"] == "passed" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n\n")[0])
@@ -87,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="compose: leave the last scenario's deployment up (default: down -v at the end)")
         s.add_argument("--no-build", action="store_true",
                        help="compose: use the images as built (skip compose/build-offline.sh; dockerd must run)")
+    k = sub.add_parser("soak", help="random combinations of faults under load (chaos/soak.py)")
+    k.add_argument("--seed", type=int, required=True)
+    k.add_argument("--minutes", type=float, required=True)
+    k.add_argument("--set", action="append", default=[], metavar="K=V", help="soak parameter (chaos.soak.DEFAULTS)")
+    k.add_argument("--results", default=str(RESULTS))
+    k.add_argument("--keep", action="store_true")
+    k.add_argument("--no-netns", action="store_true")
+    k.add_argument("--plan", action="store_true", help="print the fault schedule of this seed and exit")
     c = sub.add_parser("check", help="run the checker over a recorded history")
     c.add_argument("history")
     c.add_argument("--read-bound", type=float, default=10.0)
@@ -105,16 +129,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"passed": v.passed, "violations": v.violations, "metrics": v.metrics}, indent=2))
         return 0 if v.passed else 1
 
-    if args.target == "local" and not args.no_netns:
-        rc = _reexec_in_netns(argv)
-        if rc is not None:
-            return rc
-    _unwind_on_signals()
-    names = args.scenarios if args.cmd == "run" else [n for n, s in SCENARIOS.items() if s.fast or not args.fast]
     overrides = {}
     for kv in args.set:
         k, _, v = kv.partition("=")
         overrides[k.strip()] = parse_value(v.strip())
+    if args.cmd == "soak" and args.plan:
+        from chaos.soak import DEFAULTS, plan
+
+        p = dict(DEFAULTS, **overrides)
+        for f in plan(args.seed, args.minutes * 60, nodes=[f"n{i + 1}" for i in range(int(p["nodes"]))],
+                      members=int(p["etcd_members"]), gap_s=float(p["gap_s"]), max_overlap=int(p["max_overlap"]),
+                      kinds=[x for x in str(p["kinds"]).split(",") if x], cover=bool(p["cover"])):
+            print(f"{f.at:8.1f}s {f.duration:5.1f}s  {f.label}")
+        return 0
+    if getattr(args, "target", "local") == "local" and not args.no_netns:
+        rc = _reexec_in_netns(argv)
+        if rc is not None:
+            return rc
+    _unwind_on_signals()
+    if args.cmd == "soak":
+        return _soak(args, overrides)
+    names = args.scenarios if args.cmd == "run" else [n for n, s in SCENARIOS.items() if s.fast or not args.fast]
     results = []
     t0 = time.monotonic()
     deployment = None

@@ -16,6 +16,7 @@ import json
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def crc(data: bytes | bytearray | memoryview) -> int:
 
 @dataclass
 class Op:
-    op: str  # "put" | "get"
+    op: str  # "put" | "get" | "delete"
     key: str
     t0: float
     t1: float
@@ -93,11 +94,17 @@ class History:
 
 
 class Recorder:
-    """Thread-safe: load workers, probes and the fault injector all append here."""
+    """Thread-safe: load workers, probes and the fault injector all append here.
 
-    def __init__(self) -> None:
-        self.start = time.monotonic()
+    ``start`` is the run's time origin on the monotonic clock (shared by every process of the
+    machine, and never skewed by the fault shim, which moves wall clocks only), so a load
+    worker in another process (:mod:`chaos.worker`) records on the same time line; ``sink``
+    also receives every op (that worker streams them to the runner)."""
+
+    def __init__(self, start: float | None = None, sink: Callable[[Op], None] | None = None) -> None:
+        self.start = time.monotonic() if start is None else start
         self.history = History()
+        self.sink = sink
         self._lock = threading.Lock()
 
     def now(self) -> float:
@@ -106,9 +113,13 @@ class Recorder:
     def add(self, op: Op) -> None:
         with self._lock:
             self.history.ops.append(op)
+            if self.sink is not None:
+                self.sink(op)
 
-    def event(self, kind: str, what: str) -> float:
-        t = self.now()
+    def event(self, kind: str, what: str, t: float | None = None) -> float:
+        """Record an event at ``t`` (default: now; a fault whose injection took a while is
+        recorded at the moment its injection began)."""
+        t = self.now() if t is None else t
         with self._lock:
             self.history.events.append(Event(t, kind, what))
         return t

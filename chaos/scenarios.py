@@ -18,112 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.checker import slot_map_problems
-from chaos.history import Op, Recorder, crc
-from chaos.load import BLOCKS_NS, LoadGenerator, make_value
+from chaos import harsh
+from chaos.ctx import Ctx, converged, open_probe, owned_key, probe_put
+from chaos.history import Op
 from chaos.targets import Unsupported
-from memkv.client import SyncClient
-from memkv.client.cluster_map import key_slot, prefix
-from memkv.cluster.slotmap import compute_table
-from memkv.errors import MemKVError
-
-
-@dataclass
-class Ctx:
-    target: Any
-    rec: Recorder
-    p: dict[str, Any]
-    load: LoadGenerator
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def victim(self) -> str:
-        return str(self.p["victim"])
-
-    @property
-    def ttl(self) -> float:
-        return float(self.p["lease_ttl"])
-
-    def fault(self, what: str) -> float:
-        return self.rec.event("fault", what)
-
-    def heal(self, what: str) -> float:
-        return self.rec.event("heal", what)
-
-    def info(self, what: str) -> None:
-        self.rec.event("info", what)
-        self.notes.append(what)
-
-    def sleep(self, s: float) -> None:
-        time.sleep(max(0.0, s))
-
-    def wait(self, pred: Callable[[Any], bool], timeout: float, what: str) -> Any:
-        return self.target.wait(pred, timeout, what)
-
-    def wait_gone(self, node_id: str, timeout: float | None = None) -> None:
-        """Until ``node_id``'s lease expired and the map no longer names it."""
-        self.wait(lambda st: node_id not in st.nodes and st.slotmap is not None
-                  and node_id not in st.slotmap.members, timeout or self.ttl * 4 + 20, f"{node_id} out of the map")
-
-    def wait_converged(self, timeout: float | None = None) -> None:
-        """Until every slot is back on R live replicas with nothing pending (see :func:`converged`)."""
-        gone = set(self.p.get("expect_gone", ()))
-        self.wait(lambda st: converged(self.target, st, gone), timeout or float(self.p["converge_timeout_s"]),
-                  "converged")
-
-    def wait_member(self, node_id: str, timeout: float = 60.0) -> None:
-        self.wait(lambda st: node_id in st.nodes and st.slotmap is not None and node_id in st.slotmap.members,
-                  timeout, f"{node_id} back in the map")
-
-
-def converged(target: Any, st: Any, expect_gone: set[str]) -> bool:
-    """The map is where the rebalancer will leave it: every live node a member, nothing moving,
-    every slot on R live replicas, and the table equal to the rebalancer's own target for these
-    members -- not merely fully replicated. (A node that restarts after its slots were
-    re-replicated elsewhere is a member holding nothing until the next round moves slots back;
-    counting that as converged ended the wait just before that round, which then looked like
-    a cluster that never converged.)"""
-    sm = st.slotmap
-    if sm is None:
-        return False
-    alive = target.alive() - expect_gone
-    registered = set(st.nodes)
-    live = alive & registered
-    if (not alive <= registered or set(sm.members) != live or getattr(sm, "pending", None)
-            or slot_map_problems(sm.table, live, sm.replicas)):
-        return False
-    members = {n: st.nodes[n].zone for n in live}
-    return compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=sm.table) == list(sm.table)
-
-
-
-# -- probes: requests sent straight to one node, outside the load generator
-def open_probe(ctx: Ctx, node_id: str, *, epoch: int | None, timeout: float) -> SyncClient:
-    host, port = ctx.target.address(node_id)
-    c = SyncClient.connect(f"memkv://{host}:{port}", transport="tcp", timeout=timeout)  # connected now
-    c.router.epoch = epoch  # requests carry this slot-map epoch, as a cluster client's would
-    return c
-
-
-def owned_key(sm: Any, node_id: str, tag: str) -> str:
-    for i in range(100_000):
-        k = f"probe/{tag}/{i}"
-        if node_id in sm.table[key_slot(k.encode(), sm.slots)]:
-            return k
-    raise RuntimeError(f"no key owned by {node_id}")
-
-
-def probe_put(ctx: Ctx, client: SyncClient, key: str, *, expect: str, label: str) -> Op:
-    value = make_value(key, label, 256)
-    t0 = ctx.rec.now()
-    try:
-        client.put(key, value, namespace=BLOCKS_NS)
-        op = Op("put", key, t0, ctx.rec.now(), True, "ok", crc(value), BLOCKS_NS, phase="probe", expect=expect)
-    except (MemKVError, OSError) as exc:
-        op = Op("put", key, t0, ctx.rec.now(), False, "error", crc(value), BLOCKS_NS, type(exc).__name__,
-                phase="probe", expect=expect)
-    ctx.rec.add(op)
-    return op
+from memkv.client.cluster_map import prefix
 
 
 # -- the scenarios
@@ -330,10 +229,11 @@ class Scenario:
     name: str
     fn: Callable[[Ctx], None]
     fast: bool = False            # part of `make test` (tests/test_chaos.py)
-    needs: tuple[str, ...] = ()   # "partition", "rebalancer"
+    needs: tuple[str, ...] = ()   # "partition", "net", "shim", "memory", "local", "rebalancer"
     defaults: dict[str, Any] = field(default_factory=dict)
     node_args: Callable[[Any, dict[str, Any]], dict[str, list[str]]] | None = None
     check_lost: bool = True       # R >= 2, single fault at a time
+    known: str = ""               # a known bug this scenario reproduces: a failure is reported as "xfail"
 
     @property
     def doc(self) -> str:
@@ -354,6 +254,20 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              defaults={"disk": "1MiB", "segment": "256KiB", "value_size": 4096}),
     Scenario("corrupt_segment", corrupt_segment, fast=True, defaults={"warmup_s": 3}),
     Scenario("rolling_restart", rolling_restart),
+    # issue 19: harsher faults (chaos/harsh.py)
+    Scenario("net_slow_clients", harsh.net_slow_clients, needs=("net",)),
+    Scenario("net_flaky_nodes", harsh.net_flaky_nodes, needs=("net",), defaults={"converge_timeout_s": 120}),
+    Scenario("clock_skew_node", harsh.clock_skew_node, needs=("shim",)),
+    Scenario("clock_skew_client", harsh.clock_skew_client, needs=("shim",)),
+    Scenario("slow_fsync", harsh.slow_fsync, needs=("shim",)),
+    Scenario("oom_kill", harsh.oom_kill, needs=("memory",), defaults={"lease_ttl": 5}),
+    Scenario("etcd_member_kill", harsh.etcd_member_kill, defaults={"etcd_members": 3}),
+    Scenario("rereplicate_flash_only", harsh.rereplicate_flash_only, needs=("local",),
+             defaults={"memory": "16MiB", "value_size": 32768, "warmup_s": 25, "rate": 40.0}),
+    Scenario("lost_single_copy", harsh.lost_single_copy, needs=("partition", "local"),
+             known="a durable write is acknowledged once the replicas that answered within the client timeout "
+                   "have it; the lost copy's node takes it away (no hinted handoff / anti-entropy: issue 19 "
+                   "item 2)"),
     Scenario("join_under_load", join_under_load, needs=("rebalancer",)),
     Scenario("drain_under_load", drain_under_load, needs=("rebalancer",)),
     Scenario("leader_killed_mid_migration", leader_killed_mid_migration, needs=("rebalancer",)),
@@ -375,4 +289,4 @@ def rebalancer_missing() -> str | None:
     return None
 
 
-__all__ = ["SCENARIOS", "Scenario", "Ctx", "Unsupported", "rebalancer_missing"]
+__all__ = ["SCENARIOS", "Scenario", "Ctx", "Unsupported", "converged", "rebalancer_missing"]

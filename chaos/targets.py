@@ -25,12 +25,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chaos import faultshim
+from chaos.cgroups import ProcessGroups
 from chaos.load import NODE_CONFIG
+from chaos.netfault import ETCD, NetFaults, NetUnavailable
 from memkv.client.cluster_view import ClusterState, ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
 from memkv.tools.localproc import EtcdProcess, stop_process
@@ -78,19 +82,45 @@ def corrupt_file(path: Path, flips: int, rnd: random.Random, skip: int = 4096) -
     return offsets
 
 
-class MultiPortEtcd(EtcdProcess):
-    """etcd listening on its main client port plus one extra port per node."""
+class EtcdMember(EtcdProcess):
+    """One member of the run's etcd cluster (1 or 3 members), listening on its main client port
+    plus one extra port per node (each node talks to etcd only through its own ports, so a
+    partition can cut exactly one node from etcd), started inside its cgroup when there is one."""
 
-    def __init__(self, *args: Any, extra_ports: list[int], **kw: Any) -> None:
-        super().__init__(*args, **kw)
+    def __init__(self, data_dir: Path, *, name: str, extra_ports: list[int], wrap: Any = None, **kw: Any) -> None:
+        super().__init__(data_dir, **kw)
+        self.name = name
         self.extra_ports = extra_ports
+        self.initial_cluster = f"{name}=http://127.0.0.1:{self.peer_port}"
+        self.wrap = wrap
 
     def command(self) -> list[str]:
         cmd = super().command()
         i = cmd.index("--listen-client-urls")
-        urls = [f"http://127.0.0.1:{p}" for p in [self.client_port, *self.extra_ports]]
-        cmd[i + 1] = ",".join(urls)
-        return cmd
+        cmd[i + 1] = ",".join(f"http://127.0.0.1:{p}" for p in [self.client_port, *self.extra_ports])
+        cmd[cmd.index("--name") + 1] = self.name
+        cmd[cmd.index("--initial-cluster") + 1] = self.initial_cluster
+        return self.wrap(cmd) if self.wrap is not None else cmd
+
+
+def etcd_leader(endpoints: list[str]) -> str | None:
+    """The name of the etcd member that is the raft leader, asking the members at ``endpoints``
+    (HOST:PORT) in turn; None if none answers. (etcd's maintenance Status call: the memkv etcd
+    adapter has no use for it, so pyetcd direct.)"""
+    import pyetcd
+
+    for ep in endpoints:
+        host, _, port = ep.rpartition(":")
+        c = pyetcd.client(host=host, port=int(port), timeout=2)
+        try:
+            leader = c.status().leader
+            return None if leader is None else str(leader.name)
+        except Exception:  # noqa: BLE001 - that member is down: ask the next one
+            continue
+        finally:
+            with contextlib.suppress(Exception):
+                c.close()
+    return None
 
 
 @dataclass
@@ -98,11 +128,12 @@ class LocalNode:
     node_id: str
     zone: str
     port: int
-    etcd_port: int
+    etcd_ports: list[int]
     workdir: Path
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     paused: bool = False
+    faults: faultshim.FaultFile | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -119,10 +150,21 @@ class LocalNode:
 
 
 class LocalTarget:
+    """etcd (1 or 3 members) + node processes on loopback, started here.
+
+    Besides the primitives every target has, the local target can (when it runs as root in its
+    private network namespace, with cgroups and a C compiler): impair links between processes
+    (``net_impair``: :mod:`chaos.netfault`), skew a node's wall clock and slow its fsyncs
+    (``clock_skew`` / ``slow_fsync``: the fault shim, :mod:`chaos.faultshim`, preloaded into
+    every node), limit a node's memory and press on it (``memory_limit`` / ``memory_hog``:
+    :mod:`chaos.cgroups`), and kill single etcd members (``etcd_member_kill``).
+    """
+
     name = "local"
 
     def __init__(self, workdir: Path, *, nodes: int = 3, replicas: int = 2, lease_ttl: int = 2, zones: int = 1,
-                 memory: str = "64MiB", node_args: dict[str, list[str]] | None = None, spare: int = 2) -> None:
+                 memory: str = "64MiB", node_args: dict[str, list[str]] | None = None, spare: int = 2,
+                 etcd_members: int = 1, seed: int = 0) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         # A name of its own per run: a node left over from an earlier run (its runner was killed) keeps
@@ -133,27 +175,93 @@ class LocalTarget:
         self.lease_ttl = lease_ttl
         self.memory = memory
         self.zones = zones
+        self.seed = seed
         self.node_args = node_args or {}
         self.config_path = self.workdir / "memkv.toml"
         self.config_path.write_text(NODE_CONFIG.format(replicas=replicas, lease_ttl=lease_ttl))
-        self._etcd_ports = [free_port() for _ in range(nodes + spare)]
-        self.etcd = MultiPortEtcd(self.workdir / "etcd" / "data", extra_ports=self._etcd_ports,
-                                  log_path=self.workdir / "etcd.log")
+        self.groups = ProcessGroups(self.cluster.removeprefix("chaos-"))
+        # per member: its main client port, then one extra port per node slot
+        self._node_slots = nodes + spare
+        self.etcd_members: list[EtcdMember] = []
+        for m in range(etcd_members):
+            extra = [free_port() for _ in range(self._node_slots)]
+            self.etcd_members.append(EtcdMember(self.workdir / "etcd" / f"e{m}", name=f"e{m}", extra_ports=extra,
+                                                log_path=self.workdir / f"etcd-e{m}.log",
+                                                wrap=lambda cmd: self.groups.wrap(ETCD, cmd)))
+        initial = ",".join(m.initial_cluster for m in self.etcd_members)
+        for m in self.etcd_members:
+            m.initial_cluster = initial
         self.nodes: dict[str, LocalNode] = {}
         self._rules: list[list[str]] = []
         self.initial = [f"n{i + 1}" for i in range(nodes)]
+        self.net: NetFaults | None = None
+        self.net_unavailable = ""
+        self.shim: Path | None = None
+        self.shim_unavailable = ""
+        self.hogs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def etcd(self) -> EtcdMember:
+        """The first etcd member (the one the runner's own etcd client prefers)."""
+        return self.etcd_members[0]
+
+    @property
+    def etcd_endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.etcd_members)
 
     # -- set-up / tear-down
     @property
     def url(self) -> str:
-        return f"etcd://{self.etcd.endpoint}/{self.cluster}"
+        return f"etcd://{self.etcd_endpoints}/{self.cluster}"
 
     @property
     def can_partition(self) -> bool:
         return in_private_netns() and shutil.which("iptables") is not None
 
+    def unsupported(self, need: str) -> str | None:
+        """Why this target cannot inject faults of kind ``need`` here (None: it can), known before
+        the cluster is brought up."""
+        if need in ("partition", "net") and not self.can_partition:
+            return ("partitions and network faults need `python -m chaos` as root in its private network "
+                    "namespace, with iptables (apt-get install iptables)")
+        if need == "net":
+            from chaos import cgroups
+
+            if cgroups.unified() is None:
+                return "network faults need a writable cgroup v2 hierarchy (to tell the processes' packets apart)"
+        if need == "shim" and shutil.which("cc") is None and shutil.which("gcc") is None:
+            return "clock and fsync faults need a C compiler for the fault shim (apt-get install build-essential)"
+        if need == "memory":
+            from chaos import cgroups
+
+            if cgroups.memory() is None:
+                return "memory faults need a writable memory cgroup (v2 memory controller or the v1 hierarchy)"
+        return None
+
+    def _start_faults(self) -> None:
+        """The fault machinery that must exist before the first process: the shim (built here),
+        the process groups and the network classification. What cannot work here is recorded
+        (``*_unavailable``) and raised as Unsupported by the scenarios that need it."""
+        try:
+            self.shim = faultshim.build(self.workdir / "shim")
+        except faultshim.ShimUnavailable as exc:
+            self.shim_unavailable = str(exc)
+        if not self.can_partition:
+            self.net_unavailable = ("network faults need `python -m chaos` as root in its private network "
+                                    "namespace, with iptables")
+            return
+        net = NetFaults(self.groups, seed=self.seed, log_path=self.workdir / "nfqueue.log")
+        net.member(ETCD, [p for m in self.etcd_members for p in [m.client_port, m.peer_port, *m.extra_ports]])
+        try:
+            net.start()
+            self.net = net
+        except NetUnavailable as exc:
+            net.close()
+            self.net_unavailable = str(exc)
+
     def up(self, timeout: float = 60.0) -> None:
-        self.etcd.start()
+        self._start_faults()
+        self.etcd_start_all()
         for nid in self.initial:
             self.add_node(nid, wait=False)
         self.wait(lambda st: set(st.nodes) == set(self.initial) and st.slotmap is not None
@@ -165,33 +273,54 @@ class LocalTarget:
         for rule in reversed(self._rules):
             self._iptables("-D", rule, check=False)
         self._rules.clear()
+        for h in self.hogs:
+            with contextlib.suppress(OSError):
+                h.kill()
+                h.wait()
         for n in self.nodes.values():
             if n.running:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(n.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
                 n.proc.kill()  # type: ignore[union-attr]
                 n.proc.wait()  # type: ignore[union-attr]
-        self.etcd.kill()
+        for m in self.etcd_members:
+            m.kill()
+        if self.net is not None:
+            self.net_stats = self.net.close()
+        self.groups.close()
 
     # -- nodes
     def add_node(self, node_id: str, *, zone: str | None = None, wait: bool = True,
                  extra: list[str] | None = None) -> LocalNode:
         i = len(self.nodes)
-        if i >= len(self._etcd_ports):
+        if i >= self._node_slots:
             raise Unsupported("no spare etcd port for another node")
-        node = LocalNode(node_id, zone or f"z{i % max(1, self.zones)}", free_port(), self._etcd_ports[i],
-                         self.workdir / node_id, list(extra if extra is not None else self.node_args.get(node_id, [])))
+        node = LocalNode(node_id, zone or f"z{i % max(1, self.zones)}", free_port(),
+                         [m.extra_ports[i] for m in self.etcd_members], self.workdir / node_id,
+                         list(extra if extra is not None else self.node_args.get(node_id, [])))
+        node.workdir.mkdir(parents=True, exist_ok=True)
+        node.faults = faultshim.FaultFile(node.workdir / "faults")
         self.nodes[node_id] = node
+        if self.net is not None:
+            self.net.member(node_id, [node.port])
         self.start(node_id)
         if wait:
             self.wait(lambda st: node_id in st.nodes, 30, f"{node_id} registered")
         return node
 
     def command(self, n: LocalNode) -> list[str]:
-        return [sys.executable, "-m", "memkv.cli", "serve", "--listen", f"127.0.0.1:{n.port}",
-                "--memory", self.memory, "--data-dir", str(n.data_dir), "--config", str(self.config_path),
-                "--etcd", f"127.0.0.1:{n.etcd_port}", "--cluster", self.cluster, "--node-id", n.node_id,
-                "--zone", n.zone, *n.extra]
+        etcd = ",".join(f"127.0.0.1:{p}" for p in n.etcd_ports)
+        cmd = [sys.executable, "-m", "memkv.cli", "serve", "--listen", f"127.0.0.1:{n.port}",
+               "--memory", self.memory, "--data-dir", str(n.data_dir), "--config", str(self.config_path),
+               "--etcd", etcd, "--cluster", self.cluster, "--node-id", n.node_id,
+               "--zone", n.zone, *n.extra]
+        return self.groups.wrap(n.node_id, cmd)
+
+    def node_env(self, n: LocalNode) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.shim is not None and n.faults is not None:
+            env.update(faultshim.env(self.shim, n.faults.path))
+        return env
 
     def start(self, node_id: str, *, extra: list[str] | None = None, timeout: float = 20.0) -> None:
         n = self.nodes[node_id]
@@ -201,7 +330,7 @@ class LocalTarget:
         n.data_dir.mkdir(parents=True, exist_ok=True)
         with open(n.workdir / "node.log", "ab") as log:
             n.proc = subprocess.Popen(self.command(n), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+                                      env=self.node_env(n), start_new_session=True)
         n.paused = False
         deadline = time.monotonic() + timeout
         while True:
@@ -234,6 +363,9 @@ class LocalTarget:
         os.kill(n.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
         n.paused = False
 
+    def running(self, node_id: str) -> bool:
+        return self.nodes[node_id].running
+
     def alive(self) -> set[str]:
         return {i for i, n in self.nodes.items() if n.running and not n.paused}
 
@@ -242,16 +374,18 @@ class LocalTarget:
 
     # -- partitions (private netns only)
     def _iptables(self, action: str, rule: list[str], check: bool = True) -> None:
-        r = subprocess.run(["iptables", action, *rule], capture_output=True, text=True)
+        r = subprocess.run(["iptables", "-w", action, *rule], capture_output=True, text=True)
         if check and r.returncode != 0:
             raise RuntimeError(f"iptables {action} {' '.join(rule)}: {r.stderr.strip()}")
 
-    def _drop_port(self, port: int) -> list[list[str]]:
+    def _drop_ports(self, ports: list[int]) -> list[list[str]]:
         if not self.can_partition:
             raise Unsupported("partitions need the private network namespace (run through `python -m chaos`, "
                               "as root, with unshare and iptables)")
-        rules = [["INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"],
-                 ["OUTPUT", "-p", "tcp", "--sport", str(port), "-j", "DROP"]]
+        rules = []
+        for port in ports:
+            rules += [["INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"],
+                      ["OUTPUT", "-p", "tcp", "--sport", str(port), "-j", "DROP"]]
         for r in rules:
             self._iptables("-I", r)
             self._rules.append(r)
@@ -264,20 +398,140 @@ class LocalTarget:
                 self._rules.remove(r)
 
     def partition_etcd(self, node_id: str) -> Any:
-        return self._drop_port(self.nodes[node_id].etcd_port)
+        return self._drop_ports(self.nodes[node_id].etcd_ports)
 
     def partition_clients(self, node_id: str) -> Any:
-        return self._drop_port(self.nodes[node_id].port)
+        return self._drop_ports([self.nodes[node_id].port])
 
     def heal(self, handle: Any) -> None:
         self._undrop(handle)
 
+    def heal_all_links(self) -> None:
+        """Every partition and every impaired link healed."""
+        self._undrop(list(self._rules))
+        if self.net is not None:
+            for f in list(self.net.faults.values()):
+                self.net.heal(f)
+
+    # -- network quality (delay, jitter, loss, reordering)
+    def net_impair(self, pairs: list[tuple[str, str]], **params: float) -> Any:
+        """Impair the directed links ``pairs`` ("clients", "etcd", node ids) until ``net_heal``."""
+        if self.net is None:
+            raise Unsupported(self.net_unavailable or "network faults not started")
+        return self.net.impair(pairs, **params)
+
+    def net_heal(self, handle: Any) -> None:
+        if self.net is not None:
+            self.net.heal(handle)
+
+    # -- clocks and disks (the fault shim)
+    def _shim(self, node_id: str) -> faultshim.FaultFile:
+        if self.shim is None:
+            raise Unsupported(f"the fault shim is not available: {self.shim_unavailable}")
+        return self.nodes[node_id].faults  # type: ignore[return-value]
+
+    def clock_skew(self, node_id: str, seconds: float) -> None:
+        """The node's wall clock runs ``seconds`` ahead (negative: behind); 0 heals."""
+        self._shim(node_id).skew(seconds)
+
+    def client_faults(self, name: str) -> tuple[dict[str, str], faultshim.FaultFile]:
+        """Environment that preloads the fault shim into a client process (:mod:`chaos.worker`),
+        and its control file. Clients run on this machine for every target."""
+        if self.shim is None:
+            try:
+                self.shim = faultshim.build(self.workdir / "shim")
+            except faultshim.ShimUnavailable as exc:
+                raise Unsupported(f"the fault shim is not available: {exc}") from None
+        d = self.workdir / "clients"
+        d.mkdir(parents=True, exist_ok=True)
+        f = faultshim.FaultFile(d / f"{name}.faults")
+        return faultshim.env(self.shim, f.path), f
+
+    def slow_fsync(self, node_id: str, ms: float) -> None:
+        """Every fsync/fdatasync of the node takes ``ms`` longer; 0 heals."""
+        self._shim(node_id).slow_fsync(ms)
+
+    # -- memory
+    def _mem(self) -> ProcessGroups:
+        if self.groups.mem is None:
+            raise Unsupported("no usable memory cgroup (v2 memory controller or v1 memory hierarchy)")
+        return self.groups
+
+    def memory_usage(self, node_id: str) -> int:
+        return self._mem().memory_usage(node_id)
+
+    def memory_limit(self, node_id: str, limit: int | None) -> None:
+        self._mem().set_memory_limit(node_id, limit)
+
+    def oom_kills(self, node_id: str) -> int:
+        return self._mem().oom_kills(node_id)
+
+    def memory_hog(self, node_id: str, mib: int, step_mib: int = 2, pace_s: float = 0.05) -> subprocess.Popen[bytes]:
+        """A process in the node's memory cgroup that touches ``mib`` MiB, ``step_mib`` at a time,
+        then holds it: memory pressure inside the node's limit. Its oom_score_adj is -1000, so when
+        the group runs out the kernel's OOM killer picks the node, as it would pick the biggest
+        process of a container."""
+        self._mem()
+        code = ("import os, sys, time\n"
+                "open('/proc/self/oom_score_adj', 'w').write('-1000')\n"
+                "blocks = []\n"
+                f"for _ in range({int(mib) // max(1, step_mib)}):\n"
+                f"    b = bytearray({step_mib} << 20)\n"
+                "    for i in range(0, len(b), 4096): b[i] = 1\n"
+                "    blocks.append(b)\n"
+                f"    time.sleep({pace_s})\n"
+                "sys.stdin.read()\n")
+        cmd = self.groups.wrap(node_id, [sys.executable, "-c", code])
+        h = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.hogs.append(h)
+        return h
+
+    def end_hog(self, hog: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(OSError):
+            hog.kill()
+        hog.wait()
+        with contextlib.suppress(ValueError):
+            self.hogs.remove(hog)
+
     # -- etcd
+    def etcd_start_all(self) -> None:
+        """Start every etcd member at once (a new 3-member cluster is ready only with a quorum)."""
+        errors: list[BaseException] = []
+
+        def start(m: EtcdMember) -> None:
+            try:
+                m.start()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(m,)) for m in self.etcd_members if not m.running]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
     def etcd_down(self) -> None:
-        self.etcd.stop()
+        for m in self.etcd_members:
+            m.stop()
 
     def etcd_up(self) -> None:
-        self.etcd.start()
+        self.etcd_start_all()
+
+    def etcd_leader(self) -> int | None:
+        """Index (in ``etcd_members``) of the raft leader, None if no member answers."""
+        name = etcd_leader([m.endpoint for m in self.etcd_members])
+        return next((i for i, m in enumerate(self.etcd_members) if m.name == name), None)
+
+    def etcd_member_name(self, i: int) -> str:
+        return self.etcd_members[i].name
+
+    def etcd_member_kill(self, i: int) -> None:
+        self.etcd_members[i].kill()
+
+    def etcd_member_start(self, i: int) -> None:
+        self.etcd_members[i].start()
 
     # -- disk
     def segment_files(self, node_id: str) -> list[Path]:
@@ -298,15 +552,18 @@ class LocalTarget:
         return {i: n.output()[-4000:] for i, n in self.nodes.items()}
 
     # -- cluster state
+    def _etcd_client(self) -> Etcd:
+        return Etcd(self.etcd_endpoints, timeout=2.0)
+
     def state(self) -> ClusterState:
-        etcd = Etcd(self.etcd.endpoint, timeout=2.0)
+        etcd = self._etcd_client()
         try:
             return ClusterView(etcd, self.cluster).load()
         finally:
             etcd.close()
 
     def etcd_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
-        etcd = Etcd(self.etcd.endpoint, timeout=2.0)
+        etcd = self._etcd_client()
         try:
             kvs, _ = etcd.get_prefix(prefix)
             return [(kv.key.decode() if isinstance(kv.key, bytes) else kv.key, kv.value) for kv in kvs]
@@ -433,7 +690,11 @@ class ComposeTarget(LocalTarget):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.project_dir = project_dir
         self.cluster = os.environ.get("MEMKV_CLUSTER_NAME", "memkv")
-        self.etcd_endpoint = f"127.0.0.1:{os.environ.get('MEMKV_ETCD_HOST_PORT', '2379')}"
+        # the three etcd members' published ports (compose/docker-compose.yml)
+        self.etcd_members = ["etcd1", "etcd2", "etcd3"]
+        self.etcd_host_ports = [os.environ.get("MEMKV_ETCD_HOST_PORT", "2379"),
+                                os.environ.get("MEMKV_ETCD2_HOST_PORT", "22379"),
+                                os.environ.get("MEMKV_ETCD3_HOST_PORT", "32379")]
         self.replicas = int(kw.get("replicas", 2))
         self.lease_ttl = int(kw.get("lease_ttl", 5))
         self.initial = ["n1", "n2", "n3"]
@@ -443,13 +704,27 @@ class ComposeTarget(LocalTarget):
         self._paused: set[str] = set()
         self._rules = []
         self._disconnected: set[str] = set()
+        self.net = None
+        self.net_unavailable = "network quality faults are injected on the local target only"
+        self.shim = None
+        self.shim_unavailable = "the node images do not preload the fault shim (local target only)"
         if ComposeTarget.deployment is None:
             ComposeTarget.deployment = ComposeDeployment()
         self.dep = ComposeTarget.deployment
 
     @staticmethod
     def container(node_id: str) -> str:
-        return "memkv-etcd" if node_id == "etcd" else f"memkv-{node_id}"
+        return f"memkv-{node_id}"
+
+    def unsupported(self, need: str) -> str | None:
+        if need == "partition" and not self.can_partition:
+            return "partitions need nsenter and iptables on the docker host"
+        return {"local": "runs on the local target only (per-node region sizes, or a reproducer kept out of "
+                         "the compose run to spare CI time)",
+                "net": "network quality faults (NFQUEUE delayer) are injected on the local target only",
+                "shim": "clock and fsync faults need the fault shim preloaded into the node, which the images "
+                        "do not do (local target only)",
+                "memory": "the OOM scenario limits a cgroup the local target made (local target only)"}.get(need)
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
         r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
@@ -458,8 +733,12 @@ class ComposeTarget(LocalTarget):
         return r.stdout
 
     @property
+    def etcd_endpoints(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p in self.etcd_host_ports)
+
+    @property
     def url(self) -> str:
-        return f"etcd://{self.etcd_endpoint}/{self.cluster}"
+        return f"etcd://{self.etcd_endpoints}/{self.cluster}"
 
     @property
     def can_partition(self) -> bool:
@@ -603,11 +882,27 @@ class ComposeTarget(LocalTarget):
                 self._rules.remove((node_id, r))
 
     def etcd_down(self) -> None:
-        self.docker("stop", "memkv-etcd")
+        self.docker("stop", *[self.container(m) for m in self.etcd_members])
 
     def etcd_up(self) -> None:
-        self.docker("start", "memkv-etcd")
+        self.docker("start", *[self.container(m) for m in self.etcd_members])
         self.wait(lambda st: True, 60, "etcd back")
+
+    def etcd_start_all(self) -> None:
+        self.etcd_up()
+
+    def etcd_leader(self) -> int | None:
+        name = etcd_leader(self.etcd_endpoints.split(","))
+        return self.etcd_members.index(name) if name in self.etcd_members else None
+
+    def etcd_member_name(self, i: int) -> str:
+        return self.etcd_members[i]
+
+    def etcd_member_kill(self, i: int) -> None:
+        self.docker("kill", "-s", "KILL", self.container(self.etcd_members[i]), check=False)
+
+    def etcd_member_start(self, i: int) -> None:
+        self.docker("start", self.container(self.etcd_members[i]))
 
     def corrupt_segment(self, node_id: str, flips: int, rnd: random.Random) -> str:
         c = self.container(node_id)
@@ -638,14 +933,14 @@ class ComposeTarget(LocalTarget):
         return out
 
     def state(self) -> ClusterState:
-        etcd = Etcd(self.etcd_endpoint, timeout=2.0)
+        etcd = Etcd(self.etcd_endpoints, timeout=2.0)
         try:
             return ClusterView(etcd, self.cluster).load()
         finally:
             etcd.close()
 
     def etcd_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
-        etcd = Etcd(self.etcd_endpoint, timeout=2.0)
+        etcd = Etcd(self.etcd_endpoints, timeout=2.0)
         try:
             kvs, _ = etcd.get_prefix(prefix)
             return [(kv.key.decode() if isinstance(kv.key, bytes) else kv.key, kv.value) for kv in kvs]

@@ -18,6 +18,7 @@ Two pyetcd traps are handled here:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,35 +87,57 @@ class Etcd:
     def __repr__(self) -> str:
         return "Etcd(" + ",".join(f"{h}:{p}" for h, p in self.endpoints) + ")"
 
-    def _do(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _do(self, fn: Callable[..., Any], *args: Any, again: bool = False, **kwargs: Any) -> Any:
+        """Call pyetcd; every failure becomes EtcdUnavailable.
+
+        With several endpoints pyetcd marks one that fails and moves to another for the *next*
+        call; it never retries (MultiEndpointEtcd3Client's contract). So a call that may safely
+        run twice (``again``: reads, put, delete, lease grant/keepalive/revoke) is sent again to
+        the next endpoint when its endpoint refused it or timed out (a member that is down
+        refuses; one killed under an open connection times out; the survivors refuse writes
+        while they elect a new leader), until the client's timeout has passed -- one dead member
+        of a 3-member etcd then costs no caller an error (tests/test_etcd_members.py). A
+        transaction (compare-and-set) is not sent again: it may have applied before the
+        connection broke."""
         import grpc
         import pyetcd
+        from pyetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
-        if self._closed:
-            raise EtcdUnavailable("etcd client is closed")
-        try:
-            return fn(*args, **kwargs)
-        except (pyetcd.Etcd3Exception, grpc.RpcError, ValueError) as exc:
-            # ValueError: pyetcd's "Trying to use a failed node" inside the retry window.
-            raise EtcdUnavailable(f"etcd {self!r}: {type(exc).__name__}: {exc}") from None
+        deadline = time.monotonic() + self.timeout
+        tries = 0
+        while True:
+            if self._closed:
+                raise EtcdUnavailable("etcd client is closed")
+            tries += 1
+            try:
+                return fn(*args, **kwargs)
+            except (pyetcd.Etcd3Exception, grpc.RpcError, ValueError) as exc:
+                # ValueError: pyetcd's "Trying to use a failed node" inside the retry window.
+                left = deadline - time.monotonic()
+                # every endpoint once (a timed-out one used the whole budget), then until the timeout
+                if again and (tries < len(self.endpoints) or left > 0) and isinstance(
+                        exc, (ConnectionFailedError, ConnectionTimeoutError, ValueError)):
+                    time.sleep(min(0.1, max(0.0, left)))  # an election after a leader died takes a moment
+                    continue
+                raise EtcdUnavailable(f"etcd {self!r}: {type(exc).__name__}: {exc}") from None
 
     # -- keys
     def get(self, key: str) -> tuple[KV | None, int]:
         """(the key or None, the store revision)."""
-        resp = self._do(self._client.get_response, key)
+        resp = self._do(self._client.get_response, key, again=True)
         kv = resp.kvs[0] if resp.count else None
         return (KV(kv.key.decode(), kv.value, kv.mod_revision) if kv is not None else None), resp.header.revision
 
     def get_prefix(self, prefix: str) -> tuple[list[KV], int]:
         """Every key under ``prefix`` and the store revision they were read at."""
-        resp = self._do(self._client.get_prefix_response, prefix)
+        resp = self._do(self._client.get_prefix_response, prefix, again=True)
         return [KV(kv.key.decode(), kv.value, kv.mod_revision) for kv in resp.kvs], resp.header.revision
 
     def put(self, key: str, value: bytes | str, *, lease: int | None = None) -> None:
-        self._do(self._client.put, key, value, lease=lease)
+        self._do(self._client.put, key, value, lease=lease, again=True)
 
     def delete(self, key: str) -> bool:
-        return bool(self._do(self._client.delete, key))
+        return bool(self._do(self._client.delete, key, again=True))
 
     def create(self, key: str, value: bytes | str, *, lease: int | None = None) -> bool:
         """Put ``key`` only if it does not exist; True when this call created it."""
@@ -141,15 +164,15 @@ class Etcd:
 
     # -- leases
     def grant(self, ttl: int) -> int:
-        return int(self._do(self._client.lease, int(ttl)).id)
+        return int(self._do(self._client.lease, int(ttl), again=True).id)
 
     def keepalive(self, lease_id: int) -> int:
         """Renew a lease; returns its TTL, 0 when the lease no longer exists."""
-        responses = self._do(lambda: list(self._client.refresh_lease(lease_id)))
+        responses = self._do(lambda: list(self._client.refresh_lease(lease_id)), again=True)
         return int(responses[0].TTL) if responses else 0
 
     def revoke(self, lease_id: int) -> None:
-        self._do(self._client.revoke_lease, lease_id)
+        self._do(self._client.revoke_lease, lease_id, again=True)
 
     # -- watches
     def watch_prefix(self, prefix: str, start_revision: int,

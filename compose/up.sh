@@ -5,7 +5,9 @@
 #
 #   MEMKV_COMPOSE_SKIP_BUILD=1   do not run build-offline.sh (images already built)
 #   MEMKV_COMPOSE_WAIT=240       seconds to wait for healthy
-#   MEMKV_ETCD_HOST_PORT=2379    etcd's port on 127.0.0.1 (memkv status etcd://127.0.0.1:PORT/NAME)
+#   MEMKV_ETCD_HOST_PORT=2379    the etcd members' ports on 127.0.0.1 (etcd1; etcd2 and etcd3:
+#   MEMKV_ETCD2_HOST_PORT=22379  MEMKV_ETCD2/3_HOST_PORT): memkv status etcd://127.0.0.1:P1,...,P3/NAME
+#   MEMKV_ETCD3_HOST_PORT=32379
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd -P)"
@@ -45,12 +47,12 @@ log "all ${#ids[@]} containers running and healthy in $((SECONDS - t_up))s"
 
 # Every node of the compose file registered, up, and owning slots in the slot map.
 cluster="${MEMKV_CLUSTER_NAME:-memkv}"
-url="etcd://127.0.0.1:${MEMKV_ETCD_HOST_PORT:-2379}/$cluster"
+url="etcd://127.0.0.1:${MEMKV_ETCD_HOST_PORT:-2379},127.0.0.1:${MEMKV_ETCD2_HOST_PORT:-22379},127.0.0.1:${MEMKV_ETCD3_HOST_PORT:-32379}/$cluster"
 nodes="$(grep -cE '^/memkv-n[0-9]+ ' <<<"$states" || true)"  # the node containers started above
 if [[ -x "$ROOT/.venv/bin/memkv" ]]; then
     status=("$ROOT/.venv/bin/memkv" status "$url")
 else  # no host install: ask from inside the deployment
-    status=(docker exec memkv-n1 memkv status "etcd://etcd:2379/$cluster")
+    status=(docker exec memkv-n1 memkv status "etcd://etcd1:2379,etcd2:2379,etcd3:2379/$cluster")
 fi
 while :; do
     json="$("${status[@]}" --json 2>/dev/null || true)"

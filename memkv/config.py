@@ -16,6 +16,70 @@ from memkv.sizes import parse_duration, parse_size
 
 POOLS = ("shared", "session")
 EVICTION_POLICIES = ("lru", "s3fifo")
+GRANT_LEVELS = ("r", "rw", "w", "admin")  # what a tenant may do in a namespace
+
+
+# -- typed reading of the TOML values: a value of the wrong type or shape is an InvalidArgument that
+# names the section and key, never a TypeError/ValueError from deep inside the node
+def _where(section: str, key: str) -> str:
+    return f"[{section}] {key}" if section else key
+
+
+def _table(raw: Any, section: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"[{section}] must be a table, not {type(raw).__name__} {raw!r:.60}")
+    return raw
+
+
+def _int(raw: dict[str, Any], key: str, section: str) -> int:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidArgument(f"{_where(section, key)} must be an integer, not {v!r:.60}")
+    return v
+
+
+def _float(raw: dict[str, Any], key: str, section: str) -> float:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:  # NaN is no number either
+        raise InvalidArgument(f"{_where(section, key)} must be a number, not {v!r:.60}")
+    return float(v)
+
+
+def _bool(raw: dict[str, Any], key: str, section: str) -> bool:
+    v = raw[key]
+    if not isinstance(v, bool):
+        raise InvalidArgument(f"{_where(section, key)} must be true or false, not {v!r:.60}")
+    return v
+
+
+def _str(raw: dict[str, Any], key: str, section: str) -> str:
+    v = raw[key]
+    if not isinstance(v, str):
+        raise InvalidArgument(f"{_where(section, key)} must be a string, not {v!r:.60}")
+    return v
+
+
+def _size(raw: dict[str, Any], key: str, section: str) -> int:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise InvalidArgument(f"{_where(section, key)} must be a size like \"512MiB\" or an integer, not {v!r:.60}")
+    try:
+        n = parse_size(v)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{_where(section, key)}: {exc.message}") from None
+    if n < 0:
+        raise InvalidArgument(f"{_where(section, key)} must not be negative ({v!r})")
+    return n
+
+
+def _duration(raw: dict[str, Any], key: str, section: str) -> float | None:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)) or v != v:
+        raise InvalidArgument(f"{_where(section, key)} must be a duration like \"30s\" or a number, not {v!r:.60}")
+    try:
+        return parse_duration(v)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{_where(section, key)}: {exc.message}") from None
 
 
 @dataclass(frozen=True)
@@ -79,6 +143,36 @@ class TenantConfig:
     no_store: bool = False
 
 
+def tenant_from_table(name: str, t: Any, section: str) -> TenantConfig:
+    """One tenant from a ``[tenants.NAME]`` table, a ``tenants.json`` entry or an etcd record.
+
+    The one reader of a tenant for all three, so each refuses the same things with the same
+    typed error (fuzzing found ``quota = [1]`` a TypeError in the etcd path and
+    ``no_store = "false"`` silently true in both).
+    """
+    if name.startswith("__"):  # memkv/protocol/auth.py: the cluster-internal identity
+        raise InvalidArgument(f"tenant name {name!r} is reserved (names starting with '__' are cluster-internal)")
+    t = _table(t, section)
+    if "token" not in t or not _str(t, "token", section):
+        raise InvalidArgument(f"tenant {name}: a non-empty token is required")
+    grants = _table(t.get("grants") or {}, f"{section}.grants")
+    for ns_name in grants:
+        if _str(grants, ns_name, f"{section}.grants") not in GRANT_LEVELS:
+            raise InvalidArgument(f"tenant {name}: grants must map namespace -> one of {GRANT_LEVELS}")
+    limits = {}
+    for key in ("rate", "burst"):
+        if t.get(key) is not None:
+            v = limits[key] = _float(t, key, section)
+            if not 0 < v < float("inf"):
+                raise InvalidArgument(f"{_where(section, key)} must be a positive number, not {v!r}")
+    return TenantConfig(
+        name, t["token"], dict(grants),
+        _size(t, "quota", section) if t.get("quota") is not None else None,
+        limits.get("rate"), limits.get("burst"),
+        _bool(t, "no_store", section) if "no_store" in t else False,
+    )
+
+
 @dataclass
 class LimitsConfig:
     """Resource limits of a node (TOML ``[limits]``; memkv/server/limits.py). 0 disables a timeout/rate."""
@@ -94,17 +188,17 @@ class LimitsConfig:
 
 def _limits_from(raw: dict[str, Any]) -> LimitsConfig:
     base = LimitsConfig()
-    out = {}
+    out: dict[str, Any] = {}
     for key in ("max_connections",):
         if key in raw:
-            out[key] = int(raw[key])
+            out[key] = _int(raw, key, "limits")
     for key in ("max_inflight_bytes", "tenant_inflight_bytes", "min_payload_rate"):
         if key in raw:
-            out[key] = parse_size(raw[key]) if isinstance(raw[key], str) else int(raw[key])
+            out[key] = _size(raw, key, "limits")
     for key in ("idle_timeout", "frame_timeout", "write_timeout"):
         if key in raw:
             v = raw[key]
-            out[key] = float(parse_duration(v) or 0.0) if isinstance(v, str) else float(v)
+            out[key] = float(_duration(raw, key, "limits") or 0.0) if isinstance(v, str) else _float(raw, key, "limits")
     unknown = set(raw) - set(LimitsConfig.__dataclass_fields__)
     if unknown:
         raise InvalidArgument(f"[limits]: unknown keys {sorted(unknown)}")
@@ -170,16 +264,18 @@ def split_hostport(text: str, default_port: int = 7400) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _namespace_from(name: str, raw: dict[str, Any]) -> NamespacePolicy:
+def _namespace_from(name: str, raw: Any) -> NamespacePolicy:
+    section = f"namespaces.{name}"
+    raw = _table(raw, section)
     base = default_namespaces().get(name, NamespacePolicy(name))
     return NamespacePolicy(
         name=name,
-        pool=raw.get("pool", base.pool),
-        durability=raw.get("durability", base.durability),
-        replicas=int(raw.get("replicas", base.replicas)),
-        ttl=parse_duration(raw.get("ttl", base.ttl)),
-        overwrite=bool(raw.get("overwrite", base.overwrite)),
-        tenant_scoped=bool(raw.get("tenant_scoped", base.tenant_scoped)),
+        pool=_str(raw, "pool", section) if "pool" in raw else base.pool,
+        durability=_str(raw, "durability", section) if "durability" in raw else base.durability,
+        replicas=_int(raw, "replicas", section) if "replicas" in raw else base.replicas,
+        ttl=_duration(raw, "ttl", section) if "ttl" in raw else base.ttl,
+        overwrite=_bool(raw, "overwrite", section) if "overwrite" in raw else base.overwrite,
+        tenant_scoped=_bool(raw, "tenant_scoped", section) if "tenant_scoped" in raw else base.tenant_scoped,
     )
 
 
@@ -190,70 +286,70 @@ def load_config(path: str | Path | None) -> NodeConfig:
         return cfg
     try:
         raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # TOML files are UTF-8
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
-    node = raw.get("node", {})
-    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "workers", "worker_ports",
-                "shm_dir", "metrics_host", "metrics_token"):
+    node = _table(raw.get("node", {}), "node")
+    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "shm_dir", "metrics_host",
+                "metrics_token"):
         if key in node:
-            setattr(cfg, key, str(node[key]))
+            setattr(cfg, key, _str(node, key, "node"))
+    if "workers" in node:  # a count, or "auto" (checked by memkv/tools/workers.py)
+        v = node["workers"]
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise InvalidArgument(f"{_where('node', 'workers')} must be a number or \"auto\", not {v!r:.60}")
+        cfg.workers = str(v)
+    if "worker_ports" in node:  # [7400, 7401] or "7400,7401"
+        v = node["worker_ports"]
+        if isinstance(v, list) and all(isinstance(p, int) and not isinstance(p, bool) for p in v):
+            cfg.worker_ports = ",".join(map(str, v))
+        else:
+            cfg.worker_ports = _str(node, "worker_ports", "node")
     for key in ("metrics_port", "resp_port"):
         if key in node:
-            setattr(cfg, key, int(node[key]))
+            setattr(cfg, key, _int(node, key, "node"))
     if "onesided_tenants" in node:
-        cfg.onesided_tenants = bool(node["onesided_tenants"])
+        cfg.onesided_tenants = _bool(node, "onesided_tenants", "node")
     if "memory" in node:
-        cfg.memory = parse_size(node["memory"])
+        cfg.memory = _size(node, "memory", "node")
     if "disk" in node:
-        cfg.disk = parse_size(node["disk"])
+        cfg.disk = _size(node, "disk", "node")
     if "tombstone_retention" in node:
-        cfg.tombstone_retention = float(parse_duration(node["tombstone_retention"]) or 0.0)
+        cfg.tombstone_retention = float(_duration(node, "tombstone_retention", "node") or 0.0)
         if cfg.tombstone_retention <= 0:
             raise InvalidArgument("[node] tombstone_retention must be a positive duration")
     if "max_tombstones" in node:
-        cfg.max_tombstones = int(node["max_tombstones"])
+        cfg.max_tombstones = _int(node, "max_tombstones", "node")
         if cfg.max_tombstones < 1:
             raise InvalidArgument("[node] max_tombstones must be >= 1")
-    flash = raw.get("flash", {})
+    flash = _table(raw.get("flash", {}), "flash")
     for key in ("segment_size", "compaction_rate"):
         if key in flash:
-            setattr(cfg, key, parse_size(flash[key]))
+            setattr(cfg, key, _size(flash, key, "flash"))
     if "compaction_threshold" in flash:
-        cfg.compaction_threshold = float(flash["compaction_threshold"])
+        cfg.compaction_threshold = _float(flash, "compaction_threshold", "flash")
     if "snapshot_every" in flash:
-        cfg.snapshot_every = int(flash["snapshot_every"])
-    if isinstance(raw.get("cluster"), dict):  # [cluster]: replicas, slots, lease_ttl (memkv.cluster)
-        cfg.extra["cluster"] = dict(raw["cluster"])
-    for name, ns in raw.get("namespaces", {}).items():
+        cfg.snapshot_every = _int(flash, "snapshot_every", "flash")
+    if "cluster" in raw:  # [cluster]: replicas, slots, lease_ttl (memkv.cluster)
+        cfg.extra["cluster"] = dict(_table(raw["cluster"], "cluster"))
+    for name, ns in _table(raw.get("namespaces", {}), "namespaces").items():
         cfg.namespaces[name] = _namespace_from(name, ns)
-    for name, pool in raw.get("pools", {}).items():
+    for name, pool in _table(raw.get("pools", {}), "pools").items():
         base = cfg.pools.get(name)
         if base is None:
             raise InvalidArgument(f"unknown pool {name!r}; pools are {POOLS}")
-        quota = pool.get("tenant_quota", base.tenant_quota)
-        policy = pool.get("policy", base.policy)
+        section = f"pools.{name}"
+        pool = _table(pool, section)
+        quota = _size(pool, "tenant_quota", section) if "tenant_quota" in pool else base.tenant_quota
+        policy = _str(pool, "policy", section) if "policy" in pool else base.policy
         if policy not in EVICTION_POLICIES:
             raise InvalidArgument(f"pool {name}: policy must be one of {EVICTION_POLICIES}")
-        cfg.pools[name] = PoolConfig(
-            name, float(pool.get("fraction", base.fraction)), policy,
-            parse_size(quota) if quota is not None else None,
-        )
-    for name, t in raw.get("tenants", {}).items():
-        if name.startswith("__"):
-            raise InvalidArgument(f"tenant name {name!r} is reserved (names starting with '__' are cluster-internal)")
-        if "token" not in t:
-            raise InvalidArgument(f"tenant {name}: token is required")
-        quota = t.get("quota")
-        cfg.tenants[name] = TenantConfig(
-            name, str(t["token"]), dict(t.get("grants", {})),
-            parse_size(quota) if quota is not None else None,
-            float(t["rate"]) if t.get("rate") is not None else None,
-            float(t["burst"]) if t.get("burst") is not None else None,
-            bool(t.get("no_store", False)),
-        )
-    if isinstance(raw.get("limits"), dict):  # [limits] (memkv/server/limits.py)
-        cfg.limits = _limits_from(raw["limits"])
+        fraction = _float(pool, "fraction", section) if "fraction" in pool else base.fraction
+        cfg.pools[name] = PoolConfig(name, fraction, policy, quota)
+    for name, t in _table(raw.get("tenants", {}), "tenants").items():
+        cfg.tenants[name] = tenant_from_table(name, t, f"tenants.{name}")
+    if "limits" in raw:  # [limits] (memkv/server/limits.py)
+        cfg.limits = _limits_from(_table(raw["limits"], "limits"))
     for section in ("tls", "audit", "security", "events"):  # server/tls.py, audit.py, stages.py; events/node.py
-        if isinstance(raw.get(section), dict):
-            cfg.extra[section] = dict(raw[section])
+        if section in raw:
+            cfg.extra[section] = dict(_table(raw[section], section))
     return cfg

@@ -30,8 +30,9 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 #   redis-tools   : redis-cli and redis-benchmark (RESP front end tests, bench/resp.py)
 #   memcached     : a second peer for benchmarks
 #   python3-venv  : `python3 -m venv` with Debian's own python3
-#   build-essential: wheels without a binary for this platform
-APT_PACKAGES=(etcd-server redis-server redis-tools memcached python3-venv build-essential)
+#   build-essential: wheels without a binary for this platform; the chaos fault shim (chaos/shim/)
+#   iptables      : chaos partitions and network faults, inside the runner's own network namespace
+APT_PACKAGES=(etcd-server redis-server redis-tools memcached python3-venv build-essential iptables)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -28,7 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
 MEMKV = Path(sys.executable).parent / "memkv"
-CLUSTER_URL = "etcd://127.0.0.1:2379/memkv"
+CLUSTER_URL = "etcd://127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379/memkv"
 
 
 # --- static checks ----------------------------------------------------------------
@@ -73,7 +73,8 @@ def test_compose_file_shape() -> None:
     yaml = pytest.importorskip("yaml")
     doc = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
     services = doc["services"]
-    assert "etcd" in services and "loadgen" in services
+    members = [name for name in services if re.fullmatch(r"etcd\d+", name)]
+    assert len(members) >= 3 and "loadgen" in services  # a 3-member etcd: it survives losing one
     rebalancers = [name for name in services if name.startswith("rebalancer")]
     assert len(rebalancers) >= 2  # leader-elected: one can die
     nodes = {name: s for name, s in services.items()
@@ -81,7 +82,8 @@ def test_compose_file_shape() -> None:
     assert len(nodes) >= 3
     assert len({s["environment"]["MEMKV_ZONE"] for s in nodes.values()}) >= 2
     volumes = set(doc["volumes"])
-    named = {**nodes, **{r: services[r] for r in rebalancers}, "etcd": services["etcd"], "loadgen": services["loadgen"]}
+    named = {**nodes, **{r: services[r] for r in rebalancers}, **{m: services[m] for m in members},
+             "loadgen": services["loadgen"]}
     for name, s in named.items():
         assert s["container_name"] == f"memkv-{name}"  # the chaos runner addresses containers by name
     for name, s in nodes.items():
@@ -89,7 +91,15 @@ def test_compose_file_shape() -> None:
         data = [v for v in s["volumes"] if v.endswith(":/data")]
         assert data and data[0].split(":")[0] in volumes, name  # a named volume per node
         assert s["build"]["args"]["BASE_IMAGE"].startswith("${BASE_IMAGE")
-    assert services["etcd"]["healthcheck"]["test"]
+    for m in members:
+        assert services[m]["healthcheck"]["test"], m
+        env = services[m]["environment"]
+        assert env["ETCD_NAME"] == m and all(f"{x}=" in env["ETCD_INITIAL_CLUSTER"] for x in members), env
+    # every node, rebalancer and the load generator is given every member
+    for name, s in services.items():
+        url = (s.get("environment") or {}).get("MEMKV_ETCD") or (s.get("environment") or {}).get("MEMKV_URL", "")
+        if url:
+            assert all(f"{m}:2379" in url for m in members), (name, url)
     assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
     assert doc["networks"]["default"]["name"] == "memkv-net"
     dockerfile = (COMPOSE / "Dockerfile").read_text()

@@ -84,6 +84,16 @@ class OneSided:
         self.touches = 0
         self.fds_sent = 0
         self.rdma_qps = 0
+        # The hand-off socket listens from construction on, before the node's TCP port does: a
+        # client told its name in a LOCATE reply must never find it not yet bound (it would read
+        # over TCP for good). serve_fds accepts on it.
+        self._handoff: socket.socket | None = None
+        if store.region.ro_fd is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(self.sock_name)
+            sock.listen(64)
+            sock.setblocking(False)
+            self._handoff = sock
 
     def extension(self) -> Extension:
         """LOCATE (``do`` = locate | info | rdma) and the task handing the region to same-host clients."""
@@ -133,7 +143,7 @@ class OneSided:
             out["tags"] = {name: tag for tag, name in self._readable_tags(session).items()}
             # (a GET reply marks these "ow"; a reader that never sends a GET learns it here)
             out["ow"] = sorted(name for name in out["tags"] if self.store.namespaces[name].overwrite)
-        if ok and self.store.region.ro_fd is not None:
+        if ok and self._handoff is not None:
             ticket = secrets.token_bytes(16)
             now = self.clock.monotonic()
             self._tickets = {t: exp for t, exp in self._tickets.items() if exp > now}
@@ -201,12 +211,10 @@ class OneSided:
     # -- the shared-memory hand-off: an abstract Unix socket, SCM_RIGHTS
     async def serve_fds(self) -> None:
         region = self.store.region
-        if region.ro_fd is None:
+        if self._handoff is None:
             return
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = trio.socket.from_stdlib_socket(self._handoff)
         try:
-            await sock.bind(self.sock_name)
-            sock.listen(64)
             while True:
                 conn, _ = await sock.accept()
                 with conn:

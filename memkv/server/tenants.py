@@ -25,19 +25,18 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from memkv.config import TenantConfig
+from memkv.config import GRANT_LEVELS, TenantConfig, tenant_from_table
 from memkv.engine.clock import SYSTEM, Clock
 from memkv.engine.store import Store
 from memkv.errors import AuthError, InvalidArgument, MemKVError
 from memkv.protocol import auth
 from memkv.server.requests import Auth, Hello, Login
 from memkv.server.session import Session
-from memkv.sizes import parse_size
 
 log = logging.getLogger("memkv.security")
 
 TENANTS_FILE = "tenants.json"
-LEVELS = ("r", "rw", "w", "admin")
+LEVELS = GRANT_LEVELS
 
 
 class TokenBucket:
@@ -70,24 +69,9 @@ def tenant_to_json(t: TenantConfig, *, with_token: bool) -> dict[str, Any]:
     return d
 
 
-def tenant_from_json(name: str, d: dict[str, Any]) -> TenantConfig:
-    if auth.is_reserved_tenant(name):
-        raise InvalidArgument(f"tenant name {name!r} is reserved (names starting with '__' are cluster-internal)")
-    if not isinstance(d, dict) or not isinstance(d.get("token"), str) or not d["token"]:
-        raise InvalidArgument(f"tenant {name}: a non-empty token is required")
-    grants = d.get("grants") or {}
-    if not isinstance(grants, dict) or not all(isinstance(k, str) and v in LEVELS for k, v in grants.items()):
-        raise InvalidArgument(f"tenant {name}: grants must map namespace -> one of {LEVELS}")
-    quota = d.get("quota")
-    rate, burst = d.get("rate"), d.get("burst")
-    for label, v in (("rate", rate), ("burst", burst)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v <= 0):
-            raise InvalidArgument(f"tenant {name}: {label} must be a positive number")
-    return TenantConfig(name, d["token"], dict(grants),
-                        parse_size(quota) if quota is not None else None,
-                        float(rate) if rate is not None else None,
-                        float(burst) if burst is not None else None,
-                        bool(d.get("no_store", False)))
+def tenant_from_json(name: str, d: Any) -> TenantConfig:
+    """A tenant of ``tenants.json`` or of a tenant source (the config file's reader: one set of checks)."""
+    return tenant_from_table(name, d, f"tenant {name}")
 
 
 class TenantRegistry:
@@ -120,20 +104,32 @@ class TenantRegistry:
         return list(self.tenants)
 
     def load_file(self) -> None:
-        """A standalone node's runtime tenants and revocations (``tenants.json``)."""
+        """A standalone node's runtime tenants and revocations (``tenants.json``).
+
+        Whatever the file holds, the node starts or refuses with a typed error naming the file --
+        the file is edited by hand and survives crashes (tests/test_fuzz_tenants.py).
+        """
         if self.path and os.path.exists(self.path):
             try:
                 with open(self.path, "rb") as f:
                     raw = json.loads(f.read())
             except (OSError, ValueError) as exc:
                 raise InvalidArgument(f"cannot read {self.path}: {exc}") from None
-            self.revoked = set(raw.get("revoked", []))
+            revoked = raw.get("revoked", []) if isinstance(raw, dict) else None
+            tenants = raw.get("tenants", {}) if isinstance(raw, dict) else None
+            if not isinstance(revoked, list) or not all(isinstance(n, str) for n in revoked) \
+                    or not isinstance(tenants, dict):
+                raise InvalidArgument(f"{self.path}: want {{\"tenants\": {{NAME: {{...}}}}, \"revoked\": [NAME, ...]}}")
+            for name, d in tenants.items():
+                try:
+                    t = tenant_from_json(name, d)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"{self.path}: {exc.message}") from None
+                self.runtime[name] = t
+            self.revoked = set(revoked)
             for name in self.revoked:
                 self.tenants.pop(name, None)
-            for name, d in raw.get("tenants", {}).items():
-                t = tenant_from_json(name, d)
-                self.runtime[name] = t
-                self.tenants[name] = t
+            self.tenants.update(self.runtime)
         self._refresh()
 
     def set(self, t: TenantConfig) -> None:

@@ -18,10 +18,11 @@ import secrets
 import sys
 from typing import Any
 
+from memkv.config import GRANT_LEVELS
 from memkv.errors import InvalidArgument, MemKVError
 from memkv.protocol.opcodes import Op
 
-LEVELS = ("r", "rw", "w", "admin")
+LEVELS = GRANT_LEVELS
 
 
 # -- plumbing -------------------------------------------------------------------------------
