@@ -57,6 +57,10 @@ class NodeInfo:
     transports: dict[str, str] = field(default_factory=dict)
     # what the node's subsystems advertise (memkv/server/extension.py), e.g. its KV events endpoints
     services: dict[str, str] = field(default_factory=dict)
+    # the machine it runs on (``--host-id``, default the hostname): the workers of one ``memkv serve
+    # --workers N`` share it, and placement keeps a slot's replicas on distinct hosts; "" = unknown
+    # (a node registered before hosts were): placement counts it as a host of its own
+    host: str = ""
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -65,7 +69,7 @@ class NodeInfo:
 
     def encode(self) -> bytes:
         d = {"id": self.node_id, "addr": self.addr, "zone": self.zone, "capacity": self.capacity,
-             "version": self.version, "transports": self.transports or {"tcp": self.addr}}
+             "version": self.version, "transports": self.transports or {"tcp": self.addr}, "host": self.host}
         if self.services:
             d["services"] = self.services
         return json.dumps(d, sort_keys=True).encode()
@@ -75,7 +79,7 @@ class NodeInfo:
         d = json.loads(raw)
         return cls(str(d["id"]), str(d["addr"]), str(d.get("zone", "z0")), int(d.get("capacity", 0)),
                    str(d.get("version", "")), dict(d.get("transports", {})),
-                   {str(k): str(v) for k, v in dict(d.get("services", {})).items()})
+                   {str(k): str(v) for k, v in dict(d.get("services", {})).items()}, str(d.get("host", "")))
 
 
 @dataclass(frozen=True)

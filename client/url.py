@@ -22,6 +22,9 @@ class ParsedURL:
     nodes: tuple[NodeAddress, ...]  # memkv: the node; etcd: the etcd endpoints
     cluster: str = ""
     tls: bool = False  # memkvs:// (client/tls.py)
+    # memkv://HOST:PORT/direct: that node only, even when it is one of the workers of a ``memkv serve
+    # --workers N`` (tools and tests that look at one worker; clients route to all of them)
+    direct: bool = False
 
 
 def _hostport(text: str, default_port: int) -> NodeAddress:
@@ -40,10 +43,11 @@ def parse_url(url: str) -> ParsedURL:
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise InvalidArgument(f"bad URL {url!r}: want memkv://HOST:PORT or etcd://HOST:PORT/CLUSTER")
-    if scheme == "memkv":
-        return ParsedURL("memkv", (_hostport(rest.rstrip("/"), 7400),))
-    if scheme == "memkvs":  # memkv over TLS
-        return ParsedURL("memkv", (_hostport(rest.rstrip("/"), 7400),), tls=True)
+    if scheme in ("memkv", "memkvs"):  # memkvs: memkv over TLS
+        addr, _, path = rest.rstrip("/").partition("/")
+        if path not in ("", "direct"):
+            raise InvalidArgument(f"bad URL {url!r}: want memkv://HOST:PORT or memkv://HOST:PORT/direct")
+        return ParsedURL("memkv", (_hostport(addr, 7400),), tls=scheme == "memkvs", direct=path == "direct")
     if scheme == "etcd":
         hosts, _, cluster = rest.partition("/")
         if not cluster:

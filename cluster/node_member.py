@@ -4,7 +4,8 @@ A :class:`ClusterMember` is one of the extensions a node is built with (``memkv
 serve --etcd ...``: memkv/tools/cli.py; memkv/server/extension.py). It gives the
 node its routing (the pipeline's route stage asks ``check`` and ``owners``) and
 the slot-migration operations (memkv/cluster/migration.py), and runs:
-- registers the node under ``/memkv/<cluster>/nodes/<id>`` with a lease of
+- registers the node (address, zone, host: ``--host-id``, default the hostname) under
+  ``/memkv/<cluster>/nodes/<id>`` with a lease of
   ``lease_ttl`` seconds (config ``[cluster] lease_ttl``, default 5), renewed
   every third of it; a clean shutdown revokes the lease;
 - keeps a :class:`~memkv.client.cluster_view.ClusterView` of nodes and slot map;
@@ -56,6 +57,7 @@ class ClusterMember:
         self.node_id: str = cfg.node_id
         self.cluster: str = cfg.cluster or "default"
         self.zone: str = cfg.zone or "z0"
+        self.host: str = cfg.host_id or socket.gethostname()
         self.endpoints: str = cfg.etcd or ""
         self.lease_ttl = max(2, int(opts.get("lease_ttl", DEFAULT_LEASE_TTL)))
         self.slots = int(opts.get("slots", DEFAULT_SLOTS))
@@ -115,7 +117,7 @@ class ClusterMember:
         st = self.view.state if self.view is not None else None
         sm = st.slotmap if st is not None else None
         primary, other = sm.slots_of(self.node_id) if sm is not None else (0, 0)
-        return {"cluster": self.cluster, "zone": self.zone, "epoch": sm.epoch if sm else 0,
+        return {"cluster": self.cluster, "zone": self.zone, "host": self.host, "epoch": sm.epoch if sm else 0,
                 "fenced": self.fenced(), "leader": st.leader if st else None,
                 "slots_primary": primary, "slots_replica": other,
                 "etcd_connected": bool(self.view and self.view.connected),
@@ -144,7 +146,7 @@ class ClusterMember:
         except Exception:  # noqa: BLE001 - not installed as a distribution
             version = ""
         self.info = NodeInfo(self.node_id, self._advertised(), self.zone, self.config.memory, str(version),
-                             services=self.node.advertised())
+                             services=self.node.advertised(), host=self.host)
         self.etcd = Etcd(self.endpoints, timeout=max(1.0, min(3.0, self.lease_ttl / 2)))
         self.view = ClusterView(self.etcd, self.cluster, resync_s=10.0)
         self.view.start()

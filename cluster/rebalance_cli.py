@@ -8,7 +8,10 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Collection
 from typing import Any
+
+from memkv.errors import InvalidArgument
 
 
 def _etcd_for(url: str) -> tuple[Any, str]:
@@ -40,9 +43,10 @@ def _rebalancer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slots_on(st: Any, node: str) -> int:
+def _slots_on(st: Any, nodes: Collection[str]) -> int:
+    """Ownerships of ``nodes`` in the map (a slot counts once per drained node in its row)."""
     sm = st.slotmap
-    return 0 if sm is None else sum(1 for row in sm.table if node in row)
+    return 0 if sm is None else sum(1 for row in sm.table for n in row if n in nodes)
 
 
 def _freed(etcd: Any, key: str) -> bool:
@@ -54,7 +58,18 @@ def _freed(etcd: Any, key: str) -> bool:
         return False
 
 
+def _drained_nodes(args: argparse.Namespace, st: Any) -> list[str]:
+    """The node named, or with ``--host H`` every node registered on host H (all its workers)."""
+    if args.host:
+        return sorted(n for n, info in st.nodes.items() if info.host == args.host)
+    if args.node_id in st.nodes or _slots_on(st, [args.node_id]):
+        return [args.node_id]
+    return []
+
+
 def _drain(args: argparse.Namespace) -> int:
+    """Mark the node (or every node of a host: one drain mark each, the rebalancer drains them together)
+    and follow until the rebalancer has moved all their slots and had them hand their values over."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -62,45 +77,53 @@ def _drain(args: argparse.Namespace) -> int:
     from memkv.client.etcd import EtcdUnavailable
     from memkv.cluster.rebalancer import drain_prefix
 
+    if bool(args.node_id) == bool(args.host):
+        raise InvalidArgument("memkv drain: name a node, or a host with --host (not both)")
     etcd, cluster = _etcd_for(args.url)
     console = Console(stderr=True)
-    key = drain_prefix(cluster) + args.node_id
+    what = f"host {args.host}" if args.host else f"node {args.node_id}"
     try:
-        if args.undo:
-            etcd.delete(key)
-            console.print(f"node {args.node_id}: drain cancelled; the rebalancer gives it slots again")
-            return 0
         view = ClusterView(etcd, cluster)
         st = view.load()
-        if args.node_id not in st.nodes and _slots_on(st, args.node_id) == 0:
-            console.print(f"node {args.node_id} is not in cluster {cluster}")
+        if args.undo:
+            # a host's nodes that left meanwhile keep no mark: only the registered ones are looked up
+            for n in _drained_nodes(args, st) or ([args.node_id] if args.node_id else []):
+                etcd.delete(drain_prefix(cluster) + n)
+            console.print(f"{what}: drain cancelled; the rebalancer gives it slots again")
+            return 0
+        nodes = _drained_nodes(args, st)
+        if not nodes:
+            console.print(f"{what} is not in cluster {cluster}")
             return 1
-        etcd.put(key, json.dumps({"since": time.time()}))
-        total = max(1, _slots_on(st, args.node_id))
+        for n in nodes:
+            etcd.put(drain_prefix(cluster) + n, json.dumps({"since": time.time()}))
+        total = max(1, _slots_on(st, nodes))
         deadline = time.monotonic() + args.timeout
         with Progress(TextColumn("[bold]drain {task.fields[node]}"), BarColumn(),
                       TextColumn("{task.completed:.0f}/{task.total:.0f} slots moved"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                       disable=args.quiet) as progress:
-            task = progress.add_task("drain", total=total, node=args.node_id, info="")
+            task = progress.add_task("drain", total=total, node=what, info="")
             while True:
                 try:
                     st = view.load()
-                    left = _slots_on(st, args.node_id)
+                    left = _slots_on(st, nodes)
                     progress.update(task, completed=total - left, info=f"epoch {st.epoch}")
                     if left == 0 and st.slotmap is not None and not any(
-                            args.node_id in p for p in st.slotmap.pending.values()) and _freed(etcd, key):
+                            n in p for p in st.slotmap.pending.values() for n in nodes) and all(
+                            _freed(etcd, drain_prefix(cluster) + n) for n in nodes):
                         break
                 except EtcdUnavailable:
                     pass
                 if time.monotonic() > deadline:
-                    console.print(f"node {args.node_id} still holds slots after {args.timeout:.0f}s "
+                    console.print(f"{what} still holds slots after {args.timeout:.0f}s "
                                   "(is a rebalancer running? is there another node to take them?)")
                     return 1
                 time.sleep(0.3)
-        console.print(f"node {args.node_id} holds no slots and has handed its values over: it can be stopped now "
-                      "(its drain mark is removed once it has left)")
-        print(args.node_id, "drained", flush=True)
+        console.print(f"{what} holds no slots and has handed its values over: it can be stopped now "
+                      "(drain marks are removed once the nodes have left)")
+        for n in nodes:
+            print(n, "drained", flush=True)
         return 0
     finally:
         etcd.close()
@@ -134,9 +157,10 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--tls-cert", help="client certificate, for nodes that require one (mutual TLS)")
     r.add_argument("--tls-key", help="key of --tls-cert")
     r.set_defaults(func=_rebalancer)
-    d = sub.add_parser("drain", help="move every slot off a node; exits 0 when the node can be stopped")
+    d = sub.add_parser("drain", help="move every slot off a node (or a host's nodes); exits 0 when it can be stopped")
     d.add_argument("url", help="etcd://HOST:PORT[,HOST:PORT]/CLUSTER")
-    d.add_argument("node_id")
+    d.add_argument("node_id", nargs="?", help="the node (or --host)")
+    d.add_argument("--host", help="drain every node registered on this host (all workers of a machine)")
     d.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (exit 1)")
     d.add_argument("--undo", action="store_true", help="cancel a drain: the node takes slots again")
     d.add_argument("--quiet", action="store_true", help="no progress bar")

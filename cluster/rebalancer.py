@@ -74,7 +74,7 @@ from typing import Any
 from memkv.client.cluster_map import SlotMap, leader_key, slotmap_key
 from memkv.client.etcd import EtcdUnavailable
 from memkv.cluster.effects import ETCD, NodeCall, Parallel, Program, Sleep, WaitView
-from memkv.cluster.slotmap import compute_slot_map, compute_table
+from memkv.cluster.slotmap import compute_slot_map, compute_table, hosts_of
 from memkv.errors import AuthError, MemKVError, NodeUnavailable, PermissionDenied
 from memkv.protocol.opcodes import Op
 
@@ -357,11 +357,12 @@ class Rebalancer:
         balanced for yet (``sm.members``) are newcomers: they get their whole share even when the
         target is computed again half-way through their join."""
         newcomers = frozenset(members) - frozenset(sm.members)
-        key = (tuple(sorted(members.items())), newcomers, sm.slots, sm.replicas)
+        hosts = hosts_of(self.view.state.nodes, members)
+        key = (tuple(sorted(members.items())), tuple(sorted(hosts.items())), newcomers, sm.slots, sm.replicas)
         if key == self._target_key and self._on_the_way(base):
             return self._target_val  # rounds are moving the map towards it: keep it (same moves in total)
         self._target_val = compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=base,
-                                         newcomers=newcomers)
+                                         newcomers=newcomers, hosts=hosts)
         self._target_key, self._target_from = key, [frozenset(r) for r in base]
         return self._target_val
 
@@ -378,7 +379,7 @@ class Rebalancer:
             return False
         if st.slotmap is None:
             first = compute_slot_map({n: info.zone for n, info in st.nodes.items()}, slots=self.slots,
-                                     replicas=self.replicas)
+                                     replicas=self.replicas, hosts=hosts_of(st.nodes))
             return (yield from self._publish(first, 0))
         drains = yield from self._drains()
         st = self.view.state  # after the read: decisions on the freshest view (a node may have come back)

@@ -46,6 +46,7 @@ def cluster_status(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
         primary, other = sm.slots_of(n) if sm else (0, 0)
         row: dict[str, Any] = {"node_id": n, "addr": info.addr if info else None,
                                "zone": info.zone if info else (sm.members.get(n) if sm else None),
+                               "host": (info.host or None) if info else None,
                                "slots_primary": primary, "slots_replica": other}
         if info is None:
             row["health"] = "gone (lease expired)"
@@ -64,6 +65,8 @@ def cluster_status(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
             row["hit_rate"] = hits / (hits + misses) if hits + misses else None
             row["node_epoch"] = cl.get("epoch")
         nodes.append(row)
+    # grouped by host: the workers of one machine together (they fail together)
+    nodes.sort(key=lambda r: (r["host"] is None, r["host"] or "", r["node_id"]))
     return {"cluster": parsed.cluster, "url": url, "epoch": sm.epoch if sm else 0,
             "slots": sm.slots if sm else 0, "replicas": sm.replicas if sm else 0,
             "leader": st.leader, "nodes": nodes, **moving}
@@ -79,11 +82,15 @@ def show_cluster_status(url: str, *, as_json: bool = False) -> int:
         return 0
     t = Table(title=f"memkv cluster {data['cluster']}: epoch {data['epoch']}, {data['slots']} slots, "
                     f"R={data['replicas']}, leader {data['leader'] or '-'}")
-    for col in ("node", "addr", "zone", "health", "slots P/R", "bytes used / capacity", "entries", "hit rate"):
+    for col in ("host", "node", "addr", "zone", "health", "slots P/R", "bytes used / capacity", "entries", "hit rate"):
         t.add_column(col, justify="right" if col in ("entries", "hit rate", "slots P/R") else "left")
+    last_host: Any = ()
     for r in data["nodes"]:
         rate = r.get("hit_rate")
-        t.add_row(r["node_id"], r.get("addr") or "-", r.get("zone") or "-", r["health"],
+        if r.get("host") != last_host and last_host != ():
+            t.add_section()  # one block of rows per host
+        last_host = r.get("host")
+        t.add_row(r.get("host") or "-", r["node_id"], r.get("addr") or "-", r.get("zone") or "-", r["health"],
                   f"{r['slots_primary']}/{r['slots_replica']}",
                   f"{format_size(r['bytes_used'])} / {format_size(r['capacity'])}" if "bytes_used" in r else "-",
                   f"{r['entries']:,}" if "entries" in r else "-",

@@ -221,6 +221,16 @@ class NodeConfig:
     cluster: str = "default"
     node_id: str = ""
     zone: str = "z0"
+    # the machine this node runs on, registered with the node (placement keeps a slot's replicas on
+    # distinct hosts); "" = the hostname. ``memkv serve --workers N`` gives all N workers the same one.
+    host_id: str = ""
+    # worker processes of ``memkv serve`` (memkv/tools/workers.py): a count, or "auto" = the cores
+    workers: str = "1"
+    # their ports, comma-separated ("" = the listen port and the ones after it)
+    worker_ports: str = ""
+    # set by the supervisor on each worker: the addresses of all workers of this host, in order
+    # (reported by STATS, so that clients and ``memkv status`` find the siblings)
+    worker_addrs: list[str] = field(default_factory=list)
     metrics_port: int | None = None
     # /metrics (Prometheus) listens only when metrics_port is set, on metrics_host (default: the host
     # of ``listen``); with metrics_token set a scrape must send "Authorization: Bearer <token>"
@@ -279,10 +289,21 @@ def load_config(path: str | Path | None) -> NodeConfig:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # TOML files are UTF-8
         raise InvalidArgument(f"cannot read config {path}: {exc}") from exc
     node = _table(raw.get("node", {}), "node")
-    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "shm_dir", "metrics_host",
+    for key in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "shm_dir", "metrics_host",
                 "metrics_token"):
         if key in node:
             setattr(cfg, key, _str(node, key, "node"))
+    if "workers" in node:  # a count, or "auto" (checked by memkv/tools/workers.py)
+        v = node["workers"]
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise InvalidArgument(f"{_where('node', 'workers')} must be a number or \"auto\", not {v!r:.60}")
+        cfg.workers = str(v)
+    if "worker_ports" in node:  # [7400, 7401] or "7400,7401"
+        v = node["worker_ports"]
+        if isinstance(v, list) and all(isinstance(p, int) and not isinstance(p, bool) for p in v):
+            cfg.worker_ports = ",".join(map(str, v))
+        else:
+            cfg.worker_ports = _str(node, "worker_ports", "node")
     for key in ("metrics_port", "resp_port"):
         if key in node:
             setattr(cfg, key, _int(node, key, "node"))

@@ -47,8 +47,10 @@ def test_randomized_schedules_keep_every_invariant() -> None:
     membership changes, convergence time after healing vs ``Scenario.converge_bound``, and how
     the converged maps spread replicas over the topology -- rows whose replicas share a zone
     although enough zones exist stay rare (zone-aware placement is best effort under the load
-    bound and sticky through faults); rows sharing a host are only measured: host-aware
-    placement is still to come and will bring them to zero."""
+    bound and sticky through faults). Every converged map keeps the placement rule (the
+    checker's *placement* invariant: a row shares a zone or a host only when no member with room
+    elsewhere could spread it); rows that share a host are measured (hosts of unequal size:
+    the small host's nodes are full)."""
     t0 = time.perf_counter()
     failed = []
     worst_moves = worst_converge = 0.0

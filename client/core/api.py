@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from memkv.client.core import ops
-from memkv.client.core.calls import Call
+from memkv.client.core.calls import Call, SimpleCall
 from memkv.client.core.dispatch import call_node, restarting
 from memkv.client.core.onesided import OneSidedReads
 from memkv.client.core.requests import Blocking, Op
-from memkv.client.core.routing import ClusterRouter, Router, StandaloneRouter
+from memkv.client.core.routing import ClusterRouter, Router, StandaloneRouter, WorkersRouter, worker_layout
 from memkv.client.url import NodeAddress, ParsedURL
 from memkv.errors import InvalidArgument
 from memkv.protocol.opcodes import Op as Opcode
@@ -56,14 +56,22 @@ class ClientCore:
 
     @classmethod
     def connect(cls, parsed: ParsedURL, *, transport: str) -> Op:
-        """The operation that connects: a ``ClientCore`` for ``memkv://`` (one node, pinged now so that
-        a wrong address or token fails here rather than at the first put) or ``etcd://`` (the slot
-        map read and watched)."""
+        """The operation that connects: a ``ClientCore`` for ``memkv://`` (one node, or the workers its
+        HELLO names; asked now so that a wrong address or token fails here rather than at the first
+        put) or ``etcd://`` (the slot map read and watched)."""
         check_transport(transport)
         if parsed.scheme == "memkv":
-            core = cls(StandaloneRouter(parsed.nodes[0]), transport=transport)
-            yield from core.ping()
-            return core
+            node = parsed.nodes[0]
+            one = cls(StandaloneRouter(node), transport=transport)
+            yield from one.ping()
+            if parsed.direct:
+                return one
+            # a worker of ``memkv serve --workers N`` names all N in its HELLO reply: keys are then
+            # routed to them by slot. Only the node asked is asked: one worker being down must not
+            # keep clients of the others from connecting.
+            hello = yield from call_node(one.router, node, SimpleCall(Opcode.HELLO, {}))
+            workers = worker_layout(node, hello.get("workers") or [])
+            return cls(WorkersRouter(workers), transport=transport) if len(workers) > 1 else one
         router = yield Blocking(ClusterRouter.open, parsed)
         return cls(router, transport=transport)
 

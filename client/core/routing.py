@@ -7,9 +7,10 @@ Its two blocking methods, ``refresh`` (after ``MOVED``: wait for a newer
 slot map) and ``close`` (stop the watcher), are run by executors as
 ``Blocking`` requests, in a worker thread under trio.
 
-A router with more than one address for one node — the workers of
-``memkv serve --workers N`` — fits here too: ``replicas(key)`` is where a
-key's request goes, and batches are split by it (``client/core/ops.py``).
+The workers of one ``memkv serve --workers N`` (standalone) are a third router,
+``WorkersRouter``: a key goes to the worker that holds its slot, and batches are
+split by it like a cluster's by replica list (``client/core/ops.py``), the
+parts sent in parallel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from memkv.client.cluster_map import key_slot
+from memkv.client.cluster_map import DEFAULT_SLOTS, key_slot
 from memkv.client.cluster_view import ClusterState, ClusterView, open_view
 from memkv.client.etcd import EtcdUnavailable
 from memkv.client.url import NodeAddress, ParsedURL
@@ -86,6 +87,52 @@ class StandaloneRouter:
 
     def close(self) -> None:
         return None
+
+
+@dataclass
+class WorkersRouter:
+    """The workers of one ``memkv serve --workers N`` (standalone): each key belongs to one worker,
+    by slot -- worker ``I`` holds slots ``[I*S/N, (I+1)*S/N)`` of ``S = DEFAULT_SLOTS`` -- so every
+    client of the host puts a key where the others will look for it. The layout is what the first
+    worker said in its HELLO reply (``ClientCore.connect``); the same N addresses in the same order
+    on every worker, so every client routes alike. A worker that is down is down for its keys (a
+    miss or ``NodeUnavailable``, no other worker has them); its supervisor restarts it."""
+
+    workers: tuple[NodeAddress, ...]
+    clustered = False
+    overwritable: set[str] = field(default_factory=set)
+
+    def worker_of(self, key: bytes) -> int:
+        return key_slot(key, DEFAULT_SLOTS) * len(self.workers) // DEFAULT_SLOTS
+
+    def replicas(self, key: bytes) -> list[NodeAddress]:
+        return [self.workers[self.worker_of(key)]]
+
+    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress], int]:
+        return self.replicas(key), 0
+
+    def all_nodes(self) -> list[NodeAddress]:
+        return list(self.workers)
+
+    def stamp(self, meta: dict[str, Any]) -> None:
+        return None
+
+    def refresh(self, moved_epoch: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def worker_layout(asked: NodeAddress, advertised: Sequence[str]) -> tuple[NodeAddress, ...]:
+    """The workers' addresses from a HELLO's ``workers`` (``HOST:PORT`` each, as they listen): one that
+    listens on every interface (``0.0.0.0``, ``::``) is reached on the host the client asked."""
+    out = []
+    for a in advertised:
+        host, _, port = str(a).rpartition(":")
+        host = host.strip("[]")
+        out.append(NodeAddress(asked.host if host in ("", "0.0.0.0", "::") else host, int(port)))
+    return tuple(out)
 
 
 class ClusterRouter:

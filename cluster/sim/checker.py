@@ -41,6 +41,10 @@ schedules: a join 1.34 x its fair share, a leave its load + 8 at S = 64. At S = 
 the computation moves exactly the ideal (tests/test_cluster_ring.py; bench.control_plane: a join
 130 ownerships for an ideal of 131, a leave exactly the leaver's).
 
+**Placement** (at the end): the converged map breaks no placement rule
+(``memkv.cluster.slotmap.placement_faults``: replicas of a slot in distinct zones when possible,
+else on distinct hosts; never two on one host while a member of another host has room).
+
 **Convergence** (checked by the world): after the faults heal, the map reaches the rebalancer's
 own target for the live members within the scenario's bound.
 
@@ -56,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from memkv.client.cluster_map import SlotMap, nodes_prefix, slotmap_key
 from memkv.cluster.rebalancer import drain_prefix
+from memkv.cluster.slotmap import placement_faults
 
 if TYPE_CHECKING:
     from memkv.cluster.sim.node import SimNode, Value
@@ -64,8 +69,9 @@ if TYPE_CHECKING:
 
 def placement(table: Any, zone: dict[str, str], host: dict[str, str]) -> dict[str, int]:
     """How the replicas of each slot spread over the topology: rows whose replicas share a zone
-    although the members span enough zones, and likewise for hosts (what host-aware placement
-    will have to bring to zero)."""
+    although the members span enough zones, and likewise for hosts (measured: a row may share
+    a host when every node of the other hosts is at the load bound; ``placement_faults`` is the
+    rule, checked by ``final``)."""
     members = {n for row in table for n in row}
     zones, hosts = len({zone[n] for n in members}), len({host[n] for n in members})
     out = {"rows": 0, "zone_shared": 0, "host_shared": 0}
@@ -314,6 +320,10 @@ class Checker:
                                         f"{c.kind} {c.node} at N={c.members_before} (+{c.allowance:.1f}, "
                                         f"moved {c.moves})" for c in self.changes))
         nodes = self.world.nodes
+        faults = placement_faults(sm.table, sm.members, {n: nodes[n].host for n in sm.members}, replicas=sm.replicas)
+        if faults:
+            self.violation("placement", f"{len(faults)} rows of the converged map share a zone or a host while a "
+                                        f"member with room elsewhere would spread them more: slots {faults[:8]}")
         return {"placement": placement(sm.table, {n: v.zone for n, v in nodes.items()},
                                        {n: v.host for n, v in nodes.items()}),
                 "acked_keys": len(self.ledger), "excused": len(self.excused), "replicas_behind": behind,

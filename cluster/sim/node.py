@@ -125,7 +125,7 @@ class SimNode(NetActor):
         when the lease is gone."""
         ttl = self.world.scenario.lease_ttl
         period = ttl / 3
-        info = NodeInfo(self.id, self.addr, self.zone, 1 << 30, "sim")
+        info = NodeInfo(self.id, self.addr, self.zone, 1 << 30, "sim", host=self.host)
         while True:
             try:
                 if self.lease_id is None:

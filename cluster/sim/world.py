@@ -196,7 +196,8 @@ class World:
                 return False
         key = (sm.epoch, tuple(sorted(members.items())))
         if self._target_memo[0] != key:
-            at_target = compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=sm.table) == list(sm.table)
+            at_target = compute_table(members, slots=sm.slots, replicas=sm.replicas, prev=sm.table,
+                                      hosts={n: self.nodes[n].host for n in members}) == list(sm.table)
             self._target_memo = (key, at_target)
         return self._target_memo[1]
 
@@ -211,7 +212,8 @@ class World:
 
         sc = self.scenario
         members = {spec.id: spec.zone for spec in sc.nodes}
-        table = compute_table(members, slots=sc.slots, replicas=sc.replicas)
+        table = compute_table(members, slots=sc.slots, replicas=sc.replicas,
+                              hosts={spec.id: spec.host for spec in sc.nodes})
         self.etcd.put(slotmap_key(self.cluster), SlotMap(1, sc.slots, sc.replicas, tuple(table), members).encode())
         size = sc.slot_bytes // max(1, sc.values_per_slot)
         if size:

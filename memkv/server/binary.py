@@ -172,8 +172,9 @@ def encode_ping(req: Request, result: float) -> Reply:
     return Reply({"t": result})
 
 
-def encode_hello(req: Request, result: tuple[bytes, bool]) -> Reply:
-    return Reply({"nonce": result[0], "auth": result[1]})
+def encode_hello(req: Request, result: tuple[bytes, bool, list[str]]) -> Reply:
+    nonce, auth_required, workers = result
+    return Reply({"nonce": nonce, "auth": auth_required, **({"workers": workers} if workers else {})})
 
 
 def encode_auth(req: Request, result: bytes) -> Reply:

@@ -198,8 +198,12 @@ class Node:
         ops = self.operations
         tenants = self.tenants
 
-        def hello(session: Session, req: Hello) -> tuple[bytes, bool]:
-            return tenants.hello(session, req), session.auth_required
+        # a standalone worker of ``memkv serve --workers N`` tells clients where all N are, and they route
+        # keys to them by slot (client/core/routing.py); in a cluster the slot map does that
+        workers = [] if self.config.etcd else list(self.config.worker_addrs)
+
+        def hello(session: Session, req: Hello) -> tuple[bytes, bool, list[str]]:
+            return tenants.hello(session, req), session.auth_required, workers
 
         table = (
             (Ping, lambda session, req: self.clock.wall()),
@@ -249,7 +253,10 @@ class Node:
         if session is not None and not session.observes_all:
             return self.tenant_stats(session)
         st = self.store.stats()
-        st.update(node_id=self.node_id, server=self.metrics.snapshot(), listen=self.address())
+        st.update(node_id=self.node_id, server=self.metrics.snapshot(), listen=self.address(),
+                  host=self.config.host_id or socket.gethostname())
+        if self.config.worker_addrs:  # one worker of ``memkv serve --workers N``: where its siblings are
+            st["workers"] = list(self.config.worker_addrs)
         if self.flash is not None:
             st["flash"] = self.flash.stats()
         security: dict[str, Any] = {**self.tenants.stats(), "tls": self.connection_class is not Connection}

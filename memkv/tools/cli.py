@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from memkv.config import NodeConfig
-from memkv.errors import MemKVError
+from memkv.errors import InvalidArgument, MemKVError
 
 
 def build_node(cfg: NodeConfig) -> Any:
@@ -47,6 +47,8 @@ def build_node(cfg: NodeConfig) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """One node in this process (``--workers 1``, the default), or a supervisor of N worker
+    processes (memkv/tools/workers.py), each of which is this command again with ``--workers 1``."""
     import trio
 
     from memkv.config import load_config
@@ -54,11 +56,13 @@ def _serve(args: argparse.Namespace) -> int:
     from memkv.sizes import parse_size
 
     cfg = load_config(args.config)
-    for flag in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "metrics_port", "resp_port",
-                 "shm_dir"):
+    for flag in ("listen", "data_dir", "etcd", "cluster", "node_id", "zone", "host_id", "workers", "worker_ports",
+                 "metrics_port", "resp_port", "shm_dir"):
         value = getattr(args, flag, None)
         if value is not None:
             setattr(cfg, flag, value)
+    if args.worker_addrs:
+        cfg.worker_addrs = args.worker_addrs.split(",")
     for flag in ("tls_cert", "tls_key", "tls_ca"):  # [tls] cert/key/ca (memkv/server/tls.py)
         if getattr(args, flag, None):
             cfg.extra.setdefault("tls", {})[flag[4:]] = getattr(args, flag)
@@ -71,6 +75,20 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in ("segment_size", "compaction_rate"):
         if getattr(args, flag, None) is not None:
             setattr(cfg, flag, parse_size(getattr(args, flag)))
+    from memkv.tools.workers import run_workers, worker_count
+
+    n = worker_count(cfg.workers)
+    if n > 1:
+        # the flags every worker shares; each worker's own (port, data dir, memory, ids) come from its plan
+        shared = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
+                  for flag in ("config", "etcd", "cluster", "zone", "shm_dir", "segment_size", "compaction_rate",
+                               "tls_cert", "tls_key", "tls_ca") if getattr(args, flag, None) is not None]
+        try:
+            ports = [int(p) for p in cfg.worker_ports.split(",")] if cfg.worker_ports else None
+        except ValueError:
+            raise InvalidArgument(f"--worker-ports must be comma-separated port numbers, not "
+                                  f"{cfg.worker_ports!r}") from None
+        return run_workers(cfg, n, shared, ports)
     trio.run(run_node, build_node(cfg))
     return 0
 
@@ -115,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster", help="cluster name in etcd")
     s.add_argument("--node-id", dest="node_id")
     s.add_argument("--zone")
+    s.add_argument("--host-id", dest="host_id",
+                   help="the machine this node runs on (default the hostname): replicas go to distinct hosts")
+    s.add_argument("--workers", help="worker processes (a number, or 'auto' = the cores; default 1): each with "
+                   "its share of --memory, its own port (--listen's, then the next ones) and DATA_DIR/worker-I")
+    s.add_argument("--worker-ports", dest="worker_ports", help="the workers' ports, comma-separated (default: "
+                   "--listen's port and the ones after it)")
+    s.add_argument("--worker-addrs", dest="worker_addrs", help=argparse.SUPPRESS)  # set by the supervisor
     s.add_argument("--shm-dir", dest="shm_dir", help="where the region file lives (default /dev/shm)")
     s.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port")
     s.add_argument("--resp-port", dest="resp_port", type=int, help="Redis-protocol (RESP) port")
