@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Self
 
-from bench.procs import PeerServers, free_port
+from bench.procs import PeerServers
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_LEN = 150
@@ -32,12 +32,6 @@ def lmcache_venv() -> Path:
 
 
 class LMCacheServer(PeerServers):
-    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
-        super().__init__()
-        self.host = host
-        self.port = free_port(host)
-        self.workdir = workdir
-
     def start(self) -> Self:
         python = lmcache_venv() / "bin" / "python"
         if not python.exists():

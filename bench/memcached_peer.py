@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 from typing import Any, Self
 
-from bench.procs import PeerServers, free_port
+from bench.procs import PeerServers
 
 RECV_SIZE = 1 << 20
 MAX_ITEM = "16m"  # the benchmark stores up to 4 MiB values (memcached's default item limit is 1 MiB)
@@ -20,12 +19,6 @@ MAX_ITEM = "16m"  # the benchmark stores up to 4 MiB values (memcached's default
 
 class MemcachedServer(PeerServers):
     """``memcached`` bound to 127.0.0.1 on a free port, 4 GiB of memory, 2 worker threads."""
-
-    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
-        super().__init__()
-        self.host = host
-        self.port = free_port(host)
-        self.workdir = workdir
 
     def start(self) -> Self:
         exe = shutil.which("memcached")

@@ -28,12 +28,9 @@ def mooncake_venv() -> Path:
 
 class MooncakeServer(PeerServers):
     def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
-        super().__init__()
-        self.host = host
-        self.port = free_port(host)  # the master's RPC port (what PeerSpec carries)
+        super().__init__(workdir, host)  # self.port: the master's RPC port (what PeerSpec carries)
         self.http_port = free_port(host)
         self.holder_port = free_port(host)
-        self.workdir = workdir
 
     def start(self) -> Self:
         bin_ = mooncake_venv() / "bin"

@@ -45,9 +45,10 @@ class PeerServers:
     """The server processes of one benchmark peer, started in order, each waited for on its port,
     stopped in reverse order. A peer's ``start`` builds its command lines and calls :meth:`spawn`."""
 
-    host: str
-
-    def __init__(self) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = free_port(host)  # the port the benchmark's clients connect to
+        self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, cmd: list[str], port: int, log: Path, timeout: float, **popen: Any) -> None:
