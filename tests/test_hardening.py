@@ -73,9 +73,14 @@ def _wait_closed(s: socket.socket, timeout: float) -> float:
     return time.monotonic() - t0
 
 
-def _ping(s: socket.socket) -> dict:
+def _pong(s: socket.socket) -> c.Frame | None:
+    """The node's answer to a PING on ``s`` (an error frame, or None once it closed)."""
     s.sendall(c.encode_frame(Op.PING, 7, {}))
-    f = _read_frame(s)
+    return _read_frame(s)
+
+
+def _ping(s: socket.socket) -> dict:
+    f = _pong(s)
     assert f is not None and not f.is_error, f
     return f.meta
 
@@ -87,8 +92,7 @@ def _put_frame(key: bytes, value: bytes, rid: int = 1, ns: str = "shared") -> by
 def _admitted(node) -> socket.socket | None:
     """A raw connection the node admitted (answers PING), or None if it refused it."""
     s = _raw(node)
-    s.sendall(c.encode_frame(Op.PING, 7, {}))
-    f = _read_frame(s)
+    f = _pong(s)
     if f is not None and not f.is_error:
         return s
     s.close()
