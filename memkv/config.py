@@ -228,6 +228,8 @@ class NodeConfig:
     workers: str = "1"
     # their ports, comma-separated ("" = the listen port and the ones after it)
     worker_ports: str = ""
+    # their region sizes in bytes: [] = ``memory`` split evenly, [S] = S each, [S0, S1, ...] = one per worker
+    worker_memory: list[int] = field(default_factory=list)
     # set by the supervisor on each worker: the addresses of all workers of this host, in order
     # (reported by STATS, so that clients and ``memkv status`` find the siblings)
     worker_addrs: list[str] = field(default_factory=list)
@@ -304,6 +306,10 @@ def load_config(path: str | Path | None) -> NodeConfig:
             cfg.worker_ports = ",".join(map(str, v))
         else:
             cfg.worker_ports = _str(node, "worker_ports", "node")
+    if "worker_memory" in node:  # "1GiB" (each worker) or ["1GiB", "3GiB"] (one per worker)
+        v = node["worker_memory"]
+        items = v if isinstance(v, list) else [v]
+        cfg.worker_memory = [_size({"worker_memory": x}, "worker_memory", "node") for x in items]
     for key in ("metrics_port", "resp_port"):
         if key in node:
             setattr(cfg, key, _int(node, key, "node"))

@@ -34,6 +34,17 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 
 
+def rdma_skip_reason() -> str | None:
+    """Why RDMA cannot run here (None: it can). It runs for real in the Soft-RoCE VM (``make test-rdma``)."""
+    from memkv.transport import pyverbs_available, rdma_devices
+
+    if not pyverbs_available():
+        return "pyverbs not importable (Debian python3-pyverbs); RDMA runs for real in `make test-rdma`"
+    if not rdma_devices():
+        return "no RDMA device (no NIC, no rdma_rxe); RDMA runs for real in `make test-rdma`"
+    return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -17,11 +17,11 @@ import signal
 import numpy as np
 import pytest
 import trio
+from conftest import rdma_skip_reason
 
 from memkv.client import Client, SyncClient
 from memkv.client.core import onesided as onesided_mod
 from memkv.errors import InvalidArgument, PermissionDenied
-from memkv.transport import pyverbs_available, rdma_devices
 
 KiB, MiB = 1024, 1024 * 1024
 # Node start-up takes longer in the emulated Soft-RoCE guest (TCG + 9p): the harness raises this.
@@ -56,14 +56,6 @@ def memkv_node(start_node):
 SIZES = [0, 1, 4 * KiB + 3, 1 * MiB + 1]
 
 
-def _rdma_skip_reason() -> str | None:
-    if not pyverbs_available():
-        return "pyverbs not importable (Debian python3-pyverbs); RDMA runs for real in `make test-rdma`"
-    if not rdma_devices():
-        return "no RDMA device (no NIC, no rdma_rxe); RDMA runs for real in `make test-rdma`"
-    return None
-
-
 TRANSPORTS = ["tcp", "shm", "rdma"]
 ONESIDED = ["shm", "rdma"]
 
@@ -71,7 +63,7 @@ ONESIDED = ["shm", "rdma"]
 @pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
     if request.param == "rdma":
-        why = _rdma_skip_reason()
+        why = rdma_skip_reason()
         if why:
             pytest.skip(why)
     return request.param
@@ -80,7 +72,7 @@ def transport(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=ONESIDED)
 def onesided(request: pytest.FixtureRequest) -> str:
     if request.param == "rdma":
-        why = _rdma_skip_reason()
+        why = rdma_skip_reason()
         if why:
             pytest.skip(why)
     return request.param
@@ -275,7 +267,7 @@ def test_node_restart_remaps(start_node, onesided):
 
 
 def test_rdma_failure_falls_back_to_tcp(memkv_node):
-    why = _rdma_skip_reason()
+    why = rdma_skip_reason()
     if why:
         pytest.skip(why)
     with SyncClient.connect(memkv_node.url, transport="rdma") as c:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NodeProc, free_port, poll, wait_for_port
+from conftest import NodeProc, free_port, poll, rdma_skip_reason, wait_for_port
 
 from memkv.client import SyncClient
 from memkv.client.cluster_map import key_slot
@@ -30,6 +30,10 @@ DURABLE = """
 [namespaces.ctx]
 durability = "durable"
 """
+
+
+# the Soft-RoCE guest (TCG emulation, repository over 9p) starts processes slowly: its harness raises it
+START_TIMEOUT_S = max(60.0, float(os.environ.get("MEMKV_NODE_START_TIMEOUT", "0")))
 
 
 class Supervised(NodeProc):
@@ -86,7 +90,7 @@ def supervise(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
             extra = ["--config", str(workdir / "memkv.toml"), *extra]
         sup = Supervised(extra, workdir, workers)
         procs.append(sup)
-        return sup.start()
+        return sup.start(START_TIMEOUT_S)
 
     yield _start
     for sup in procs:
@@ -144,12 +148,27 @@ def test_workers_die_with_a_killed_supervisor(supervise: Any) -> None:
     poll(lambda: not any(_alive(p) for p in pids.values()), 10, "workers gone with their supervisor")
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.fixture(params=["tcp", "shm", "rdma"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """rdma runs for real in the Soft-RoCE VM (``make test-rdma`` runs this file's rdma cases)."""
+    if request.param == "rdma" and (why := rdma_skip_reason()):
+        pytest.skip(why)
+    return request.param
+
+
+def _reads_served(addr: str) -> int:
+    """GET-type requests a worker has served so far (asked directly over TCP)."""
+    with SyncClient.connect(f"memkv://{addr}/direct", transport="tcp", timeout=30.0) as d:
+        ops = d.stats()["server"]["ops"]
+    return sum(ops.get(k, 0) for k in ("GET", "GET_MANY"))
+
+
 def test_a_standalone_client_learns_the_workers_and_routes_each_key_to_its_slot(supervise: Any,
                                                                                  transport: str) -> None:
     """Given worker 1's address, the client learns all three from its HELLO; every operation goes
     to the worker that holds the key's slot (checked on each worker directly), batches are split
-    per worker; reads over shared memory are one-sided reads of each worker's region."""
+    per worker; over shared memory or RDMA every hit is a one-sided read of its worker's region:
+    no worker serves a GET for it."""
     from memkv.client.core.routing import WorkersRouter
 
     sup = supervise(workers=3)
@@ -158,25 +177,36 @@ def test_a_standalone_client_learns_the_workers_and_routes_each_key_to_its_slot(
     def val(k: bytes) -> bytes:
         return (k * 1000)[:8192]
 
-    with SyncClient.connect(f"memkv://{sup.addr(1)}", transport=transport, timeout=5.0) as c:
+    with SyncClient.connect(f"memkv://{sup.addr(1)}", transport=transport, timeout=30.0) as c:
         assert isinstance(c.router, WorkersRouter)
         assert [str(a) for a in c.router.all_nodes()] == [sup.addr(i) for i in range(3)]
         c.put_many({k: val(k) for k in keys[:200]})
         for k in keys[200:]:
             c.put(k, val(k))
+        served = [_reads_served(sup.addr(i)) for i in range(3)]
         assert c.get_many(keys) == [val(k) for k in keys]
         assert all(c.get(k) == val(k) for k in keys[::10])
+        bufs = [bytearray(8192) for _ in keys[:50]]
+        assert c.get_many_into(keys[:50], bufs) == [len(val(k)) for k in keys[:50]]
+        assert bytes(bufs[7][:len(val(keys[7]))]) == val(keys[7])
+        owner = [c.router.worker_of(k) for k in keys]
+        if transport != "tcp":
+            # every worker's region read one-sided, through the transport asked for; no TCP read at all
+            assert c.onesided is not None
+            assert {c.onesided.transport_of(n) for n in c.router.all_nodes()} == {transport}
+            n_reads = len(keys) + len(keys[::10]) + 50
+            counters = c.onesided.counters
+            assert counters["onesided"] == n_reads and counters["tcp"] == 0, counters
+            assert counters["rdma_errors"] == counters["mismatch"] == counters["changed"] == 0, counters
+            assert [_reads_served(sup.addr(i)) for i in range(3)] == served
+            if transport == "rdma":  # each worker's own queue pair carried its keys
+                assert all(c.onesided.nodes[n].transport.reads > 0 for n in c.router.all_nodes())
         assert c.delete(keys[0]) and c.get(keys[0]) is None
         assert c.exists_many(keys[:5]) == [False, True, True, True, True]
         assert c.lookup_prefix(keys[1:40], lease=5.0) == 39
-        owner = [c.router.worker_of(k) for k in keys]
-        if transport == "shm":
-            # every worker's region mapped and read one-sided (a miss is confirmed over TCP)
-            assert c.onesided is not None and c.onesided.counters["onesided"] >= len(keys)
-            assert {c.onesided.transport_of(n) for n in c.router.all_nodes()} == {"shm"}
     assert set(owner) == {0, 1, 2}
     for i in range(3):
-        with SyncClient.connect(f"memkv://{sup.addr(i)}/direct", transport="tcp", timeout=5.0) as d:
+        with SyncClient.connect(f"memkv://{sup.addr(i)}/direct", transport="tcp", timeout=30.0) as d:
             assert d.exists_many(keys[1:]) == [o == i for o in owner[1:]]
 
 
@@ -217,6 +247,19 @@ def test_status_shows_every_worker_by_host(supervise: Any, capsys: Any) -> None:
     assert "hS-w0" in out and "hS-w1" in out
 
 
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_each_worker_gets_the_region_it_is_configured_with(supervise: Any, how: str) -> None:
+    """``--worker-memory 8MiB,24MiB`` (one per worker) or ``[node] worker_memory = "12MiB"`` (each)
+    instead of ``--memory`` split evenly; the region a worker reports is the size it was given."""
+    if how == "flag":
+        sup, want = supervise("--memory", "1GiB", "--worker-memory", "8MiB,24MiB"), [8, 24]
+    else:
+        sup, want = supervise(config='[node]\nmemory = "1GiB"\nworker_memory = "12MiB"\n'), [12, 12]
+    for i, mib in enumerate(want):
+        with SyncClient.connect(f"memkv://{sup.addr(i)}/direct", transport="tcp", timeout=5.0) as d:
+            assert d.stats()["region"]["size"] == mib * 1024**2, (i, mib)
+
+
 def test_with_one_worker_nothing_changes(start_node: Any) -> None:
     from memkv.client.core.routing import StandaloneRouter
 
@@ -234,7 +277,10 @@ def test_bad_worker_settings_are_refused(start_node: Any, tmp_path: Path) -> Non
     for args, why in ((["--workers", "0"], "at least 1"), (["--workers", "many"], "number or 'auto'"),
                       (["--workers", "2", "--listen", "127.0.0.1:0"], "--worker-ports"),
                       (["--workers", "2", "--worker-ports", "7001"], "2 distinct ports"),
-                      (["--workers", "2", "--worker-ports", "7001,x"], "comma-separated port numbers")):
+                      (["--workers", "2", "--worker-ports", "7001,x"], "comma-separated port numbers"),
+                      (["--workers", "2", "--worker-memory", "8MiB,8MiB,8MiB"], "one size or 2 (one per worker)"),
+                      (["--workers", "2", "--worker-memory", "8MiB,512KiB"], "under 1 MiB for a worker"),
+                      (["--workers", "2", "--worker-memory", "lots"], "bad size")):
         r = subprocess.run([sys.executable, "-m", "memkv.cli", "serve", *args], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)

@@ -72,6 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.memory = parse_size(args.memory)
     if args.disk is not None:
         cfg.disk = parse_size(args.disk)
+    if args.worker_memory is not None:  # SIZE (each worker) or SIZE,SIZE,... (one per worker)
+        cfg.worker_memory = [parse_size(x.strip()) for x in args.worker_memory.split(",")]
     for flag in ("segment_size", "compaction_rate"):
         if getattr(args, flag, None) is not None:
             setattr(cfg, flag, parse_size(getattr(args, flag)))
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its share of --memory, its own port (--listen's, then the next ones) and DATA_DIR/worker-I")
     s.add_argument("--worker-ports", dest="worker_ports", help="the workers' ports, comma-separated (default: "
                    "--listen's port and the ones after it)")
+    s.add_argument("--worker-memory", dest="worker_memory", metavar="SIZE[,SIZE...]",
+                   help="each worker's region: one size for all, or one per worker (default: --memory split evenly)")
     s.add_argument("--worker-addrs", dest="worker_addrs", help=argparse.SUPPRESS)  # set by the supervisor
     s.add_argument("--shm-dir", dest="shm_dir", help="where the region file lives (default /dev/shm)")
     s.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port")

@@ -2,10 +2,11 @@
 
 A memkv node is one Python process and so one core. Rather than make the node
 multi-threaded (the GIL would serialise it anyway), a host runs N independent
-nodes -- *workers* -- each with its own share of the region (``--memory`` / N),
-its own flash directory (``DATA_DIR/worker-I``), its own port (``--listen
-HOST:PORT`` is worker 0, the others follow: PORT+1, ... or ``--worker-ports``)
-and its own metrics and RESP ports (likewise +I). Each worker is an ordinary
+nodes -- *workers* -- each with its own share of the region (``--memory`` / N,
+or ``--worker-memory``: one size for each, or one per worker), its own flash
+directory (``DATA_DIR/worker-I``), its own port (``--listen HOST:PORT`` is
+worker 0, the others follow: PORT+1, ... or ``--worker-ports``) and its own
+metrics and RESP ports (likewise +I). Each worker is an ordinary
 ``memkv serve`` process: the node code knows nothing of the supervisor (it only
 reports its host and the layout it was given, ``host_id`` / ``worker_addrs``,
 so that a client or ``memkv status`` can find its siblings).
@@ -97,15 +98,14 @@ def plan_workers(cfg: NodeConfig, n: int, ports: list[int] | None = None) -> lis
         ports = [port + i for i in range(n)]
     if len(ports) != n or len(set(ports)) != n:
         raise InvalidArgument(f"--worker-ports: {n} distinct ports are needed, got {ports}")
-    if cfg.memory // n < 1 << 20:
-        raise InvalidArgument(f"--memory {cfg.memory} split {n} ways leaves under 1 MiB per worker")
+    memory = memory_shares(cfg, n)
     hid = host_id(cfg)
     base = cfg.node_id or hid
     addrs = [f"{host}:{p}" for p in ports]
     plans = []
     for i, addr in enumerate(addrs):
         flags = ["--listen", addr, "--node-id", f"{base}-w{i}", "--host-id", hid,
-                 "--memory", str(cfg.memory // n), "--disk", str(cfg.disk // n),
+                 "--memory", str(memory[i]), "--disk", str(cfg.disk // n),
                  "--worker-addrs", ",".join(addrs)]
         if cfg.data_dir:
             flags += ["--data-dir", str(Path(cfg.data_dir) / f"worker-{i}")]
@@ -115,6 +115,23 @@ def plan_workers(cfg: NodeConfig, n: int, ports: list[int] | None = None) -> lis
             flags += ["--resp-port", str(cfg.resp_port + i)]
         plans.append(WorkerPlan(i, addr, f"{base}-w{i}", tuple(flags)))
     return plans
+
+
+def memory_shares(cfg: NodeConfig, n: int) -> list[int]:
+    """Each worker's region size: ``--worker-memory`` / ``[node] worker_memory`` when given (one size
+    for all, or one per worker), else ``--memory`` split evenly."""
+    given = cfg.worker_memory
+    if not given:
+        shares = [cfg.memory // n] * n
+        what = f"--memory {cfg.memory} split {n} ways"
+    elif len(given) in (1, n):
+        shares = given * n if len(given) == 1 else list(given)
+        what = f"--worker-memory {','.join(map(str, given))}"
+    else:
+        raise InvalidArgument(f"--worker-memory: one size or {n} (one per worker), not {len(given)}")
+    if min(shares) < 1 << 20:
+        raise InvalidArgument(f"{what} leaves under 1 MiB for a worker")
+    return shares
 
 
 def _die_with_parent() -> None:

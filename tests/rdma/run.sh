@@ -7,7 +7,8 @@
 #      absolute path, so the host's .venv (cp311 wheels, editable install)
 #      works with the guest's Debian python3 + python3-pyverbs;
 #   3. the guest runs the transport conformance suite with transport=rdma
-#      (tests/test_transports.py -k rdma) and the RDMA part of
+#      (tests/test_transports.py -k rdma), the standalone routing to
+#      `memkv serve --workers N` over RDMA (tests/test_workers.py -k rdma) and the RDMA part of
 #      bench/transports.py, then powers off;
 #   4. results: the guest's output, .cache/rxe-run-<id>/pytest.txt, junit.xml,
 #      rdma-bench.json; exit status = the guest suite's.
@@ -52,7 +53,7 @@ echo "import site; site.addsitedir('$SITE')" > /usr/lib/python3/dist-packages/zz
 export PYTHONDONTWRITEBYTECODE=1 MEMKV_RDMA_DEVICE=rxe0 MEMKV_IN_RXE_GUEST=1 MEMKV_NODE_START_TIMEOUT=120 PYTHONUNBUFFERED=1
 python3 -c 'import pyverbs.device as d, memkv; print("guest: pyverbs devices", [x.name for x in d.get_device_list()])'
 timeout $((VM_TIMEOUT - 120)) python3 -m pytest -p no:cacheprovider -q -ra --timeout=240 -k "$PYTEST_K" \
-    --junitxml="$R/junit.xml" tests/test_transports.py 2>&1 | tee "$R/pytest.txt"
+    --junitxml="$R/junit.xml" tests/test_transports.py tests/test_workers.py 2>&1 | tee "$R/pytest.txt"
 rc=\$?
 [ -f "$R/junit.xml" ] || rc=1
 timeout 150 python3 -m bench.transports --rdma-only --json "$R/rdma-bench.json" 2>&1 | tail -5
