@@ -370,31 +370,43 @@ def on_paper(rows: list[dict[str, Any]], size: int) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Per operation: ops/s (top row, with the scaling factor) and the CPU one request cost the workers
+    (bottom row, solid) and a client (dashed), for each worker count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, len(OPS), figsize=(5 * len(OPS), 4), squeeze=False)
-    for ax, op in zip(axes[0], OPS, strict=True):
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    fig, axes = plt.subplots(2, len(ops), figsize=(5 * len(ops), 7.5), squeeze=False)
+    for col, op in enumerate(ops):
         mine = [r for r in rows if r["op"] == op]
         xs = [r["clients"] for r in mine]
+        top, bottom = axes[0][col], axes[1][col]
         for w in WORKERS:
-            ax.plot(xs, [r[f"w{w}_ops_s"] for r in mine], marker="o", label=f"--workers {w}")
+            line = top.plot(xs, [r[f"w{w}_ops_s"] for r in mine], marker="o", label=f"--workers {w}")[0]
+            bottom.plot(xs, [r[f"w{w}_worker_us_per_op"] for r in mine], marker="o", color=line.get_color(),
+                        label=f"workers, --workers {w}")
+            bottom.plot(xs, [r[f"w{w}_client_us_per_op"] for r in mine], marker="x", linestyle="--",
+                        color=line.get_color(), label=f"a client, --workers {w}")
         for r in mine:
             if r["scaling"]:
-                ax.annotate(f"{r['scaling']:.2f}x", (r["clients"], r["w2_ops_s"]), textcoords="offset points",
-                            xytext=(0, 6), ha="center", fontsize=8)
-        ax.set_title(f"{op} ({result['size']} B values)")
-        ax.set_xlabel("client processes")
-        ax.set_ylabel("ops/s (median)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"memkv serve --workers 1 vs 2 on {result['machine']['cpus']} CPUs (load avg at start "
-                 f"{result['machine']['loadavg_start']:.1f})")
+                top.annotate(f"{r['scaling']:.2f}x", (r["clients"], r["w2_ops_s"]), textcoords="offset points",
+                             xytext=(0, 6), ha="center", fontsize=8)
+        top.set_title(f"{op} ({result['size']} B values)")
+        top.set_ylabel("ops/s (median)")
+        bottom.set_ylabel("CPU µs per request (median)")
+        for ax in (top, bottom):
+            ax.set_xlabel("client processes")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    m = result["machine"]
+    fig.suptitle(f"memkv serve --workers 1 vs 2 on {m['cpus']} CPUs (load average {m['loadavg_start']:.1f} at the "
+                 f"start, {m['loadavg_end']:.1f} at the end)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
