@@ -145,7 +145,7 @@ class ReadableIndex:
         self._entries[s] = e
         self._write(s, f.VALUE, self._tags[s], self._expiry_stamp(e), self._fps[s], e.offset, e.length, e.checksum,
                     e.version)
-        e.exposed = True  # freeing it goes through the quarantine
+        e.indexed = True  # freeing it waits for the reads that may have found it (readers.py)
         self.published_total += 1
         return True
 
