@@ -526,6 +526,45 @@ def test_one_sided_reads_count_for_eviction(start_node, monkeypatch):
         assert c.exists_many([b"e0", b"e1", b"e2", b"e3"], namespace="session") == [True, False, False, True]
 
 
+def test_pinned_and_leased_values_read_one_sided_keep_their_guarantees(start_node, onesided, monkeypatch):
+    """Pins and leases are the node's state, and one-sided reads keep them: values read one-sided (their
+    touches sent) while a flood of writes fills the pool stay if pinned or leased by a prefix lookup,
+    and are still read one-sided afterwards; the values read the same way but unprotected are evicted.
+    Over shared memory the flood never waits for quarantined room (the reader announces its reads)."""
+    import time
+
+    from memkv.errors import OutOfMemory
+
+    monkeypatch.setattr(onesided_mod, "TOUCH_INTERVAL_S", 0.0)  # each read's touch goes at once
+    node = start_node()  # 64 MiB: the session pool (LRU) keeps 22.4 MiB of values
+    vals = {b"k%d" % i: os.urandom(MiB) for i in range(10)}
+    keys = list(vals)
+    retries = 0
+    with SyncClient.connect(node.url, transport=onesided) as c:
+        for k, v in vals.items():
+            c.put(k, v, namespace="session")
+        assert c.pin(keys[:2], namespace="session") == 2
+        assert c.lookup_prefix(keys[2:4], lease=60.0, namespace="session") == 2
+        assert c.get_many(keys, namespace="session") == list(vals.values())
+        assert c.onesided.counters["onesided"] == 10 and c.onesided.counters["tcp"] == 0
+        assert c.stats()["onesided"]["touches"] == 10
+        deadline = time.monotonic() + 60
+        for i in range(18):  # 28 MiB in all: six values must go, and only k4..k9 may
+            while True:
+                try:
+                    c.put(b"f%d" % i, os.urandom(MiB), namespace="session")
+                    break
+                except OutOfMemory:  # RDMA: evicted bytes wait out the quarantine bound
+                    retries += 1
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+        assert c.exists_many(keys, namespace="session") == [True] * 4 + [False] * 6
+        assert c.get_many(keys[:4], namespace="session") == [vals[k] for k in keys[:4]]
+        assert c.onesided.counters["onesided"] == 14 and c.onesided.counters["tcp"] == 0
+    if onesided == "shm":
+        assert retries == 0
+
+
 TENANTS_ONESIDED = """
 [node]
 onesided_tenants = true

@@ -22,6 +22,10 @@ sends **no request to the node**:
    quarantine bound (an extent freed while a reader may copy it is not reused
    before that).
 
+Over shared memory, steps 2-3 are announced in the reader's slot of the node's
+reader table (``NodeIndex.announce``; memkv/engine/readers.py): the node reuses
+an extent freed meanwhile only once this read is over (or after the bound).
+
 Anything else -- no entry (not published, not in the region, being changed,
 torn), a namespace this session may not read one-sided, a mismatch, a late
 read, an RDMA error -- is read over TCP in the same call by the ordinary TCP
