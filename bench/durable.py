@@ -39,7 +39,7 @@ from typing import Any
 
 from bench.machine import machine_info
 from bench.memkv_peer import MemkvNode
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, gather, stop_process, wait_for_tcp
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -162,14 +162,7 @@ def run_cell(system: str, addr: Any, size: int, clients: int, keys: int, seconds
     start_at = time.time() + 0.5 + 0.1 * clients
     procs = [ctx.Process(target=_client, args=(system, addr, i, size, keys, start_at, seconds, q))
              for i in range(clients)]
-    for p in procs:
-        p.start()
-    got = [q.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join(30)
-    errors = [g[3] for g in got if g[3]]
-    if errors:
-        raise RuntimeError(f"{system} {fmt_size(size)} x{clients}: {errors[0]}")
+    got = gather(procs, q, seconds + 120, f"{system} {fmt_size(size)} x{clients}")
     ops = sum(g[1] for g in got)
     # each client ran for ~seconds from a common start: throughput = sum of per-client rates
     rate = sum(g[1] / g[2] for g in got)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, gather, stop_process, wait_for_tcp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("none", "idle", "reading")
@@ -123,14 +123,7 @@ def measure(url: str, clients: int, size: int, seconds: float, tag: str) -> dict
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(clients), ctx.Queue()
     procs = [ctx.Process(target=_writer, args=(url, size, seconds, i, tag, barrier, out)) for i in range(clients)]
-    for p in procs:
-        p.start()
-    res = [out.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(30)
-    errors = [r[2] for r in res if r[2]]
-    if errors:
-        raise RuntimeError(f"{clients} writers: {errors[0]}")
+    res = gather(procs, out, 300, f"{clients} writers")
     ops = sum(r[0] for r in res)
     return {"ops_s": ops, "MBps": ops * size / 1e6, "oom_retries": sum(r[1] for r in res)}
 
