@@ -158,6 +158,7 @@ class _Reader:
     def __init__(self, store: Store) -> None:
         slot = store.readers.claim(os.getpid())
         assert slot is not None
+        self.slot_no = slot
         self.mm = mmap.mmap(store.readers.fd, store.readers.slots * ixf.READER_SLOT)
         self.slot = ixf.ReaderSlot(memoryview(self.mm), slot, store.region.view, store.readable.base)
 
@@ -182,7 +183,7 @@ def test_an_announced_read_holds_the_extent_only_until_it_ends(store: Store, clo
     try:
         old = os.urandom(64 * KiB)
         store.put(b"q", old, namespace="shared")
-        reader.slot.enter()
+        token, _ = reader.slot.enter(clock.monotonic())
         found = _read(store, b"q")
         assert found is not None
         store.delete(b"q", namespace="shared")
@@ -192,7 +193,7 @@ def test_an_announced_read_holds_the_extent_only_until_it_ends(store: Store, clo
             assert _value(store, found) == old  # the reader's bytes are still the value's own
             clock.advance(0.1)
         assert found.offset not in offsets
-        reader.slot.leave()
+        reader.slot.leave(token)
         clock.advance(0.002)  # the grace after a free (store buffers), far below the bound
         reused = [store.put(b"m%d" % i, os.urandom(64 * KiB), namespace="shared").offset for i in range(5)]
         assert found.offset in reused
@@ -209,8 +210,8 @@ def test_writes_into_a_full_region_need_no_bound_while_readers_are_idle(store: S
     try:
         n = _fill(store, b"f")
         for i in range(3 * n):  # the whole region over three times, in 1/40 of the bound (store time)
-            readers[i % 2].slot.enter()  # reads come and go between the writes
-            readers[i % 2].slot.leave()
+            token, _ = readers[i % 2].slot.enter(clock.monotonic())  # reads come and go between writes
+            readers[i % 2].slot.leave(token)
             store.put(b"w%d" % i, os.urandom(64 * KiB), namespace="shared")
             clock.advance(0.0005)
         assert store.stats()["pools"]["shared"]["oom"] == 0
@@ -232,7 +233,7 @@ def test_a_stalled_or_dead_reader_holds_extents_for_the_bound_only(store: Store,
     stalled = _Reader(store)
     try:
         _fill(store, b"f")
-        stalled.slot.enter()
+        stalled.slot.enter(clock.monotonic())
         t0 = clock.monotonic()
         with pytest.raises(OutOfMemory, match="retry shortly"):
             for i in range(500):  # 1 s of the store's time
@@ -248,6 +249,28 @@ def test_a_stalled_or_dead_reader_holds_extents_for_the_bound_only(store: Store,
         stalled.close()
 
 
+def test_reads_sharing_a_slot_announce_the_oldest_epoch(store: Store, clock: ManualClock) -> None:
+    """Threads of one client share its slot: the slot shows the oldest epoch of the reads going on, and
+    each read learns the start of the oldest one (it is covered only while that one is in time)."""
+    reader = _Reader(store)
+    try:
+        mine = lambda: ixf.READER.unpack_from(reader.mm, reader.slot_no * ixf.READER_SLOT)[0]  # noqa: E731
+        e1 = store.readers.epoch
+        first, oldest = reader.slot.enter(10.0)
+        assert oldest == 10.0 and mine() == e1
+        store.readers.safe_below(e1)  # an extent tagged e1 waits: the epoch moves on
+        e2 = store.readers.epoch
+        assert e2 == e1 + 1
+        second, oldest = reader.slot.enter(11.0)
+        assert oldest == 10.0 and mine() == e1  # still the first read's
+        reader.slot.leave(first)
+        assert mine() == e2  # now the second's
+        reader.slot.leave(second)
+        assert mine() == ixf.IDLE
+    finally:
+        reader.close()
+
+
 def test_reader_slots_are_reused_once_released_or_their_process_is_gone(clock: ManualClock) -> None:
     header = memoryview(bytearray(ixf.HEADER_SIZE))
     table = ReaderTable(header, 0, monotonic=clock.monotonic, quarantine_s=2.0, slots=2)
@@ -259,7 +282,7 @@ def test_reader_slots_are_reused_once_released_or_their_process_is_gone(clock: M
         assert table.claim(os.getpid()) is None and table.stats()["refused"] == 1  # both taken by live readers
         mm = mmap.mmap(table.fd, 2 * ixf.READER_SLOT)
         slot = ixf.ReaderSlot(memoryview(mm), 0, header, 0)
-        slot.enter()
+        slot.enter(0.0)
         assert ixf.READER.unpack_from(mm, 0)[0] == table.epoch == 1
         slot.release()
         mm.close()

@@ -249,7 +249,7 @@ def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
         announce = c.onesided.nodes[_node_of(c)].announce
         assert (announce is not None) == (onesided == "shm")
         if announce is not None:
-            announce.enter()  # a read is going on (what the core does before it reads the index)
+            token, _ = announce.enter(time.monotonic())  # a read is going on (as the core announces one)
         found = _entry(c, b"q")
         assert found is not None and found.length == len(old)
         assert c.delete(b"q")
@@ -263,7 +263,7 @@ def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
         assert c.stats()["region"]["quarantined"] >= 64 * KiB
         if announce is None:
             return
-        announce.leave()  # the read is over: nobody may copy the extent any more
+        announce.leave(token)  # the read is over: nobody may copy the extent any more
         time.sleep(0.01)  # the node's grace after a free (memkv/engine/readers.py MIN_GRACE_S)
         offsets = []
         for i in range(20):

@@ -347,14 +347,17 @@ class OneSidedReads:
         if not per_node:
             return tcp
         t0 = self.clock()  # before the announcement: a read the node stops waiting for is late here
-        announced = [ix.announce for ix in (self.nodes.get(n) for n in per_node) if ix is not None and ix.announce]
-        for a in announced:
-            a.enter()  # from here until ``leave`` the node keeps what this read may find
+        announced = []
+        for ix in (self.nodes.get(n) for n in per_node):
+            if ix is not None and ix.announce is not None:
+                token, oldest = ix.announce.enter(t0)  # until ``leave`` the node keeps what this read finds
+                announced.append((ix.announce, token))
+                t0 = min(t0, oldest)  # covered while the oldest read announced in the slot is in time
         try:
             tcp = yield from self._read_announced(router, ks, namespace, plan, dests_in, out, per_node, tcp, t0)
         finally:
-            for a in announced:
-                a.leave()
+            for a, token in announced:
+                a.leave(token)
         yield from self._maybe_touch(router, per_node)
         return tcp
 

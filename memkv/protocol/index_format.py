@@ -56,7 +56,9 @@ reader may still copy it is not reused for that long.
 
 from __future__ import annotations
 
+import itertools
 import struct
+import threading
 
 import xxhash
 
@@ -179,29 +181,53 @@ def find(window: bytes | bytearray | memoryview, first_slot: int, fp_bytes: byte
 
 class ReaderSlot:
     """A reader's side of its slot in the node's reader table (see the module doc): ``enter`` before
-    reading anything of the index, ``leave`` after the last copy, ``release`` when done for good."""
+    reading anything of the index, ``leave`` after the last copy, ``release`` when done for good.
 
-    __slots__ = ("_mine", "_grace")
+    One client may run several reads at once (threads, tasks) through one slot: the slot shows the
+    oldest epoch among them, so each is covered. A read is covered only while that oldest read is
+    within the node's bound (after it the node ignores the slot), hence ``enter`` returns the start
+    of the oldest read going on, from which the caller measures its own read's lateness.
+    """
+
+    __slots__ = ("_mine", "_grace", "_lock", "_reads", "_tokens")
 
     def __init__(self, table: memoryview, slot: int, region: memoryview, base: int) -> None:
         at = slot * READER_SLOT
         self._mine = table[at:at + READER.size].cast("Q")
         self._grace = region[base + GRACE_EPOCH_OFF:base + GRACE_EPOCH_OFF + GRACE_EPOCH.size].cast("Q")
+        self._lock = threading.Lock()
+        self._reads: dict[int, tuple[int, float]] = {}  # token -> (epoch announced, start), oldest first
+        self._tokens = itertools.count(1)
 
-    def enter(self) -> None:
-        self._mine[0] = self._grace[0]  # one aligned 8-byte load, one aligned 8-byte store
+    def enter(self, now: float) -> tuple[int, float]:
+        """Announce a read starting at ``now``: its token for ``leave``, and the start of the oldest read
+        of this slot still going (0 token: the slot is released; nothing is announced)."""
+        with self._lock:
+            try:
+                epoch = self._grace[0]  # one aligned 8-byte load
+                if not self._reads:
+                    self._mine[0] = epoch  # one aligned 8-byte store; the lock's release orders it
+            except ValueError:
+                return 0, now  # released (the transport was closed)
+            token = next(self._tokens)
+            self._reads[token] = (epoch, now)
+            return token, next(iter(self._reads.values()))[1]
 
-    def leave(self) -> None:
-        try:
-            self._mine[0] = IDLE
-        except ValueError:
-            pass  # released meanwhile (the transport failed and was closed): nothing to announce
+    def leave(self, token: int) -> None:
+        with self._lock:
+            if self._reads.pop(token, None) is None:
+                return
+            try:
+                self._mine[0] = next(iter(self._reads.values()))[0] if self._reads else IDLE
+            except ValueError:
+                pass  # released meanwhile (the transport failed and was closed)
 
     def release(self) -> None:
         """Never reading through this slot again: the node may give it to another reader."""
-        try:
-            self._mine[0] = RELEASED
-        except ValueError:
-            return  # already released
-        self._mine.release()
-        self._grace.release()
+        with self._lock:
+            try:
+                self._mine[0] = RELEASED
+            except ValueError:
+                return  # already released
+            self._mine.release()
+            self._grace.release()
