@@ -44,6 +44,11 @@ class PeerServers:
         self.procs.append(proc)
         wait_for_tcp(self.host, port, proc, timeout, log)
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The first process started (a one-process peer's server), or None before ``start``."""
+        return self.procs[0] if self.procs else None
+
     def start(self) -> Self:
         raise NotImplementedError
 
