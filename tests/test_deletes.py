@@ -248,3 +248,30 @@ def test_store_copies_of_a_newer_version_replace_a_write_once_value(tmp_path: An
         assert bytes(st.view(st.peek(b"k", namespace="shared"))) == b"new"
     finally:
         st.close()
+
+
+def test_a_write_once_delete_is_acknowledged_only_by_every_owner(start_cluster: Any) -> None:
+    """Reads of a write-once namespace trust the one replica that answers (no version probes), so
+    a delete there that skipped an owner (it timed out, was fenced) could later be served back by
+    it -- the chaos suite's ``etcd_outage`` and ``slow_fsync`` did, with deletes in the load. Such a
+    delete is not acknowledged: the client raises the owner's error. In an overwritable namespace
+    (reads compare the replicas' versions and tombstones) the owner is skipped as for a write."""
+    from memkv.client.core.dispatch import FAILOVER_ERRORS
+
+    cl = start_cluster(3, replicas=2, lease_ttl=20)
+    sm = cl.state().slotmap
+    victim = "n2"
+    keys = [k for k in (f"wo-{i}".encode() for i in range(200)) if victim in sm.table[key_slot(k, sm.slots)]][:4]
+    with SyncClient.connect(cl.url, transport="tcp", timeout=1.0) as c:
+        c.put_many({k: b"v" for k in keys}, namespace="shared")
+        c.put_many({k: b"v" for k in keys}, namespace="session")
+        cl.nodes[victim].pause()
+        try:
+            for k in keys[:2]:
+                with pytest.raises(FAILOVER_ERRORS):  # (a timeout, however the socket reports it)
+                    c.delete(k, namespace="shared")
+                assert c.delete(k, namespace="session") is True
+        finally:
+            cl.nodes[victim].resume()
+        for k in keys[2:]:  # every owner answers again: acknowledged
+            assert c.delete(k, namespace="shared") is True
