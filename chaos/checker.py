@@ -18,8 +18,8 @@ Invariants (issue 8 item 3):
    a node while it was paused beyond its lease) were not acknowledged.
 6. **No resurrected delete** -- no read returns a value whose acknowledged put completed
    before an acknowledged delete of the key that completed before the read began
-   (:func:`resurrected_deletes`; the load deletes only with ``LoadConfig.deletes`` > 0,
-   off by default until nodes keep tombstones, issue 19 item 1).
+   (:func:`resurrected_deletes`; the load deletes ``LoadConfig.deletes`` of its writes, 10 %
+   by default).
 7. **No stale read where promised** -- in a soak's quiet windows (no fault active, the
    cluster converged) a read returns the last acknowledged value or a concurrent one.
 8. **Served probes** -- probe reads marked ``expect="served"`` (a node asked, after a crash,
