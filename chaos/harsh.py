@@ -346,3 +346,27 @@ def rereplicate_flash_only(ctx: Ctx) -> None:
     ctx.sleep(float(ctx.p.get("down_s", ctx.ttl + 2)))
     ctx.target.start(v)
     ctx.heal(f"restart {v}")
+
+
+def both_replicas_crash(ctx: Ctx) -> None:
+    """kill -9 both replicas of a set of slots (``victim`` and ``second``, ``gap_s`` apart: each
+    is out of the map before the other returns), restart them one after the other on their own
+    data dirs. Durable writes acknowledged by both before the crash are on both disks: none may be
+    lost (docs/chaos.md, finding 6)."""
+    t, p = ctx.target, ctx.p
+    a, b = ctx.victim, str(p.get("second", "n3"))
+    sm = t.state().slotmap
+    both = sum(1 for row in sm.table if set(row) == {a, b})
+    t.kill(a)
+    ctx.fault(f"kill -9 {a}")
+    ctx.sleep(float(p.get("gap_s", 0.5)))
+    t.kill(b)
+    ctx.fault(f"kill -9 {b} ({both} slots had both replicas on {a} and {b})")
+    ctx.sleep(float(p.get("down_s", 1.0)))
+    t.start(a)
+    ctx.heal(f"restart {a}")
+    ctx.sleep(float(p.get("second_down_s", ctx.ttl + 2)))
+    t.start(b)
+    ctx.heal(f"restart {b}")
+    ctx.wait_member(a)
+    ctx.wait_member(b)

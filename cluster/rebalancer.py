@@ -18,6 +18,16 @@ that a new leader would need):
 1. **Loss**: nodes whose lease expired are removed from every slot's replica
    list at once (they cannot serve; survivors move up to primary). A slot
    whose owners are all gone keeps its live migration destination as owner.
+   A slot whose owners are all gone and that has no live destination keeps
+   its owners, unavailable, for ``orphan_grace_s`` (``[cluster] orphan_grace``):
+   their durable values are on their disks, and the first of them that comes
+   back serves them again and is the source of the re-replication. Handing
+   the slot to nodes that hold none of it instead (what the loss step did)
+   answered every read of an acknowledged durable write with a miss until the
+   old owners were back *and* the next converged map's sweep had them hand it
+   over. Only once the grace has passed with none of them back is the slot
+   given to live nodes, empty (the sweep still hands over whatever an old
+   owner brings back later).
 2. **Target**: the slot map for the live, non-draining members
    (``memkv.cluster.slotmap.compute_table``, sticky to the current map).
 3. **Rounds**: the slots whose target adds a replica are moved in rounds,
@@ -88,6 +98,7 @@ ROUND_S = 30.0
 POLL_S = 0.2
 IDLE_S = 1.0
 SETTLE_S = 0.5
+ORPHAN_GRACE_S = 30.0  # how long a slot whose owners are all gone waits for one of them (step 1)
 RECORD_EVERY_S = 0.5
 MAX_PUSH_FAILURES = 6
 COPY_WORKERS = 8
@@ -173,7 +184,8 @@ class Rebalancer:
 
     def __init__(self, view: Any, cluster: str, identity: str, *, lease: Callable[[], int | None],
                  alive: Callable[[], bool], mbps: float = DEFAULT_MBPS, slots: int = 4096, replicas: int = 1,
-                 settle_s: float = SETTLE_S, round_s: float = ROUND_S, clock: Callable[[], float] = time.monotonic,
+                 settle_s: float = SETTLE_S, round_s: float = ROUND_S, orphan_grace_s: float = ORPHAN_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
                  round_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]) -> None:
         self.view = view
@@ -186,6 +198,7 @@ class Rebalancer:
         self.replicas = replicas
         self.settle_s = settle_s
         self.round_s = round_s
+        self.orphan_grace_s = orphan_grace_s
         self.clock = clock
         self.wall = wall
         self.round_id = round_id
@@ -205,6 +218,8 @@ class Rebalancer:
         self.rounds = 0
         self._idle = False
         self._swept = 0  # the epoch of the last converged map every node was swept for
+        # slot -> when this leader first saw every owner of it gone (the grace of step 1 runs from then)
+        self._orphaned: dict[int, float] = {}
 
     # -- election
     def campaign(self) -> Program[None]:
@@ -240,6 +255,7 @@ class Rebalancer:
             # (a leadership of ours that ended earlier may have left _idle set; records of rounds led
             # by others since then are cleared at the first idle step)
             self.leading, self._lease_held, self._idle = True, lease, False
+            self._orphaned.clear()  # (an earlier leadership's clocks: the grace starts again, bounded)
             try:
                 yield from self._lead()
             except Exception:  # noqa: BLE001 - keep campaigning whatever happens
@@ -270,7 +286,8 @@ class Rebalancer:
     def _idle_wait(self) -> float:
         """Until the next timer of ours: membership settling, the back-off after a failed round."""
         now = self.clock()
-        timers = [t - now for t in (self._seen_at + self.settle_s, self._retry_at) if t > now]
+        graces = [since + self.orphan_grace_s for since in self._orphaned.values()]
+        timers = [t - now for t in (self._seen_at + self.settle_s, self._retry_at, *graces) if t > now]
         return max(POLL_S / 4, min([IDLE_S, *timers]))
 
     # -- etcd helpers
@@ -366,6 +383,17 @@ class Rebalancer:
         self._target_key, self._target_from = key, [frozenset(r) for r in base]
         return self._target_val
 
+    def _aim(self, members: dict[str, str], sm: SlotMap, base: list[tuple[str, ...]],
+             held: set[int]) -> list[tuple[str, ...]]:
+        """The target, but a held slot (step 1) stays as it is: nothing moves for it while it waits
+        for its owners, and the others' target is computed as if it had none."""
+        if not held:
+            return self._target(members, sm, base)
+        target = list(self._target(members, sm, [() if s in held else row for s, row in enumerate(base)]))
+        for s in held:
+            target[s] = base[s]
+        return target
+
     def _on_the_way(self, base: list[tuple[str, ...]]) -> bool:
         """Every row is still where the target was computed from, or already where it leads."""
         return len(base) == len(self._target_from) and all(
@@ -395,9 +423,12 @@ class Rebalancer:
                 yield from self._release(n, sm, drains[n])
         members = {n: z for n, z in live.items() if n not in drains} or dict(live)
 
-        # 1. loss: dead nodes leave every row and every pending list at once
+        # 1. loss: dead nodes leave every row and every pending list at once -- but the owners of a
+        # slot that has none left and no live destination stay, within the grace (``held``)
+        held = self._held(sm, live)
         if any(n not in live for n in in_map):
-            table = tuple(tuple(n for n in row if n in live) for row in sm.table)
+            table = tuple(tuple(n for n in row if n in live or (s in held and n not in sm.pending.get(s, ())))
+                          for s, row in enumerate(sm.table))
             pending = {s: p2 for s, p in sm.pending.items() if (p2 := tuple(n for n in p if n in live))}
             for s, p in list(pending.items()):
                 if all(n in p for n in table[s]):
@@ -405,14 +436,17 @@ class Rebalancer:
                     # acknowledged since the move began (clients never skip a destination) and part
                     # of the copy: abandoning it would throw those away.
                     del pending[s]
-            lost = sorted(n for n in in_map if n not in live)
-            log.info("rebalancer: nodes %s are gone; %d slots lose a replica", lost,
-                     sum(1 for row in sm.table if any(n not in live for n in row)))
-            return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, table, sm.members,
-                                                     pending), st.slotmap_revision))
+            if table != sm.table or pending != sm.pending:
+                lost = sorted(n for n in in_map if n not in live)
+                log.info("rebalancer: nodes %s are gone; %d slots lose a replica%s", lost,
+                         sum(1 for row in sm.table if any(n not in live for n in row)),
+                         f"; {len(held)} slots lost every replica and keep their owners (unavailable) for up to "
+                         f"{self.orphan_grace_s:g}s" if held else "")
+                return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, table, sm.members,
+                                                         pending), st.slotmap_revision))
 
         base = [tuple(n for n in row if n not in sm.pending.get(s, ())) for s, row in enumerate(sm.table)]
-        target = self._target(members, sm, base)
+        target = self._aim(members, sm, base, held)
 
         if sm.pending:
             return (yield from self._resume(sm, st.slotmap_revision, base, target, members))
@@ -424,7 +458,7 @@ class Rebalancer:
             if not self._idle:
                 yield from self._clear_records()
                 self._idle = True
-            if self._swept != sm.epoch and self.clock() >= self._retry_at:
+            if self._swept != sm.epoch and self.clock() >= self._retry_at and not held:
                 yield from self._sweep(sm)
             return False
         # let membership settle (several nodes starting together join in one plan)
@@ -445,19 +479,35 @@ class Rebalancer:
             if not adds:
                 continue
             if not base[s]:
-                orphans[s] = target[s]  # every replica was lost: nothing to copy
+                orphans[s] = target[s]  # every replica was lost (and the grace has passed): nothing to copy
                 continue
             moves.append(Move(s, base[s][0], adds[0]))
         if orphans:
             table = list(sm.table)
             for s, row in orphans.items():
                 table[s] = row
-            log.warning("rebalancer: %d slots had no replica left; assigned empty", len(orphans))
+            log.warning("rebalancer: %d slots had no replica left for %gs; assigned empty (an old owner that "
+                        "comes back hands its values over when it is swept)", len(orphans), self.orphan_grace_s)
             return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members),
                                              st.slotmap_revision))
         if not moves:  # only removals left (a replica over R, the last slots of a drained node)
             return (yield from self._remove(sm, st.slotmap_revision, target, members))
         return (yield from self._start_round(sm, st.slotmap_revision, moves, target, members, len(moves)))
+
+    def _held(self, sm: SlotMap, live: dict[str, str]) -> set[int]:
+        """Slots whose owners are all gone, with no live migration destination, for less than the
+        grace: they keep their owners (step 1). The grace runs from when this leader first saw it."""
+        now = self.clock()
+        held = set()
+        for s, row in enumerate(sm.table):
+            pend = sm.pending.get(s, ())
+            if row and not any(n in live for n in row) and any(n not in pend for n in row):
+                since = self._orphaned.setdefault(s, now)
+                if now - since < self.orphan_grace_s:
+                    held.add(s)
+            else:
+                self._orphaned.pop(s, None)
+        return held
 
     def _call(self, node: str, op: int, meta: dict[str, Any]) -> Program[dict[str, Any]]:
         info = self.view.state.nodes.get(node)
@@ -773,7 +823,7 @@ class Rebalancer:
             done_members = sm.members
             if not pending:
                 base = [tuple(r) for r in table]
-                if base == self._target(members, sm, base):
+                if base == self._aim(members, sm, base, self._held(sm, live)):
                     done_members = members
             new = SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), done_members, pending)
             if not self.still_leader():
