@@ -18,16 +18,18 @@ that a new leader would need):
 1. **Loss**: nodes whose lease expired are removed from every slot's replica
    list at once (they cannot serve; survivors move up to primary). A slot
    whose owners are all gone keeps its live migration destination as owner.
-   A slot whose owners are all gone and that has no live destination keeps
-   its owners, unavailable, for ``orphan_grace_s`` (``[cluster] orphan_grace``):
-   their durable values are on their disks, and the first of them that comes
-   back serves them again and is the source of the re-replication. Handing
-   the slot to nodes that hold none of it instead (what the loss step did)
-   answered every read of an acknowledged durable write with a miss until the
-   old owners were back *and* the next converged map's sweep had them hand it
-   over. Only once the grace has passed with none of them back is the slot
-   given to live nodes, empty (the sweep still hands over whatever an old
-   owner brings back later).
+   And a slot whose owners are all gone keeps them too, for ``orphan_grace_s``
+   (``[cluster] orphan_grace``), unavailable (or served by the promoted
+   destination alone): their durable values are on their disks, and the first
+   of them that comes back is an owner again at once, serving them and the
+   source of the re-replication. Handing the slot to nodes that hold none of
+   it instead (what the loss step did) answered reads of acknowledged durable
+   writes with misses until the old owners were back *and* the next converged
+   map's sweep had them hand their values over. Only once the grace has
+   passed with none of them back do they leave the row (an empty row is then
+   given to live nodes; the sweep still hands over whatever an old owner
+   brings back later). The grace runs from when the leader first saw it, and
+   a new leader starts it again.
 2. **Target**: the slot map for the live, non-draining members
    (``memkv.cluster.slotmap.compute_table``, sticky to the current map).
 3. **Rounds**: the slots whose target adds a replica are moved in rounds,
@@ -218,8 +220,10 @@ class Rebalancer:
         self.rounds = 0
         self._idle = False
         self._swept = 0  # the epoch of the last converged map every node was swept for
-        # slot -> when this leader first saw every owner of it gone (the grace of step 1 runs from then)
-        self._orphaned: dict[int, float] = {}
+        # slot -> (when this leader first saw it without a live owner, the owners it keeps): step 1's grace
+        self._orphaned: dict[int, tuple[float, tuple[str, ...]]] = {}
+        self._departed: dict[int, dict[str, float]] = {}  # slot -> owners step 1 removed -> when
+
 
     # -- election
     def campaign(self) -> Program[None]:
@@ -256,6 +260,7 @@ class Rebalancer:
             # by others since then are cleared at the first idle step)
             self.leading, self._lease_held, self._idle = True, lease, False
             self._orphaned.clear()  # (an earlier leadership's clocks: the grace starts again, bounded)
+            self._departed.clear()
             try:
                 yield from self._lead()
             except Exception:  # noqa: BLE001 - keep campaigning whatever happens
@@ -286,7 +291,7 @@ class Rebalancer:
     def _idle_wait(self) -> float:
         """Until the next timer of ours: membership settling, the back-off after a failed round."""
         now = self.clock()
-        graces = [since + self.orphan_grace_s for since in self._orphaned.values()]
+        graces = [since + self.orphan_grace_s for since, _ in self._orphaned.values()]
         timers = [t - now for t in (self._seen_at + self.settle_s, self._retry_at, *graces) if t > now]
         return max(POLL_S / 4, min([IDLE_S, *timers]))
 
@@ -384,7 +389,7 @@ class Rebalancer:
         return self._target_val
 
     def _aim(self, members: dict[str, str], sm: SlotMap, base: list[tuple[str, ...]],
-             held: set[int]) -> list[tuple[str, ...]]:
+             held: dict[int, tuple[str, ...]]) -> list[tuple[str, ...]]:
         """The target, but a held slot (step 1) stays as it is: nothing moves for it while it waits
         for its owners, and the others' target is computed as if it had none."""
         if not held:
@@ -424,14 +429,20 @@ class Rebalancer:
         members = {n: z for n, z in live.items() if n not in drains} or dict(live)
 
         # 1. loss: dead nodes leave every row and every pending list at once -- but the owners of a
-        # slot that has none left and no live destination stay, within the grace (``held``)
+        # slot that has none left stay, within the grace (``held``: slot -> those owners)
         held = self._held(sm, live)
         if any(n not in live for n in in_map):
-            table = tuple(tuple(n for n in row if n in live or (s in held and n not in sm.pending.get(s, ())))
+            table = tuple(held.get(s, ()) + tuple(n for n in row if n in live and n not in held.get(s, ()))
                           for s, row in enumerate(sm.table))
             pending = {s: p2 for s, p in sm.pending.items() if (p2 := tuple(n for n in p if n in live))}
+            now = self.clock()
+            for s, row in enumerate(sm.table):  # owners leaving a row that keeps a live owner: remembered
+                if any(n in live for n in table[s] if n not in sm.pending.get(s, ())):
+                    for n in row:
+                        if n not in live and n not in sm.pending.get(s, ()):
+                            self._departed.setdefault(s, {})[n] = now
             for s, p in list(pending.items()):
-                if all(n in p for n in table[s]):
+                if all(n in p for n in table[s] if n not in held.get(s, ())):
                     # every owner is gone: the destination becomes the owner. It has every write
                     # acknowledged since the move began (clients never skip a destination) and part
                     # of the copy: abandoning it would throw those away.
@@ -494,19 +505,36 @@ class Rebalancer:
             return (yield from self._remove(sm, st.slotmap_revision, target, members))
         return (yield from self._start_round(sm, st.slotmap_revision, moves, target, members, len(moves)))
 
-    def _held(self, sm: SlotMap, live: dict[str, str]) -> set[int]:
-        """Slots whose owners are all gone, with no live migration destination, for less than the
-        grace: they keep their owners (step 1). The grace runs from when this leader first saw it."""
+    def _held(self, sm: SlotMap, live: dict[str, str]) -> dict[int, tuple[str, ...]]:
+        """Slots that have no live owner (a live migration destination aside, which step 1 makes
+        an owner beside them), for less than the grace: slot -> the owners its row keeps (step 1).
+        Those are its owners that are gone and the ones that left its row within the grace (owners
+        rarely go at the same instant: the first one's lease expires first, and it leaves the row
+        while the other still looks alive) -- the ones among them that are back are owners again at
+        once. The grace runs from when this leader first saw the slot without a live owner."""
         now = self.clock()
-        held = set()
+        for s in list(self._departed):
+            left = self._departed[s]
+            for n in [n for n, t in left.items() if now - t >= self.orphan_grace_s]:
+                del left[n]
+            if not left:
+                del self._departed[s]
+        held: dict[int, tuple[str, ...]] = {}
         for s, row in enumerate(sm.table):
-            pend = sm.pending.get(s, ())
-            if row and not any(n in live for n in row) and any(n not in pend for n in row):
-                since = self._orphaned.setdefault(s, now)
-                if now - since < self.orphan_grace_s:
-                    held.add(s)
-            else:
-                self._orphaned.pop(s, None)
+            owners = tuple(n for n in row if n not in sm.pending.get(s, ()))
+            rec = self._orphaned.get(s)
+            if rec is None:
+                if any(n in live for n in owners):
+                    continue
+                left = tuple(n for n in sorted(self._departed.get(s, {})) if n not in owners)
+                if not owners and not left:
+                    continue
+                rec = self._orphaned[s] = (now, owners + left)
+            since, keep = rec
+            if now - since >= self.orphan_grace_s or any(n in live for n in owners):
+                del self._orphaned[s]  # it has an owner again (one came back), or the grace has passed
+                continue
+            held[s] = keep
         return held
 
     def _call(self, node: str, op: int, meta: dict[str, Any]) -> Program[dict[str, Any]]:

@@ -274,8 +274,8 @@ class Checker:
         for key, (version, slot) in self.ledger.items():
             own = owners[slot]
             if key in self.excused:
-                if previous is not None and last is not None and previous[slot] != own:
-                    self._orphan_check(sm, last, key, version, slot, previous[slot], own)
+                if previous is not None and previous[slot] != own:
+                    self._orphan_check(sm, key, version, slot, previous[slot], own)
                 continue
             if previous is not None and previous[slot] == own and key not in self._due:
                 continue  # this map did not change the slot's owners (one may be down, not yet seen)
@@ -294,15 +294,15 @@ class Checker:
             self.violation("map", f"epoch {sm.epoch}: owners {sorted(own)} of slot {slot} lack acknowledged "
                                   f"key {key!r} v{version} (held by {self._holders(key, version)})", key)
 
-    def _orphan_check(self, sm: SlotMap, last: SlotMap, key: bytes, version: int, slot: int,
-                      before: frozenset[str], own: frozenset[str]) -> None:
+    def _orphan_check(self, sm: SlotMap, key: bytes, version: int, slot: int, before: frozenset[str],
+                      own: frozenset[str]) -> None:
         """*orphan*: a slot whose owners are all gone (unregistered), given by this map to owners that lack an
         excused key (every copy the control plane knew of went down) while a node that holds it on
         its disk is down and comes back. The map must keep the slot with its owners until one of
-        them is back (the rebalancer's grace), not hand it to nodes holding nothing of it. (A live
-        migration destination that becomes the owner is not this: it holds every write since its
-        move began.)"""
-        if any(n in self._registered for n in before) or own & set(last.pending.get(slot, ())):
+        them is back (the rebalancer's grace), not hand it to nodes holding nothing of it -- a live
+        migration destination that becomes an owner (it holds every write since its move began)
+        included: the owners stay beside it."""
+        if any(n in self._registered for n in before):
             return
         if not own <= self._registered:
             return  # decided on a view where these owners were still registered: the next map holds the slot
