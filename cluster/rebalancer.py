@@ -224,7 +224,6 @@ class Rebalancer:
         self._orphaned: dict[int, tuple[float, tuple[str, ...]]] = {}
         self._departed: dict[int, dict[str, float]] = {}  # slot -> owners step 1 removed -> when
 
-
     # -- election
     def campaign(self) -> Program[None]:
         """Campaign for the leader key; lead while we hold it; campaign again. Never returns
@@ -289,7 +288,8 @@ class Rebalancer:
                 yield WaitView(lambda st, seen=seen: st.revision != seen, self._idle_wait())
 
     def _idle_wait(self) -> float:
-        """Until the next timer of ours: membership settling, the back-off after a failed round."""
+        """Until the next timer of ours: membership settling, the back-off after a failed round, the
+        end of a slot's grace (step 1)."""
         now = self.clock()
         graces = [since + self.orphan_grace_s for since, _ in self._orphaned.values()]
         timers = [t - now for t in (self._seen_at + self.settle_s, self._retry_at, *graces) if t > now]
