@@ -82,7 +82,6 @@ from memkv.server.tls import connection_class, context_from_config
 from memkv.sizes import parse_duration, parse_size
 
 log = logging.getLogger("memkv.node")
-SEND_BUFFER = 4 << 20  # SO_SNDBUF of client connections (see _accept_loop)
 
 
 class Node:
@@ -325,9 +324,6 @@ class Node:
                 await trio.sleep(0.05)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # Room for a whole large reply in the kernel: one sendmsg instead of partial sends,
-            # each followed by a wait for writability (capped by net.core.wmem_max).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             # Hand the connection a plain non-blocking socket (see Connection).
             raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
             raw.setblocking(False)
