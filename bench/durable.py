@@ -27,10 +27,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,8 @@ from typing import Any
 
 from bench.machine import machine_info
 from bench.memkv_peer import MemkvNode
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import gather
+from bench.redis_peer import RedisServer
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -82,34 +81,6 @@ class DurableNode(MemkvNode):
         self.cfg.write_text(CONFIG)
         super().start(timeout)
         return self
-
-
-class AofRedis:
-    """redis-server with the append-only file on, ``appendfsync`` = ``policy``."""
-
-    def __init__(self, workdir: Path, policy: str) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.policy = policy
-        self.log = workdir / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AofRedis:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server not found (apt-get install redis-server)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-               "--appendfsync", self.policy, "--protected-mode", "no", "--daemonize", "no",
-               "--dir", str(self.workdir), "--loglevel", "warning"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_tcp("127.0.0.1", self.port, self.proc, 30, self.log)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
 
 
 # -- the client processes
@@ -162,14 +133,7 @@ def run_cell(system: str, addr: Any, size: int, clients: int, keys: int, seconds
     start_at = time.time() + 0.5 + 0.1 * clients
     procs = [ctx.Process(target=_client, args=(system, addr, i, size, keys, start_at, seconds, q))
              for i in range(clients)]
-    for p in procs:
-        p.start()
-    got = [q.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join(30)
-    errors = [g[3] for g in got if g[3]]
-    if errors:
-        raise RuntimeError(f"{system} {fmt_size(size)} x{clients}: {errors[0]}")
+    got = gather(procs, q, seconds + 120, f"{system} {fmt_size(size)} x{clients}")
     ops = sum(g[1] for g in got)
     # each client ran for ~seconds from a common start: throughput = sum of per-client rates
     rate = sum(g[1] / g[2] for g in got)
@@ -202,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="memkv-durable-") as tmp:
         root = Path(tmp)
         node = DurableNode(root / "memkv", args.memory, args.disk).start()
-        redises = {"redis-always": AofRedis(root / "redis-always", "always").start(),
-                   "redis-everysec": AofRedis(root / "redis-everysec", "everysec").start()}
+        redises = {f"redis-{policy}": RedisServer(root / f"redis-{policy}", appendfsync=policy).start(30)
+                   for policy in ("always", "everysec")}
         addr = {"memkv-memory": node.url, "memkv-durable": node.url,
                 "redis-always": redises["redis-always"].port, "redis-everysec": redises["redis-everysec"].port}
         try:
