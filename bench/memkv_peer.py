@@ -20,7 +20,9 @@ def memkv_command() -> list[str]:
 class MemkvNode:
     """``memkv serve --listen 127.0.0.1:PORT --memory SIZE`` as a subprocess."""
 
-    def __init__(self, workdir: Path, memory: str = "2GiB", host: str = "127.0.0.1", pythonpath: str = "") -> None:
+    def __init__(self, workdir: Path, memory: str = "2GiB", host: str = "127.0.0.1", pythonpath: str = "",
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = extra_args  # more `memkv serve` options (bench/route.py: --kv-events)
         self.pythonpath = pythonpath  # another commit's install (bench/baseline.py) runs instead of this tree
         self.host = host
         self.port = free_port(host)
@@ -39,6 +41,7 @@ class MemkvNode:
             "--listen", f"{self.host}:{self.port}",
             "--memory", self.memory,
             "--data-dir", str(self.workdir / "memkv-data"),
+            *self.extra_args,
         ]  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> MemkvNode:
