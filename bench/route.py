@@ -15,7 +15,8 @@ one per policy:
   round-robin  no index.
 
 Workload, per pass: ``systems`` shared system prompts; ``convs``
-conversations, each on one system prompt, with ``turns`` turns (turn t =
+conversations, each on one system prompt, with ``turns`` turns (turn 1 =
+system prompt + a long first user message, its own ``document``; turn t =
 system prompt + the earlier turns' user messages and the model's own greedy
 answers + a new user message); ``concurrency`` client threads, each running
 its conversations turn by turn, interleaved. TTFT is measured at the client,
@@ -70,11 +71,12 @@ MODEL = "bench"
 @dataclass
 class Sizes:
     systems: int = 2  # shared system prompts
-    system_tokens: int = 1024
+    system_tokens: int = 512
+    document: int = 768  # the first user message of each conversation (its own context: a document, code)
     convs: int = 8  # conversations per pass (conversation c uses system prompt c % systems)
     turns: int = 4
-    user: int = 64  # tokens of each user message
-    answer: int = 16  # tokens generated per turn (greedy)
+    user: int = 128  # tokens of each later user message
+    answer: int = 32  # tokens generated per turn (greedy)
     concurrency: int = 2  # client threads
     repeats: int = 3  # passes per policy
     max_model_len: int = 4096
@@ -83,7 +85,8 @@ class Sizes:
         "max_positions": 4096, "init_std": 0.1})
 
 
-QUICK = Sizes(systems=2, system_tokens=512, convs=4, turns=2, user=32, answer=4, repeats=1, max_model_len=2048,
+QUICK = Sizes(systems=2, system_tokens=256, document=256, convs=4, turns=2, user=32, answer=4, repeats=1,
+              max_model_len=2048,
               model={"layers": 2, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 512, "vocab": 2048,
                      "max_positions": 2048, "init_std": 0.1})
 
@@ -96,7 +99,8 @@ class Conversation:
         self.c = c
         self.system = c % sizes.systems
         self.prefix = tokens(sizes.system_tokens, f"system-{self.system}", v)
-        self.messages = [tokens(sizes.user, f"conv-{c}-turn-{t}", v) for t in range(sizes.turns)]
+        self.messages = [tokens(sizes.document if t == 0 and sizes.document else sizes.user, f"conv-{c}-turn-{t}", v)
+                         for t in range(sizes.turns)]
         self.history: list[int] = []
 
     def prompt(self, t: int) -> list[int]:
@@ -234,9 +238,7 @@ class Bench:
         from memkv.vllm_engine import kv_transfer_config, run_make_model, vllm_python
 
         sizes = self.sizes
-        out: dict[str, Any] = {"command": "flock /tmp/memkv-heavy.lock python -m bench.route"
-                               + (" --quick" if self.args.quick else "")
-                               + (f" --repeats {sizes.repeats}" if self.args.repeats else ""),
+        out: dict[str, Any] = {"command": "flock /tmp/memkv-heavy.lock python -m bench.route " + " ".join(sys.argv[1:]),
                                "sizes": asdict(sizes), "policies": list(POLICIES)}
         with contextlib.suppress(Exception):
             out["machine"] = machine_info()
@@ -402,7 +404,8 @@ def plot(out: dict[str, Any], path: Path) -> None:
     ax2.legend(fontsize=8)
     s = out["sizes"]
     fig.suptitle(f"2 vLLM CPU replicas + memkv: {s['convs']} conversations x {s['turns']} turns on "
-                 f"{s['systems']} shared {s['system_tokens']}-token system prompts, {s['concurrency']} clients")
+                 f"{s['systems']} shared {s['system_tokens']}-token system prompts, {s.get('document', 0)}-token "
+                 f"first messages, {s['concurrency']} clients")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -419,11 +422,15 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 conversations x 2 turns each (plumbing)")
     ap.add_argument("--repeats", type=int, help="passes per policy (default 3; --quick 1)")
+    for f in ("system_tokens", "document", "user", "answer", "convs", "turns", "concurrency"):
+        ap.add_argument(f"--{f.replace('_', '-')}", type=int, help=f"workload size (default {getattr(Sizes(), f)})")
     ap.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
     ap.add_argument("--memory", default="2GiB", help="memkv node memory")
     ap.add_argument("--keep-logs", help="copy the replicas', routers' and node's logs to this folder")
     args = ap.parse_args(argv)
-    sizes = replace(QUICK if args.quick else Sizes(), **({"repeats": args.repeats} if args.repeats else {}))
+    given = {f: getattr(args, f) for f in ("repeats", "system_tokens", "document", "user", "answer", "convs", "turns",
+                                           "concurrency") if getattr(args, f) is not None}
+    sizes = replace(QUICK if args.quick else Sizes(), **given)
     with tempfile.TemporaryDirectory(prefix="memkv-bench-route-") as tmp:
         bench = Bench(args, sizes, Path(tmp))
         out = bench.run()
