@@ -71,6 +71,11 @@ def test_index_follows_a_clusters_nodes_through_etcd(etcd_server: Any, start_nod
             poll(lambda: follower.refresh() or (victim in follower.followed
                                                 and follower.followed[victim].feed.endpoint != old),
                  30.0, "the restarted node's new endpoints, from etcd")
+            # its lease may have expired before it came back: the leader then took its slots off the map
+            # (replicas = 1: no owner left) until it repairs the map, and a write meanwhile has no node to go to
+            cluster.wait(lambda st: victim in st.nodes and st.slotmap is not None
+                         and all(any(n in st.nodes for n in owners) for owners in st.slotmap.table),
+                         30.0, "every slot has a registered owner again")
             with SyncClient.connect(cluster.url, timeout=10) as fresh:  # (the old client's connection broke)
                 assert store().store_tokens == 0  # what the crashed node held is gone, and never claimed again
                 fresh.put_many([(keys[i], block_value(chain[i], chain[i - 1] if i else None, i,
