@@ -43,6 +43,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -431,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     given = {f: getattr(args, f) for f in ("repeats", "system_tokens", "document", "user", "answer", "convs", "turns",
                                            "concurrency") if getattr(args, f) is not None}
     sizes = replace(QUICK if args.quick else Sizes(), **given)
+    # `timeout` and the like stop a run with SIGTERM: unwind, so the replicas, routers and node are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="memkv-bench-route-") as tmp:
         bench = Bench(args, sizes, Path(tmp))
         out = bench.run()
