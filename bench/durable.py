@@ -27,10 +27,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from typing import Any
 
 from bench.machine import machine_info
 from bench.memkv_peer import MemkvNode
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.redis_peer import RedisServer
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -82,34 +80,6 @@ class DurableNode(MemkvNode):
         self.cfg.write_text(CONFIG)
         super().start(timeout)
         return self
-
-
-class AofRedis:
-    """redis-server with the append-only file on, ``appendfsync`` = ``policy``."""
-
-    def __init__(self, workdir: Path, policy: str) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.policy = policy
-        self.log = workdir / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AofRedis:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server not found (apt-get install redis-server)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-               "--appendfsync", self.policy, "--protected-mode", "no", "--daemonize", "no",
-               "--dir", str(self.workdir), "--loglevel", "warning"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_tcp("127.0.0.1", self.port, self.proc, 30, self.log)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
 
 
 # -- the client processes
@@ -202,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="memkv-durable-") as tmp:
         root = Path(tmp)
         node = DurableNode(root / "memkv", args.memory, args.disk).start()
-        redises = {"redis-always": AofRedis(root / "redis-always", "always").start(),
-                   "redis-everysec": AofRedis(root / "redis-everysec", "everysec").start()}
+        redises = {f"redis-{policy}": RedisServer(root / f"redis-{policy}", appendfsync=policy).start(30)
+                   for policy in ("always", "everysec")}
         addr = {"memkv-memory": node.url, "memkv-durable": node.url,
                 "redis-always": redises["redis-always"].port, "redis-everysec": redises["redis-everysec"].port}
         try:

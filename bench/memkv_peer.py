@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import PeerServers
 
 
 def memkv_command() -> list[str]:
@@ -17,19 +16,16 @@ def memkv_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "memkv.cli"]
 
 
-class MemkvNode:
+class MemkvNode(PeerServers):
     """``memkv serve --listen 127.0.0.1:PORT --memory SIZE`` as a subprocess."""
 
     def __init__(self, workdir: Path, memory: str = "2GiB", host: str = "127.0.0.1", pythonpath: str = "",
                  extra_args: tuple[str, ...] = ()) -> None:
+        super().__init__(workdir, host)
         self.extra_args = extra_args  # more `memkv serve` options (bench/route.py: --kv-events)
         self.pythonpath = pythonpath  # another commit's install (bench/baseline.py) runs instead of this tree
-        self.host = host
-        self.port = free_port(host)
         self.memory = memory
-        self.workdir = workdir
         self.log = workdir / "memkv-node.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -44,25 +40,11 @@ class MemkvNode:
             *self.extra_args,
         ]  # fmt: skip
 
-    def start(self, timeout: float = 30.0) -> MemkvNode:
+    def start(self, timeout: float = 30.0) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            env = dict(os.environ, PYTHONPATH=self.pythonpath) if self.pythonpath else None
-            self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        wait_for_tcp(self.host, self.port, self.proc, timeout, self.log)
+        env = dict(os.environ, PYTHONPATH=self.pythonpath) if self.pythonpath else None
+        self.spawn(self.command(), self.port, self.log, timeout, env=env)
         return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-    def __enter__(self) -> MemkvNode:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class MemkvAdapter:

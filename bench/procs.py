@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Self
 
-from memkv.tools.localproc import stop_process
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from memkv.errors import NodeUnavailable
+from memkv.tools.localproc import free_port as free_port  # benchmarks import it from here
+from memkv.tools.localproc import stop_process, wait_for_port
 
 
 def wait_for_tcp(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
-    """Wait until ``host:port`` accepts; raise with the log's tail if ``proc`` dies or it times out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            stop_process(proc)
-            raise RuntimeError(f"{host}:{port} not accepting after {timeout:.0f}s:\n{tail(log)}")
-        time.sleep(0.05)
+    """Wait until ``host:port`` accepts; raise with the log's tail if ``proc`` dies or it times out
+    (then it is stopped)."""
+    try:
+        wait_for_port(port, proc, timeout, host)
+    except NodeUnavailable as exc:
+        stop_process(proc)
+        raise RuntimeError(f"{proc.args!r}: {exc}\n{tail(log)}") from exc
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -56,6 +43,11 @@ class PeerServers:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **popen)
         self.procs.append(proc)
         wait_for_tcp(self.host, port, proc, timeout, log)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The first process started (a one-process peer's server), or None before ``start``."""
+        return self.procs[0] if self.procs else None
 
     def start(self) -> Self:
         raise NotImplementedError

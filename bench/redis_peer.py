@@ -5,49 +5,37 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import PeerServers
 
 
-class RedisServer:
-    """``redis-server`` with persistence off, bound to 127.0.0.1 on a free port."""
+class RedisServer(PeerServers):
+    """``redis-server`` bound to 127.0.0.1 on a free port; persistence off, or with ``appendfsync``
+    the append-only file on with that fsync policy (``always``, ``everysec``: bench/durable.py)."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
-        self.host = host
-        self.port = free_port(host)
-        self.workdir = workdir
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", *, appendfsync: str | None = None) -> None:
+        super().__init__(workdir, host)
+        self.appendfsync = appendfsync
         self.log = workdir / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> RedisServer:
+    def start(self, timeout: float = 15.0) -> Self:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found (make install / apt-get install redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        aof = ["no"] if self.appendfsync is None else ["yes", "--appendfsync", self.appendfsync]
         cmd = [
             exe, "--port", str(self.port), "--bind", self.host,
-            "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            "--save", "", "--appendonly", *aof, "--protected-mode", "no",
             "--daemonize", "no", "--dir", str(self.workdir), "--loglevel", "warning",
         ]  # fmt: skip
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_tcp(self.host, self.port, self.proc, timeout, self.log)
+        self.spawn(cmd, self.port, self.log, timeout)
         return self
 
     def version(self) -> str:
         out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False)
         return out.stdout.strip()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class RedisAdapter:

@@ -1,8 +1,9 @@
 """Where an inference-engine integration finds its memkv store, read one way for every engine.
 
-vLLM's offloading tier, the LMCache plugin and the SGLang HiCache backend are
-each configured by a dict that belongs to the engine (a tier config, LMCache's
-``extra_config``, SGLang's ``--hicache-storage-backend-extra-config``). They
+vLLM's KV connector and offloading tier, the LMCache plugin and the SGLang
+HiCache backend are each configured by a dict that belongs to the engine
+(``kv_connector_extra_config``, a tier config, LMCache's ``extra_config``,
+SGLang's ``--hicache-storage-backend-extra-config``). They
 all carry the same few settings; only ``url`` is required. Tenant and token may
 come from the environment instead (``MEMKV_TENANT`` / ``MEMKV_TOKEN``), so a
 secret need not sit in a command line that every ``ps`` shows.

@@ -71,7 +71,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,8 +90,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 from vllm.logger import init_logger
 
+from memkv.client.core.api import check_transport
+from memkv.client.engine_config import EngineStoreConfig
+from memkv.client.url import parse_url
 from memkv.client.vllm_block import BlockFormat, BlockMismatch, PageLayout, block_key
-from memkv.errors import KeyExists
+from memkv.errors import InvalidArgument, KeyExists
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -113,15 +116,16 @@ SEND_CHUNK_BLOCKS = 512  # ... and this many blocks (the node refuses batches ov
 
 
 # -- settings ---------------------------------------------------------------------------------------
+STORE_KEYS = tuple(f.name for f in fields(EngineStoreConfig))  # url, tenant, token, namespace, ...
+
+
 @dataclass(frozen=True)
 class Settings:
-    url: str
-    tenant: str | None = None
-    token: str | None = None
-    namespace: str = "shared"
-    transport: str = "auto"
-    timeout: float = 5.0
-    lease: float = 30.0
+    """``kv_connector_extra_config``: where the store is (read as every engine integration reads it,
+    ``EngineStoreConfig``: url, tenant/token or ``$MEMKV_TENANT``/``$MEMKV_TOKEN``, namespace,
+    transport, timeout, lease) and what this connector does with it."""
+
+    store: EngineStoreConfig
     model_id: str | None = None
     save_decode: bool = True
     ttl: float | None = None
@@ -131,23 +135,23 @@ class Settings:
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> Settings:
-        known = set(cls.__dataclass_fields__)
+        own = {f.name for f in fields(cls)} - {"store"}
+        known = own | set(STORE_KEYS)
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ValueError(f"MemKVConnector: unknown kv_connector_extra_config keys {unknown} "
                              f"(known: {sorted(known)})")
-        if not extra.get("url"):
-            raise ValueError('MemKVConnector needs kv_connector_extra_config {"url": "memkv://HOST:PORT" or '
-                             '"etcd://HOST:PORT/CLUSTER"}')
-        s = cls(**{"tenant": os.environ.get("MEMKV_TENANT") or None,
-                   "token": os.environ.get("MEMKV_TOKEN") or None, **extra})
-        if s.transport not in ("auto", "tcp", "shm", "rdma"):
-            raise ValueError(f"MemKVConnector: transport must be auto, tcp, shm or rdma, not {s.transport!r}")
+        try:
+            store = EngineStoreConfig.from_mapping(extra)
+            # The connector connects lazily (vLLM starts without its store), so a malformed URL or
+            # transport is caught here, at start, rather than as a miss at every request.
+            parse_url(store.url)
+            check_transport(store.transport)
+        except InvalidArgument as exc:
+            raise ValueError(f"MemKVConnector: kv_connector_extra_config: {exc}") from exc
+        s = cls(store=store, **{k: v for k, v in extra.items() if k in own})
         if s.load_failure not in ("recompute", "fail"):
             raise ValueError(f"MemKVConnector: load_failure must be recompute or fail, not {s.load_failure!r}")
-        from memkv.client.url import parse_url
-
-        parse_url(s.url)  # a malformed URL is a configuration error: fail at start, not at the first request
         return s
 
 
@@ -158,8 +162,8 @@ class _Store:
     misses (``None``) and the connection is tried again after ``RECONNECT_S``.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, config: EngineStoreConfig) -> None:
+        self.config = config
         self._client: Any = None
         self._retry_at = 0.0
         self._lock = threading.Lock()
@@ -171,21 +175,17 @@ class _Store:
                 return self._client
             if time.monotonic() < self._retry_at:
                 return None
-            from memkv.client import SyncClient
-
-            s = self.settings
             try:
-                self._client = SyncClient.connect(s.url, tenant=s.tenant, token=s.token, transport=s.transport,
-                                                  timeout=s.timeout)
+                self._client = self.config.connect()
             except Exception as exc:  # unreachable store: misses until it is back
                 self._retry_at = time.monotonic() + RECONNECT_S
                 if not self._warned:
                     logger.warning("memkv: cannot connect to %s (%s: %s); serving without it, retrying every "
-                                   "%.0f s", s.url, type(exc).__name__, exc, RECONNECT_S)
+                                   "%.0f s", self.config.url, type(exc).__name__, exc, RECONNECT_S)
                     self._warned = True
                 return None
             if self._warned:
-                logger.info("memkv: connected to %s", s.url)
+                logger.info("memkv: connected to %s", self.config.url)
                 self._warned = False
             return self._client
 
@@ -196,7 +196,7 @@ class _Store:
             client = self.client()
             if client is not None:
                 with contextlib.suppress(Exception):
-                    client.get(b"memkv-vllm-connector-warm-up", namespace=self.settings.namespace)
+                    client.get(b"memkv-vllm-connector-warm-up", namespace=self.config.namespace)
 
         threading.Thread(target=run, name="memkv-connect", daemon=True).start()
 
@@ -370,7 +370,7 @@ class _SchedulerSide:
                  counters: _Counters) -> None:
         self.settings = settings
         self.counters = counters
-        self.store = _Store(settings)
+        self.store = _Store(settings.store)
         self.store.warm()
         cfg = vllm_config.kv_transfer_config
         self.consumer = bool(cfg.is_kv_consumer)
@@ -429,7 +429,7 @@ class _SchedulerSide:
         if client is None:
             self.counters.add(lookups=1, lookup_failures=1)
             return 0
-        s = self.settings
+        s = self.settings.store
         try:
             found = len(hashes)
             for fp in self.layout_fps:  # every worker rank must hold the block (one lookup with TP=PP=1)
@@ -454,7 +454,7 @@ class _SchedulerSide:
             return 0, False
         st = self._state(request)
         stale = (st.lookup is None or st.lookup_preemptions != request.num_preemptions
-                 or time.monotonic() - st.lookup_at > self.settings.lease / 2)
+                 or time.monotonic() - st.lookup_at > self.settings.store.lease / 2)
         if stale:  # new, resumed after preemption, or queued so long that the lease may be gone
             self._start_lookup(st)
         try:
@@ -577,7 +577,7 @@ class _Sender:
 
     def submit(self, batch: _Batch) -> None:
         with self._cond:
-            deadline = time.monotonic() + self.settings.timeout * (1 + len(self._queue))
+            deadline = time.monotonic() + self.settings.store.timeout * (1 + len(self._queue))
             while self._queued and self._queued + batch.nbytes > self.limit and time.monotonic() < deadline:
                 self._cond.wait(0.05)
             self._queue.append(batch)
@@ -614,7 +614,8 @@ class _Sender:
             return
         s = self.settings
         try:
-            client.put_many(list(zip(keys, values, strict=True)), namespace=s.namespace, ttl=s.ttl, parents=parents)
+            client.put_many(list(zip(keys, values, strict=True)), namespace=s.store.namespace, ttl=s.ttl,
+                            parents=parents)
         except KeyExists:
             # Another engine stored (a bitwise different computation of) some of these blocks first: they are
             # in memkv all the same; the others of the chunk were written.
@@ -644,7 +645,7 @@ class _WorkerSide:
         self.settings = settings
         self.counters = counters
         self.model_id = _model_id(vllm_config, settings)
-        self.store = _Store(settings)
+        self.store = _Store(settings.store)
         self.store.warm()
         self.sender = _Sender(self.store, settings, counters)
         self.layers: list[tuple[str, torch.Tensor]] = []
@@ -767,7 +768,7 @@ class _WorkerSide:
                 per = max(1, min(SEND_CHUNK_BLOCKS, SEND_CHUNK_BYTES // max(1, staging.shape[1])))
                 for lo in range(0, n, per):
                     got += client.get_many_into(keys[lo:lo + per], bufs[lo:lo + per],
-                                                namespace=self.settings.namespace)
+                                                namespace=self.settings.store.namespace)
             except Exception as exc:  # node down, timeout: the blocks from there on are recomputed
                 logger.warning("memkv: loading %d blocks of %s failed (%s: %s)", n, t.req_id, type(exc).__name__,
                                exc)
@@ -850,7 +851,7 @@ class _WorkerSide:
         self.sender.submit(_Batch(keys, values, parents))
 
     def shutdown(self) -> None:
-        self.sender.close(self.settings.timeout)
+        self.sender.close(self.settings.store.timeout)
         self.store.close()
 
 
@@ -874,8 +875,8 @@ class MemKVConnector(KVConnectorBase_V1):
             self._scheduler = _SchedulerSide(vllm_config, kv_cache_config, self.settings, self.counters)
         else:
             self._worker = _WorkerSide(vllm_config, kv_cache_config, self.settings, self.counters)
-        logger.info("memkv connector (%s) for %s, namespace %s, transport %s", role.name, self.settings.url,
-                    self.settings.namespace, self.settings.transport)
+        logger.info("memkv connector (%s) for %s, namespace %s, transport %s", role.name, self.settings.store.url,
+                    self.settings.store.namespace, self.settings.store.transport)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,10 @@ from typing import Any
 
 import pytest
 
+from memkv.errors import NodeUnavailable
+from memkv.tools import localproc
+from memkv.tools.localproc import free_port as free_port  # tests import it from here
+
 # Cluster fixtures (a real etcd, clusters of node processes): tests/conftest_etcd.py
 pytest_plugins = ["conftest_etcd"]
 
@@ -34,30 +37,12 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool] | None = None) -> None:
-    """Wait until ``host:port`` accepts a TCP connection.
+    """Wait until ``host:port`` accepts a TCP connection (``memkv.tools.localproc.wait_for_port``).
 
-    Raises ``RuntimeError`` if ``alive()`` turns false, ``TimeoutError`` after ``timeout`` s.
+    Raises ``NodeUnavailable`` if ``alive()`` turns false, and after ``timeout`` s.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        if alive is not None and not alive():
-            raise RuntimeError("process exited before it accepted connections")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{host}:{port} did not accept connections within {timeout:.0f}s")
-        time.sleep(0.05)
+    localproc.wait_for_port(port, timeout=timeout, host=host, alive=alive)
 
 
 def poll(cond: Callable[[], Any], timeout: float, what: str = "") -> Any:
@@ -119,7 +104,7 @@ class NodeProc:
                 resp_port = int(self.args[self.args.index("--resp-port") + 1])
                 wait_for_port(self.host, resp_port, timeout, alive=lambda: self.running)
             return self
-        except (RuntimeError, TimeoutError) as exc:
+        except NodeUnavailable as exc:
             why = str(exc)
         self.kill()
         pytest.fail(

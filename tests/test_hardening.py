@@ -16,12 +16,13 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
 from conftest import free_port, poll, wait_for_port
+from fuzz.live_node import send_and_read
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -497,28 +498,18 @@ def _mutated(draw) -> bytes:
 def _fire(node, data: bytes, dangling: list[socket.socket], keep_open: bool) -> None:
     """Send ``data`` on a fresh connection; then either leave it dangling or half-close and read to EOF."""
     s = _raw(node, timeout=5)
+    if not keep_open:
+        with s:
+            send_and_read(s, data)
+        return
     try:
         s.sendall(data)
     except OSError:
         s.close()
         return
-    if keep_open:
-        dangling.append(s)
-        if len(dangling) > 24:
-            dangling.pop(0).close()
-        return
-    try:
-        s.shutdown(socket.SHUT_WR)
-        s.settimeout(5)
-        t0 = time.monotonic()
-        while s.recv(1 << 20):
-            assert time.monotonic() - t0 < 5, "node kept the connection busy"
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        pytest.fail(f"node hung on {data[:80]!r}...")
-    finally:
-        s.close()
+    dangling.append(s)
+    if len(dangling) > 24:
+        dangling.pop(0).close()
 
 
 def _probe(node) -> None:
@@ -580,19 +571,8 @@ def test_fuzzed_live_node_survives_with_data_intact(start_node, tmp_path):
     @settings(cfg, max_examples=150)
     @given(_resp_fuzz_inputs())
     def resp_inputs(data: bytes) -> None:
-        s = _resp(port)
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            s.settimeout(5)
-            while s.recv(1 << 20):
-                pass
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-        except TimeoutError:
-            pytest.fail(f"RESP hung on {data[:80]!r}")
-        finally:
-            s.close()
+        with _resp(port) as s:
+            send_and_read(s, data)
 
     random_frames()
     mutated_frames()
@@ -617,44 +597,7 @@ def test_fuzzed_live_node_survives_with_data_intact(start_node, tmp_path):
     print(f"fuzzed: {count['n']} binary inputs, 150 RESP inputs, atheris runs: {atheris_runs}")
 
 
-ATHERIS_HARNESS = textwrap.dedent('''
-    import socket, sys, time
-    import atheris
-    with atheris.instrument_imports():
-        from memkv.protocol import codec
-    from memkv.errors import MemKVError
-    HOST, PORT = sys.argv[1], int(sys.argv[2])
-
-    def one(data):
-        reader = codec.FrameReader()
-        reader.feed(data)
-        try:
-            while not isinstance(reader.next_frame(), codec.NeedData):
-                pass
-        except MemKVError:
-            pass
-        s = socket.create_connection((HOST, PORT), timeout=5)
-        try:
-            try:
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-            except OSError:
-                return
-            t0 = time.monotonic()
-            try:
-                while s.recv(1 << 20):
-                    if time.monotonic() - t0 > 5:
-                        raise RuntimeError("node kept sending")
-            except ConnectionResetError:
-                pass
-            except TimeoutError:
-                raise RuntimeError("node hung on %r" % data[:64])
-        finally:
-            s.close()
-
-    atheris.Setup(sys.argv[:1] + sys.argv[3:], one)
-    atheris.Fuzz()
-''')
+ATHERIS_FRAMES = Path(__file__).parent / "fuzz" / "atheris_frames.py"  # frames parsed here, sent to the node
 
 
 def _run_atheris(node, tmp_path) -> int | str:
@@ -669,11 +612,9 @@ def _run_atheris(node, tmp_path) -> int | str:
              c.encode_frame(Op.LOOKUP_PREFIX, 4, {"ks": [b"fza"], "lease": 1.0}), c.encode_frame(Op.PING, 1, {})]
     for i, s in enumerate(seeds):
         (corpus / f"seed{i}").write_bytes(s)
-    harness = tmp_path / "atheris_harness.py"
-    harness.write_text(ATHERIS_HARNESS)
     runs = 600
     proc = subprocess.run(
-        [sys.executable, str(harness), node.host, str(node.port), f"-runs={runs}", "-max_len=2048",
+        [sys.executable, str(ATHERIS_FRAMES), node.host, str(node.port), f"-runs={runs}", "-max_len=2048",
          "-seed=7", str(corpus)], capture_output=True, text=True, timeout=120,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -151,22 +151,6 @@ class FlashLog:
                 done.set()
                 slots.release()
 
-    async def flush_once(self) -> None:
-        """Write and sync everything queued now (one batch), in a worker thread."""
-        batch, self.batch = self.batch, []
-        if not batch:
-            return
-        try:
-            await trio.to_thread.run_sync(self._write, batch, abandon_on_cancel=False)
-        except OSError as exc:
-            self._failed(batch, exc)
-        else:
-            self._succeeded(batch)
-        finally:
-            self.durable_seq = batch[-1].seq
-            old, self._flushed = self._flushed, trio.Event()
-            old.set()
-
     def flush_sync(self) -> None:
         """Write and sync everything queued, in this thread (shutdown)."""
         batch, self.batch = self.batch, []

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,25 +18,35 @@ from memkv.errors import NodeUnavailable
 ETCD_CANDIDATES = ("/usr/bin/etcd", "/usr/local/bin/etcd")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15.0,
-                  host: str = "127.0.0.1") -> None:
+                  host: str = "127.0.0.1", *, alive: Callable[[], bool] | None = None) -> None:
+    """Return once ``host:port`` accepts a TCP connection.
+
+    ``NodeUnavailable`` as soon as ``proc`` exits (with the tail of its stderr when that is a pipe)
+    or ``alive()`` turns false, and after ``timeout`` s: a server that died is not waited for.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         if proc is not None and proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise NodeUnavailable(f"process exited with {proc.returncode} before listening:\n{err[-3000:]}")
+        if alive is not None and not alive():
+            raise NodeUnavailable(f"process exited before it listened on {host}:{port}")
         try:
-            with socket.create_connection((host, port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.05)
-    raise NodeUnavailable(f"nothing listens on {host}:{port} after {timeout}s")
+            pass
+        if time.monotonic() > deadline:
+            raise NodeUnavailable(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+        time.sleep(0.05)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

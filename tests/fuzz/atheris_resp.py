@@ -7,11 +7,10 @@ also sent to the node as is, and what comes back must parse as RESP replies, con
 "internal error" (a handler raised something it did not mean to), and arrive without a hang.
 """
 
-import socket
 import sys
-import time
 
 import atheris
+from live_node import exchange  # tests/fuzz/live_node.py, next to this file
 
 with atheris.instrument_imports():
     from memkv.protocol import resp as R
@@ -31,34 +30,15 @@ def one(data: bytes) -> None:
                 break  # streamed into the node's region; the parser's part ends here
     except R.RespError:
         pass
-    s = socket.create_connection((HOST, PORT), timeout=5)
-    try:
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
-        buf = b""
-        t0 = time.monotonic()
-        try:
-            while chunk := s.recv(1 << 20):
-                buf += chunk
-                if time.monotonic() - t0 > 5:
-                    raise RuntimeError("node kept sending")
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            raise RuntimeError(f"node hung on {data[:64]!r}") from None
-        pos = 0
-        while pos < len(buf):
-            r = R.parse_reply(buf, pos)
-            if r is None:
-                break  # cut by the close after a protocol error
-            if isinstance(r[0], R.ReplyError) and "internal error" in r[0].message:
-                raise RuntimeError(f"internal error for {data[:80]!r}: {r[0].message}")
-            pos = r[1]
-    finally:
-        s.close()
+    buf = exchange(HOST, PORT, data)
+    pos = 0
+    while pos < len(buf):
+        r = R.parse_reply(buf, pos)
+        if r is None:
+            break  # cut by the close after a protocol error
+        if isinstance(r[0], R.ReplyError) and "internal error" in r[0].message:
+            raise RuntimeError(f"internal error for {data[:80]!r}: {r[0].message}")
+        pos = r[1]
 
 
 atheris.Setup(sys.argv[:1] + sys.argv[3:], one)
