@@ -37,6 +37,7 @@ from typing import Any
 
 from bench.machine import machine_info
 from bench.memkv_peer import MemkvNode
+from bench.procs import gather
 from bench.redis_peer import RedisServer
 
 KiB = 1 << 10
@@ -132,14 +133,7 @@ def run_cell(system: str, addr: Any, size: int, clients: int, keys: int, seconds
     start_at = time.time() + 0.5 + 0.1 * clients
     procs = [ctx.Process(target=_client, args=(system, addr, i, size, keys, start_at, seconds, q))
              for i in range(clients)]
-    for p in procs:
-        p.start()
-    got = [q.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join(30)
-    errors = [g[3] for g in got if g[3]]
-    if errors:
-        raise RuntimeError(f"{system} {fmt_size(size)} x{clients}: {errors[0]}")
+    got = gather(procs, q, seconds + 120, f"{system} {fmt_size(size)} x{clients}")
     ops = sum(g[1] for g in got)
     # each client ran for ~seconds from a common start: throughput = sum of per-client rates
     rate = sum(g[1] / g[2] for g in got)

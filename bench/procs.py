@@ -22,6 +22,20 @@ def wait_for_tcp(host: str, port: int, proc: subprocess.Popen[bytes], timeout: f
         raise RuntimeError(f"{proc.args!r}: {exc}\n{tail(log)}") from exc
 
 
+def gather(procs: list[Any], out: Any, timeout: float, what: str) -> list[tuple[Any, ...]]:
+    """Start the client processes ``procs``, take one result each from the queue ``out`` (a tuple whose
+    last field is an error message or None), join them; raise with the first error."""
+    for p in procs:
+        p.start()
+    res = [out.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(30)
+    errors = [r[-1] for r in res if r[-1]]
+    if errors:
+        raise RuntimeError(f"{what}: {errors[0]}")
+    return res
+
+
 def tail(path: Path, n: int = 40) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])

@@ -6,13 +6,18 @@ copied out of the region); the store runs on a ``ManualClock`` so the quarantine
 
 from __future__ import annotations
 
+import mmap
 import os
+import subprocess
+import sys
 
 import pytest
 
 from memkv.config import NamespacePolicy
 from memkv.engine.clock import ManualClock
+from memkv.engine.readers import ReaderTable
 from memkv.engine.store import Store
+from memkv.errors import OutOfMemory
 from memkv.protocol import index_format as ixf
 
 KiB = 1024
@@ -61,7 +66,7 @@ def test_published_on_commit_withdrawn_on_delete(store: Store) -> None:
     found = _read(store, b"k")
     assert found is not None and _value(store, found) == b"value bytes"
     assert (found.offset, found.length, found.checksum, found.version) == (e.offset, e.length, e.checksum, e.version)
-    assert e.exposed  # freeing it goes through the quarantine
+    assert e.indexed and not e.exposed  # freeing it waits for the reads that may have found it
     assert _read(store, b"k", "session") is None  # another namespace's tag
     store.delete(b"k", namespace="shared")
     assert _read(store, b"k") is None
@@ -122,8 +127,10 @@ def test_a_torn_or_changing_entry_is_never_accepted(store: Store) -> None:
 
 
 def test_freed_extent_stays_quarantined_for_the_bound(store: Store, clock: ManualClock) -> None:
-    """The bound readers are told (header, LOCATE info: 2 s here): until it has passed since the value
-    was withdrawn, its extent is not handed to another value; afterwards it is."""
+    """The bound readers are told (header, LOCATE info: 2 s here): while a reader that cannot announce
+    its reads is attached (RDMA: ``hold``), a withdrawn value's extent is not handed to another value
+    until the bound has passed since; afterwards it is."""
+    store.readers.hold()
     old = os.urandom(64 * KiB)
     store.put(b"q", old, namespace="shared")
     found = _read(store, b"q")
@@ -144,12 +151,152 @@ def test_freed_extent_stays_quarantined_for_the_bound(store: Store, clock: Manua
     assert reused
 
 
+class _Reader:
+    """A same-host reader as the client is one (client/transports/shm.py): a slot of the node's reader
+    table, mapped writable from the table's descriptor, and the protocol's ``ReaderSlot``."""
+
+    def __init__(self, store: Store) -> None:
+        slot = store.readers.claim(os.getpid())
+        assert slot is not None
+        self.slot_no = slot
+        self.mm = mmap.mmap(store.readers.fd, store.readers.slots * ixf.READER_SLOT)
+        self.slot = ixf.ReaderSlot(memoryview(self.mm), slot, store.region.view, store.readable.base)
+
+    def close(self) -> None:
+        self.slot.release()
+        self.mm.close()
+
+
+def _fill(store: Store, prefix: bytes, size: int = 64 * KiB) -> int:
+    """Put values until the pool evicts (the region is full); values put."""
+    n = 0
+    while store.stats()["pools"]["shared"]["evictions"] == 0:
+        store.put(prefix + b"%d" % n, os.urandom(size), namespace="shared")
+        n += 1
+    return n
+
+
+def test_an_announced_read_holds_the_extent_only_until_it_ends(store: Store, clock: ManualClock) -> None:
+    """A reader that announced its read before finding an entry keeps the entry's extent from being
+    reused while it reads; once it is idle the extent comes back without waiting out the bound."""
+    reader = _Reader(store)
+    try:
+        old = os.urandom(64 * KiB)
+        store.put(b"q", old, namespace="shared")
+        token, _ = reader.slot.enter(clock.monotonic())
+        found = _read(store, b"q")
+        assert found is not None
+        store.delete(b"q", namespace="shared")
+        offsets = []
+        for i in range(15):  # 1.5 s, within the bound: the read is still going
+            offsets.append(store.put(b"n%d" % i, os.urandom(64 * KiB), namespace="shared").offset)
+            assert _value(store, found) == old  # the reader's bytes are still the value's own
+            clock.advance(0.1)
+        assert found.offset not in offsets
+        reader.slot.leave(token)
+        clock.advance(0.002)  # the grace after a free (store buffers), far below the bound
+        reused = [store.put(b"m%d" % i, os.urandom(64 * KiB), namespace="shared").offset for i in range(5)]
+        assert found.offset in reused
+        assert store.stats()["region"]["early_reclaimed"] >= 64 * KiB
+    finally:
+        reader.close()
+
+
+def test_writes_into_a_full_region_need_no_bound_while_readers_are_idle(store: Store, clock: ManualClock) -> None:
+    """Every write into a full region evicts. With announced readers attached but idle (and between
+    their reads), evicted extents come back after the grace, so writes never fail for lack of room;
+    with a reader that cannot announce (RDMA) they wait out the bound and the node says so."""
+    readers = [_Reader(store), _Reader(store)]
+    try:
+        n = _fill(store, b"f")
+        for i in range(3 * n):  # the whole region over three times, in 1/40 of the bound (store time)
+            token, _ = readers[i % 2].slot.enter(clock.monotonic())  # reads come and go between writes
+            readers[i % 2].slot.leave(token)
+            store.put(b"w%d" % i, os.urandom(64 * KiB), namespace="shared")
+            clock.advance(0.0005)
+        assert store.stats()["pools"]["shared"]["oom"] == 0
+        store.readers.hold()
+        with pytest.raises(OutOfMemory, match="retry shortly"):
+            for i in range(3 * n):
+                store.put(b"r%d" % i, os.urandom(64 * KiB), namespace="shared")
+                clock.advance(0.002)
+        store.readers.unhold()
+    finally:
+        for r in readers:
+            r.close()
+
+
+def test_a_stalled_or_dead_reader_holds_extents_for_the_bound_only(store: Store, clock: ManualClock) -> None:
+    """A reader that announced a read and never finished it (stalled, killed) holds every extent freed
+    since, but only for the bound: after it the node ignores its slot (the reader would refuse a read
+    that took that long) and writes flow again, the slot still showing the old epoch."""
+    stalled = _Reader(store)
+    try:
+        _fill(store, b"f")
+        stalled.slot.enter(clock.monotonic())
+        t0 = clock.monotonic()
+        with pytest.raises(OutOfMemory, match="retry shortly"):
+            for i in range(500):  # 1 s of the store's time
+                store.put(b"s%d" % i, os.urandom(64 * KiB), namespace="shared")
+                clock.advance(0.002)
+        assert clock.monotonic() - t0 < 2.0
+        clock.advance(2.1)
+        for i in range(200):
+            store.put(b"t%d" % i, os.urandom(64 * KiB), namespace="shared")
+            clock.advance(0.002)
+        assert store.readers.stats()["reading"] == 1  # the slot still says "reading"
+    finally:
+        stalled.close()
+
+
+def test_reads_sharing_a_slot_announce_the_oldest_epoch(store: Store, clock: ManualClock) -> None:
+    """Threads of one client share its slot: the slot shows the oldest epoch of the reads going on, and
+    each read learns the start of the oldest one (it is covered only while that one is in time)."""
+    reader = _Reader(store)
+    try:
+        mine = lambda: ixf.READER.unpack_from(reader.mm, reader.slot_no * ixf.READER_SLOT)[0]  # noqa: E731
+        e1 = store.readers.epoch
+        first, oldest = reader.slot.enter(10.0)
+        assert oldest == 10.0 and mine() == e1
+        store.readers.safe_below(e1)  # an extent tagged e1 waits: the epoch moves on
+        e2 = store.readers.epoch
+        assert e2 == e1 + 1
+        second, oldest = reader.slot.enter(11.0)
+        assert oldest == 10.0 and mine() == e1  # still the first read's
+        reader.slot.leave(first)
+        assert mine() == e2  # now the second's
+        reader.slot.leave(second)
+        assert mine() == ixf.IDLE
+    finally:
+        reader.close()
+
+
+def test_reader_slots_are_reused_once_released_or_their_process_is_gone(clock: ManualClock) -> None:
+    header = memoryview(bytearray(ixf.HEADER_SIZE))
+    table = ReaderTable(header, 0, monotonic=clock.monotonic, quarantine_s=2.0, slots=2)
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              check=True, text=True)
+        assert table.claim(os.getpid()) == 0 and table.claim(int(dead.stdout)) == 1
+        assert table.claim(os.getpid()) == 1  # the second claimer's process has exited
+        assert table.claim(os.getpid()) is None and table.stats()["refused"] == 1  # both taken by live readers
+        mm = mmap.mmap(table.fd, 2 * ixf.READER_SLOT)
+        slot = ixf.ReaderSlot(memoryview(mm), 0, header, 0)
+        slot.enter(0.0)
+        assert ixf.READER.unpack_from(mm, 0)[0] == table.epoch == 1
+        slot.release()
+        mm.close()
+        assert table.claim(os.getpid()) == 0  # released
+    finally:
+        table.close()
+
+
 def test_values_a_reader_never_saw_are_reusable_at_once_until_the_index_is_opened(clock: ManualClock,
                                                                                    tmp_path) -> None:
     s = Store(memory=1 << 20, shm_dir=str(tmp_path), clock=clock, quarantine_s=2.0)
     try:
         e = s.put(b"a", b"z" * 4096, namespace="shared")
-        assert not e.exposed
+        assert not e.indexed and not e.exposed
         s.delete(b"a", namespace="shared")
         assert s.allocator.quarantined_bytes == 0
         s.put(b"b", b"w" * 4096, namespace="shared")

@@ -236,11 +236,20 @@ def _entry(c, key: bytes, namespace: str = "shared"):
 
 
 def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
-    """An extent a reader may have found in the index never holds another value's bytes during the bound."""
+    """An extent a reader may have found in the index never holds another value's bytes while that read
+    may still copy it: over shared memory while the read is announced in the reader's slot (once it
+    ends the extent comes back without waiting out the bound), over RDMA (no announcement) for the
+    whole bound."""
+    import time
+
     with SyncClient.connect(memkv_node.url, transport=onesided) as c:
         old = os.urandom(64 * KiB)
         c.put(b"q", old)
         assert c.get(b"q") == old
+        announce = c.onesided.nodes[_node_of(c)].announce
+        assert (announce is not None) == (onesided == "shm")
+        if announce is not None:
+            token, _ = announce.enter(time.monotonic())  # a read is going on (as the core announces one)
         found = _entry(c, b"q")
         assert found is not None and found.length == len(old)
         assert c.delete(b"q")
@@ -252,6 +261,16 @@ def test_freed_extent_is_quarantined_not_recycled(memkv_node, onesided):
             assert f.read(found.length) == old
         assert _entry(c, b"q0").offset != found.offset
         assert c.stats()["region"]["quarantined"] >= 64 * KiB
+        if announce is None:
+            return
+        announce.leave(token)  # the read is over: nobody may copy the extent any more
+        time.sleep(0.01)  # the node's grace after a free (memkv/engine/readers.py MIN_GRACE_S)
+        offsets = []
+        for i in range(20):
+            c.put(f"r{i}".encode(), os.urandom(64 * KiB))
+            offsets.append(_entry(c, f"r{i}".encode()).offset)
+        assert found.offset in offsets
+        assert c.stats()["region"]["early_reclaimed"] >= 64 * KiB
 
 
 def test_node_restart_remaps(start_node, onesided):
@@ -505,6 +524,45 @@ def test_one_sided_reads_count_for_eviction(start_node, monkeypatch):
         for i in range(22, 24):  # evict two values
             c.put(b"e%d" % i, mib, namespace="session")
         assert c.exists_many([b"e0", b"e1", b"e2", b"e3"], namespace="session") == [True, False, False, True]
+
+
+def test_pinned_and_leased_values_read_one_sided_keep_their_guarantees(start_node, onesided, monkeypatch):
+    """Pins and leases are the node's state, and one-sided reads keep them: values read one-sided (their
+    touches sent) while a flood of writes fills the pool stay if pinned or leased by a prefix lookup,
+    and are still read one-sided afterwards; the values read the same way but unprotected are evicted.
+    Over shared memory the flood never waits for quarantined room (the reader announces its reads)."""
+    import time
+
+    from memkv.errors import OutOfMemory
+
+    monkeypatch.setattr(onesided_mod, "TOUCH_INTERVAL_S", 0.0)  # each read's touch goes at once
+    node = start_node()  # 64 MiB: the session pool (LRU) keeps 22.4 MiB of values
+    vals = {b"k%d" % i: os.urandom(MiB) for i in range(10)}
+    keys = list(vals)
+    retries = 0
+    with SyncClient.connect(node.url, transport=onesided) as c:
+        for k, v in vals.items():
+            c.put(k, v, namespace="session")
+        assert c.pin(keys[:2], namespace="session") == 2
+        assert c.lookup_prefix(keys[2:4], lease=60.0, namespace="session") == 2
+        assert c.get_many(keys, namespace="session") == list(vals.values())
+        assert c.onesided.counters["onesided"] == 10 and c.onesided.counters["tcp"] == 0
+        assert c.stats()["onesided"]["touches"] == 10
+        deadline = time.monotonic() + 60
+        for i in range(18):  # 28 MiB in all: six values must go, and only k4..k9 may
+            while True:
+                try:
+                    c.put(b"f%d" % i, os.urandom(MiB), namespace="session")
+                    break
+                except OutOfMemory:  # RDMA: evicted bytes wait out the quarantine bound
+                    retries += 1
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+        assert c.exists_many(keys, namespace="session") == [True] * 4 + [False] * 6
+        assert c.get_many(keys[:4], namespace="session") == [vals[k] for k in keys[:4]]
+        assert c.onesided.counters["onesided"] == 14 and c.onesided.counters["tcp"] == 0
+    if onesided == "shm":
+        assert retries == 0
 
 
 TENANTS_ONESIDED = """

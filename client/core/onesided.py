@@ -22,6 +22,10 @@ sends **no request to the node**:
    quarantine bound (an extent freed while a reader may copy it is not reused
    before that).
 
+Over shared memory, steps 2-3 are announced in the reader's slot of the node's
+reader table (``NodeIndex.announce``; memkv/engine/readers.py): the node reuses
+an extent freed meanwhile only once this read is over (or after the bound).
+
 Anything else -- no entry (not published, not in the region, being changed,
 torn), a namespace this session may not read one-sided, a mismatch, a late
 read, an RDMA error -- is read over TCP in the same call by the ordinary TCP
@@ -66,7 +70,7 @@ class NodeIndex:
     """A node's client-readable index, as one client reads it: transport, geometry, tags."""
 
     __slots__ = ("transport", "base", "slots", "seed", "epoch", "valid", "tags", "touches", "touch_t0", "beat",
-                 "beat_seen", "beat_buf", "suspect")
+                 "beat_seen", "beat_buf", "suspect", "announce")
 
     def __init__(self, transport: OneSidedTransport, info: dict[str, Any], header: bytes) -> None:
         magic, version, slot, window, slots, epoch, quarantine_ms, seed = ixf.HEADER.unpack_from(header)
@@ -88,6 +92,8 @@ class NodeIndex:
         self.beat_seen = 0.0
         self.beat_buf = memoryview(bytearray(ixf.HEARTBEAT.size))
         self.suspect = False  # the heartbeat stood still: ask the node (LOCATE info) before trusting it again
+        # where reads are announced to the node (shared memory; None over RDMA): index_format.ReaderSlot
+        self.announce = transport.announcer(self.base)
 
     def alive(self, now: float) -> bool:
         """Whether the heartbeat just read (``beat_buf``) says the node keeps its index current."""
@@ -340,7 +346,25 @@ class OneSidedReads:
                         _Lookup(i, fp, first, memoryview(bytearray(ixf.WINDOW_BYTES))))
         if not per_node:
             return tcp
-        t0 = self.clock()
+        t0 = self.clock()  # before the announcement: a read the node stops waiting for is late here
+        announced = []
+        for ix in (self.nodes.get(n) for n in per_node):
+            if ix is not None and ix.announce is not None:
+                token, oldest = ix.announce.enter(t0)  # until ``leave`` the node keeps what this read finds
+                announced.append((ix.announce, token))
+                t0 = min(t0, oldest)  # covered while the oldest read announced in the slot is in time
+        try:
+            tcp = yield from self._read_announced(router, ks, namespace, plan, dests_in, out, per_node, tcp, t0)
+        finally:
+            for a, token in announced:
+                a.leave(token)
+        yield from self._maybe_touch(router, per_node)
+        return tcp
+
+    def _read_announced(self, router: Router, ks: list[bytes], namespace: str, plan: list[list[NodeAddress]],
+                        dests_in: list[Any], out: list[Any], per_node: dict[NodeAddress, list[_Lookup]],
+                        tcp: list[int], t0: float) -> Op:
+        """Windows, entries, values and entries again (the nodes' reader slots announce this read)."""
         # 1. every window
         ok = yield from self._each_node(per_node, self._windows)
         found: dict[int, list[tuple[NodeAddress, _Lookup]]] = {}
@@ -412,7 +436,6 @@ class OneSidedReads:
                         index.touches[f.slot] = ixf.ENTRY.unpack_from(f.raw)[0]
         tcp.extend(bad)
         tcp.sort()
-        yield from self._maybe_touch(router, reads)
         return tcp
 
     def _windows(self, index: NodeIndex, looks: list[_Lookup]) -> Generator[Any, Any, list[int]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Protocol
 
+from memkv.protocol.index_format import ReaderSlot
+
 # (offset in the node's region, length, where the bytes go, whether to return their xxh3 checksum)
 ReadRequest = tuple[int, int, memoryview, bool]
 
@@ -33,5 +35,9 @@ class OneSidedTransport(Protocol):
 
     def copy(self, reqs: list[ReadRequest]) -> list[int]:
         """``read`` without the generator; only where ``waits`` is False (shared memory)."""
+
+    def announcer(self, base: int) -> ReaderSlot | None:
+        """Where this reader announces its reads to the node (shared memory), or None where it cannot
+        (RDMA: the node then keeps freed extents for the whole quarantine bound)."""
 
     def close(self) -> None: ...

@@ -87,6 +87,11 @@ class RdmaChannel:
                 done += piece
         return [r for r in rounds if r]
 
+    def announcer(self, base: int) -> None:
+        """An RDMA reader cannot announce its reads (it only reads the node's memory): the node keeps
+        freed extents for the whole quarantine bound while it is connected."""
+        return None
+
     def read(self, reqs: list[ReadRequest]) -> Generator[None, None, list[int]]:
         """RDMA READ each ``(offset, length, dest, sum)`` of the node's region into ``dest``, in order (one
         queue pair carries its READs out in order); the checksums asked for.

@@ -5,6 +5,12 @@ abstract Unix socket (SCM_RIGHTS) to a client that shows a ticket it got over
 its TCP connection; the client maps it read-only and copies values itself. No
 node work on the data path: one memcpy from the mapping into the caller's
 buffer, hashed chunk by chunk while the bytes are still in cache.
+
+With the region come a writable descriptor of the node's reader table and the
+number of this reader's slot in it: the core announces each read there
+(``announcer``; memkv/protocol/index_format.py ``ReaderSlot``), which lets the
+node reuse freed extents as soon as no read is going on, instead of after the
+whole quarantine bound.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import xxhash
 
 from memkv.client.transports.base import ReadRequest
 from memkv.errors import NodeUnavailable
+from memkv.protocol.index_format import ReaderSlot
 
 _xxh3 = xxhash.xxh3_64_intdigest
 CHUNK = 256 * 1024  # copy-then-hash unit: stays in L2 between the copy and the hash
@@ -33,7 +40,14 @@ class ShmRegion:
 
     def __init__(self, sock_name: bytes, ticket: bytes, region_id: str, size: int, timeout: float = 2.0) -> None:
         name = sock_name.decode() if isinstance(sock_name, bytes) else sock_name
-        fd = _receive_fd(name, ticket, region_id, timeout)
+        fd, table_fd, self.slot = _receive_fds(name, ticket, region_id, timeout)
+        try:
+            self._table = mmap.mmap(table_fd, 0)  # the reader table: small, shared writable
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            os.close(table_fd)
         try:
             st = os.fstat(fd)
             if st.st_size < size:
@@ -50,6 +64,13 @@ class ShmRegion:
         self.region_id = region_id
         self.size = size
         self.broken = False
+        self._announcer: ReaderSlot | None = None
+
+    def announcer(self, base: int) -> ReaderSlot:
+        """This reader's slot, for an index whose header is at ``base`` (one per transport)."""
+        if self._announcer is None:
+            self._announcer = ReaderSlot(memoryview(self._table), self.slot, self.view, base)
+        return self._announcer
 
     @classmethod
     def open(cls, info: dict) -> ShmRegion:
@@ -93,6 +114,12 @@ class ShmRegion:
         return h.intdigest()
 
     def close(self) -> None:
+        if self._announcer is not None:
+            self._announcer.release()  # the node may give the slot to another reader
+        try:
+            self._table.close()
+        except (BufferError, ValueError):
+            pass
         try:
             self.view.release()
             self._mmap.close()
@@ -100,26 +127,25 @@ class ShmRegion:
             pass  # a slice is still alive somewhere: unmapped when it goes
 
 
-def _receive_fd(name: str, ticket: bytes, region_id: str, timeout: float) -> int:
+def _receive_fds(name: str, ticket: bytes, region_id: str, timeout: float) -> tuple[int, int, int]:
+    """The region's descriptor, the reader table's, and this reader's slot number."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(name)
             s.sendall(ticket)
             fds = array.array("i")
-            msg, anc, _flags, _addr = s.recvmsg(64, socket.CMSG_SPACE(fds.itemsize))
+            msg, anc, _flags, _addr = s.recvmsg(64, socket.CMSG_SPACE(2 * fds.itemsize))
         except OSError as exc:
             raise NodeUnavailable(f"no shared-memory hand-off: {exc}") from exc
         for level, typ, data in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-        if not msg.startswith(b"OK") or not fds:
+        answer, _, slot = msg[2:].decode(errors="replace").partition("/")
+        if not msg.startswith(b"OK") or len(fds) != 2 or answer != region_id or not slot.isdigit():
             for fd in fds:
                 os.close(fd)
+            if msg.startswith(b"OK") and answer != region_id:
+                raise NodeUnavailable("shared-memory hand-off: another region answered")
             raise NodeUnavailable(f"shared-memory hand-off refused: {msg[:2]!r}")
-        for fd in fds[1:]:
-            os.close(fd)
-        if msg[2:].decode(errors="replace") != region_id:
-            os.close(fds[0])
-            raise NodeUnavailable("shared-memory hand-off: another region answered")
-        return fds[0]
+        return fds[0], fds[1], int(slot)

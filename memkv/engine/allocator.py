@@ -9,6 +9,10 @@
 * ``free`` does not make an extent allocatable at once: it goes through a FIFO
   quarantine for ``quarantine_s`` seconds, so that a one-sided reader (shared
   memory, RDMA) holding an old descriptor never sees the bytes recycled quickly.
+  An extent freed with an ``epoch`` (the grace epoch of the readers that
+  announce their reads, memkv/engine/readers.py) waits in a second FIFO and
+  comes back earlier, as soon as ``reclaim`` is told that no read of that epoch
+  or older is still going (``below``), but never sooner than ``min_grace_s``.
   ``alloc`` never waits for the quarantine: it returns ``None`` and lets the
   caller evict or fail.
 """
@@ -31,6 +35,7 @@ class ExtentAllocator:
         *,
         granularity: int = 256,
         quarantine_s: float = 2.0,
+        min_grace_s: float = 0.001,
         clock: Callable[[], float] = SYSTEM.monotonic,
     ) -> None:
         if granularity <= 0 or granularity & (granularity - 1):
@@ -39,6 +44,7 @@ class ExtentAllocator:
         self._shift = granularity.bit_length() - 1
         self.size = (int(size) // granularity) * granularity  # usable bytes
         self.quarantine_s = float(quarantine_s)
+        self.min_grace_s = float(min_grace_s)
         self._clock = clock
         self._fs: dict[int, int] = {}  # free start -> size
         self._fe: dict[int, int] = {}  # free end -> start
@@ -49,6 +55,8 @@ class ExtentAllocator:
         self._alloc: dict[int, int] = {}  # allocated start -> size
         self._waste: dict[int, int] = {}  # allocated start -> rounding waste (only when > 0)
         self._q: deque[tuple[float, int, int, Hashable]] = deque()  # (release_at, start, size, tag)
+        # freed with a grace epoch: (release_at, start, size, tag, epoch, earliest), epochs non-decreasing
+        self._eq: deque[tuple[float, int, int, Hashable, int, float]] = deque()
         self._q_tags: dict[Hashable, int] = {}
         self.used_bytes = 0
         self.free_bytes = 0
@@ -56,6 +64,7 @@ class ExtentAllocator:
         self.waste_bytes = 0
         self.allocs = 0
         self.failed_allocs = 0
+        self.early_reclaimed = 0  # bytes of epoch-tagged extents reused before the full bound
         if self.size > 0:
             self._insert_free(0, self.size)
 
@@ -105,10 +114,10 @@ class ExtentAllocator:
         """Offset of a fresh extent of ``round(n)`` bytes, or ``None`` if no free extent fits."""
         g = self.granularity
         size = ((n + g - 1) // g) * g if n > 0 else g
-        if self._q:
+        if self._q or self._eq:
             if now is None:
                 now = self._clock()
-            if self._q[0][0] <= now:
+            if (self._q and self._q[0][0] <= now) or (self._eq and self._eq[0][0] <= now):
                 self.reclaim(now)
         units = size >> self._shift
         b = units.bit_length() - 1
@@ -176,13 +185,15 @@ class ExtentAllocator:
         return best
 
     def free(
-        self, offset: int, now: float | None = None, *, tag: Hashable = None, immediate: bool = False
+        self, offset: int, now: float | None = None, *, tag: Hashable = None, immediate: bool = False,
+        epoch: int | None = None,
     ) -> int:
         """Release the extent at ``offset``; returns its size.
 
         It goes to the quarantine (allocatable again ``quarantine_s`` after ``now``)
         unless ``immediate`` (the bytes were never visible to a reader) or the
-        quarantine is 0. ``tag`` lets the caller see whose bytes are quarantined.
+        quarantine is 0; with ``epoch``, earlier once ``reclaim`` is given a ``below``
+        past it. ``tag`` lets the caller see whose bytes are quarantined.
         """
         size = self._alloc.pop(offset, None)
         if size is None:
@@ -196,29 +207,52 @@ class ExtentAllocator:
             return size
         if now is None:
             now = self._clock()
-        self._q.append((now + self.quarantine_s, offset, size, tag))
+        if epoch is None:
+            self._q.append((now + self.quarantine_s, offset, size, tag))
+        else:
+            self._eq.append((now + self.quarantine_s, offset, size, tag, epoch, now + self.min_grace_s))
         self.quarantined_bytes += size
         self._q_tags[tag] = self._q_tags.get(tag, 0) + size
         return size
 
-    def reclaim(self, now: float | None = None) -> int:
-        """Move every extent whose quarantine expired back to the free lists; bytes moved."""
+    def reclaim(self, now: float | None = None, below: int = 0) -> int:
+        """Move every extent whose quarantine expired back to the free lists, and every one freed with an
+        epoch under ``below`` at least ``min_grace_s`` ago; bytes moved."""
         if now is None:
             now = self._clock()
-        q = self._q
         moved = 0
-        tags = self._q_tags
+        q = self._q
         while q and q[0][0] <= now:
             _, off, size, tag = q.popleft()
-            left = tags[tag] - size
-            if left:
-                tags[tag] = left
-            else:
-                del tags[tag]
-            self._insert_free(off, size)
-            moved += size
-        self.quarantined_bytes -= moved
+            moved += self._unquarantine(off, size, tag)
+        eq = self._eq
+        early = 0
+        while eq:
+            release_at, off, size, tag, epoch, earliest = eq[0]
+            if release_at > now:
+                if epoch >= below or earliest > now:
+                    break
+                early += size
+            eq.popleft()
+            moved += self._unquarantine(off, size, tag)
+        self.early_reclaimed += early
         return moved
+
+    def _unquarantine(self, off: int, size: int, tag: Hashable) -> int:
+        tags = self._q_tags
+        left = tags[tag] - size
+        if left:
+            tags[tag] = left
+        else:
+            del tags[tag]
+        self.quarantined_bytes -= size
+        self._insert_free(off, size)
+        return size
+
+    @property
+    def newest_epoch(self) -> int:
+        """The epoch of the latest extent freed with one still in quarantine (0: none)."""
+        return self._eq[-1][4] if self._eq else 0
 
     def quarantined_for(self, tag: Hashable) -> int:
         """Bytes freed with ``tag`` that are still in quarantine."""
@@ -261,7 +295,7 @@ class ExtentAllocator:
         return sorted(self._alloc.items())
 
     def quarantined_list(self) -> list[tuple[int, int]]:
-        return sorted((off, size) for _, off, size, _ in self._q)
+        return sorted([(e[1], e[2]) for e in self._q] + [(e[1], e[2]) for e in self._eq])
 
     def stats(self) -> dict:
         return {
@@ -270,6 +304,7 @@ class ExtentAllocator:
             "used": self.used_bytes,
             "free": self.free_bytes,
             "quarantined": self.quarantined_bytes,
+            "early_reclaimed": self.early_reclaimed,
             "largest_free": self.largest_free,
             "fragmentation": round(self.fragmentation(), 6),
             "waste": self.waste_bytes,

@@ -13,14 +13,17 @@ class Entry:
     ``ikey`` is the index key ``(namespace, scope tenant, key)`` and ``size``
     the bytes the entry takes in the region (length rounded up). ``exposed``
     is set once a reader may have learnt where the bytes are (get, view,
-    lookup_prefix); only then does freeing the extent need the quarantine.
+    lookup_prefix, or the node's own sender); only then does freeing the extent need the
+    quarantine for its whole bound. ``indexed`` is set once the value was published in the
+    client-readable index: readers of the index announce their reads (memkv/engine/readers.py),
+    so its extent is reusable as soon as no read that may have found it is still going.
     ``version`` orders the writes of one key across replicas (memkv/protocol/versions.py).
     """
 
     __slots__ = (
         "key", "namespace", "tenant", "offset", "length", "checksum", "generation",
         "created", "expires", "pin_until", "lease_until", "parent", "children", "pool",
-        "hits", "flash", "ikey", "size", "exposed", "version",
+        "hits", "flash", "ikey", "size", "exposed", "indexed", "version",
     )
 
     def __init__(
@@ -59,7 +62,8 @@ class Entry:
         self.flash: object | None = None
         self.ikey = ikey if ikey is not None else (namespace, tenant, key)
         self.size = size
-        self.exposed = False  # a one-sided reader may hold a descriptor (Store.expose)
+        self.exposed = False  # a reader may hold a descriptor for the whole bound (Store.expose)
+        self.indexed = False  # published in the client-readable index (ReadableIndex.published)
         self.version = version
 
     def evictable(self, now: float) -> bool:

@@ -9,10 +9,12 @@ points and nowhere else (``Store`` docstring):
 * ``withdrawn(entry)``: a value leaves the region (replace, delete, expiry,
   eviction, demotion to flash, purge), called *before* its extent is freed.
 
-An entry published here is *exposed* (``Entry.exposed``): freeing its extent goes
+An entry published here is *indexed* (``Entry.indexed``): freeing its extent goes
 through the allocator's quarantine, so a reader that found the entry before it
-was withdrawn copies bytes that stay the value's own for ``quarantine_s``
-seconds; readers give up (and ask the node) when a read takes longer.
+was withdrawn copies bytes that stay the value's own while its read may go on:
+until no reader that announced a read before the free is still reading
+(``readers.py``), and at most ``quarantine_s`` seconds; readers give up (and
+ask the node) when a read takes longer.
 
 The index is off until a one-sided reader first asks for it (``activate``):
 a node that only ever serves TCP keeps reusing freed extents at once and pays
@@ -145,7 +147,7 @@ class ReadableIndex:
         self._entries[s] = e
         self._write(s, f.VALUE, self._tags[s], self._expiry_stamp(e), self._fps[s], e.offset, e.length, e.checksum,
                     e.version)
-        e.exposed = True  # freeing it goes through the quarantine
+        e.indexed = True  # freeing it waits for the reads that may have found it (readers.py)
         self.published_total += 1
         return True
 

@@ -26,7 +26,10 @@ for quarantined extents (freed bytes that may not be reused for
 Only extents a reader may know about (the entry was returned by ``get``,
 ``view`` or ``lookup_prefix``, or published in the client-readable index) go
 through the quarantine when freed; bytes that were never located by anyone are
-reusable at once.
+reusable at once. Extents only the client-readable index showed come back
+earlier, as soon as no reader that announced a read may still copy them
+(``readers.py``: the readers' grace epoch), so that writes into a full region
+do not wait out the bound while no one-sided read is going on.
 
 The client-readable index (``readable_index.py``) lives at the end of the region,
 after the allocator's bytes. The store calls its two hooks and nothing else:
@@ -72,6 +75,7 @@ from memkv.engine.entry import Entry
 from memkv.engine.eviction import LRUPolicy, S3FIFOPolicy, make_policy
 from memkv.engine.observer import StoreObserver
 from memkv.engine.readable_index import ReadableIndex, default_slots
+from memkv.engine.readers import ReaderTable
 from memkv.engine.region import Region
 from memkv.engine.tier import Tier
 from memkv.errors import (
@@ -209,9 +213,12 @@ class Store:
             self.pools[pname] = _Pool(cfg, cap, int(cap * (1.0 - headroom)))
         self._ro = self.region.view.toreadonly()
         self.readable: ReadableIndex | None = None
+        self.readers: ReaderTable | None = None  # who may still copy an extent the index showed
         if slots:
             self.readable = ReadableIndex(self.region.view, index_base, slots, wall=clock.wall,
                                           monotonic=clock.monotonic, quarantine_s=self.quarantine_s)
+            self.readers = ReaderTable(self.region.view, index_base, monotonic=clock.monotonic,
+                                       quarantine_s=self.quarantine_s)
         self._index: dict[tuple[str, str, bytes], Entry] = {}
         self._children: dict[tuple[str, str, bytes], int] = {}  # parent ikey -> live children
         self._expiry: list[tuple[float, int, Entry]] = []  # heap, lazily cleaned
@@ -309,10 +316,7 @@ class Store:
         ts[_BYTES] -= e.length
         ts[_ENTRIES] -= 1
         if e.offset >= 0:
-            if self.readable is not None:
-                self.readable.withdrawn(e)
-            # bytes nobody could have located (never read) are reusable at once
-            self.allocator.free(e.offset, now, tag=e.pool, immediate=not e.exposed)
+            self._free_extent(e, now)
             e.offset = -1
         if e.parent is not None:
             pk = (e.ikey[0], e.ikey[1], e.parent)
@@ -353,13 +357,27 @@ class Store:
     def _demote(self, e: Entry, now: float) -> None:
         """Evict the region copy of a value that lives on flash; it stays indexed (offset -1)."""
         self._unaccount(self.pools[e.pool], e)
-        if self.readable is not None:
-            self.readable.withdrawn(e)
-        self.allocator.free(e.offset, now, tag=e.pool, immediate=not e.exposed)
+        self._free_extent(e, now)
         e.offset = -1
-        e.exposed = False
+        e.exposed = e.indexed = False
         self.evictions += 1
         self._count_eviction(e)
+
+    def _free_extent(self, e: Entry, now: float) -> None:
+        """Withdraw ``e`` from the client-readable index, then free its extent: at once if nobody could
+        have located it, after the readers' grace if only the index showed it, else after the bound."""
+        if self.readable is not None:
+            self.readable.withdrawn(e)
+        epoch = None
+        if e.indexed and not e.exposed and self.readers is not None:
+            epoch = self.readers.tag()
+        self.allocator.free(e.offset, now, tag=e.pool, immediate=not (e.exposed or e.indexed), epoch=epoch)
+
+    def _reclaim(self, now: float) -> None:
+        """Give quarantined extents back: those past the bound, and those no announced read may copy."""
+        alloc = self.allocator
+        newest = alloc.newest_epoch
+        alloc.reclaim(now, self.readers.safe_below(newest) if newest and self.readers is not None else 0)
 
     def _count_eviction(self, e: Entry) -> None:
         ev = self.pools[e.pool].tenant_evictions
@@ -601,7 +619,7 @@ class Store:
                     )
         # 2. the pool's share of quarantine room
         if alloc.quarantined_bytes:
-            alloc.reclaim(now)
+            self._reclaim(now)
             if pool.used + alloc.quarantined_for(pool.name) + size > pool.capacity:
                 pool.oom += 1
                 raise OutOfMemory(
@@ -1042,7 +1060,7 @@ class Store:
                 self._drop(e, now, "expire")
                 n += 1
         if self.allocator.quarantined_bytes:
-            self.allocator.reclaim(now)
+            self._reclaim(now)
         if self._tombs:
             self.purge_tombstones(now)
         return n
@@ -1143,7 +1161,7 @@ class Store:
     def stats(self) -> dict:
         a = self.allocator
         if a.quarantined_bytes:
-            a.reclaim(self._now())
+            self._reclaim(self._now())
         pools = {}
         for name, p in self.pools.items():
             pools[name] = {
@@ -1166,6 +1184,7 @@ class Store:
                 "used": a.used_bytes,
                 "free": a.free_bytes,
                 "quarantined": a.quarantined_bytes,
+                "early_reclaimed": a.early_reclaimed,  # bytes reused before the bound: no read held them
                 "largest_free": a.largest_free,
                 "fragmentation": round(a.fragmentation(), 6),
                 "waste": a.waste_bytes,
@@ -1187,6 +1206,7 @@ class Store:
             "evictions": self.evictions,
             "expirations": self.expirations,
             "readable_index": self.readable.stats() if self.readable is not None else None,
+            "readers": self.readers.stats() if self.readers is not None else None,
         }
 
     def close(self) -> None:
@@ -1196,6 +1216,8 @@ class Store:
         if self.readable is not None:
             self.readable.stop()
         self._index.clear()
+        if self.readers is not None:
+            self.readers.close()
         try:
             self._ro.release()
         except BufferError:

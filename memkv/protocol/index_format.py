@@ -31,7 +31,17 @@ Entry (little-endian, 64 bytes)::
 
 Header (at the index's base): magic ``MKIX``, format version, slot size, window,
 slots, epoch, quarantine bound (ms), fingerprint seed; at byte 64 the node's
-heartbeat (``HEARTBEAT``).
+heartbeat (``HEARTBEAT``), at byte 72 the *grace epoch* (``GRACE_EPOCH``).
+
+Readers announce their reads (same-host readers; memkv/engine/readers.py): each
+has a 64-byte slot in a small table the node shares writable with them
+(``READER_SLOT``). Before it reads anything of the index a reader copies the
+grace epoch into the first u64 of its slot, and stores ``IDLE`` there once its
+last copy (the entry's re-read) is done; ``RELEASED`` when it stops reading the
+region for good. The node tags each extent it frees with the grace epoch, moves
+the epoch on, and reuses the extent as soon as no slot holds an epoch at or
+below the tag (the reads that may have found the entry are over), or after the
+quarantine bound whatever the slots say (a reader that stalled or died).
 
 Writer protocol (the node, one thread): store ``seq + 1`` (odd), then bytes
 4..64 with an ``echeck`` computed for the final even ``seq + 2``, then
@@ -46,12 +56,14 @@ reader may still copy it is not reused for that long.
 
 from __future__ import annotations
 
+import itertools
 import struct
+import threading
 
 import xxhash
 
 MAGIC = b"MKIX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: readers announce their reads (grace epoch)
 HEADER_SIZE = 4096
 SLOT = 64
 WINDOW = 8
@@ -75,6 +87,13 @@ HEARTBEAT = struct.Struct("<Q")
 HEARTBEAT_OFF = 64
 HEARTBEAT_S = 0.25
 LIVENESS_S = 1.0
+# The grace epoch (u64, >= 1): readers announce it in their slot while they read (above).
+GRACE_EPOCH = struct.Struct("<Q")
+GRACE_EPOCH_OFF = 72
+READER_SLOT = 64  # bytes per reader slot (one cache line: readers never share a line)
+READER = struct.Struct("<Q")  # the announced epoch at the start of the slot
+IDLE = 0
+RELEASED = (1 << 64) - 1
 
 _xxh3_64 = xxhash.xxh3_64_intdigest
 _xxh3_128 = xxhash.xxh3_128_intdigest
@@ -158,3 +177,57 @@ def find(window: bytes | bytearray | memoryview, first_slot: int, fp_bytes: byte
                 return Found(first_slot + start // SLOT, raw, offset, length, cs, version, expires)
         pos = data.find(fp_bytes, pos + 1)
     return None
+
+
+class ReaderSlot:
+    """A reader's side of its slot in the node's reader table (see the module doc): ``enter`` before
+    reading anything of the index, ``leave`` after the last copy, ``release`` when done for good.
+
+    One client may run several reads at once (threads, tasks) through one slot: the slot shows the
+    oldest epoch among them, so each is covered. A read is covered only while that oldest read is
+    within the node's bound (after it the node ignores the slot), hence ``enter`` returns the start
+    of the oldest read going on, from which the caller measures its own read's lateness.
+    """
+
+    __slots__ = ("_mine", "_grace", "_lock", "_reads", "_tokens")
+
+    def __init__(self, table: memoryview, slot: int, region: memoryview, base: int) -> None:
+        at = slot * READER_SLOT
+        self._mine = table[at:at + READER.size].cast("Q")
+        self._grace = region[base + GRACE_EPOCH_OFF:base + GRACE_EPOCH_OFF + GRACE_EPOCH.size].cast("Q")
+        self._lock = threading.Lock()
+        self._reads: dict[int, tuple[int, float]] = {}  # token -> (epoch announced, start), oldest first
+        self._tokens = itertools.count(1)
+
+    def enter(self, now: float) -> tuple[int, float]:
+        """Announce a read starting at ``now``: its token for ``leave``, and the start of the oldest read
+        of this slot still going (0 token: the slot is released; nothing is announced)."""
+        with self._lock:
+            try:
+                epoch = self._grace[0]  # one aligned 8-byte load
+                if not self._reads:
+                    self._mine[0] = epoch  # one aligned 8-byte store; the lock's release orders it
+            except ValueError:
+                return 0, now  # released (the transport was closed)
+            token = next(self._tokens)
+            self._reads[token] = (epoch, now)
+            return token, next(iter(self._reads.values()))[1]
+
+    def leave(self, token: int) -> None:
+        with self._lock:
+            if self._reads.pop(token, None) is None:
+                return
+            try:
+                self._mine[0] = next(iter(self._reads.values()))[0] if self._reads else IDLE
+            except ValueError:
+                pass  # released meanwhile (the transport failed and was closed)
+
+    def release(self) -> None:
+        """Never reading through this slot again: the node may give it to another reader."""
+        with self._lock:
+            try:
+                self._mine[0] = RELEASED
+            except ValueError:
+                return  # already released
+            self._mine.release()
+            self._grace.release()

@@ -28,7 +28,11 @@ Shared memory. The region's file is unlinked right after the node maps it
 same-host client gets a read-only file descriptor of the region through an
 abstract Unix socket (no file either; it vanishes with the process) with
 SCM_RIGHTS, after presenting a ticket obtained over its (authenticated) TCP
-connection, and maps it read-only.
+connection, and maps it read-only; with it, a writable descriptor of the
+reader table and the number of its own slot there, in which it announces its
+reads (memkv/engine/readers.py: freed extents come back as soon as no read
+that may have found them is going on). An RDMA reader cannot announce: while
+one is connected, freed extents wait out the whole quarantine.
 
 Tenants. A region mapping (or the region MR) shows every value of every
 tenant: whoever maps it can read every byte, whatever the tags say. So when
@@ -47,11 +51,13 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import weakref
 from typing import Any
 
 import trio
 
+from memkv.engine.readers import ReaderTable
 from memkv.engine.store import Store
 from memkv.errors import InvalidArgument, NodeUnavailable
 from memkv.protocol import codec as c
@@ -67,6 +73,7 @@ log = logging.getLogger("memkv.onesided")
 
 TICKET_TTL_S = 30.0
 MAX_TOUCHES = 65536  # (slot, seq) pairs per touch request
+_CRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 
 class OneSided:
@@ -193,8 +200,12 @@ class OneSided:
             raise InvalidArgument("field 'gid' must be a string")
         mtu = meta.get("mtu")
         qp, reply = self._rdma.accept(gid, qpn, int(mtu) if isinstance(mtu, int) else None)
-        # the QP lives as long as the connection (its session)
-        weakref.finalize(session, _close_quietly, qp)
+        # the QP lives as long as the connection (its session); while it does, freed extents wait out
+        # the whole quarantine: an RDMA reader cannot announce its reads (memkv/engine/readers.py)
+        readers = self.store.readers
+        assert readers is not None  # allowed() checked the index exists
+        readers.hold()
+        weakref.finalize(session, _close_qp, qp, readers)
         self.rdma_qps += 1
         return Reply(reply)
 
@@ -237,8 +248,15 @@ class OneSided:
         if exp is None or exp < self.clock.monotonic():
             await conn.send(b"NO")
             return
-        msg = b"OK" + self.region_id.encode()
-        fds = array.array("i", [region.ro_fd])
+        # the reader's slot in the reader table (memkv/engine/readers.py), owned by its process
+        pid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[0]
+        readers = self.store.readers
+        slot = readers.claim(pid) if readers is not None else None
+        if slot is None:
+            await conn.send(b"NO")  # every slot held by a live reader: this one reads over TCP
+            return
+        msg = b"OK" + self.region_id.encode() + b"/" + str(slot).encode()
+        fds = array.array("i", [region.ro_fd, readers.fd])
         await conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
         self.fds_sent += 1
 
@@ -246,6 +264,11 @@ class OneSided:
         return {"touches": self.touches, "fds_sent": self.fds_sent, "index": self.store.readable.stats()
                 if self.store.readable is not None else None,
                 "rdma": self.rdma_enabled, "rdma_qps": self.rdma_qps, "rdma_error": self._rdma_error}
+
+
+def _close_qp(qp: Any, readers: ReaderTable) -> None:
+    readers.unhold()
+    _close_quietly(qp)
 
 
 def _close_quietly(obj: Any) -> None:
