@@ -266,7 +266,9 @@ FAST = ["kill9", "pause_zombie", "etcd_outage", "corrupt_segment", "disk_full",
         # issue 19's harsher faults, one each for the mechanisms the soak shares (docs/chaos.md)
         "clock_skew_client", "oom_kill", "net_slow_clients", "etcd_member_kill",
         # found by the soak: slot copies skipped values they could not read in from flash or store
-        "rereplicate_flash_only"]
+        "rereplicate_flash_only",
+        # the soak's finding 6: both owners of slots gone at once; the first back must serve them
+        "both_replicas_crash"]
 
 
 @pytest.mark.timeout(150)
