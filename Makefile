@@ -85,7 +85,7 @@ chaos: install
 # soak (docs/chaos.md): one cluster, a seeded schedule of overlapping faults under load for
 # SOAK_MINUTES, the checker over the whole history; CI runs the default (3 min, seed 1: the
 # shortest that injects every kind).
-# SOAK_ARGS e.g. --set deletes=0.1, --set kinds=kill9,net_clients, --keep
+# SOAK_ARGS e.g. --set deletes=0.3, --set kinds=kill9,net_clients, --keep
 SOAK_SEED    ?= 1
 SOAK_MINUTES ?= 3
 SOAK_ARGS    ?=

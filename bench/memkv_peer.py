@@ -19,8 +19,10 @@ def memkv_command() -> list[str]:
 class MemkvNode(PeerServers):
     """``memkv serve --listen 127.0.0.1:PORT --memory SIZE`` as a subprocess."""
 
-    def __init__(self, workdir: Path, memory: str = "2GiB", host: str = "127.0.0.1", pythonpath: str = "") -> None:
+    def __init__(self, workdir: Path, memory: str = "2GiB", host: str = "127.0.0.1", pythonpath: str = "",
+                 extra_args: tuple[str, ...] = ()) -> None:
         super().__init__(workdir, host)
+        self.extra_args = extra_args  # more `memkv serve` options (bench/route.py: --kv-events)
         self.pythonpath = pythonpath  # another commit's install (bench/baseline.py) runs instead of this tree
         self.memory = memory
         self.log = workdir / "memkv-node.log"
@@ -35,6 +37,7 @@ class MemkvNode(PeerServers):
             "--listen", f"{self.host}:{self.port}",
             "--memory", self.memory,
             "--data-dir", str(self.workdir / "memkv-data"),
+            *self.extra_args,
         ]  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> Self:

@@ -12,7 +12,8 @@ For clusters of 10, 100 and 1000 memkv nodes holding ``--blocks`` blocks
 - publish rate: batches encoded by a node's ``EventStream`` (blocks/s), and
   the wire bytes per block, so a cluster's event bandwidth is
   ``blocks stored per second x bytes per block``;
-- query time for a 4k-token prompt against the full index.
+- query time (hashing included) for a 4k-token prompt whose 256 blocks the
+  store holds, against the full index, and the hashing alone.
 
 Medians over ``--repeats`` runs; JSON and PNG in bench/results/.
 """
@@ -34,6 +35,7 @@ from memkv.events.wire import MEDIUM_STORAGE, BlockStored, decode_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHAIN, BLOCK_SIZE, REPLICAS = 32, 16, 2
+SCOPE = ("m", "shared", "")  # (model, namespace, tenant): one shared scope
 
 
 def synthetic_batches(nodes: int, blocks: int, seed: int = 0) -> tuple[dict[str, list[bytes]], int]:
@@ -70,19 +72,25 @@ def run(nodes: int, blocks: int) -> dict[str, float]:
     t0 = time.perf_counter()
     for name, payloads in batches.items():
         for p in payloads:
-            index.apply_store_events(name, "m", "shared", decode_batch(p).events)
+            index.apply_store_events(name, SCOPE, decode_batch(p).events)
     apply_s = time.perf_counter() - t0
     del batches
     mem = _index_bytes(nodes, blocks) - base
+    # the query walks a prompt as far as the store holds it: one whose 256 blocks are all held (on 2 nodes)
     tokens = list(range(4096))
     hasher = BlockHasher()
     t0 = time.perf_counter()
-    for _ in range(20):
-        index.query(tokens)
-    query_ms = (time.perf_counter() - t0) / 20 * 1000
-    t0 = time.perf_counter()
-    hasher.chain(tokens, BLOCK_SIZE)
+    chain = hasher.chain(tokens, BLOCK_SIZE)
     hash_ms = (time.perf_counter() - t0) * 1000
+    held = BlockStored(block_hashes=chain, parent_block_hash=None, token_ids=[], block_size=BLOCK_SIZE,
+                       lora_id=None, medium=MEDIUM_STORAGE, lora_name=None, locality="REMOTE", ownership="memkv")
+    for name in ("n0", f"n{nodes - 1}"):
+        index.apply_store_events(name, SCOPE, [held])
+    t0 = time.perf_counter()
+    for _ in range(20):
+        answer = index.query(tokens)
+    query_ms = (time.perf_counter() - t0) / 20 * 1000
+    assert answer.by_name()["r0"].store_tokens == len(tokens), "the held prompt is not found whole"
     return {"nodes": nodes, "blocks": blocks, "block_replicas": n_events,
             "index_bytes_per_block": mem / (blocks // CHAIN * CHAIN),
             "index_mib_per_1m_blocks": mem / (blocks // CHAIN * CHAIN) * 1e6 / 2**20,
@@ -102,7 +110,7 @@ def _index_bytes(nodes: int, blocks: int) -> int:
         index.add_store_node(StoreNode(f"n{i}"))
     for name, evs in decoded.items():
         for e in evs:
-            index.apply_store_events(name, "m", "shared", e)
+            index.apply_store_events(name, SCOPE, e)
     size = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     del index
@@ -111,6 +119,7 @@ def _index_bytes(nodes: int, blocks: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
     ap.add_argument("--blocks", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--nodes", type=int, nargs="+", default=[10, 100, 1000])
@@ -121,10 +130,10 @@ def main() -> None:
         row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     out = {"command": f"python -m bench.router_scale --blocks {args.blocks} --repeats {args.repeats}",
            "chain_blocks": CHAIN, "block_size": BLOCK_SIZE, "replicas_per_block": REPLICAS, "rows": rows}
-    (RESULTS / "router_scale.json").write_text(json.dumps(out, indent=2) + "\n")
+    (args.out / "router_scale.json").write_text(json.dumps(out, indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +149,7 @@ def main() -> None:
     b.set_ylabel("million block events / s (one thread)")
     fig.suptitle("KV-event index scale (synthetic generator)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "router_scale.png", dpi=100)
+    fig.savefig(args.out / "router_scale.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@ few hot keys in a durable overwrite namespace (``session``), and reads of keys
 that had an acknowledged write. Every value is unique (key, writer, sequence
 number in its first bytes), so a checksum names exactly one write.
 
-With ``LoadConfig.deletes`` > 0 (off by default) that fraction of the writes are deletes
-of a key that had an acknowledged write (the hot keys are then deleted and written again):
-the history checker's "no resurrected delete" invariant judges them. It stays off in the
-suite until nodes keep versioned tombstones (issue 19 item 1): today a replica that missed
-a delete can bring the value back through read fallback and repair.
+``LoadConfig.deletes`` (``DELETES``, 0.1, by default; ``--set deletes=0`` turns them off) of the
+writes are deletes of a key that had an acknowledged write -- write-once ``blocks`` keys and the
+hot ``session`` keys, which are then written again: the history checker's "no resurrected
+delete" invariant judges them (docs/chaos.md, "Deletes in the load").
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from memkv.client import SyncClient
 from memkv.errors import MemKVError
 
 BLOCKS_NS = "blocks"    # durable, write-once
+DELETES = 0.1  # the load's default fraction of deletes among its writes
 SESSION_NS = "session"  # durable, overwrite = true
 
 NODE_CONFIG = """\
@@ -60,7 +60,7 @@ class LoadConfig:
     read_ratio: float = 0.5
     overwrite_ratio: float = 0.2  # of the writes: overwrite a hot key instead of a new key
     hot_keys: int = 16
-    deletes: float = 0.0        # of the writes: delete a key that had an acknowledged write (off by default)
+    deletes: float = DELETES    # of the writes: delete a key that had an acknowledged write
     timeout: float = 1.5        # per-operation client timeout
     run_id: str = field(default_factory=lambda: f"{int(time.time()) % 100000:05d}{random.randrange(1 << 12):03x}")
 

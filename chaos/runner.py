@@ -25,14 +25,14 @@ from typing import Any
 
 from chaos.checker import check
 from chaos.history import Recorder
-from chaos.load import LoadConfig, LoadGenerator, verify
+from chaos.load import DELETES, LoadConfig, LoadGenerator, verify
 from chaos.scenarios import SCENARIOS, Ctx, converged, rebalancer_missing
 from chaos.targets import ComposeTarget, LocalTarget, Unsupported
 
 COMMON = {"nodes": 3, "replicas": 2, "lease_ttl": 2, "victim": "n2", "warmup_s": 2.0, "after_s": 2.0,
           "timeout": 1.5, "rate": 40.0, "workers": 2, "value_size": 1024, "converge_timeout_s": 60.0,
           "force": False, "etcd_members": 1, "seed": 1,
-          "deletes": 0.0, "memory": "64MiB"}
+          "deletes": DELETES, "memory": "64MiB"}
 
 
 def params_for(name: str, overrides: dict[str, Any] | None = None, target: str = "local") -> dict[str, Any]:

@@ -268,6 +268,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              known="a durable write is acknowledged once the replicas that answered within the client timeout "
                    "have it; the lost copy's node takes it away (no hinted handoff / anti-entropy: issue 19 "
                    "item 2)"),
+    Scenario("both_replicas_crash", harsh.both_replicas_crash, fast=True, needs=("local",), defaults={"nodes": 4}),
     Scenario("join_under_load", join_under_load, needs=("rebalancer",)),
     Scenario("drain_under_load", drain_under_load, needs=("rebalancer",)),
     Scenario("leader_killed_mid_migration", leader_killed_mid_migration, needs=("rebalancer",)),

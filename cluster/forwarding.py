@@ -9,12 +9,17 @@ authenticated with that tenant's own token, so grants and tenant-scoped
 namespaces behave exactly as if the Redis client had talked to the owner.
 It is one of the extensions ``memkv serve --etcd ... --resp-port ...`` builds
 the node with (memkv/tools/cli.py).
+
+The keys of one command are sent concurrently: a write or delete waits for every live
+replica, and one that hangs (paused, cut off) costs the client timeout -- once per
+command, not once per key (a ``DEL`` of 100 keys with a replica paused would otherwise
+take 100 timeouts, long enough for the pause to outlive the lease).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
@@ -23,6 +28,33 @@ from memkv.config import NodeConfig
 from memkv.server.extension import Extension, NodeContext, Remote
 from memkv.server.requests import Delete, Get, Peek, Put
 from memkv.server.session import Session
+
+T = TypeVar("T")
+CONCURRENT_KEYS = 64  # calls of one command in flight at once
+
+
+async def each(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run ``calls`` concurrently (at most ``CONCURRENT_KEYS`` at a time); their results in order.
+    Every call runs to its end; then the first failure in call order is raised (as a key-by-key
+    loop would have reported it, with the later keys attempted all the same)."""
+    out: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+    limit = trio.CapacityLimiter(CONCURRENT_KEYS)
+
+    async def one(i: int, call: Callable[[], Awaitable[T]]) -> None:
+        async with limit:
+            try:
+                out[i] = await call()
+            except Exception as exc:  # noqa: BLE001 -- reported below, in call order
+                errors[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(one, i, call)
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return out
 
 
 class ClientForwarder:
@@ -67,12 +99,15 @@ class ClientForwarder:
 
     async def put(self, session: Session, req: Put, values: list[Any]) -> None:
         c = await self._client(session)
-        for key, value in zip(req.keys, values, strict=True):
-            await c.put(key, value, namespace=req.ns, ttl=req.effective_ttl())
+        ttl = req.effective_ttl()
+        await each([lambda k=key, v=value: c.put(k, v, namespace=req.ns, ttl=ttl)
+                    for key, value in zip(req.keys, values, strict=True)])
 
     async def delete(self, session: Session, req: Delete) -> list[bool]:
+        """Versioned deletes (``Client.delete`` stamps each with a version, as every memkv client
+        does), so a RESP DEL leaves the same tombstones as a native one."""
         c = await self._client(session)
-        return [bool(await c.delete(key, namespace=req.ns)) for key in req.keys]
+        return [bool(d) for d in await each([lambda k=key: c.delete(k, namespace=req.ns) for key in req.keys])]
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}

@@ -11,7 +11,9 @@ worker thread, never on the node's event loop.
 ``[cluster]`` settings: ``rebalancer = false`` (this node never leads: run
 ``memkv rebalancer URL`` instead), ``rebalance_mbps = 200`` (copy throttle,
 MB/s; 0 = unthrottled; ``/memkv/<cluster>/rebalancer/throttle`` in etcd
-overrides it at run time).
+overrides it at run time), ``orphan_grace = 30`` (seconds a slot whose owners
+are all gone keeps them, unavailable, waiting for one to come back with its
+durable values, before it is given to live nodes empty).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ log = logging.getLogger("memkv.cluster")
 
 
 async def run_leader(member: ClusterMember) -> None:
-    from memkv.cluster.rebalancer import DEFAULT_MBPS, Rebalancer
+    from memkv.cluster.rebalancer import DEFAULT_MBPS, ORPHAN_GRACE_S, Rebalancer
     from memkv.cluster.rebalancer_run import RebalancerIO, run
 
     await member.registered.wait()
@@ -41,7 +43,7 @@ async def run_leader(member: ClusterMember) -> None:
     rb = Rebalancer(member.view, member.cluster, member.node_id,
                     lease=lambda: member.lease_id, alive=lambda: not member.fenced(),
                     mbps=float(opts.get("rebalance_mbps", DEFAULT_MBPS)), slots=member.slots,
-                    replicas=member.replicas)
+                    replicas=member.replicas, orphan_grace_s=float(opts.get("orphan_grace", ORPHAN_GRACE_S)))
     member.rebalancer = rb  # type: ignore[attr-defined]
     stop = threading.Event()
     io = RebalancerIO(member.etcd, member.view, credentials=member.credentials, stop=stop)

@@ -18,6 +18,18 @@ that a new leader would need):
 1. **Loss**: nodes whose lease expired are removed from every slot's replica
    list at once (they cannot serve; survivors move up to primary). A slot
    whose owners are all gone keeps its live migration destination as owner.
+   And a slot whose owners are all gone keeps them too, for ``orphan_grace_s``
+   (``[cluster] orphan_grace``), unavailable (or served by the promoted
+   destination alone): their durable values are on their disks, and the first
+   of them that comes back is an owner again at once, serving them and the
+   source of the re-replication. Handing the slot to nodes that hold none of
+   it instead (what the loss step did) answered reads of acknowledged durable
+   writes with misses until the old owners were back *and* the next converged
+   map's sweep had them hand their values over. Only once the grace has
+   passed with none of them back do they leave the row (an empty row is then
+   given to live nodes; the sweep still hands over whatever an old owner
+   brings back later). The grace runs from when the leader first saw it, and
+   a new leader starts it again.
 2. **Target**: the slot map for the live, non-draining members
    (``memkv.cluster.slotmap.compute_table``, sticky to the current map).
 3. **Rounds**: the slots whose target adds a replica are moved in rounds,
@@ -88,6 +100,7 @@ ROUND_S = 30.0
 POLL_S = 0.2
 IDLE_S = 1.0
 SETTLE_S = 0.5
+ORPHAN_GRACE_S = 30.0  # how long a slot whose owners are all gone waits for one of them (step 1)
 RECORD_EVERY_S = 0.5
 MAX_PUSH_FAILURES = 6
 COPY_WORKERS = 8
@@ -173,7 +186,8 @@ class Rebalancer:
 
     def __init__(self, view: Any, cluster: str, identity: str, *, lease: Callable[[], int | None],
                  alive: Callable[[], bool], mbps: float = DEFAULT_MBPS, slots: int = 4096, replicas: int = 1,
-                 settle_s: float = SETTLE_S, round_s: float = ROUND_S, clock: Callable[[], float] = time.monotonic,
+                 settle_s: float = SETTLE_S, round_s: float = ROUND_S, orphan_grace_s: float = ORPHAN_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
                  round_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]) -> None:
         self.view = view
@@ -186,6 +200,7 @@ class Rebalancer:
         self.replicas = replicas
         self.settle_s = settle_s
         self.round_s = round_s
+        self.orphan_grace_s = orphan_grace_s
         self.clock = clock
         self.wall = wall
         self.round_id = round_id
@@ -205,6 +220,9 @@ class Rebalancer:
         self.rounds = 0
         self._idle = False
         self._swept = 0  # the epoch of the last converged map every node was swept for
+        # slot -> (when this leader first saw it without a live owner, the owners it keeps): step 1's grace
+        self._orphaned: dict[int, tuple[float, tuple[str, ...]]] = {}
+        self._departed: dict[int, dict[str, float]] = {}  # slot -> owners step 1 removed -> when
 
     # -- election
     def campaign(self) -> Program[None]:
@@ -240,6 +258,8 @@ class Rebalancer:
             # (a leadership of ours that ended earlier may have left _idle set; records of rounds led
             # by others since then are cleared at the first idle step)
             self.leading, self._lease_held, self._idle = True, lease, False
+            self._orphaned.clear()  # (an earlier leadership's clocks: the grace starts again, bounded)
+            self._departed.clear()
             try:
                 yield from self._lead()
             except Exception:  # noqa: BLE001 - keep campaigning whatever happens
@@ -268,9 +288,11 @@ class Rebalancer:
                 yield WaitView(lambda st, seen=seen: st.revision != seen, self._idle_wait())
 
     def _idle_wait(self) -> float:
-        """Until the next timer of ours: membership settling, the back-off after a failed round."""
+        """Until the next timer of ours: membership settling, the back-off after a failed round, the
+        end of a slot's grace (step 1)."""
         now = self.clock()
-        timers = [t - now for t in (self._seen_at + self.settle_s, self._retry_at) if t > now]
+        graces = [since + self.orphan_grace_s for since, _ in self._orphaned.values()]
+        timers = [t - now for t in (self._seen_at + self.settle_s, self._retry_at, *graces) if t > now]
         return max(POLL_S / 4, min([IDLE_S, *timers]))
 
     # -- etcd helpers
@@ -366,6 +388,17 @@ class Rebalancer:
         self._target_key, self._target_from = key, [frozenset(r) for r in base]
         return self._target_val
 
+    def _aim(self, members: dict[str, str], sm: SlotMap, base: list[tuple[str, ...]],
+             held: dict[int, tuple[str, ...]]) -> list[tuple[str, ...]]:
+        """The target, but a held slot (step 1) stays as it is: nothing moves for it while it waits
+        for its owners, and the others' target is computed as if it had none."""
+        if not held:
+            return self._target(members, sm, base)
+        target = list(self._target(members, sm, [() if s in held else row for s, row in enumerate(base)]))
+        for s in held:
+            target[s] = base[s]
+        return target
+
     def _on_the_way(self, base: list[tuple[str, ...]]) -> bool:
         """Every row is still where the target was computed from, or already where it leads."""
         return len(base) == len(self._target_from) and all(
@@ -395,24 +428,36 @@ class Rebalancer:
                 yield from self._release(n, sm, drains[n])
         members = {n: z for n, z in live.items() if n not in drains} or dict(live)
 
-        # 1. loss: dead nodes leave every row and every pending list at once
+        # 1. loss: dead nodes leave every row and every pending list at once -- but the owners of a
+        # slot that has none left stay, within the grace (``held``: slot -> those owners)
+        held = self._held(sm, live)
         if any(n not in live for n in in_map):
-            table = tuple(tuple(n for n in row if n in live) for row in sm.table)
+            table = tuple(held.get(s, ()) + tuple(n for n in row if n in live and n not in held.get(s, ()))
+                          for s, row in enumerate(sm.table))
             pending = {s: p2 for s, p in sm.pending.items() if (p2 := tuple(n for n in p if n in live))}
+            now = self.clock()
+            for s, row in enumerate(sm.table):  # owners leaving a row that keeps a live owner: remembered
+                if any(n in live for n in table[s] if n not in sm.pending.get(s, ())):
+                    for n in row:
+                        if n not in live and n not in sm.pending.get(s, ()):
+                            self._departed.setdefault(s, {})[n] = now
             for s, p in list(pending.items()):
-                if all(n in p for n in table[s]):
+                if all(n in p for n in table[s] if n not in held.get(s, ())):
                     # every owner is gone: the destination becomes the owner. It has every write
                     # acknowledged since the move began (clients never skip a destination) and part
                     # of the copy: abandoning it would throw those away.
                     del pending[s]
-            lost = sorted(n for n in in_map if n not in live)
-            log.info("rebalancer: nodes %s are gone; %d slots lose a replica", lost,
-                     sum(1 for row in sm.table if any(n not in live for n in row)))
-            return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, table, sm.members,
-                                                     pending), st.slotmap_revision))
+            if table != sm.table or pending != sm.pending:
+                lost = sorted(n for n in in_map if n not in live)
+                log.info("rebalancer: nodes %s are gone; %d slots lose a replica%s", lost,
+                         sum(1 for row in sm.table if any(n not in live for n in row)),
+                         f"; {len(held)} slots lost every replica and keep their owners (unavailable) for up to "
+                         f"{self.orphan_grace_s:g}s" if held else "")
+                return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, table, sm.members,
+                                                         pending), st.slotmap_revision))
 
         base = [tuple(n for n in row if n not in sm.pending.get(s, ())) for s, row in enumerate(sm.table)]
-        target = self._target(members, sm, base)
+        target = self._aim(members, sm, base, held)
 
         if sm.pending:
             return (yield from self._resume(sm, st.slotmap_revision, base, target, members))
@@ -424,7 +469,7 @@ class Rebalancer:
             if not self._idle:
                 yield from self._clear_records()
                 self._idle = True
-            if self._swept != sm.epoch and self.clock() >= self._retry_at:
+            if self._swept != sm.epoch and self.clock() >= self._retry_at and not held:
                 yield from self._sweep(sm)
             return False
         # let membership settle (several nodes starting together join in one plan)
@@ -445,19 +490,52 @@ class Rebalancer:
             if not adds:
                 continue
             if not base[s]:
-                orphans[s] = target[s]  # every replica was lost: nothing to copy
+                orphans[s] = target[s]  # every replica was lost (and the grace has passed): nothing to copy
                 continue
             moves.append(Move(s, base[s][0], adds[0]))
         if orphans:
             table = list(sm.table)
             for s, row in orphans.items():
                 table[s] = row
-            log.warning("rebalancer: %d slots had no replica left; assigned empty", len(orphans))
+            log.warning("rebalancer: %d slots had no replica left for %gs; assigned empty (an old owner that "
+                        "comes back hands its values over when it is swept)", len(orphans), self.orphan_grace_s)
             return (yield from self._publish(SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), sm.members),
                                              st.slotmap_revision))
         if not moves:  # only removals left (a replica over R, the last slots of a drained node)
             return (yield from self._remove(sm, st.slotmap_revision, target, members))
         return (yield from self._start_round(sm, st.slotmap_revision, moves, target, members, len(moves)))
+
+    def _held(self, sm: SlotMap, live: dict[str, str]) -> dict[int, tuple[str, ...]]:
+        """Slots that have no live owner (a live migration destination aside, which step 1 makes
+        an owner beside them), for less than the grace: slot -> the owners its row keeps (step 1).
+        Those are its owners that are gone and the ones that left its row within the grace (owners
+        rarely go at the same instant: the first one's lease expires first, and it leaves the row
+        while the other still looks alive) -- the ones among them that are back are owners again at
+        once. The grace runs from when this leader first saw the slot without a live owner."""
+        now = self.clock()
+        for s in list(self._departed):
+            left = self._departed[s]
+            for n in [n for n, t in left.items() if now - t >= self.orphan_grace_s]:
+                del left[n]
+            if not left:
+                del self._departed[s]
+        held: dict[int, tuple[str, ...]] = {}
+        for s, row in enumerate(sm.table):
+            owners = tuple(n for n in row if n not in sm.pending.get(s, ()))
+            rec = self._orphaned.get(s)
+            if rec is None:
+                if any(n in live for n in owners):
+                    continue
+                left = tuple(n for n in sorted(self._departed.get(s, {})) if n not in owners)
+                if not owners and not left:
+                    continue
+                rec = self._orphaned[s] = (now, owners + left)
+            since, keep = rec
+            if now - since >= self.orphan_grace_s or any(n in live for n in owners):
+                del self._orphaned[s]  # it has an owner again (one came back), or the grace has passed
+                continue
+            held[s] = keep
+        return held
 
     def _call(self, node: str, op: int, meta: dict[str, Any]) -> Program[dict[str, Any]]:
         info = self.view.state.nodes.get(node)
@@ -773,7 +851,7 @@ class Rebalancer:
             done_members = sm.members
             if not pending:
                 base = [tuple(r) for r in table]
-                if base == self._target(members, sm, base):
+                if base == self._aim(members, sm, base, self._held(sm, live)):
                     done_members = members
             new = SlotMap(sm.epoch + 1, sm.slots, sm.replicas, tuple(table), done_members, pending)
             if not self.still_leader():

@@ -26,6 +26,7 @@ from chaos.checker import (  # noqa: E402
     stale_reads,
     time_to_converge,
     unavailability,
+    unserved_probes,
     zombie_writes,
 )
 from chaos.history import Event, History, Op  # noqa: E402
@@ -120,6 +121,13 @@ def test_rewrite_after_delete_is_fine_but_the_deleted_value_is_not() -> None:
     base = [put("a", 0, 1, 11), delete("a", 2, 3), put("a", 4, 5, 22)]
     assert resurrected_deletes(base + [get("a", 6, 7, 22)]) == []
     assert len(resurrected_deletes(base + [get("a", 6, 7, 11)])) == 1
+
+
+def test_a_probe_that_misses_a_key_the_load_began_to_delete_is_served() -> None:
+    probe = Op("get", "a", 6, 7, True, "miss", None, phase="probe", expect="served")
+    assert unserved_probes([put("a", 0, 1, 11), probe]) == [probe]
+    assert unserved_probes([put("a", 0, 1, 11), delete("a", 2, 3, acked=False), probe]) == []
+    assert unserved_probes([put("a", 0, 1, 11), delete("a", 8, 9), probe]) == [probe]  # deleted after the probe
 
 
 def test_lost_writes_with_deletes() -> None:
@@ -266,7 +274,9 @@ FAST = ["kill9", "pause_zombie", "etcd_outage", "corrupt_segment", "disk_full",
         # issue 19's harsher faults, one each for the mechanisms the soak shares (docs/chaos.md)
         "clock_skew_client", "oom_kill", "net_slow_clients", "etcd_member_kill",
         # found by the soak: slot copies skipped values they could not read in from flash or store
-        "rereplicate_flash_only"]
+        "rereplicate_flash_only",
+        # the soak's finding 6: both owners of slots gone at once; the first back must serve them
+        "both_replicas_crash"]
 
 
 @pytest.mark.timeout(150)

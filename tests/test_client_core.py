@@ -22,7 +22,7 @@ from memkv.client.cluster_map import NodeInfo, SlotMap, key_slot
 from memkv.client.cluster_view import ClusterState, ClusterView
 from memkv.client.core import dispatch
 from memkv.client.core.api import ClientCore
-from memkv.client.core.calls import GetCall, SimpleCall
+from memkv.client.core.calls import GetCall, GetManyCall, SimpleCall
 from memkv.client.core.protocol import ConnectionProtocol
 from memkv.client.core.requests import WAIT, Blocking, NodeCall, Parallel
 from memkv.client.core.routing import ClusterRouter, StandaloneRouter
@@ -39,7 +39,7 @@ from memkv.errors import (
 )
 from memkv.protocol import auth
 from memkv.protocol import codec as c
-from memkv.protocol.checksum import checksum
+from memkv.protocol.checksum import STREAM_MIN, checksum
 from memkv.protocol.opcodes import Op
 
 A, B, C = NodeAddress("10.0.0.1", 7400), NodeAddress("10.0.0.2", 7400), NodeAddress("10.0.0.3", 7400)
@@ -331,6 +331,35 @@ def test_protocol_receives_a_payload_straight_into_the_callers_buffer() -> None:
     assert view.obj is buf  # the next read lands in the caller's buffer, not in a staging buffer
     feed(proto, frame[head:], piece=1000)
     assert pending.outcome() == len(value) and buf[:len(value)] == value
+
+
+@pytest.mark.parametrize("piece", [4093, 1 << 20])
+@pytest.mark.parametrize("into", [False, True])
+def test_large_values_are_checksummed_piece_by_piece_as_they_land(piece: int, into: bool) -> None:
+    """Values of STREAM_MIN bytes and more are hashed as each piece arrives (odd piece sizes,
+    pieces through the reader's buffer and straight into the destination): the same answer as one
+    pass over the whole value, and one flipped byte in the middle is still a corrupt read."""
+    big = bytes(range(251)) * (STREAM_MIN // 251 + 7)
+    small = b"s" * 1000
+    for flip in (False, True):
+        proto = ConnectionProtocol("n")
+        one = proto.start(GetCall(b"k", namespace="shared", into=bytearray(len(big)) if into else None))
+        many = proto.start(GetManyCall([b"a", b"b", b"c", b"d"], namespace="shared"))
+        proto.data_to_send()
+        meta, payload = found(big)
+        mmeta, mpayload = found_many([big, None, small, big[::-1]])
+        if flip:  # the reply's bytes differ from the checksum the node sent
+            payload = payload[:70000] + bytes([payload[70000] ^ 1]) + payload[70001:]
+            mpayload = mpayload[:70000] + bytes([mpayload[70000] ^ 1]) + mpayload[70001:]
+        feed(proto, reply_bytes(one.rid, meta, payload) + reply_bytes(many.rid, mmeta, mpayload, op=Op.GET_MANY),
+             piece=piece)
+        if flip:
+            assert one.outcome() is None and [c.key for c in one.call.corrupt] == [b"k"]
+            assert many.outcome() == [None, None, small, big[::-1]]
+        else:
+            assert one.call.watches_payload and many.call.watches_payload
+            assert one.outcome() == (len(big) if into else big) and not one.call.corrupt
+            assert many.outcome() == [big, None, small, big[::-1]] and not many.call.corrupt
 
 
 def test_a_reply_nobody_waits_for_is_drained_and_the_buffer_left_alone() -> None:

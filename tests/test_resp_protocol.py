@@ -143,3 +143,50 @@ def test_truncated_replies_are_incomplete_never_wrong(value: object, cut: int) -
         assert R.parse_reply(wire) == (value, len(wire))
     else:
         assert R.parse_reply(wire[:cut]) is None
+
+
+def _outcome(data: bytes, cuts: list[int], fast: bool) -> tuple[list[list[bytes]], str | None]:
+    """The commands a reader returns for ``data`` fed in pieces, and the error it raised, if any."""
+    reader = R.CommandReader(SMALL, bufsize=16, hiredis=fast)
+    out: list[list[bytes]] = []
+    pos = 0
+    try:
+        for cut in [*cuts, len(data)]:
+            reader.feed(data[pos:pos + cut])
+            pos += cut
+            out += drain(reader)
+    except R.RespError as exc:
+        return out, str(exc)
+    return out, None
+
+
+wire_pieces = st.lists(st.one_of(
+    st.lists(st.binary(max_size=80), min_size=0, max_size=4).map(lambda c: R.encode_command(*c) if c else b"*0\r\n"),
+    prefixes, st.sampled_from([b"\r\n", b"$3\r\nabc\r\n", b"*1\r\n$3\r\nabcXY", b"*1\r\n+OK\r\n",
+                              b"*1\r\n:1\r\n", b"*2\r\n*1\r\n$1\r\na\r\n", b"*1\r\n$-1\r\n", b"*-1\r\n",
+                              b"*1\r\n$03\r\nabc\r\n", b"*99\r\n", b"*1\r\n$5000\r\n", b"PING\r\n",
+                              b"*4294967295\r\n", b"*2000000000\r\n$1\r\na\r\n"]),
+    st.binary(max_size=20)), max_size=8).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(wire_pieces, st.lists(st.integers(1, 64), max_size=20))
+def test_hiredis_and_the_checked_parser_agree(data: bytes, cuts: list[int]) -> None:
+    """Whatever the bytes and however they are split: the same commands, and an error exactly where
+    the checked parser raises one (hiredis alone is laxer: no CRLF check after a bulk, statuses and
+    integers as arguments, no limits)."""
+    fast, slow = _outcome(data, cuts, True), _outcome(data, cuts, False)
+    assert fast[0] == slow[0]
+    assert (fast[1] is None) == (slow[1] is None)
+
+
+def test_pipelined_commands_then_a_partial_one_that_completes_later() -> None:
+    """hiredis takes the complete commands, the checked parser the partial one, hiredis the next."""
+    cmds = [[b"SET", b"k%d" % i, b"v" * i] for i in range(50)]
+    wire = b"".join(R.encode_command(*c) for c in cmds)
+    reader = R.CommandReader()
+    reader.feed(wire[:-5])
+    got = drain(reader)
+    assert got == cmds[:-1]
+    reader.feed(wire[-5:] + wire)
+    assert drain(reader) == cmds[-1:] + cmds and reader.buffered == 0

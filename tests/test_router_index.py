@@ -172,3 +172,12 @@ def test_feed_follows_a_store_nodes_scoped_streams() -> None:
             assert store().store_tokens == BS  # nothing stale came back
     finally:
         pub.close()
+
+
+def test_router_scale_benchmark_runs() -> None:
+    """bench/router_scale.py drives the index through its public API: a small run keeps it from rotting."""
+    from bench.router_scale import run
+
+    row = run(nodes=4, blocks=640)
+    assert row["block_replicas"] == 2 * 640 and row["index_bytes_per_block"] > 0
+    assert row["wire_bytes_per_block"] > 0  # (the run itself checks the held 4k-token prompt is found whole)

@@ -188,6 +188,51 @@ def test_checker_catches_a_rebalancer_that_never_acts() -> None:
     assert {v.kind for v in res.violations} == {"formation"}, explain(res)
 
 
+# -- both owners of a slot gone at once (docs/chaos.md, finding 6) --------------------------------
+
+def both_owners_crash(seed: int = 1, restart: tuple[float | None, float | None] = (3.0, 5.0)) -> Scenario:
+    """Two of three durable nodes crash 0.3 s apart (within one lease TTL, so both leave the map in
+    one step); with R = 2 every pair of nodes shares about a third of the slots, whose owners are
+    then all gone. They restart ``restart`` seconds after their crash (None: never)."""
+    nodes = [NodeSpec(f"n{i}", f"z{i % 3}", f"h{i}") for i in (1, 2, 3)]
+    return Scenario(seed, slots=32, replicas=2, nodes=nodes, keys=200, write_rate=12.0, value_size=16 << 10,
+                    mbps=8.0, faults=[Fault(1.0, "crash", restart_after=restart[0]),
+                                      Fault(1.3, "crash", restart_after=restart[1])])
+
+
+class AssignsOrphansAtOnce(Rebalancer):
+    """The rebalancer without the grace (as it was): a slot whose owners are all gone is given at
+    once to live nodes, which hold nothing of it."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **{**kw, "orphan_grace_s": 0.0})
+
+
+def test_a_slot_whose_owners_all_crash_waits_for_them() -> None:
+    """Both owners of some slots crash and come back: the slots keep their owners (unavailable)
+    until the first is back, which serves its durable values at once; nothing is handed to nodes
+    holding none of them, nothing acknowledged is lost, and the map converges."""
+    res = World(both_owners_crash()).run()
+    assert res.ok, explain(res)
+    assert any("lost every replica and keep their owners" in what for _, _, what in res.trace), explain(res)
+    assert not any("assigned empty" in what for _, _, what in res.trace), explain(res)
+
+
+def test_checker_catches_a_slot_given_away_from_owners_that_come_back() -> None:
+    """Reproducer of finding 6's path, deterministic: without the grace the loss step empties the
+    rows and the next step gives the slots to the survivor, which lacks every acknowledged write of
+    them while their durable copies are on the crashed owners' disks (*orphan*)."""
+    res = World(both_owners_crash(), rebalancer=AssignsOrphansAtOnce).run()
+    assert "orphan" in {v.kind for v in res.violations}, explain(res)
+
+
+def test_a_slot_whose_owners_never_come_back_is_given_away_after_the_grace() -> None:
+    res = World(both_owners_crash(restart=(None, None))).run()
+    assert res.ok, explain(res)
+    assert any("assigned empty" in what for _, _, what in res.trace), explain(res)
+    assert res.stats["converge_s"] >= 25.0, res.stats  # the grace (30 s from the loss step) came first
+
+
 # -- the sans-IO programs, driven by hand -------------------------------------------------------
 
 class _View:

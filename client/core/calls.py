@@ -14,7 +14,7 @@ from typing import Any
 
 from memkv.client.buffers import byte_view, finish_bytes, new_bytes
 from memkv.errors import InvalidArgument, error_from_code
-from memkv.protocol.checksum import checksum
+from memkv.protocol.checksum import STREAM_MIN, Checksummer, checksum
 from memkv.protocol.codec import Frame
 from memkv.protocol.opcodes import Op
 from memkv.protocol.versions import CLOCK
@@ -33,6 +33,8 @@ class Call:
     meta: dict[str, Any]
     payload: list[memoryview]
     payload_len: int = 0
+    # set by ``destinations``: the connection calls ``landed`` with each piece of payload it receives
+    watches_payload = False
 
     def __init__(self, meta: dict[str, Any] | None = None) -> None:
         self.meta = meta or {}
@@ -42,6 +44,18 @@ class Call:
     def destinations(self, frame: Frame) -> list[memoryview]:
         """Where the reply payload goes, in order; must cover ``frame.payload_len`` bytes."""
         return [memoryview(bytearray(frame.payload_len))]
+
+    def landed(self, index: int, piece: memoryview) -> None:
+        """``piece`` of destination ``index`` was just received (in order); only when ``watches_payload``."""
+
+
+def _summers(lengths: list[int]) -> list[Checksummer | None]:
+    """Per destination, a running checksum when the value is large enough to hash as it arrives."""
+    return [Checksummer() if n >= STREAM_MIN else None for n in lengths]
+
+
+def _sum_of(summer: Checksummer | None, dest: memoryview) -> int:
+    return checksum(dest) if summer is None else summer.value()
 
     def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
         return frame.meta
@@ -136,17 +150,24 @@ class GetCall(Call):
         self.overwrite = False  # the namespace allows overwrites: replicas may disagree (client/core/repair.py)
         self.too_small = 0  # size of a value the caller's buffer could not hold
         self._buf: bytes | bytearray = b""
+        self._sums: list[Checksummer | None] = [None]
 
     def destinations(self, frame: Frame) -> list[memoryview]:
         n = frame.payload_len
         self.too_small = 0
+        self._sums = _summers([n])
+        self.watches_payload = self._sums[0] is not None
         if self.into is None:
             self._buf, view = new_bytes(n)
             return [view]
         if self.into.nbytes < n:
             self.too_small = n
+            self.watches_payload = False
             return [memoryview(bytearray(n))]  # drain it; finish() raises
         return [self.into[:n]]
+
+    def landed(self, index: int, piece: memoryview) -> None:
+        self._sums[index].update(piece)  # type: ignore[union-attr]
 
     def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
         meta = frame.meta
@@ -163,7 +184,7 @@ class GetCall(Call):
                                   f"for a value of {self.too_small} bytes")
         if not dests:  # an empty value: the connection asked for no destination
             dests = [memoryview(b"")]
-        if checksum(dests[0]) != frame.meta.get("cs"):
+        if _sum_of(self._sums[0] if frame.payload_len else None, dests[0]) != frame.meta.get("cs"):
             self.corrupt.append(CorruptRead(self.key, int(frame.meta.get("gen", 0))))
             self.version = 0
             return None
@@ -186,12 +207,16 @@ class GetManyCall(Call):
         self.tombs: list[int] = []  # per key, of a miss: its tombstone's version on that node (0: none)
         self.overwrite = False
         self._bufs: list[bytes | bytearray] = []
+        self._sums: list[Checksummer | None] = []
 
     def destinations(self, frame: Frame) -> list[memoryview]:
         dests: list[memoryview] = []
         self._bufs = []
         self.too_small = []
-        for i, n in enumerate(frame.meta.get("ls", [])):
+        lens = frame.meta.get("ls", [])
+        self._sums = _summers([n for n in lens if n >= 0])
+        self.watches_payload = any(s is not None for s in self._sums)
+        for i, n in enumerate(lens):
             if n < 0:
                 continue
             if self.intos is None:
@@ -205,6 +230,11 @@ class GetManyCall(Call):
                 dests.append(self.intos[i][:n])
         return dests
 
+    def landed(self, index: int, piece: memoryview) -> None:
+        summer = self._sums[index]
+        if summer is not None:
+            summer.update(piece)
+
     def finish(self, frame: Frame, dests: list[memoryview]) -> list[Any]:
         lens = frame.meta.get("ls", [])
         sums = frame.meta.get("cs", [])
@@ -213,7 +243,7 @@ class GetManyCall(Call):
         self.tombs = list(frame.meta.get("dvs") or [0] * len(lens))
         self.overwrite = bool(frame.meta.get("ow"))
         if not frame.payload_len:  # no destinations were asked for: nothing of an earlier attempt counts
-            self._bufs, self.too_small = [], []
+            self._bufs, self.too_small, self._sums = [], [], []
         if self.versions:
             CLOCK.observe(max(self.versions))
         if self.too_small:
@@ -225,8 +255,9 @@ class GetManyCall(Call):
                 out.append(None)
                 continue
             dest = dests[j] if j < len(dests) else memoryview(b"")  # no payload at all: empty values
+            summer = self._sums[j] if j < len(self._sums) else None
             j += 1
-            if checksum(dest) != sums[i]:
+            if _sum_of(summer, dest) != sums[i]:
                 self.corrupt.append(CorruptRead(self.keys[i], int(gens[i])))
                 self.versions[i] = 0
                 out.append(None)

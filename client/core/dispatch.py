@@ -50,8 +50,9 @@ def read(router: Router, call: Call, key: bytes) -> Op:
     raise last if last is not None else NodeUnavailable("no replica for key")
 
 
-def write(router: Router, call: Call, key: bytes) -> Op:
-    """``call`` (a write) on ``key``'s node, or on every live replica of its slot in a cluster."""
+def write(router: Router, call: Call, key: bytes, *, every: Callable[[Any], bool] | None = None) -> Op:
+    """``call`` (a write) on ``key``'s node, or on every live replica of its slot in a cluster.
+    ``every(reply)``: whether that reply says no owner may be skipped (``replicated_outcome``)."""
     if not router.clustered:
         nodes = router.replicas(key)
         if not nodes:
@@ -61,10 +62,10 @@ def write(router: Router, call: Call, key: bytes) -> Op:
     if not nodes:
         raise NodeUnavailable("no live replica for this key's slot")
     outcomes = yield Parallel([call_node(router, n, call) for n in nodes])
-    return replicated_outcome(outcomes, pending)
+    return replicated_outcome(outcomes, pending, every)
 
 
-def replicated_outcome(outcomes: list[Any], pending: int = 0) -> Any:
+def replicated_outcome(outcomes: list[Any], pending: int = 0, every: Callable[[Any], bool] | None = None) -> Any:
     """Combine the outcomes of one write sent to every replica (primary first; the last
     ``pending`` are destinations of a slot being moved, ``ClusterRouter.write_replicas``).
 
@@ -73,8 +74,11 @@ def replicated_outcome(outcomes: list[Any], pending: int = 0) -> Any:
     not live: they are skipped, but at least one owner must have stored it (a write only a
     destination has is lost if the move is abandoned). A destination may not be skipped: it
     owns the slot once the move flips, so a write it lacks would be lost when the old owners
-    free the slot (both found by the control-plane simulator, docs/control-plane.md). Any
-    other error (e.g. KeyExists) is raised. Otherwise the first replica's result is returned."""
+    free the slot (both found by the control-plane simulator, docs/control-plane.md). Nor may
+    an owner when a reply that came back satisfies ``every`` (a delete in a write-once
+    namespace: its reads trust one replica, so a replica that missed the delete would serve the
+    value). Any other error (e.g. KeyExists) is raised. Otherwise the first replica's result is
+    returned."""
     errors = [r for r in outcomes if isinstance(r, MemKVError)]
     moved = [e for e in errors if isinstance(e, Moved)]
     if moved:
@@ -83,7 +87,8 @@ def replicated_outcome(outcomes: list[Any], pending: int = 0) -> Any:
         if not isinstance(e, (*FAILOVER_ERRORS, Fenced)):
             raise e
     owners = len(outcomes) - pending
-    for r in outcomes[owners:]:
+    strict = every is not None and any(every(r) for r in outcomes if not isinstance(r, MemKVError))
+    for r in outcomes if strict else outcomes[owners:]:
         if isinstance(r, MemKVError):
             raise r
     for r in outcomes[:owners]:

@@ -217,8 +217,10 @@ def delete(router: Router, key: bytes | str, *, namespace: str) -> Op:
     tombstone there that refuses older writes and makes reads not bring an older value back."""
     k = as_key(key)
     meta = _ns({"k": k, "ver": CLOCK.next()}, namespace)
-    deleted = yield from write(router, SimpleCall(Opcode.DELETE, meta, "d"), k)
-    return bool(deleted)
+    # In a write-once namespace (the reply has no "ow") reads trust the one replica that answers, so
+    # a delete is acknowledged only once every owner of the slot has its tombstone.
+    reply = yield from write(router, SimpleCall(Opcode.DELETE, meta), k, every=lambda r: not r.get("ow"))
+    return bool(reply.get("d"))
 
 
 def stats(router: Router) -> Op:

@@ -82,6 +82,7 @@ class ConnectionProtocol:
         self._dest_i = 0
         self._dest_pos = 0
         self._direct = False  # the last recv_buffer() was a destination, not the reader's buffer
+        self._watch = False  # the call receiving wants each piece of payload as it lands (Call.landed)
         self._tls: ssl.SSLObject | None = None
         if tls is not None:
             self._bio_in, self._bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -133,7 +134,7 @@ class ConnectionProtocol:
         self._pending.pop(pending.rid, None)
         if self._owner is pending:
             left = sum(len(d) for d in self._dests[self._dest_i:]) - self._dest_pos
-            self._owner = None
+            self._owner, self._watch = None, False
             self._dests, self._dest_i, self._dest_pos = [memoryview(bytearray(left))], 0, 0
 
     def data_to_send(self) -> list[Any]:
@@ -176,6 +177,8 @@ class ConnectionProtocol:
                 if self._direct:  # straight into a destination: unless it is full, nothing to parse
                     self.reader.consumed_directly(n)
                     self._dest_pos += n
+                    if self._watch:
+                        self._landed(n)
                     if self._dest_pos < len(self._dests[self._dest_i]):
                         return
                 else:
@@ -214,6 +217,8 @@ class ConnectionProtocol:
         if direct:
             self.reader.consumed_directly(n)
             self._dest_pos += n
+            if self._watch:
+                self._landed(n)
         else:
             self.reader.received(n)
 
@@ -253,7 +258,10 @@ class ConnectionProtocol:
             while self._dest_i < len(dests):
                 d = dests[self._dest_i]
                 if self._dest_pos < len(d):
-                    self._dest_pos += reader.take_payload_into(d[self._dest_pos:])
+                    got = reader.take_payload_into(d[self._dest_pos:])
+                    self._dest_pos += got
+                    if got and self._watch:
+                        self._landed(got)
                     if self._dest_pos < len(d):
                         return
                 self._dest_i += 1
@@ -263,12 +271,19 @@ class ConnectionProtocol:
             reader.payload_done()
             self._complete()
 
+    def _landed(self, n: int) -> None:
+        """The last ``n`` bytes written to the current destination: the call sees them while they are hot."""
+        assert self._owner is not None
+        pos = self._dest_pos
+        self._owner.call.landed(self._dest_i, self._dests[self._dest_i][pos - n:pos])
+
     def _begin(self, head: c.Frame) -> None:
         if head.request_id == 0 and head.is_error:
             # the node lost framing on our stream and is about to close it
             raise error_from_code(int(head.meta.get("code", 2)), str(head.meta.get("msg", "")))
         owner = self._pending.get(head.request_id)
         self._frame, self._owner, self._dest_i, self._dest_pos = head, owner, 0, 0
+        self._watch = False
         n = head.payload_len
         if not n:
             self._dests = _NONE
@@ -277,13 +292,14 @@ class ConnectionProtocol:
         else:
             try:
                 self._dests = owner.call.destinations(head)
+                self._watch = owner.call.watches_payload
             except MemKVError as exc:
                 owner.error = exc
                 self._dests = [memoryview(bytearray(n))]
 
     def _complete(self) -> None:
         head, owner, dests = self._frame, self._owner, self._dests
-        self._frame, self._owner, self._dests = None, None, _NONE
+        self._frame, self._owner, self._dests, self._watch = None, None, _NONE, False
         self.replies += 1
         if owner is None or head is None:
             return  # the reply to a call that was given up

@@ -188,7 +188,18 @@ class Checker:
     def freed(self, node: SimNode, values: list[tuple[bytes, Value]], how: str) -> None:
         for key, v in values:
             a = self.ledger.get(key)
-            if a is None or v.version < a[0] or key in self.excused:
+            if a is None or v.version < a[0]:
+                continue
+            if key in self.excused:
+                # Every copy the control plane knew of went down -- but a durable node that comes
+                # back brings its copy back: destroying the last copy that survives anywhere is a loss.
+                if not self._survivors(key, a[0]):
+                    sm = node.view.state.slotmap
+                    where = (f"epoch {sm.epoch}: row {sm.table[a[1]]}, pending {sm.pending.get(a[1], ())}"
+                             if sm else "none")
+                    self.violation("lost-by-" + how, f"{node.id} freed the last surviving copy of acknowledged "
+                                                     f"key {key!r} v{a[0]} (slot {a[1]}; its map {where}; "
+                                                     f"excused earlier: {self.excused[key]})", key)
                 continue
             if not self._holders(key, a[0]):
                 sm = node.view.state.slotmap
@@ -261,9 +272,11 @@ class Checker:
                 self.changes[-1].moves += added
         self._last_owners = owners
         for key, (version, slot) in self.ledger.items():
-            if key in self.excused:
-                continue
             own = owners[slot]
+            if key in self.excused:
+                if previous is not None and previous[slot] != own:
+                    self._orphan_check(sm, key, version, slot, previous[slot], own)
+                continue
             if previous is not None and previous[slot] == own and key not in self._due:
                 continue  # this map did not change the slot's owners (one may be down, not yet seen)
             if any(self._holds(n, key, version, on_disk=True) for n in own):
@@ -281,6 +294,28 @@ class Checker:
             self.violation("map", f"epoch {sm.epoch}: owners {sorted(own)} of slot {slot} lack acknowledged "
                                   f"key {key!r} v{version} (held by {self._holders(key, version)})", key)
 
+    def _orphan_check(self, sm: SlotMap, key: bytes, version: int, slot: int, before: frozenset[str],
+                      own: frozenset[str]) -> None:
+        """*orphan*: a slot whose owners are all gone (unregistered), given by this map to owners that lack an
+        excused key (every copy the control plane knew of went down) while a node that holds it on
+        its disk is down and comes back. The map must keep the slot with its owners until one of
+        them is back (the rebalancer's grace), not hand it to nodes holding nothing of it -- a live
+        migration destination that becomes an owner (it holds every write since its move began)
+        included: the owners stay beside it."""
+        if any(n in self._registered for n in before):
+            return
+        if not own <= self._registered:
+            return  # decided on a view where these owners were still registered: the next map holds the slot
+        survivors = self._survivors(key, version)
+        if own & set(survivors):  # (an owner that is down holds it on its disk: it serves it once back)
+            return
+        if any(self._holds(n, key, version) for n in sm.pending.get(slot, ())):
+            return
+        down = [n for n in survivors if not self.world.nodes[n].alive]
+        if down:
+            self.violation("orphan", f"epoch {sm.epoch}: slot {slot} given to {sorted(own)}, which lack acknowledged "
+                                  f"key {key!r} v{version}, while {down} (down, durable, coming back) hold it", key)
+
     def stopping_drained(self, node: SimNode) -> None:
         """The operator stops a node ``memkv drain`` said can be stopped: it must not hold the last
         copy of anything."""
@@ -291,6 +326,12 @@ class Checker:
             if not any(n != node.id and n not in pend and self._holds(n, key, version) for n in self._map.table[slot]):
                 self.violation("lost-by-drain", f"{node.id} was drained and stopped holding the only copy of "
                                                 f"acknowledged key {key!r} v{version} (slot {slot})", key)
+
+    def _survivors(self, key: bytes, version: int) -> list[str]:
+        """Nodes whose data holds ``key`` at ``version`` or newer, alive or down but coming back (a
+        durable node keeps its data across a crash; a volatile one's is gone already)."""
+        return [n.id for n in self.world.node_list if (n.alive or n.id not in self.world.retired)
+                and (v := n.data.get(key)) is not None and v.version >= version]
 
     def _holds(self, node_id: str, key: bytes, version: int, *, on_disk: bool = False) -> bool:
         """Whether ``node_id`` is alive and holds ``key`` at ``version`` or newer; with ``on_disk``,
@@ -306,10 +347,16 @@ class Checker:
     def final(self, sm: SlotMap) -> dict[str, Any]:
         behind = 0
         for key, (version, slot) in sorted(self.ledger.items()):
-            if key in self.excused:
-                continue
             row = sm.table[slot]
             held = [n for n in row if self._holds(n, key, version)]
+            if key in self.excused:
+                # excused: its copies went down with their nodes. A durable node that came back
+                # brought its copy back; the owners must have it once the map has converged.
+                if not held and self._holders(key, version):
+                    self.violation("final", f"no owner {list(row)} of slot {slot} holds acknowledged key {key!r} "
+                                            f"v{version} after convergence; {self._holders(key, version)} came back "
+                                            f"with it (excused earlier: {self.excused[key]})", key)
+                continue
             if not held:
                 self.violation("final", f"no owner {list(row)} of slot {slot} holds acknowledged key {key!r} "
                                         f"v{version} after convergence", key)

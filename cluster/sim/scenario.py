@@ -26,7 +26,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 
-from memkv.cluster.rebalancer import ROUND_S
+from memkv.cluster.rebalancer import ORPHAN_GRACE_S, ROUND_S
 
 
 @dataclass
@@ -82,10 +82,12 @@ class Scenario:
     def converge_bound(self) -> float:
         """Seconds after the faults heal within which the map must have converged: detecting a loss
         (a lease TTL) and a new leader (another TTL and its campaign), the longest back-off after
-        failed rounds (30 s), and copying every value once at the throttle, twice over (a round can
-        be cut short and copied again), plus 10 s of flips, waits and settling."""
+        failed rounds (30 s), the grace a slot whose owners are all gone waits for one of them
+        (``ORPHAN_GRACE_S``: a crash that never restarts), and copying every value once at the
+        throttle, twice over (a round can be cut short and copied again), plus 10 s of flips, waits
+        and settling."""
         data = self.keys * self.value_size * self.replicas + self.slots * self.slot_bytes * self.replicas
-        return 2 * self.lease_ttl + 1.0 + 30.0 + 2 * data / (self.mbps * 1e6) + 10.0
+        return 2 * self.lease_ttl + 1.0 + 30.0 + ORPHAN_GRACE_S + 2 * data / (self.mbps * 1e6) + 10.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

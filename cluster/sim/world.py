@@ -155,6 +155,11 @@ class World:
         self.node_list.append(n)
         return n
 
+    @property
+    def retired(self) -> set[str]:
+        """Nodes that left for good (stopped, drained, crashed never to restart)."""
+        return self._retired
+
     def registered(self) -> set[str]:
         p = nodes_prefix(self.cluster)
         return {k[len(p):] for k in self.etcd.kvs if k.startswith(p)}

@@ -103,11 +103,11 @@ class Reservation:
 
     __slots__ = (
         "key", "namespace", "tenant", "ikey", "offset", "length", "size", "checksum", "ttl", "pin",
-        "parent", "view", "pool", "policy", "done", "version", "dram_only",
+        "parent", "view", "pool", "policy", "done", "version", "dram_only", "copy",
     )
 
     def __init__(self, key, namespace, tenant, ikey, offset, length, size, checksum, ttl, pin, parent,
-                 view, pool, policy, version=0, dram_only=False) -> None:
+                 view, pool, policy, version=0, dram_only=False, copy=False) -> None:
         self.key: bytes = key
         self.namespace: str = namespace
         self.tenant: str = tenant
@@ -126,6 +126,9 @@ class Reservation:
         self.version: int = version  # the writer's (memkv/protocol/versions.py); 0: the store assigns one
         # never handed to the tier (no-store writes: no flash record, so no segment or snapshot holds it)
         self.dram_only: bool = dram_only
+        # a replica's state carried over (slot copy, read repair, anti-entropy): the newer version
+        # wins even in a write-once namespace (``commit``)
+        self.copy: bool = copy
 
     def __repr__(self) -> str:
         return f"<Reservation {self.namespace}/{self.key!r} off={self.offset} len={self.length}>"
@@ -570,11 +573,16 @@ class Store:
         parent: bytes | None = None,
         version: int = 0,
         dram_only: bool = False,
+        copy: bool = False,
     ) -> Reservation:
         """Make room for a value of ``length`` bytes and allocate it (see the module doc).
 
         ``dram_only``: the value stays in the region even in a durable namespace (the tier
-        neither admits nor records it)."""
+        neither admits nor records it). ``copy``: a replica's state (slot copy, read repair,
+        anti-entropy) with its version: in a write-once namespace it replaces an older value
+        rather than raise ``KeyExists`` -- a newer version of a write-once key exists only if the key
+        was deleted and written again where the copy comes from, and the replica that missed
+        the delete must take it (or conflicting writes that raced would never converge)."""
         pol = self._ns(namespace)
         if length < 0:
             raise InvalidArgument(f"negative length {length}")
@@ -593,7 +601,7 @@ class Store:
         if old is not None:
             if old.expires is not None and old.expires <= now:
                 self._drop(old, now, "expire")
-            elif not pol.overwrite and (old.checksum != checksum or old.length != length):
+            elif not pol.overwrite and not copy and (old.checksum != checksum or old.length != length):
                 raise KeyExists(f"key {key!r} exists in namespace {namespace} with different bytes")
         quota = self._quota(pool, tenant)
         eligible = None
@@ -656,7 +664,7 @@ class Store:
             parent = None
         return Reservation(
             key, namespace, tenant, ikey, off, length, size, checksum, ttl, pin, parent,
-            self.region.view[off:off + length], pool, pol, version, dram_only,
+            self.region.view[off:off + length], pool, pol, version, dram_only, copy,
         )
 
     def _release(self, res: Reservation, *, immediate: bool) -> None:
@@ -746,7 +754,7 @@ class Store:
                     self.superseded += 1
                     return None
                 del self._tombs[ikey]  # the write is newer than the delete
-        if old is not None and not pol.overwrite:
+        if old is not None and not pol.overwrite and not res.copy:
             self._release(res, immediate=True)
             raise KeyExists(f"key {res.key!r} exists in namespace {res.namespace} with different bytes")
         if old is not None and not newer(version, cs, old.version, old.checksum):

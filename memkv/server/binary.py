@@ -235,8 +235,10 @@ def encode_get_many(overwritable: Callable[[str], bool]) -> Encoder:
     return encode
 
 
-def encode_delete(req: Request, result: list[bool]) -> Reply:
-    return Reply({"d": result[0]})
+def encode_delete(overwritable: Callable[[str], bool]) -> Encoder:
+    def encode(req: Request, result: list[bool]) -> Reply:
+        return Reply(_ow({"d": result[0]}, overwritable(req.ns)))  # "ow": the client may skip a replica
+    return encode
 
 
 def encode_delete_many(req: Request, result: list[bool]) -> Reply:
@@ -290,7 +292,7 @@ def core_ops(overwritable: Callable[[str], bool]) -> dict[int, BinaryOp]:
         Op.GET: BinaryOp("GET", decode_get, encode_get(overwritable)),
         Op.GET_MANY: BinaryOp("GET", decode_get_many, encode_get_many(overwritable)),
         Op.EXISTS_MANY: BinaryOp("PEEK", decode_exists_many, encode_peek),
-        Op.DELETE: BinaryOp("DELETE", decode_delete, encode_delete),
+        Op.DELETE: BinaryOp("DELETE", decode_delete, encode_delete(overwritable)),
         Op.DELETE_MANY: BinaryOp("DELETE", decode_delete_many, encode_delete_many),
         Op.PIN: BinaryOp("PIN", decode_pin, encode_count),
         Op.UNPIN: BinaryOp("UNPIN", decode_unpin, encode_count),

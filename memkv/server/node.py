@@ -164,7 +164,7 @@ class Node:
         self.binary: MappingProxyType[int, BinaryOp] = MappingProxyType(opcodes)
         self.pipeline = Pipeline(
             stage_order(authenticate=Authenticate(self.tenants), rate_limit=RateLimit(self.tenants),
-                        route=None if routing is None else Route(routing, self.node_id, forwarder),
+                        route=None if routing is None else Route(routing, self.node_id, forwarder, self._overwritable),
                         grants=Grants(self.tenants), no_store=NoStore(self.tenants, no_store_ttl),
                         in_flight=InFlight(self.hardening),
                         audit=None if self.audit is None else Audit(self.audit),
@@ -191,7 +191,8 @@ class Node:
                         flush_interval=float(acfg.get("flush_interval", 0.2)), clock=self.clock)
 
     def _overwritable(self, namespace: str) -> bool:
-        return self.store.namespaces[namespace].overwrite
+        policy = self.store.namespaces.get(namespace)  # (an unknown one is refused by a later stage)
+        return policy is not None and policy.overwrite
 
     def _own_extension(self) -> Extension:
         """The node's own operations (memkv/server/operations.py) and housekeeping."""

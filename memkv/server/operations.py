@@ -173,7 +173,8 @@ class Operations:
                     cs = cur.checksum if cur is not None and cur.length == length else 0
                 try:
                     res = store.reserve(key, length, namespace=ns, tenant=tenant, checksum=cs, ttl=ttl,
-                                        pin=req.pin, parent=parent, version=ver, dram_only=req.dram_only)
+                                        pin=req.pin, parent=parent, version=ver, dram_only=req.dram_only,
+                                        copy=req.copies)
                 except MemKVError as exc:
                     if req.single:
                         raise

@@ -17,7 +17,7 @@ a node without a cluster has no routing stage.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from memkv.errors import AuthError, Moved, PermissionDenied, RateLimited
@@ -90,14 +90,20 @@ class Route(Stage):
     """The cluster: a fenced node refuses writes; keys must be this node's at the client's slot-map
     epoch (``Moved``). A session that cannot follow ``Moved`` (RESP) has the keys another node
     serves marked for forwarding instead: reads where this node is not a replica, writes unless
-    it is the only one (the forwarder writes every replica)."""
+    it is the only one (the forwarder writes every replica). Reads of an overwritable namespace
+    with more than one replica are forwarded too, even where this node is one: the forwarder
+    reads as every memkv client does (the replicas' versions compared, the newest value or
+    tombstone wins), whereas this node's own copy may be one that missed an overwrite or a
+    delete (it was down, paused or cut off), which a RESP client would otherwise be served."""
 
     name = "route"
 
-    def __init__(self, routing: Routing, node_id: str, forwarder: Forwarder | None) -> None:
+    def __init__(self, routing: Routing, node_id: str, forwarder: Forwarder | None,
+                 overwritable: Callable[[str], bool] = lambda ns: False) -> None:
         self.routing = routing
         self.node_id = node_id
         self.forwarder = forwarder
+        self.overwritable = overwritable
 
     def applies(self, kind: str, access: Access) -> bool:
         return access.routed or access.write
@@ -110,12 +116,14 @@ class Route(Stage):
             return
         self.routing.check([], write, None)  # fencing; ownership is decided here
         me, owners = self.node_id, self.routing.owners
+        # (only what the forwarder reads: a TTL query is still answered by a replica here)
+        newest = req.kind in ("GET", "PEEK") and self.forwarder is not None and self.overwritable(req.ns)
         remote = []
         for i, key in enumerate(req.keys):
             row = owners(key)
             if row is None:
                 continue  # no slot map yet: nothing to forward to
-            if (tuple(row) != (me,)) if write else (me not in row):
+            if (tuple(row) != (me,)) if write else (me not in row or (newest and len(row) > 1)):
                 remote.append(i)
         if remote:
             if self.forwarder is None:
