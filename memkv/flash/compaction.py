@@ -45,7 +45,13 @@ def pick(tier: FlashTier) -> Segment | None:
     for seg in flog.segments.values():
         if seg is flog.active or not seg.sealed or seg.doomed:
             continue
-        dead = 1.0 if seg.size == 0 else 1.0 - seg.live / seg.size
+        live = seg.live
+        if seg.carried and _oldest_other(flog, seg) <= seg.carried_lsn:
+            # the tombstones a compaction carried here would only be carried again: counting
+            # them dead made a segment of them a candidate for ever (a node copying the same
+            # tombstones in a loop, idle, found by the 60-minute soak)
+            live += seg.carried
+        dead = 1.0 if seg.size == 0 else 1.0 - live / seg.size
         if dead >= tier.compaction_threshold and dead > best_dead:
             best, best_dead = seg, dead
     return best
@@ -78,19 +84,29 @@ async def compact_segment(tier: FlashTier, seg: Segment) -> int:
     copied = 0
     try:
         recs = await trio.to_thread.run_sync(scan_headers, seg.path)
+        newest_delete: dict[tuple[str, str, bytes], int] = {}
         for rec in recs:
             if rec.kind == r.DELETE:
-                others = min((s.min_lsn for s in flog.segments.values() if s is not seg), default=1 << 63)
+                k = (rec.namespace, rec.tenant, rec.key)
+                newest_delete[k] = max(newest_delete.get(k, 0), rec.lsn)
+        for rec in recs:
+            if rec.kind == r.DELETE:
+                others = _oldest_other(flog, seg)
                 ts = tier.scope(rec.namespace, rec.tenant)
                 kept = rec.version and ts is not None and \
                     store.tombstone_of((rec.namespace, ts, rec.key)) == rec.version
                 if others > rec.lsn and not kept:
                     continue  # no older put of this key can be left anywhere, and the index forgot it
+                if not kept and newest_delete[(rec.namespace, rec.tenant, rec.key)] > rec.lsn:
+                    continue  # a newer delete of the key in this segment hides every put this one hides
                 data = await trio.to_thread.run_sync(os.pread, seg.fd, rec.size, rec.offset)
                 p = flog.append([data], len(data), rec.lsn)
                 p.seg.tombstones += 1
                 if kept:
                     tier.tombstone_live(p.seg.id, len(data), rec.expires)
+                else:
+                    p.seg.carried += len(data)
+                    p.seg.carried_lsn = max(p.seg.carried_lsn, rec.lsn)
                 copied += len(data)
             else:
                 ts = tier.scope(rec.namespace, rec.tenant)
@@ -132,6 +148,11 @@ async def compact_segment(tier: FlashTier, seg: Segment) -> int:
     tier.reclaimed += size - copied
     log.info("flash: compacted segment %d: %d bytes, %d copied", seg.id, size, copied)
     return size - copied
+
+
+def _oldest_other(flog, seg: Segment) -> int:
+    """The lowest lsn in any segment but ``seg``: a tombstone of ``seg`` older than it hides no put."""
+    return min((s.min_lsn for s in flog.segments.values() if s is not seg), default=1 << 63)
 
 
 def _revert(tier: FlashTier, e, old: tuple, new: tuple):
