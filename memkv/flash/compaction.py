@@ -13,6 +13,7 @@ check interval, the throttle) runs on the tier's injected clock.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import mmap
 import os
@@ -42,11 +43,14 @@ def scan_headers(path: str) -> list[r.Record]:
 def pick(tier: FlashTier) -> Segment | None:
     flog = tier.log
     best, best_dead = None, -1.0
+    # the two oldest segments answer "oldest but this one" for every segment in one pass (this
+    # runs every interval over all segments; a scan per segment would be quadratic)
+    oldest = heapq.nsmallest(2, flog.segments.values(), key=lambda s: s.min_lsn)
     for seg in flog.segments.values():
         if seg is flog.active or not seg.sealed or seg.doomed:
             continue
         live = seg.live
-        if seg.carried and _oldest_other(flog, seg) <= seg.carried_lsn:
+        if seg.carried and next((s.min_lsn for s in oldest if s is not seg), 1 << 63) <= seg.carried_lsn:
             # the tombstones a compaction carried here would only be carried again: counting
             # them dead made a segment of them a candidate for ever (a node copying the same
             # tombstones in a loop, idle, found by the 60-minute soak)
