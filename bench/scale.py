@@ -14,7 +14,8 @@ Operations:
   request per value (``SyncClient``: about as much CPU per request in the client
   as in the node);
 * ``get_batch``: ``get_many_into`` of ``BATCH`` keys over TCP: one request per
-  worker that owns some of them, sent in parallel (``SyncClient``: on threads);
+  worker that owns some of them, sent together (``SyncClient``: every request
+  sent, then every reply read, on the caller's thread);
 * ``get_shm``: ``get_into`` over shared memory (client/core/onesided.py: the
   worker's region mapped; a hit costs the node nothing);
 * ``get_pipe``: the node's capacity -- GET frames written straight on the

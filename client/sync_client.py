@@ -36,7 +36,6 @@ class SyncClient(ClientBase):
             core = executor.run(ClientCore.connect(parsed, transport=transport))
         except BaseException:
             pool.close()
-            executor.close()
             raise
         return cls(core, executor)
 
@@ -55,7 +54,6 @@ class SyncClient(ClientBase):
             self._executor.run(self.core.close())  # (sends the last one-sided touches)
         finally:
             self.pool.close()
-            self._executor.close()
 
     # -- the API (README "Using it")
     def put(self, key: bytes | str, value: Any, *, namespace: str = "shared", ttl: float | None = None,

@@ -225,6 +225,42 @@ async def test_the_async_client_routes_to_the_workers_too(supervise: Any) -> Non
         assert len({c.router.worker_of(k) for k in keys}) == 2
 
 
+def test_a_split_batch_is_sent_to_every_worker_from_the_callers_thread(supervise: Any) -> None:
+    """``SyncClient``'s batch split across workers goes out on the caller's thread (no thread is
+    started: client/executors/blocking_executor.py ``FanOut``); two hung workers (SIGSTOP) cost it
+    one timeout together, not one each; once they resume, the connections whose calls timed out
+    were dropped, so no late reply is taken for a new call's."""
+    import threading
+    import time
+
+    from memkv.errors import TimeoutError as MemKVTimeout
+
+    sup = supervise(workers=3)
+    keys = [f"f{i}".encode() for i in range(60)]
+    timeout = 2.0
+    with SyncClient.connect(f"memkv://{sup.addr(0)}", transport="tcp", timeout=timeout) as c:
+        threads = threading.active_count()
+        c.put_many({k: k * 100 for k in keys})
+        assert c.get_many(keys) == [k * 100 for k in keys]
+        assert {c.router.worker_of(k) for k in keys} == {0, 1, 2}
+        assert threading.active_count() == threads
+        pids = sup.workers()
+        for i in (1, 2):
+            os.kill(pids[i], signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(MemKVTimeout):
+                c.get_many(keys)
+            took = time.monotonic() - t0
+        finally:
+            for i in (1, 2):
+                os.kill(pids[i], signal.SIGCONT)
+        assert timeout <= took < 2 * timeout, took
+        fresh = [b"g" + k for k in keys]
+        c.put_many({k: k * 7 for k in fresh})
+        assert c.get_many(keys + fresh) == [k * 100 for k in keys] + [k * 7 for k in fresh]
+
+
 def test_status_shows_every_worker_by_host(supervise: Any, capsys: Any) -> None:
     import json
 

@@ -27,7 +27,7 @@ import threading
 from typing import Any
 
 from memkv.client.core.calls import Call
-from memkv.client.core.protocol import ConnectionProtocol
+from memkv.client.core.protocol import ConnectionProtocol, Pending
 from memkv.client.url import NodeAddress
 from memkv.errors import ConnectionLost, NodeUnavailable, TimeoutError
 from memkv.protocol import codec as c
@@ -92,6 +92,41 @@ class BlockingConnection:
         except BaseException as exc:
             raise self._failed(exc) from None
         return pending.outcome()
+
+    # -- the same call in two halves, for a fan-out that sends to many nodes before it reads
+    def send(self, call: Call) -> Pending:
+        """Send ``call``; its reply is read by ``receive`` or, piece by piece, ``receive_some``."""
+        pending = self.proto.start(call)
+        try:
+            self._flush()
+        except BaseException as exc:
+            raise self._failed(exc) from None
+        return pending
+
+    def receive(self, pending: Pending) -> Any:
+        """Receive until ``pending``'s reply is in (each ``recv`` within the socket's timeout); its outcome."""
+        while not self.receive_some(pending):
+            pass
+        return pending.outcome()
+
+    def receive_some(self, pending: Pending) -> bool:
+        """One ``recv`` (it does not block when the socket is known to be readable); whether
+        ``pending``'s reply is now complete."""
+        proto = self.proto
+        try:
+            proto.received(self.sock.recv_into(proto.recv_buffer()))
+            if proto.tls_output_due():  # a TLS key update to answer
+                self._flush()
+        except BaseException as exc:
+            raise self._failed(exc) from None
+        return pending.done
+
+    def expire(self) -> TimeoutError:
+        """The reply did not come within the timeout: the connection is closed (a late reply
+        would otherwise be taken for the next call's); the error to raise."""
+        exc = self._failed(builtins.TimeoutError())
+        assert isinstance(exc, TimeoutError)
+        return exc
 
     def _run_until(self, done: Any) -> None:
         """Opening: send what is due and receive until ``done()``."""
@@ -163,7 +198,7 @@ class BlockingPool:
 
     def give(self, node: NodeAddress, conn: BlockingConnection) -> None:
         """Put ``conn`` among ``node``'s idle connections (or close it if the pool is full or closed)."""
-        self._put_back(self._queue(node), conn)
+        self._put_back(self._idle.get(node) or self._queue(node), conn)
 
     def _put_back(self, q: queue.LifoQueue[BlockingConnection], conn: BlockingConnection) -> None:
         if conn.broken is None and not self._closed and q.qsize() < self.max_idle:
@@ -181,6 +216,13 @@ class BlockingPool:
             return conn.call(call)
         finally:
             self._put_back(q, conn)
+
+    def take(self, node: NodeAddress) -> BlockingConnection:
+        """Check out an idle connection to ``node`` (or open one); hand it back with ``give``."""
+        try:
+            return (self._idle.get(node) or self._queue(node)).get_nowait()
+        except queue.Empty:
+            return self.open(node)
 
     def drop(self, node: NodeAddress) -> None:
         q = self._queue(node)
