@@ -8,11 +8,15 @@ gRPC error) surfaces as :class:`EtcdUnavailable`, nothing else.
 It lives in ``memkv.client`` rather than ``memkv.cluster`` because clients
 watch etcd too and dependencies point one way (cluster -> client -> memkv).
 
-Two pyetcd traps are handled here:
+Three pyetcd traps are handled here:
 - ``Endpoint(time_retry=0.5)``: with the default (300 s) one etcd blip marks
   the endpoint failed for five minutes;
 - gRPC's reconnect backoff grows to two minutes by default; it is capped at
-  one second so that a restarted etcd is found again quickly.
+  one second so that a restarted etcd is found again quickly;
+- pyetcd has one timeout for every RPC; here a call that may be sent again
+  gives each attempt a share of the call's timeout (``client/etcd_attempts.py``), so
+  that a member which holds a request without answering leaves time to ask
+  another.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
 ]
+
+
+# A call that may be sent again tries each member for at most this share of its timeout
+# (never less than ATTEMPT_MIN_S): with the default 3 s, three tries of 1 s.
+ATTEMPT_SHARE = 1 / 3
+ATTEMPT_MIN_S = 0.5
 
 
 class EtcdUnavailable(NodeUnavailable):
@@ -76,10 +86,12 @@ class Etcd:
     def __init__(self, endpoints: str | list[tuple[str, int]] | tuple[Any, ...], *, timeout: float = 3.0) -> None:
         import pyetcd
 
+        from memkv.client.etcd_attempts import AttemptClient
+
         self.endpoints = parse_endpoints(endpoints)
         self.timeout = timeout
         eps = [pyetcd.Endpoint(h, p, secure=False, time_retry=0.5, opts=_GRPC_OPTIONS) for h, p in self.endpoints]
-        self._client = pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
+        self._client = AttemptClient(endpoints=eps, timeout=timeout, failover=True)
         self._tx = self._client.transactions
         self._closed = False
         self._lock = threading.Lock()
@@ -96,28 +108,41 @@ class Etcd:
         the next endpoint when its endpoint refused it or timed out (a member that is down
         refuses; one killed under an open connection times out; the survivors refuse writes
         while they elect a new leader), until the client's timeout has passed -- one dead member
-        of a 3-member etcd then costs no caller an error (tests/test_etcd_members.py). A
-        transaction (compare-and-set) is not sent again: it may have applied before the
-        connection broke."""
+        of a 3-member etcd then costs no caller an error (tests/test_etcd_members.py).
+
+        Each attempt of such a call has ``ATTEMPT_SHARE`` of the timeout (the last what is
+        left): while the members elect a leader, a follower holds a put without answering
+        until etcd's own request timeout (seconds), and an attempt given the whole budget
+        left none to ask the next member once a leader was there. A transaction
+        (compare-and-set) is not sent again: it may have applied before the connection
+        broke; its one attempt has the whole timeout."""
         import grpc
         import pyetcd
-        from pyetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
+        from pyetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError, NoServerAvailableError
 
-        deadline = time.monotonic() + self.timeout
+        now = time.monotonic()
+        deadline = now + self.timeout
+        share = max(ATTEMPT_MIN_S, self.timeout * ATTEMPT_SHARE) if again and len(self.endpoints) > 1 \
+            else self.timeout
         tries = 0
         while True:
             if self._closed:
                 raise EtcdUnavailable("etcd client is closed")
             tries += 1
+            # every endpoint once (even past the deadline: a refusal is quick), then until the timeout
+            attempt = max(min(share, deadline - now), min(ATTEMPT_MIN_S, self.timeout))
             try:
-                return fn(*args, **kwargs)
+                with self._client.attempt(attempt):
+                    return fn(*args, **kwargs)
             except (pyetcd.Etcd3Exception, grpc.RpcError, ValueError) as exc:
-                # ValueError: pyetcd's "Trying to use a failed node" inside the retry window.
-                left = deadline - time.monotonic()
-                # every endpoint once (a timed-out one used the whole budget), then until the timeout
+                # ValueError: pyetcd's "Trying to use a failed node" inside the retry window;
+                # NoServerAvailableError: every endpoint failed within it.
+                now = time.monotonic()
+                left = deadline - now
                 if again and (tries < len(self.endpoints) or left > 0) and isinstance(
-                        exc, (ConnectionFailedError, ConnectionTimeoutError, ValueError)):
+                        exc, (ConnectionFailedError, ConnectionTimeoutError, NoServerAvailableError, ValueError)):
                     time.sleep(min(0.1, max(0.0, left)))  # an election after a leader died takes a moment
+                    now = time.monotonic()
                     continue
                 raise EtcdUnavailable(f"etcd {self!r}: {type(exc).__name__}: {exc}") from None
 
