@@ -32,6 +32,7 @@ from chaos.report import markdown_table, print_table
 from chaos.runner import parse_value, run_scenario, write_report
 from chaos.scenarios import SCENARIOS
 from chaos.targets import ComposeDeployment, ComposeTarget
+from memkv.tools.children import popen_tied
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,7 +48,7 @@ def _reexec_in_netns(argv: list[str]) -> int | None:
     env = dict(os.environ, MEMKV_CHAOS_NETNS="1")
     cmd = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
            sys.executable, "-m", "chaos", *argv]
-    child = subprocess.Popen(cmd, env=env)
+    child = popen_tied(cmd, env=env)  # the runner dies with this process (its nodes with it)
     # SIGTERM / SIGHUP to this process go on to the runner in the namespace (``unshare`` execs it),
     # which then stops its nodes (``subprocess.call`` would SIGKILL it and orphan them). Ctrl-C reaches
     # the runner by itself (same process group): forwarding it too would interrupt its cleanup.

@@ -37,6 +37,7 @@ from chaos.load import NODE_CONFIG
 from chaos.netfault import ETCD, NetFaults, NetUnavailable
 from memkv.client.cluster_view import ClusterState, ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
+from memkv.tools.children import popen_tied
 from memkv.tools.localproc import EtcdProcess, stop_process
 
 
@@ -329,8 +330,8 @@ class LocalTarget:
             n.extra = list(extra)
         n.data_dir.mkdir(parents=True, exist_ok=True)
         with open(n.workdir / "node.log", "ab") as log:
-            n.proc = subprocess.Popen(self.command(n), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                      env=self.node_env(n), start_new_session=True)
+            n.proc = popen_tied(self.command(n), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=self.node_env(n), start_new_session=True)
         n.paused = False
         deadline = time.monotonic() + timeout
         while True:
@@ -482,7 +483,7 @@ class LocalTarget:
                 f"    time.sleep({pace_s})\n"
                 "sys.stdin.read()\n")
         cmd = self.groups.wrap(node_id, [sys.executable, "-c", code])
-        h = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        h = popen_tied(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.hogs.append(h)
         return h
 

@@ -28,6 +28,7 @@ import pytest
 
 from memkv.errors import NodeUnavailable
 from memkv.tools import localproc
+from memkv.tools.children import popen_tied
 from memkv.tools.localproc import free_port as free_port  # tests import it from here
 
 # Cluster fixtures (a real etcd, clusters of node processes): tests/conftest_etcd.py
@@ -105,9 +106,7 @@ class NodeProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # closed in _reap
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-        self.proc = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        self.proc = popen_tied(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         self._log = log
         try:
             wait_for_port(self.host, self.port, timeout, alive=lambda: self.running)

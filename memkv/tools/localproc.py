@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memkv.errors import NodeUnavailable
+from memkv.tools.children import popen_tied
 
 ETCD_CANDIDATES = ("/usr/bin/etcd", "/usr/local/bin/etcd")
 
@@ -84,8 +85,7 @@ def start_node(*extra: str, port: int | None = None, memory: str = "256MiB", qui
     port = port or free_port()
     args = [sys.executable, "-m", "memkv.cli", "serve", "--listen", f"127.0.0.1:{port}", "--memory", memory,
             *extra]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL if quiet else None,
-                            stderr=subprocess.PIPE if quiet else None)
+    proc = popen_tied(args, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE if quiet else None)
     node = NodeProcess(port, proc, args)
     try:
         wait_for_port(port, proc, timeout)
@@ -110,9 +110,9 @@ class LocalCluster:
     def start(cls, nodes: int, *, directory: str, memory: str = "256MiB", timeout: float = 90.0) -> LocalCluster:
         import select
 
-        proc = subprocess.Popen([sys.executable, "-m", "memkv.cli", "up", "--nodes", str(nodes), "--dir", directory,
-                                 "--memory", memory, "--zones", str(min(nodes, 2))],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc = popen_tied([sys.executable, "-m", "memkv.cli", "up", "--nodes", str(nodes), "--dir", directory,
+                           "--memory", memory, "--zones", str(min(nodes, 2))],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None
         line = b""
@@ -173,8 +173,8 @@ class EtcdProcess:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = popen_tied(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         finally:
             log.close()
         self.wait_ready(timeout)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memkv.tools.children import popen_tied
 from memkv.tools.localproc import EtcdProcess, free_port
 
 
@@ -62,8 +63,8 @@ def _up(args: argparse.Namespace) -> int:
                    "--listen", f"127.0.0.1:{port}", "--memory", args.memory,
                    "--data-dir", str(base / node_id), "--etcd", etcd.endpoint, "--cluster", args.cluster,
                    "--node-id", node_id, "--zone", f"z{i % max(1, args.zones)}"]
-            procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(popen_tied(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True))
             log.close()
         epoch = wait_for_cluster(etcd.endpoint, args.cluster, args.nodes)
         url = f"etcd://{etcd.endpoint}/{args.cluster}"

@@ -25,7 +25,8 @@ The supervisor (this file) only runs processes:
 - SIGINT and SIGTERM are forwarded to every worker (each shuts down cleanly: a
   cluster member revokes its lease) and end the supervisor once they have exited
   (SIGKILL for any still running after ``STOP_TIMEOUT_S``);
-- the workers die with it: each is started with ``PR_SET_PDEATHSIG`` = SIGKILL,
+- the workers die with it: each is started with ``PR_SET_PDEATHSIG`` = SIGKILL
+  (``memkv/tools/children.py``),
   so a supervisor killed outright (the host "dies") takes its workers along
   instead of leaving orphans that hold the ports.
 """
@@ -33,7 +34,6 @@ The supervisor (this file) only runs processes:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -46,6 +46,7 @@ from pathlib import Path
 
 from memkv.config import NodeConfig
 from memkv.errors import InvalidArgument
+from memkv.tools.children import popen_tied
 
 log = logging.getLogger("memkv.workers")
 
@@ -54,7 +55,6 @@ MAX_BACKOFF_S = 8.0
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-PR_SET_PDEATHSIG = 1
 
 
 def worker_count(value: str | int) -> int:
@@ -134,12 +134,6 @@ def memory_shares(cfg: NodeConfig, n: int) -> list[int]:
     return shares
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the supervisor dies (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 @dataclass
 class Worker:
     plan: WorkerPlan
@@ -164,7 +158,7 @@ class Supervisor:
         return [sys.executable, "-m", "memkv.cli", "serve", *self.shared, "--workers", "1", *plan.flags]
 
     def _start(self, w: Worker) -> None:
-        w.proc = subprocess.Popen(self.command(w.plan), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        w.proc = popen_tied(self.command(w.plan), stdin=subprocess.DEVNULL)
         w.started = time.monotonic()
         log.info("worker %d (%s, %s) started: pid %d", w.plan.index, w.plan.node_id, w.plan.listen, w.proc.pid)
 

@@ -1,0 +1,75 @@
+"""Processes a runner starts die with it (memkv/tools/children.py): a chaos runner killed with
+SIGKILL used to leave its nodes and etcd running (they are started in sessions of their own),
+holding ports and a cluster alive. Real processes: a runner-like parent brings up the chaos
+suite's local target (etcd + a node, chaos/targets.py) -- etcd started on a short-lived thread,
+as ``etcd_start_all`` does, and the node restarted from another, as a fault does -- then is
+killed with SIGKILL; its children must be gone within a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memkv.tools.localproc import find_etcd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNNER = """
+import sys, threading, time
+from pathlib import Path
+from chaos.targets import LocalTarget
+
+t = LocalTarget(Path(sys.argv[1]), nodes=1, replicas=1, spare=0)
+t.up(timeout=60)
+th = threading.Thread(target=lambda: (t.kill("n1"), t.start("n1")))  # as a fault restarts a node
+th.start()
+th.join()
+print(t.etcd.proc.pid, t.nodes["n1"].proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(180)
+def test_a_runners_nodes_and_etcd_die_when_it_is_killed(tmp_path: Path) -> None:
+    if find_etcd() is None:
+        pytest.skip("no etcd binary (apt-get install etcd-server)")
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path / "run")], cwd=ROOT,
+                              stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    children: list[int] = []
+    try:
+        assert runner.stdout is not None
+        line = runner.stdout.readline()
+        assert line, f"the runner ended before its cluster was up: {runner.wait()}"
+        children = [int(p) for p in line.split()]
+        time.sleep(1.0)  # the threads that started them are gone: that alone must not end them
+        assert all(_alive(p) for p in children), children
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + 10.0
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in children if _alive(p)], "children outlived their runner"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        for p in children:  # (only if the test failed)
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
