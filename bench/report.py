@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -203,6 +205,21 @@ def evaluate_targets(results: list[Result], limits: dict[str, Any], peer: str = 
 def write_json(doc: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
+
+
+def write_results(doc: dict[str, Any], outdir: Path, name: str,
+                  plot: Callable[[dict[str, Any], Path], None]) -> tuple[Path, Path]:
+    """A benchmark's result files, ``OUTDIR/NAME.json`` and ``OUTDIR/NAME.png`` (drawn by ``plot``).
+    The JSON is written first, so a plot that fails loses no measurement: its error is added to
+    the document's ``errors`` and the JSON written again."""
+    json_path, png_path = outdir / f"{name}.json", outdir / f"{name}.png"
+    write_json(doc, json_path)
+    try:
+        plot(doc, png_path)
+    except Exception:
+        doc.setdefault("errors", []).append("plot: " + traceback.format_exc())
+        write_json(doc, json_path)
+    return json_path, png_path
 
 
 def plot_png(doc: dict[str, Any], path: Path) -> None:

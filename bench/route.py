@@ -56,6 +56,7 @@ from typing import Any
 
 from bench.memkv_peer import MemkvNode, memkv_command
 from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.report import write_results
 from bench.ttft import pct
 from bench.vllm import tokens
 from bench.vllm_serve import VllmServer
@@ -412,12 +413,6 @@ def plot(out: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(out: dict[str, Any], outdir: Path, name: str) -> None:
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / f"{name}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    plot(out, outdir / f"{name}.png")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.route", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -437,11 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="memkv-bench-route-") as tmp:
         bench = Bench(args, sizes, Path(tmp))
         out = bench.run()
-    write_results(out, Path(args.out), bench.name())
+    json_path, png_path = write_results(out, Path(args.out), bench.name(), plot)
     print(markdown(out))
     for e in out["errors"]:
         print(f"error: {e}")
-    print(f"done in {out['wall_s'] / 60:.1f} min; wrote {args.out}/{bench.name()}.json and .png")
+    print(f"done in {out['wall_s'] / 60:.1f} min; wrote {json_path} and {png_path}")
     return 0 if not out["errors"] else 1
 
 

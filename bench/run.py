@@ -299,13 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.errors.append(traceback.format_exc())
         console.print_exception()
     doc = bench.document(machine, limits, time.monotonic() - t0)
-    json_path, png_path = bench.out / "single_node.json", bench.out / "single_node.png"
-    report.write_json(doc, json_path)
-    try:
-        report.plot_png(doc, png_path)
-    except Exception:
-        doc["errors"].append("plot: " + traceback.format_exc())
-        report.write_json(doc, json_path)
+    json_path, png_path = report.write_results(doc, bench.out, "single_node", report.plot_png)
     report.print_report(doc)
     console.print(f"wrote {json_path} and {png_path} in {time.monotonic() - t0:.0f}s")
     return 1 if doc["errors"] else 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench.report import write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -489,9 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     name = "ttft_quick" if args.quick else "ttft"
-    (outdir / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
-    plot(out, outdir / f"{name}.png")
-    print(f"wrote {outdir / (name + '.json')} and {outdir / (name + '.png')}")
+    json_path, png_path = write_results(out, outdir, name, plot)
+    print(f"wrote {json_path} and {png_path}")
     return 0
 
 

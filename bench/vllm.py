@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import random
 import statistics
@@ -68,6 +67,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_results
 from bench.ttft import pct
 
 CONFIGS = ("recompute", "vllm-prefix", "memkv-tcp", "memkv-shm", "lmcache-redis", "lmcache-l1", "example")
@@ -594,11 +594,6 @@ def plot(out: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(out: dict[str, Any], outdir: Path, name: str) -> None:
-    (outdir / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
-    plot(out, outdir / f"{name}.png")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.vllm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -629,9 +624,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 shutil.copytree(tmp, args.keep_logs, dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns("model", "example", "memkv-data", "*.rdb"))
-    write_results(out, bench.outdir, bench.name)
+    json_path, png_path = write_results(out, bench.outdir, bench.name, plot)
     report(out, bench.console)
-    print(f"wrote {bench.outdir / (bench.name + '.json')} and {bench.outdir / (bench.name + '.png')}")
+    print(f"wrote {json_path} and {png_path}")
     return 0 if not out["errors"] else 1
 
 
