@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any
 
+from memkv.tools.demo_shared import finish, show_stats, start_store, tokenize
+
 MODEL_ID = "memkv-demo/llama-4L-256d"
 BLOCK_TOKENS = 64
 N_NEW = 16
@@ -45,11 +47,6 @@ def demo_model() -> Any:
     cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
     return LlamaForCausalLM(cfg).eval()
-
-
-def tokenize(text: str) -> list[int]:
-    """A byte-level stand-in for a tokenizer (no downloads): one token per UTF-8 byte."""
-    return list(text.encode())
 
 
 # -- replica process ------------------------------------------------------------------------------
@@ -132,17 +129,13 @@ def run_demo(json_path: str | None = None, nodes: int = 2) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from memkv.client import SyncClient
-    from memkv.tools.localproc import LocalCluster, start_node
-    from memkv.tools.status import node_table
-
     console = Console(width=None if sys.stdout.isatty() else 140)
     t_start = time.perf_counter()
     store_kind = f"a local cluster of {nodes} nodes" if nodes > 1 else "a storage node"
     console.print(f"[bold]memkv demo[/bold]: {store_kind} and two replicas of {MODEL_ID} "
                   f"({os.cpu_count()} CPUs here)")
     workdir = tempfile.mkdtemp(prefix="memkv-demo-")
-    node = LocalCluster.start(nodes, directory=workdir, memory="512MiB") if nodes > 1 else start_node(memory="1GiB")
+    node = start_store(nodes, workdir)
     results: dict[str, Any] = {"url": node.url, "nodes": nodes, "model": MODEL_ID, "block_tokens": BLOCK_TOKENS,
                                "turns": []}
     replicas: list[Replica] = []
@@ -186,21 +179,12 @@ def run_demo(json_path: str | None = None, nodes: int = 2) -> int:
         console.print(f"turns 2-3: TTFT {sum(x['ttft_ms'] for x in off):.0f} ms recomputing vs "
                       f"{sum(x['ttft_ms'] for x in on):.0f} ms with memkv; "
                       f"{sum(x['cached'] for x in on)} tokens of prefill avoided (~{saved_cpu:.1f} CPU-s)")
-        with SyncClient.connect(node.url) as client:
-            st = client.stats()
-        for addr, node_stats in (st.get("nodes") or {node.url: st}).items():
-            console.print(node_table(f"node {node_stats.get('node_id', '')} at {addr}", node_stats))
-        results["stats"] = st
+        results["stats"] = show_stats(console, node.url)
     finally:
         for rep in replicas:
             rep.stop()
         node.stop()
-    results["wall_s"] = time.perf_counter() - t_start
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    console.print(f"[green]demo finished[/green] in {results['wall_s']:.0f} s")
-    return 0
+    return finish(console, results, json_path, t_start)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ checkout, whose ``.venv-vllm`` is found automatically).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from memkv.tools.demo_shared import finish, show_stats, start_store, tokenize
 
 MODEL = {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 2, "intermediate": 1536, "vocab": 4096,
          "max_positions": 8192, "seed": 7, "init_std": 0.05}
@@ -37,18 +38,10 @@ QUESTIONS = ("User: A flight is delayed three hours by de-icing. Does the crew e
              "User: And if it diverts to the alternate, who rebooks the connecting passengers?\n")
 
 
-def tokenize(text: str) -> list[int]:
-    """Byte tokens (no tokenizer download): one token per UTF-8 byte."""
-    return list(text.encode())
-
-
 def run_demo_vllm(json_path: str | None = None, nodes: int = 1) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from memkv.client import SyncClient
-    from memkv.tools.localproc import LocalCluster, start_node
-    from memkv.tools.status import node_table
     from memkv.vllm_engine import EngineError, EngineProcess, run_make_model, vllm_python
 
     console = Console(width=None if sys.stdout.isatty() else 140)
@@ -63,7 +56,7 @@ def run_demo_vllm(json_path: str | None = None, nodes: int = 1) -> int:
                   f"conversation through memkv ({os.cpu_count()} CPUs here)")
     model = run_make_model(python, cache, **MODEL)
     workdir = tempfile.mkdtemp(prefix="memkv-demo-vllm-")
-    store = LocalCluster.start(nodes, directory=workdir, memory="512MiB") if nodes > 1 else start_node(memory="1GiB")
+    store = start_store(nodes, workdir)
     results: dict[str, Any] = {"url": store.url, "model": MODEL, "turns": []}
     engines: list[EngineProcess] = []
 
@@ -109,10 +102,7 @@ def run_demo_vllm(json_path: str | None = None, nodes: int = 1) -> int:
                       f"in {load_ms:.1f} ms; TTFT {1e3 * r2['ttft_s']:.0f} ms vs {1e3 * r2_cold['ttft_s']:.0f} ms "
                       f"recomputing ({r2_cold['ttft_s'] / r2['ttft_s']:.1f}x)")
         results["engine_b_metrics"] = {k: v for k, v in m.items() if "memkv" in k or "prefix_cache" in k}
-        with SyncClient.connect(store.url) as client:
-            st = client.stats()
-        for addr, node_stats in (st.get("nodes") or {store.url: st}).items():
-            console.print(node_table(f"node {node_stats.get('node_id', '')} at {addr}", node_stats))
+        show_stats(console, store.url)
     except EngineError as exc:
         console.print(f"[red]demo failed[/red]: {exc}")
         return 1
@@ -120,9 +110,4 @@ def run_demo_vllm(json_path: str | None = None, nodes: int = 1) -> int:
         for eng in engines:
             eng.close()
         store.stop()
-    results["wall_s"] = time.perf_counter() - t_start
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    console.print(f"[green]demo finished[/green] in {results['wall_s']:.0f} s (engine logs in {workdir})")
-    return 0
+    return finish(console, results, json_path, t_start, f" (engine logs in {workdir})")
