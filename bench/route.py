@@ -275,7 +275,7 @@ class Bench:
                 for p in order:
                     self.run_pass(routers[p], replicas, rep, run_id)
                 self.collect(out, t_start)
-                write_results(out, Path(self.args.out), self.name())
+                write_results(out, Path(self.args.out), self.name(), plot)
             out["router_metrics"] = {p: _router_metrics(r.url) for p, r in routers.items()}
         finally:
             for r in routers.values():

@@ -415,7 +415,7 @@ class Bench:
                 # every finished round is written at once: a run that then waits long for the machine's lock
                 # (or is stopped) keeps what it measured
                 self.collect(out, r + 1, t_start)
-                write_results(out, self.outdir, self.name)
+                write_results(out, self.outdir, self.name, plot)
             out["node_stats"] = self._node_stats()
         self.collect(out, sizes.rounds, t_start)
         return out
