@@ -113,10 +113,11 @@ class FanOut:
     Nested ``Parallel`` operations join the same fan-out; ``WAIT`` puts an
     operation aside until a reply came in or the others had their turn (it
     waits for another operation or another thread); ``Blocking`` work is called
-    in place. A call's timeout runs from when it was sent: a reply not in by
-    then (after every reply that did arrive was read) fails that call with
-    ``TimeoutError`` and closes its connection, as ``BlockingConnection.call``
-    does -- so a dead node costs the fan-out one timeout, not one per call.
+    in place. The timeout is the socket's, for every call at once: a call of
+    which nothing arrived for the client's timeout (since it was sent, or since
+    the last piece of its reply) fails with ``TimeoutError`` and its connection
+    is closed, as in ``BlockingConnection.call`` -- so hung nodes cost the
+    fan-out one timeout together, not one each.
     """
 
     def __init__(self, pool: BlockingPool) -> None:
