@@ -38,10 +38,11 @@ _GRPC_OPTIONS = [
 ]
 
 
-# A call that may be sent again tries each member for at most this share of its timeout
-# (never less than ATTEMPT_MIN_S): with the default 3 s, three tries of 1 s.
+# A call that may be sent again tries each member for at most this share of its timeout, but
+# never less than ATTEMPT_MIN_S (a healthy member answers in milliseconds; a loaded one's fsync may
+# stall for hundreds): with the default 3 s, three tries of 1 s; with 1 s or less, one try.
 ATTEMPT_SHARE = 1 / 3
-ATTEMPT_MIN_S = 0.5
+ATTEMPT_MIN_S = 1.0
 
 
 class EtcdUnavailable(NodeUnavailable):
@@ -110,10 +111,10 @@ class Etcd:
         while they elect a new leader), until the client's timeout has passed -- one dead member
         of a 3-member etcd then costs no caller an error (tests/test_etcd_members.py).
 
-        Each attempt of such a call has ``ATTEMPT_SHARE`` of the timeout (the last what is
-        left): while the members elect a leader, a follower holds a put without answering
-        until etcd's own request timeout (seconds), and an attempt given the whole budget
-        left none to ask the next member once a leader was there. A transaction
+        Each attempt of such a call has ``ATTEMPT_SHARE`` of the timeout (at least
+        ``ATTEMPT_MIN_S``; the last what is left): a follower that still takes a killed
+        leader for alive holds a put until etcd's own request timeout (seconds), and an
+        attempt given the whole budget left none to ask again once a leader was elected. A transaction
         (compare-and-set) is not sent again: it may have applied before the connection
         broke; its one attempt has the whole timeout."""
         import grpc
