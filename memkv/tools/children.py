@@ -4,8 +4,9 @@ A node, an etcd or a worker started by a runner (``memkv serve --workers``, ``me
 chaos runner, the tests) must not outlive it: a runner killed with SIGKILL, or whose session
 ended, otherwise leaves processes that hold ports, keep a cluster's etcd alive and keep
 writing to disk. Signal handlers cannot help against SIGKILL; the kernel can: each child is
-started with ``PR_SET_PDEATHSIG`` = SIGKILL (Linux; elsewhere a no-op). It survives ``exec``,
-so a wrapper that execs the real program (``sh -c '... && exec "$@"'``) passes it on.
+started with ``PR_SET_PDEATHSIG`` = SIGKILL (``setpriv --pdeathsig KILL``, which then execs
+it; Linux). It survives ``exec``, so a wrapper that execs the real program (``sh -c '... && exec
+"$@"'``) passes it on.
 
 The "parent" whose death sends the signal is the *thread* that forked the child, not the
 process: a node restarted from a short-lived thread (a chaos fault, a test fixture starting
@@ -15,34 +16,24 @@ thread that lives as long as the process (``_Spawner``), whichever thread asks.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
-import signal
+import shutil
 import subprocess
 import threading
 from concurrent.futures import Future
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
-
-try:  # looked up here, not in the child between fork and exec (a lock another thread held there stays held)
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
+# ``setpriv`` (util-linux) sets the signal, then execs the command. Not a ``preexec_fn``: with
+# one, subprocess must fork() instead of vfork(), which runs gRPC's fork handlers -- and in a
+# process with etcd channels the handler and the GIL deadlock (seen: a test's etcd restart hung).
+SETPRIV = shutil.which("setpriv")
 
 
-_parent = os.getpid()  # the process that forks (set again in a forked copy of it)
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the forking thread's process dies. Exits at once
-    if the parent died before the request was in place (the signal would never come)."""
-    if _prctl is None:
-        return
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != _parent:
-        os._exit(1)
+def tied(args: list[str]) -> list[str]:
+    """``args`` run so that SIGKILL reaches them when the forking thread's process dies
+    (as they are where ``setpriv`` is missing: not on Linux)."""
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *args] if SETPRIV else list(args)
 
 
 class _Spawner:
@@ -57,7 +48,7 @@ class _Spawner:
         while True:
             args, kwargs, done = self._jobs.get()
             try:
-                done.set_result(subprocess.Popen(args, preexec_fn=die_with_parent, **kwargs))
+                done.set_result(subprocess.Popen(tied(args), **kwargs))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 done.set_exception(exc)
 
@@ -68,14 +59,15 @@ class _Spawner:
 
 
 _spawner: _Spawner | None = None
+_spawner_pid = 0  # the process it belongs to (a forked copy of this process has no spawner thread)
 _spawner_lock = threading.Lock()
 
 
 def popen_tied(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
     """``subprocess.Popen(args, **kwargs)`` whose child gets SIGKILL when this process dies."""
-    global _spawner, _parent
+    global _spawner, _spawner_pid
     with _spawner_lock:
-        if _spawner is None or _parent != os.getpid():  # (a forked copy of this process has no spawner thread)
-            _parent = os.getpid()
+        if _spawner is None or _spawner_pid != os.getpid():
+            _spawner_pid = os.getpid()
             _spawner = _Spawner()
     return _spawner.popen(args, kwargs)
