@@ -242,6 +242,9 @@ class NodeConfig:
     # One-sided reads map the whole region, every tenant's values included: with
     # tenants configured they are off unless all tenants are trusted ([node] onesided_tenants).
     onesided_tenants: bool = False
+    # Standalone nodes serve plain-TCP GETs that the client-readable index answers on a thread of
+    # the connection (memkv/server/hot_reads.py); false keeps every request on the trio loop.
+    tcp_hot_reads: bool = True
     namespaces: dict[str, NamespacePolicy] = field(default_factory=default_namespaces)
     pools: dict[str, PoolConfig] = field(default_factory=default_pools)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
@@ -315,6 +318,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
             setattr(cfg, key, _int(node, key, "node"))
     if "onesided_tenants" in node:
         cfg.onesided_tenants = _bool(node, "onesided_tenants", "node")
+    if "tcp_hot_reads" in node:
+        cfg.tcp_hot_reads = _bool(node, "tcp_hot_reads", "node")
     if "memory" in node:
         cfg.memory = _size(node, "memory", "node")
     if "disk" in node:

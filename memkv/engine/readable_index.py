@@ -165,6 +165,30 @@ class ReadableIndex:
             return self._entries[slot]
         return None
 
+    def find_local(self, namespace: str, scope: str, key: bytes, margin_s: float) -> tuple[f.Found, Entry] | None:
+        """``key``'s entry as a one-sided reader finds it (fingerprint, window, ``index_format.find``: seq
+        even, self-check, tag), for a reader inside the node's process: a TCP connection's hot-read
+        thread (memkv/server/hot_reads.py), which announces its reads in the reader table first like any
+        same-host reader. With the entry, the ``Entry`` the slot holds (the reply's generation). None
+        wherever a one-sided reader would ask the node: not published, being changed, within
+        ``margin_s`` of its TTL, or a slot that changed meanwhile. Reads only (dict and list lookups,
+        a copy of the window), so it may run on another thread than the writer's."""
+        if not self.active:
+            return None
+        tag = self._tag_ids.get((namespace, scope))
+        if tag is None:
+            return None
+        fp = f.fingerprint(key, self.seed)
+        first = fp & (self.slots - 1)
+        at = f.slot_offset(self.base, first)
+        found = f.find(self.view[at:at + f.WINDOW_BYTES], first, f.fingerprint_bytes(fp), tag)
+        if found is None or (found.expires and self._wall() >= self.epoch + found.expires - margin_s):
+            return None
+        e = self.entry_at(found.slot, int.from_bytes(found.raw[:4], "little"))
+        if e is None or e.key != key or e.offset != found.offset:
+            return None
+        return found, e
+
     def tag_at(self, slot: int) -> int:
         return self._tags[slot] if 0 <= slot < len(self._tags) else 0
 
