@@ -15,7 +15,10 @@ could read itself without asking: the key's entry in the client-readable index
 ``index_format.find``: even seq, self-check, tag, fingerprint), announced in a
 slot of the reader table first (memkv/engine/readers.py, ``ReaderSlot`` as a
 same-host client uses it), so the extent is not reused until the reply is in
-the socket. Every value of the reply must hit; a miss (which the node answers
+the socket. The extents being sent are also marked (``ReadableIndex.hazard_set``,
+then ``still``: hazard pointers): while no reader outside the process was given
+the index, every other freed extent is reused at once, as on a node that
+serves TCP only, rather than after the readers' grace. Every value of the reply must hit; a miss (which the node answers
 with the key's tombstone), a value being changed, one near its TTL, one only
 on flash, a namespace with no published values, a session of a node with
 tenants (grants, rate limits and revocation are checked per request), a
@@ -26,8 +29,9 @@ encoder are used for both).
 
 What it owes the node. Reads count for eviction and hit statistics as
 one-sided reads do: the thread batches the (slot, seq) pairs it served and the
-trio loop applies them (``Store.touch``) with the request counters, at least
-once a second and whenever the thread hands the connection back.
+trio loop applies them (``Store.touch``) with the request counters, once a
+second (an idle thread wakes for it) and whenever the thread hands the
+connection back: another connection's STATS may see them up to a second late.
 
 The bound. A reader's announcement holds an extent only ``quarantine_s``
 (a stalled reader must not hold the region for ever), so the reply must be
@@ -111,7 +115,7 @@ class HotReads:
              ops: Mapping[int, BinaryOp], limits: c.Limits) -> HotPath | None:
         """The hot path of one connection (on the trio loop): starts the index if no reader did yet and
         claims a reader slot; None when there is no index or no slot (the connection stays on trio)."""
-        index = self.store.open_readable_index()
+        index = self.store.open_readable_index(shared=False)
         readers = self.store.readers
         if index is None or readers is None:
             return None
@@ -159,6 +163,7 @@ class HotPath:
         self.ops = ops
         self.limits = limits
         self.view = index.view
+        self.hazards = index.hazard_set()  # the extents this thread is sending (ReadableIndex.in_use)
         self.bound = index.quarantine_s * 0.5  # a reply must be in the socket within this of its read
         self.token = trio.lowlevel.current_trio_token()
         hard = conn.hard
@@ -166,6 +171,8 @@ class HotPath:
         # a blocking send returns (partly done) after this long: the bound is checked between sends
         us = int(index.quarantine_s * 0.25 * 1e6)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", us // 1000000, us % 1000000))
+        # an idle thread wakes this often to hand what it served to the trio loop
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(FOLD_INTERVAL_S), 0))
         self._batch()
         self.served_now = 0  # GETs this thread run served
 
@@ -193,12 +200,17 @@ class HotPath:
                 if not reader.buffered:
                     conn.wait_kind = "idle"
                     conn.deadline = time.monotonic() + self.idle  # for the [limits] reaper
-                    try:
-                        n = sock.recv_into(reader.recv_buffer())
-                    except OSError:
-                        return GONE
-                    finally:
-                        conn.deadline = _INF
+                    while True:
+                        try:
+                            n = sock.recv_into(reader.recv_buffer())
+                            break
+                        except BlockingIOError:  # FOLD_INTERVAL_S without a request
+                            if self.gets:
+                                self.token.run_sync_soon(self.reads.fold, *self.take())
+                        except OSError:
+                            n = 0
+                            break
+                    conn.deadline = _INF
                     if n == 0:
                         return GONE
                     reader.received(n)
@@ -237,13 +249,20 @@ class HotPath:
         try:
             if not token:
                 return None
-            find, ns, view = self.index.find_local, req.ns, self.view
-            hits = []
+            index, ns, view, hazards = self.index, req.ns, self.view, self.hazards
+            found = []
             for key in req.keys:
-                got = find(ns, "", key, EXPIRY_MARGIN_S)
+                got = index.find_local(ns, "", key, EXPIRY_MARGIN_S)
                 if got is None:
                     return None
-                f, e = got
+                found.append(got)
+                hazards.add(got[0].offset)
+            # marked, then checked: a value withdrawn before its mark is not sent, one withdrawn after it
+            # waits for this read's announcement (memkv/engine/store.py ``_free_extent``)
+            hits = []
+            for f, e in found:
+                if not index.still(f, e):
+                    return None
                 hits.append((view[f.offset:f.offset + f.length], _Hit(f.checksum, e.generation, f.version, f.length),
                              f))
             reply = bop.encode(req, [(v, h) for v, h, _f in hits])
@@ -257,6 +276,7 @@ class HotPath:
                     pass
                 return GONE
         finally:
+            self.hazards.clear()
             if token:
                 self.slot.leave(token)
         for _v, _h, f in hits:
@@ -293,4 +313,5 @@ class HotPath:
             pass
 
     def close(self) -> None:
+        self.index.drop_hazard_set(self.hazards)
         self.slot.release()
