@@ -132,7 +132,9 @@ def test_misses_other_ops_and_near_expiry_go_through_the_pipeline(start_node):
         assert cl.get(b"a") == b"A" * 5000
         time.sleep(1.3)
         assert cl.get(b"t", namespace="session") is None
-        hot = cl.stats()["hot_reads"]
+        for _ in range(40):  # (after frames it had to hand back, a connection waits a few on the trio loop)
+            assert cl.get(b"a") == b"A" * 5000
+        hot = cl.stats()["hot_reads"]  # (the thread hands STATS back with what it served)
         assert hot["served"] > served and hot["handed_back"] >= 4 and hot["threads"] <= 1, hot
 
 
@@ -266,5 +268,5 @@ def test_an_extent_being_sent_is_not_reused(start_node):
             _check(b"big", v)
             assert HEAD.unpack_from(v)[1] == 0  # the value as it was when the GET was read
         s.close()
-    hot = _hot(node)
-    assert hot["served"] >= 2 and (v is not None or hot["cut"] == 1), hot
+    hot = poll(lambda: (h := _hot(node))["threads"] == 0 and h, 10, "the thread gone with its connection")
+    assert hot["served"] >= 1 and (v is not None or hot["cut"] == 1), hot
