@@ -43,6 +43,7 @@ _OP_NAMES = {int(op): op.name for op in Op}
 _RESPONSE = int(Flag.RESPONSE)
 FLUSH_AT = 1 << 20
 _DISCARD = bytearray(1 << 20)
+_HOT_OPS = (int(Op.GET), int(Op.GET_MANY))
 HOT_BACKOFF_MAX = 1024  # frames a connection whose frames the hot path keeps handing back stays on trio
 
 
@@ -103,6 +104,7 @@ class Connection(Watched):
         self.hot: HotPath | None = None
         self.hot_wait = 2  # frames to serve on the trio loop before (again) waiting on the thread
         self.hot_backoff = 1
+        self.last_op = 0
 
     # -- socket helpers
     async def _recv_into(self, view: memoryview) -> int:
@@ -222,6 +224,7 @@ class Connection(Watched):
                 await self._handle(head)
                 m.latency[name].observe(time.perf_counter() - t0)
                 self.hot_wait -= 1
+                self.last_op = op
                 if self.out_bytes >= self.flush_at:  # also the per-connection in-flight throttle
                     await self.flush()
         except PeerGone:
@@ -233,10 +236,11 @@ class Connection(Watched):
     # -- GETs served on a thread (memkv/server/hot_reads.py)
     def _hot_ready(self) -> bool:
         """Whether to wait for the next frame on the hot-read thread: the node serves them, this session
-        may use it, and the last tries did not just hand every frame back (then the thread waits out
+        may use it, the last frame was a GET (a client that only writes never needs the thread, nor the
+        index), and the last tries did not just hand every frame back (then the connection waits out
         ``hot_wait`` frames on the trio loop, twice as many after each such try)."""
         reads = self.hot_reads
-        if reads is None or self.hot_wait > 0 or not reads.may_serve(self.session):
+        if reads is None or self.hot_wait > 0 or self.last_op not in _HOT_OPS or not reads.may_serve(self.session):
             return False
         if self.hot is None:
             self.hot = reads.open(self, self.sock, self.reader, self.session, self.ops, self.limits)
