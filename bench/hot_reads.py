@@ -1,6 +1,6 @@
 """TCP GETs with the node's hot-read threads on and off (memkv/server/hot_reads.py), side by side.
 
-Two nodes of this tree run at once, one with ``[node] tcp_hot_reads = false``; every cell (value
+Two nodes of this tree run at once, with ``[node] tcp_hot_reads`` true and false; every cell (value
 size x client processes x with or without a concurrent writer) is measured on both, interleaved,
 ``--repeats`` times, medians kept. Each client process does blocking GETs (``get`` below 128 KiB,
 ``get_into`` above) of preloaded keys for ``--seconds`` and reports its per-request latencies; the
@@ -123,10 +123,11 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        off_cfg = Path(tmp) / "off.toml"
-        off_cfg.write_text("[node]\ntcp_hot_reads = false\n")
-        nodes = {"on": MemkvNode(Path(tmp) / "on", memory="1GiB").start(),
-                 "off": MemkvNode(Path(tmp) / "off", memory="1GiB", extra_args=("--config", str(off_cfg))).start()}
+        nodes = {}
+        for name in ("on", "off"):
+            cfg = Path(tmp) / f"{name}.toml"
+            cfg.write_text(f"[node]\ntcp_hot_reads = {'true' if name == 'on' else 'false'}\n")
+            nodes[name] = MemkvNode(Path(tmp) / name, memory="1GiB", extra_args=("--config", str(cfg))).start()
         try:
             from memkv.client import SyncClient
 

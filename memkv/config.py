@@ -243,8 +243,9 @@ class NodeConfig:
     # tenants configured they are off unless all tenants are trusted ([node] onesided_tenants).
     onesided_tenants: bool = False
     # Standalone nodes serve plain-TCP GETs that the client-readable index answers on a thread of
-    # the connection (memkv/server/hot_reads.py); false keeps every request on the trio loop.
-    tcp_hot_reads: bool = True
+    # the connection (memkv/server/hot_reads.py). Off by default: it makes a lone GET stream faster
+    # but small GETs and PUTs that run alongside slower (GIL; docs/benchmarks.md).
+    tcp_hot_reads: bool = False
     namespaces: dict[str, NamespacePolicy] = field(default_factory=default_namespaces)
     pools: dict[str, PoolConfig] = field(default_factory=default_pools)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)

@@ -43,6 +43,9 @@ def _check(key: bytes, v: bytes | bytearray | memoryview | None) -> None:
     assert body.count(bytes([(n * 7 + len(key)) % 251])) == len(body), (key, n, "torn value")
 
 
+HOT = "[node]\ntcp_hot_reads = true\n"
+
+
 def _hot(node) -> dict:
     with SyncClient.connect(node.url, transport="tcp") as cl:
         return cl.stats()["hot_reads"]
@@ -52,7 +55,7 @@ def test_hot_reads_never_return_a_wrong_or_torn_value(start_node):
     """Readers GET (single, into a buffer, batches) over TCP while a writer overwrites and deletes the
     same keys and fills a small region, so that freed extents are reused at once: every value read is
     a whole value of its key, and most reads were served by the hot path."""
-    node = start_node("--memory", "8MiB")
+    node = start_node("--memory", "8MiB", config=HOT)
     keys = [b"hot%d" % i for i in range(6)]
     sizes = [4 * KiB, 64 * KiB, 200 * KiB]
     stop = threading.Event()
@@ -116,7 +119,7 @@ def test_hot_reads_never_return_a_wrong_or_torn_value(start_node):
 
 
 def test_misses_other_ops_and_near_expiry_go_through_the_pipeline(start_node):
-    node = start_node()
+    node = start_node(config=HOT)
     with SyncClient.connect(node.url, transport="tcp") as cl:
         cl.put(b"a", b"A" * 5000)
         cl.put(b"b", b"B" * 70_000)
@@ -141,8 +144,8 @@ def test_misses_other_ops_and_near_expiry_go_through_the_pipeline(start_node):
         assert hot["served"] > served and hot["handed_back"] >= 4 and hot["threads"] <= 1, hot
 
 
-def test_the_hot_path_can_be_turned_off(start_node):
-    node = start_node(config="[node]\ntcp_hot_reads = false\n")
+def test_the_hot_path_is_off_by_default(start_node):
+    node = start_node()
     with SyncClient.connect(node.url, transport="tcp") as cl:
         cl.put(b"a", b"A" * 5000)
         for _ in range(5):
@@ -150,7 +153,7 @@ def test_the_hot_path_can_be_turned_off(start_node):
         assert "hot_reads" not in cl.stats()
 
 
-TENANTS = """
+TENANTS = HOT + """
 [tenants.root]
 token = "root-secret"
 grants = { "*" = "admin" }
@@ -201,7 +204,7 @@ def _read_frame(s: socket.socket, r: c.FrameReader, timeout: float) -> c.Frame |
 
 
 def test_idle_timeout_closes_a_connection_parked_in_the_hot_thread(start_node):
-    node = start_node(config='[limits]\nidle_timeout = "1s"\n')
+    node = start_node(config=HOT + '[limits]\nidle_timeout = "1s"\n')
     with SyncClient.connect(node.url, transport="tcp") as cl:
         cl.put(b"k", b"v" * 100)
     s = socket.create_connection((node.host, node.port), timeout=5)
@@ -226,7 +229,7 @@ def test_an_extent_being_sent_is_not_reused(start_node):
     write at once). The reply is the old value whole, or the connection is cut if it took longer than
     the node may keep the extent; never a value overwritten in the middle."""
     MiB = 1 << 20
-    node = start_node("--memory", "64MiB")
+    node = start_node("--memory", "64MiB", config=HOT)
     with SyncClient.connect(node.url, transport="tcp") as w:
         w.put(b"big", _value(b"big", 0, 8 * MiB), namespace="session")
         s = socket.socket()

@@ -41,7 +41,10 @@ connection (the client sees a dead connection, never a wrong value).
 
 Only plain TCP binary connections (not TLS, not RESP) are served this way; the
 node builds ``HotReads`` only where it may be used (standalone, ``[node]
-tcp_hot_reads``, on by default).
+tcp_hot_reads = true``). It is off by default: a lone GET stream gets faster
+(4 KiB p50 -11 %, 1 MiB +13 % GB/s), but with a writer or 8 readers on the
+same node small GETs and PUTs get slower, because the threads and the trio
+loop take turns at the GIL (docs/benchmarks.md, "hot reads on vs off").
 """
 
 from __future__ import annotations
