@@ -17,7 +17,7 @@ The policy of the client in one place (docs/cluster.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from memkv.client.core.calls import Call
@@ -59,10 +59,21 @@ def write(router: Router, call: Call, key: bytes, *, every: Callable[[Any], bool
             raise NodeUnavailable("no live replica for this key's slot")
         return (yield from call_node(router, nodes[0], call))
     nodes, pending = router.write_replicas(key)
-    if not nodes:
+    reachable = [n for n in nodes if n is not None]
+    if not reachable:
         raise NodeUnavailable("no live replica for this key's slot")
-    outcomes = yield Parallel([call_node(router, n, call) for n in nodes])
-    return replicated_outcome(outcomes, pending, every)
+    replies = yield Parallel([call_node(router, n, call) for n in reachable])
+    return replicated_outcome(with_absent(nodes, replies), pending, every)
+
+
+def with_absent(nodes: Sequence[object | None], replies: list[Any]) -> list[Any]:
+    """The outcomes of a write in ``nodes``' order: ``replies`` of the nodes it was sent to (those
+    not None), and ``NodeUnavailable`` for each owner it could not be sent to (not registered):
+    down as far as the client can tell, so ``replicated_outcome`` skips it where a dead owner may
+    be skipped and fails the write where none may."""
+    it = iter(replies)
+    return [next(it) if n is not None else NodeUnavailable("an owner of this key's slot is not registered")
+            for n in nodes]
 
 
 def replicated_outcome(outcomes: list[Any], pending: int = 0, every: Callable[[Any], bool] | None = None) -> Any:

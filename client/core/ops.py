@@ -217,10 +217,15 @@ def delete(router: Router, key: bytes | str, *, namespace: str) -> Op:
     tombstone there that refuses older writes and makes reads not bring an older value back."""
     k = as_key(key)
     meta = _ns({"k": k, "ver": CLOCK.next()}, namespace)
-    # In a write-once namespace (the reply has no "ow") reads trust the one replica that answers, so
-    # a delete is acknowledged only once every owner of the slot has its tombstone.
-    reply = yield from write(router, SimpleCall(Opcode.DELETE, meta), k, every=lambda r: not r.get("ow"))
+    reply = yield from write(router, SimpleCall(Opcode.DELETE, meta), k, every=every_owner)
     return bool(reply.get("d"))
+
+
+def every_owner(reply: dict[str, Any]) -> bool:
+    """Whether a delete's reply says no owner may be skipped: in a write-once namespace (the reply
+    has no "ow") reads trust the one replica that answers, so a delete is acknowledged only once
+    every owner of the slot has its tombstone (the control-plane simulator drives this too)."""
+    return not reply.get("ow")
 
 
 def stats(router: Router) -> Op:
