@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from memkv.client.core.calls import GetCall, GetManyCall, PutCall, PutManyCall, SimpleCall
+from memkv.client.core.calls import DeleteCall, GetCall, GetManyCall, PutCall, PutManyCall, SimpleCall
 from memkv.client.core.dispatch import call_node, gather, read, write
 from memkv.client.core.repair import (
     fallback_reads,
@@ -217,9 +217,9 @@ def delete(router: Router, key: bytes | str, *, namespace: str) -> Op:
     tombstone there that refuses older writes and makes reads not bring an older value back."""
     k = as_key(key)
     meta = _ns({"k": k, "ver": CLOCK.next()}, namespace)
-    # In a write-once namespace (the reply has no "ow") reads trust the one replica that answers, so
-    # a delete is acknowledged only once every owner of the slot has its tombstone.
-    reply = yield from write(router, SimpleCall(Opcode.DELETE, meta), k, every=lambda r: not r.get("ow"))
+    # acknowledged once every live owner has its tombstone where the namespace's acks are "all", and in a
+    # write-once namespace (its reads trust the one replica that answers): ``DeleteCall``
+    reply = yield from write(router, DeleteCall(meta), k)
     return bool(reply.get("d"))
 
 
