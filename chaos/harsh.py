@@ -150,8 +150,8 @@ def slow_fsync(ctx: Ctx) -> None:
     gave_up = sum(1 for o in list(ctx.rec.history.ops) if o.phase == "load" and o.op == "put" and o.acked
                   and t2 <= o.t0 < t3 and o.t1 - o.t0 >= limit)
     ctx.info(f"writes acknowledged: slow {acked_between(ctx, t1, t2)}, stalled {acked_between(ctx, t2, t3)}, of "
-             f"which {gave_up} only after the client's {limit:.1f} s timeout on {v} (acknowledged by the other "
-             f"replica alone)")
+             f"which {gave_up} only after the client's {limit:.1f} s timeout on {v} (relayed to it by the other "
+             f"replica: acks = all)")
 
 
 # -- memory
@@ -350,7 +350,7 @@ def lost_single_copy(ctx: Ctx) -> None:
     t.net_heal(h)
     ctx.heal(f"clients <-> {cut} healed")
     ctx.info(f"{len(relayed)} of {len(keys)} writes to slots on {{{cut}, {holder}}} acknowledged while the clients "
-             f"could not reach {cut} (relayed by {holder})")
+             f"could not reach {cut}")
     ctx.expect(len(relayed) == len(keys), f"{len(relayed)} of {len(keys)} writes acknowledged while only the clients "
                                           f"were cut from {cut} (each must reach it relayed by {holder})")
     alone = keys_on(ctx, sm, {cut, holder}, "alone", int(p.get("keys_cut", 5)))
