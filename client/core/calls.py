@@ -80,10 +80,9 @@ class DeleteCall(SimpleCall):
         super().__init__(Op.DELETE, meta)
 
     def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
-        # every live owner must have the tombstone where the namespace's acks say so ("all"), and in a
-        # write-once namespace (no "ow"): its reads trust the one replica that answers, so a replica
-        # that missed the delete would serve the value
-        self.every_owner = bool(frame.meta.get("all")) or not frame.meta.get("ow")
+        # every live owner must have the tombstone where the namespace's acks say so ("all"); a
+        # write-once namespace's rule (every owner the map names) is ``ops.every_owner``
+        self.every_owner = bool(frame.meta.get("all"))
         return frame.meta
 
 

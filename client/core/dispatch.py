@@ -25,7 +25,7 @@ The policy of the client in one place (docs/cluster.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from memkv.client.core.calls import Call, RelayCall
@@ -68,46 +68,67 @@ def read(router: Router, call: Call, key: bytes) -> Op:
     raise last if last is not None else NodeUnavailable("no replica for key")
 
 
-def write(router: Router, call: Call, key: bytes) -> Op:
-    """``call`` (a write) on ``key``'s node, or on every live replica of its slot in a cluster;
-    owners it missed get it relayed where its replies say every owner must have it (``call.every_owner``)."""
+def write(router: Router, call: Call, key: bytes, *, every: Callable[[Any], bool] | None = None) -> Op:
+    """``call`` (a write) on ``key``'s node, or on every live replica of its slot in a cluster.
+    Owners it missed get it relayed where no owner may be skipped: its replies say every live owner
+    must have it (``call.every_owner``: acks "all"), or ``every(reply)`` says so (``replicated_outcome``)."""
     if not router.clustered:
         nodes = router.replicas(key)
         if not nodes:
             raise NodeUnavailable("no live replica for this key's slot")
         return (yield from call_node(router, nodes[0], call))
     nodes, pending = router.write_replicas(key)
-    if not nodes:
+    reachable = [n for n in nodes if n is not None]
+    if not reachable:
         raise NodeUnavailable("no live replica for this key's slot")
-    outcomes = yield Parallel([call_node(router, n, call) for n in nodes])
-    if call.every_owner:
+    replies = yield Parallel([call_node(router, n, call) for n in reachable])
+    outcomes = with_absent(nodes, replies)
+    if call.every_owner or strict(outcomes, every):
         outcomes = yield from relay_missed(router, call, nodes[:len(nodes) - pending], outcomes)
-    return replicated_outcome(outcomes, pending, call.every_owner)
+    return replicated_outcome(outcomes, pending, every)
 
 
-def relay_missed(router: Router, call: Call, owners: list[NodeAddress], outcomes: list[Any]) -> Op:
-    """``outcomes`` with those of the owners the write missed (``MISSED``) replaced by the outcome of
-    a relay through an owner that stored it (the first that relays it; ``NotEnoughReplicas`` when none
-    could). Unchanged when another error decides the write anyway (``MOVED``, ``KeyExists``...)."""
-    missed = [i for i, r in enumerate(outcomes[:len(owners)]) if isinstance(r, MISSED)]
+def with_absent(nodes: Sequence[object | None], replies: list[Any]) -> list[Any]:
+    """The outcomes of a write in ``nodes``' order: ``replies`` of the nodes it was sent to (those
+    not None), and ``NodeUnavailable`` for each owner it could not be sent to (not registered):
+    down as far as the client can tell, so ``replicated_outcome`` skips it where a dead owner may
+    be skipped and fails the write where none may."""
+    it = iter(replies)
+    return [next(it) if n is not None else NodeUnavailable("an owner of this key's slot is not registered")
+            for n in nodes]
+
+
+def strict(outcomes: list[Any], every: Callable[[Any], bool] | None) -> bool:
+    """Whether a reply that came back says no owner may be skipped (``every``)."""
+    return every is not None and any(every(r) for r in outcomes if not isinstance(r, MemKVError))
+
+
+def relay_missed(router: Router, call: Call, owners: Sequence[NodeAddress | None], outcomes: list[Any]) -> Op:
+    """``outcomes`` with those of the registered owners the write missed (``MISSED``) replaced by the
+    outcome of a relay through an owner that stored it (the first that relays it;
+    ``NotEnoughReplicas`` when none could). An owner that is not registered (None: its lease is gone,
+    it is leaving the map) is not relayed to. Unchanged when another error decides the write anyway
+    (``MOVED``, ``KeyExists``...)."""
+    missed = [i for i, r in enumerate(outcomes[:len(owners)]) if isinstance(r, MISSED) and owners[i] is not None]
     if not missed or any(isinstance(r, MemKVError) and not isinstance(r, MISSED) for r in outcomes):
         return outcomes
     to = [str(owners[i]) for i in missed]
     out = list(outcomes)
     failed: MemKVError = NotEnoughReplicas(f"no owner that stored the write could relay it to {', '.join(to)}")
     for i, r in enumerate(outcomes[:len(owners)]):
-        if isinstance(r, MemKVError):
+        node = owners[i]
+        if isinstance(r, MemKVError) or node is None:
             continue
         relay = RelayCall.of(call, r, to)
         if relay is None:
             return outcomes  # no key was stored there: the per-key errors are the caller's
         try:
-            yield from call_node(router, owners[i], relay)
+            yield from call_node(router, node, relay)
         except Moved:
             raise
         except MemKVError as exc:
             failed = exc if isinstance(exc, NotEnoughReplicas) else NotEnoughReplicas(
-                f"relay through {owners[i]} to {', '.join(to)} failed: {type(exc).__name__}: {exc.message}")
+                f"relay through {node} to {', '.join(to)} failed: {type(exc).__name__}: {exc.message}")
             continue
         for j in missed:
             out[j] = r
@@ -117,29 +138,29 @@ def relay_missed(router: Router, call: Call, owners: list[NodeAddress], outcomes
     return out
 
 
-def replicated_outcome(outcomes: list[Any], pending: int = 0, every_owner: bool = False) -> Any:
+def replicated_outcome(outcomes: list[Any], pending: int = 0, every: Callable[[Any], bool] | None = None) -> Any:
     """Combine the outcomes of one write sent to every replica (primary first; the last
     ``pending`` are destinations of a slot being moved, ``ClusterRouter.write_replicas``).
 
-    MOVED from any replica wins (the operation is run again on a fresh map). Any error other
-    than a missed owner's (``MISSED``: dead, unreachable, fenced) is raised (e.g. KeyExists).
+    MOVED from any replica wins (the operation is run again on a fresh map). An owner that missed
+    the write (``MISSED``: dead, unreachable, fenced, not registered) is skipped, but at least one
+    owner must have stored it (a write only a destination has is lost if the move is abandoned).
     A destination may not be skipped: it owns the slot once the move flips, so a write it lacks
     would be lost when the old owners free the slot (both found by the control-plane simulator,
-    docs/control-plane.md). With ``every_owner`` (the namespace's acks are "all", or a delete in a
-    write-once namespace: its reads trust one replica) no owner may be missing either -- after
-    ``relay_missed``, a missed owner's outcome is ``NotEnoughReplicas``, raised here. Otherwise
-    missed owners are skipped, but at least one owner must have stored it (a write only a
-    destination has is lost if the move is abandoned). The first storing owner's result is
-    returned."""
+    docs/control-plane.md). Nor may any owner when a reply that came back satisfies ``every`` (a
+    delete in a write-once namespace: its reads trust one replica, so a replica that missed the
+    delete would serve the value). ``NotEnoughReplicas`` (a registered owner of an acks "all"
+    write that not even a relay reached: ``relay_missed``) is raised, and so is any other error
+    (e.g. KeyExists). Otherwise the first storing owner's result is returned."""
     errors = [r for r in outcomes if isinstance(r, MemKVError)]
     moved = [e for e in errors if isinstance(e, Moved)]
     if moved:
         raise max(moved, key=lambda e: e.epoch)
     for e in errors:
-        if not isinstance(e, MISSED):
+        if not isinstance(e, MISSED) or isinstance(e, NotEnoughReplicas):
             raise e
     owners = len(outcomes) - pending
-    for r in outcomes if every_owner else outcomes[owners:]:
+    for r in outcomes if strict(outcomes, every) else outcomes[owners:]:
         if isinstance(r, MemKVError):
             raise r
     for r in outcomes[:owners]:

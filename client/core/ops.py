@@ -217,10 +217,17 @@ def delete(router: Router, key: bytes | str, *, namespace: str) -> Op:
     tombstone there that refuses older writes and makes reads not bring an older value back."""
     k = as_key(key)
     meta = _ns({"k": k, "ver": CLOCK.next()}, namespace)
-    # acknowledged once every live owner has its tombstone where the namespace's acks are "all", and in a
-    # write-once namespace (its reads trust the one replica that answers): ``DeleteCall``
-    reply = yield from write(router, DeleteCall(meta), k)
+    # every live owner must take its tombstone where the namespace's acks are "all" (``DeleteCall``), and in a
+    # write-once namespace every owner the map names (``every_owner``)
+    reply = yield from write(router, DeleteCall(meta), k, every=every_owner)
     return bool(reply.get("d"))
+
+
+def every_owner(reply: dict[str, Any]) -> bool:
+    """Whether a delete's reply says no owner may be skipped: in a write-once namespace (the reply
+    has no "ow") reads trust the one replica that answers, so a delete is acknowledged only once
+    every owner of the slot has its tombstone (the control-plane simulator drives this too)."""
+    return not reply.get("ow")
 
 
 def stats(router: Router) -> Op:

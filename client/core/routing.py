@@ -43,9 +43,10 @@ class Router(Protocol):
 
     def replicas(self, key: bytes) -> list[NodeAddress]: ...
 
-    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress], int]:
-        """Where a write goes: the replicas, and how many of them (at the end) are destinations
-        of a slot being moved (which a write may not skip)."""
+    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress | None], int]:
+        """Where a write goes: the replicas (None: an owner that cannot be reached, not registered),
+        and how many of them (at the end) are destinations of a slot being moved (which a write
+        may not skip)."""
 
     def all_nodes(self) -> list[NodeAddress]: ...
 
@@ -72,7 +73,7 @@ class StandaloneRouter:
     def replicas(self, key: bytes) -> list[NodeAddress]:
         return [self.node]
 
-    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress], int]:
+    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress | None], int]:
         return [self.node], 0
 
     def all_nodes(self) -> list[NodeAddress]:
@@ -108,7 +109,7 @@ class WorkersRouter:
     def replicas(self, key: bytes) -> list[NodeAddress]:
         return [self.workers[self.worker_of(key)]]
 
-    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress], int]:
+    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress | None], int]:
         return self.replicas(key), 0
 
     def all_nodes(self) -> list[NodeAddress]:
@@ -181,10 +182,16 @@ class ClusterRouter:
                 out.append(addr)
         return out
 
-    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress], int]:
-        """Where a write of ``key`` goes: the slot's live owners (primary first), then its pending
-        destinations, and how many of those there are (at the end of the list).
+    def write_replicas(self, key: bytes) -> tuple[list[NodeAddress | None], int]:
+        """Where a write of ``key`` goes: the slot's owners (primary first; None for one that is
+        not registered), then its pending destinations, and how many of those there are (at the
+        end of the list).
 
+        An owner that is not registered (its lease expired: paused, cut off from etcd) is still
+        an owner -- it serves its slots again once it registers -- so it stays in the list, as
+        down (``dispatch.with_absent``): a write that may skip a dead owner skips it, a write that
+        may skip no owner fails (a write-once delete acknowledged without it would be undone by
+        its reads once it is back: found by the control-plane simulator, docs/control-plane.md).
         A destination is a slot's owner from the flip on, so it must get every write: it is never
         skipped, and a destination that is not registered (no address) fails the write."""
         st = self.view.state
@@ -193,14 +200,14 @@ class ClusterRouter:
             raise NodeUnavailable(f"cluster {self.view.cluster!r} has no slot map yet (no node joined?)")
         s = key_slot(key, sm.slots)
         pending = sm.pending.get(s, ())
-        owners = [a for a in (self._address(st, n) for n in sm.table[s] if n not in pending) if a is not None]
+        owners: list[NodeAddress | None] = [self._address(st, n) for n in sm.table[s] if n not in pending]
         dests = []
         for node_id in pending:
             addr = self._address(st, node_id)
             if addr is None:
                 raise NodeUnavailable(f"slot {s} is moving to node {node_id}, which is not registered")
             dests.append(addr)
-        return owners + dests, len(dests)
+        return [*owners, *dests], len(dests)
 
     def all_nodes(self) -> list[NodeAddress]:
         st = self.view.state

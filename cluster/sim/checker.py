@@ -16,6 +16,12 @@ newest acknowledged version. A node *holds* a key when it has that version or a 
   of its slot (a replica that missed a write while it was down stays behind: there is no
   anti-entropy, read repair fixes it; counted, not a violation).
 
+**No acknowledged delete is undone.** *resurrected*: a client read (as the real client reads,
+``memkv.cluster.sim.client``) returns a value of a key older than a delete of it that was
+acknowledged, unless the key is excused (below: every copy of its newest acknowledged state went
+down). The client reads during the run and, once converged, every key whose newest acknowledged
+write is a delete.
+
 A key is *excused* from then on when failures took every copy the control plane could know of:
 when a node crashes or its registration ends, and no other live, registered node of the slot's
 row (owners and pending destinations, in the map of that moment) holds it. That is R or more
@@ -110,6 +116,8 @@ class Change:
 class Checker:
     world: World
     ledger: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # acknowledged: key -> (version, slot)
+    deletes: dict[bytes, int] = field(default_factory=dict)  # key -> version of its newest acknowledged delete
+    resurrected: int = 0
     excused: dict[bytes, str] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
@@ -158,13 +166,36 @@ class Checker:
                 self.world.trace("CHECK", f"excused {key!r} v{version}: {why}")
 
     # -- events
-    def acked(self, key: bytes, version: int, slot: int) -> None:
+    def acked(self, key: bytes, version: int, slot: int, delete: bool = False) -> None:
+        if delete and self.deletes.get(key, 0) < version:
+            self.deletes[key] = version
         old = self.ledger.get(key)
         if old is None or old[0] < version:
             self.ledger[key] = (version, slot)
             self.excused.pop(key, None)
             if not self._row_holders(key, version, slot):
                 self.excused[key] = "the replicas that stored it were gone when the write was acknowledged"
+
+    def deleted_keys(self) -> list[bytes]:
+        """Keys whose newest acknowledged write is a delete."""
+        return [k for k, v in self.deletes.items() if self.ledger[k][0] == v]
+
+    def read(self, key: bytes, found: Value | None, asked: list[str]) -> None:
+        d = self.deletes.get(key, 0)
+        if found is None or found.version >= d or key in self.excused:
+            return
+        self.resurrected += 1
+        self.violation("resurrected", f"a read of {key!r} returned v{found.version}, deleted as of v{d} "
+                                      f"(acknowledged); replicas asked {asked}, holding "
+                                      f"{self._states(key)}", key)
+
+    def _states(self, key: bytes) -> dict[str, str]:
+        out = {}
+        for n in self.world.node_list:
+            v = n.data.get(key)
+            if v is not None:
+                out[n.id] = ("tomb " if v.tomb else "") + f"v{v.version}" + ("" if n.alive else " (down)")
+        return out
 
     def node_down(self, node: SimNode, lost: dict[bytes, Value]) -> None:
         """``node`` crashed or stopped; ``lost``: the values that went with it (a volatile node's)."""
@@ -374,5 +405,6 @@ class Checker:
         return {"placement": placement(sm.table, {n: v.zone for n, v in nodes.items()},
                                        {n: v.host for n, v in nodes.items()}),
                 "acked_keys": len(self.ledger), "excused": len(self.excused), "replicas_behind": behind,
+                "acked_deletes": len(self.deletes),
                 "moves": self.moves, "allowance": round(self.allowance, 1), "changes": len(self.changes),
                 "maps": self.maps}

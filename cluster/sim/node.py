@@ -193,7 +193,8 @@ class SimNode(NetActor):
         def commit() -> None:
             if self.alive and self.incarnation == incarnation:
                 self._commit(key, meta["ver"], meta["size"], meta["slot"], bool(meta.get("tomb")))
-                done({"ok": True}, None)
+                # a real node's reply says whether the namespace is overwritable ("ow")
+                done({"ok": True, "ow": not self.world.scenario.write_once}, None)
 
         self.loop.call_later(self.world.commit_delay(), commit)
 
@@ -204,6 +205,12 @@ class SimNode(NetActor):
         self.gen += 1
         self.data[key] = Value(version, self.gen, size, slot, tomb)
         return True
+
+    def repair(self, key: bytes, version: int, size: int, slot: int, tomb: bool) -> None:
+        """A read's repair (a value, or a delete's tombstone, with its version): the newer state wins,
+        as for any write; a node that is down or fenced does not take it."""
+        if self.alive and not self.fenced():
+            self._commit(key, version, size, slot, tomb)
 
     def _store_copies(self, meta: dict[str, Any]) -> dict[str, Any]:
         if self.loop.now < self.refuse_copies_until:

@@ -75,6 +75,11 @@ class Scenario:
     # every ``delete_every``-th client write is a versioned delete (a tombstone: copies, hand-offs and
     # the invariants treat it as the key's newest state); 0: no deletes
     delete_every: int = 0
+    # the client's namespace is write-once (KV blocks): a read trusts the first replica that answers
+    # with a value, so a delete is acknowledged only when every owner stored it (nodes' replies lack
+    # "ow"); else overwritable (reads compare the replicas' versions)
+    write_once: bool = False
+    reads: float = 0.0  # client reads per simulated second (the *resurrected* invariant); 0: none
 
     def heal_at(self) -> float:
         return max((f.ends() for f in self.faults), default=0.0)
@@ -114,6 +119,10 @@ class Scenario:
                  round_s=rng.choice([0.5, 2.0, ROUND_S]))
         # (drawn apart, so that the schedules drawn before deletes existed are unchanged)
         sc.delete_every = random.Random(f"deletes-{seed}").choice([0, 0, 3, 7])
+        if sc.delete_every:
+            more = random.Random(f"reads-{seed}")
+            sc.write_once = more.random() < 0.5
+            sc.reads = more.choice([5.0, 20.0])
         t = 0.0
         kinds = ["join", "leave", "drain", "crash", "crash", "leader_crash", "etcd_down", "etcd_slow", "rpc_jitter",
                  "copy_fail"]

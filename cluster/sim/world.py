@@ -6,8 +6,8 @@ one to heal, then for the map to converge (within ``Scenario.converge_bound``), 
 result carries the violations, some numbers, and the trace: what happened, when, in order
 (faults, registrations, every published map, the rebalancer's own log lines, violations).
 
-``rebalancer`` and ``node`` pick the classes that run: the real ones, or -- to show that the
-checks catch a bad decision -- deliberately broken subclasses driven through the very same world.
+``rebalancer``, ``node`` and ``client`` pick the classes that run: the real ones, or -- to show that
+the checks catch a bad decision -- deliberately broken subclasses driven through the very same world.
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ class _TraceLog(logging.Handler):
 
 class World:
     def __init__(self, scenario: Scenario, *, rebalancer: type[Rebalancer] = Rebalancer,
-                 node: type[SimNode] = SimNode) -> None:
+                 node: type[SimNode] = SimNode, client: type[SimClient] = SimClient) -> None:
         self.scenario = scenario
         self.node_cls = node
+        self.client_cls = client
         self.cluster = "sim"
         self.loop = Loop(scenario.seed)
         self.rng = self.loop.rng
@@ -388,7 +389,7 @@ class World:
             self.trace("WORLD", "formed; faults start")
             self.checker.counting = True
             keys = [b"k%05d" % i for i in range(sc.keys)]
-            self.client = SimClient(self, "client", keys, sc.write_rate, sc.value_size, sc.delete_every)
+            self.client = self.client_cls(self, "client", keys, sc.write_rate, sc.value_size, sc.delete_every)
             if sc.write_rate > 0:
                 self.client.start()
             etcd0 = (self.etcd.writes, self.etcd.bytes_written)
@@ -401,8 +402,6 @@ class World:
             bound = sc.converge_bound()
             done = loop.run(t_heal + bound, self.converged, 0.05)
             stats["converge_s"] = round(loop.now - t_heal, 3)
-            if sc.write_rate > 0:
-                self.client.stop()
             stats["etcd_writes"] = self.etcd.writes - etcd0[0]
             stats["etcd_bytes"] = self.etcd.bytes_written - etcd0[1]
             watched = sorted(n.view.bytes_received - views0[n.id] for n in self.node_list if n.alive and n.id in views0)
@@ -417,7 +416,14 @@ class World:
                                                    f"pending {len(sm.pending) if sm else 0}, leader {self.leader()}")
             else:
                 stats.update(self.checker.final(self.slotmap()))
+                if sc.reads > 0 and sc.write_rate > 0:
+                    for key in self.checker.deleted_keys():  # every acknowledged delete still stands
+                        self.client.read(key)
+            if sc.write_rate > 0:
+                self.client.stop()
             stats.update(writes=self.client.writes, acked_writes=self.client.acked)
+            if sc.reads > 0:
+                stats.update(reads=self.client.reads, deletes_refused=self.client.deletes_refused)
         return self._result(stats)
 
     def _result(self, stats: dict[str, Any]) -> Result:

@@ -62,6 +62,7 @@ class FlashLog:
         self.enospc_at: float | None = None
         self.fsyncs = 0
         self.bytes_written = 0
+        self.removals = 0  # segments removed (compaction: a tombstone may be needed no more)
         self._stats_lock = threading.Lock()  # two writer threads may update the counters
         self._work = trio.Event()
         self._flushed = trio.Event()
@@ -223,6 +224,7 @@ class FlashLog:
         """Forget and delete a segment (its readers are gone)."""
         self.segments.pop(seg.id, None)
         self.used -= seg.size
+        self.removals += 1
         seg.unlink()
         fsync_dir(self.dir)
         self.enospc_at = None

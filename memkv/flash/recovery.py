@@ -70,6 +70,7 @@ class Recovered:
     # of the record (-1: the snapshot's), record size)
     tombs: list[tuple[str, str, bytes, int, float, int, int]] = field(default_factory=list)
     max_lsn: int = 0
+    snapshot_lsn: int = 0  # the lsn of the snapshot used (0: none)
     max_gen: int = 0
     snapshot_entries: int = 0
     replayed: int = 0
@@ -126,7 +127,7 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
     names = _Names(scope, list(snap.names) if snap is not None else [])
     if snap is not None:
         covered = snap.segments
-        out.max_lsn = snap.lsn
+        out.max_lsn = out.snapshot_lsn = snap.lsn
         out.max_gen = snap.gen
     # the log tail (everything when there is no snapshot): ikey -> put row, or TombRow
     table: dict[tuple[str, str, bytes], tuple] = {}

@@ -40,7 +40,7 @@ def fsync_dir(directory: str) -> None:
 
 class Segment:
     __slots__ = ("id", "path", "fd", "size", "durable", "live", "tombstones", "min_lsn", "readers", "sealed",
-                 "dir_synced", "doomed", "carried", "carried_lsn")
+                 "dir_synced", "doomed", "summary", "tomb_estimate")
 
     def __init__(self, directory: str, seg_id: int, *, create: bool) -> None:
         self.id = seg_id
@@ -56,11 +56,11 @@ class Segment:
         self.sealed = not create
         self.dir_synced = not create
         self.doomed = False
-        # tombstones compaction copied here because an older segment may still hold a put they
-        # hide: their bytes and newest lsn (compaction.pick counts them as live until no other
-        # segment is older than that lsn; not persisted: after a restart one more pass copies them)
-        self.carried = 0
-        self.carried_lsn = 0
+        # compaction's reading of the file (bytes scanned, lowest put lsn per key hash, each key's
+        # newest tombstone) and its estimate of the tombstone bytes a pass would copy (with the
+        # state it holds for): memkv/flash/compaction.py, derived from the file, so never persisted
+        self.summary: tuple | None = None
+        self.tomb_estimate: tuple | None = None
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -93,15 +93,20 @@ class FlashTier:
         self.reclaimed = 0
         self.snapshots = 0
         self.snapshot_lsn = 0
+        # the lsn of the snapshot on disk (0: none usable): recovery replays only the log after it, so
+        # compaction keeps the tombstones newer than it (the snapshot may index a put they hide)
+        self.snapshot_on_disk = 0
         self._inflight: dict[Entry, trio.Event] = {}
         self.recovered_tombstones = 0
-        self._tomb_live: list[tuple[float, int, int]] = []  # (purge wall time, segment, record size)
+        self._purges: list[float] = []  # purge wall times of the kept tombstones
+        self.tombstones_expired = 0  # kept tombstones past their purge time (compaction may drop them)
         t0 = time.perf_counter()  # a measurement (stats), not a schedule
         gc_was_on = gc.isenabled()
         gc.disable()  # millions of new objects, no cycles: the collector would only rescan them
         try:
             self.recovered = recover(self.dir, self.log.segments, self.scope, now_wall=self.clock.wall())
             self.lsn = self.snapshot_lsn = self.recovered.max_lsn
+            self.snapshot_on_disk = self.recovered.snapshot_lsn
             self.recovered_entries = self.recovered.entries
             self._adopt_all()
         finally:
@@ -145,8 +150,8 @@ class FlashTier:
             mono_off = self.clock.monotonic() - self.clock.wall()
             self.recovered_tombstones = store.adopt_tombstones(
                 ((ns, scope, key), ver, exp + mono_off) for ns, scope, key, ver, exp, _sid, _size in rec.tombs)
-            for _ns, _scope, _key, _ver, exp, sid, size in rec.tombs:
-                self.tombstone_live(sid, size, exp)
+            for _ns, _scope, _key, _ver, exp, _sid, _size in rec.tombs:
+                self.tombstone_kept(exp)
             rec.tombs = []
 
     # -- hooks called by the Store
@@ -215,30 +220,22 @@ class FlashTier:
         p = self.log.append([head], len(head), self.lsn)
         p.seg.tombstones += 1
         if version and purge_wall:
-            self.tombstone_live(p.seg.id, len(head), purge_wall)
+            self.tombstone_kept(purge_wall)
         if p.seq > self.touched:
             self.touched = p.seq
 
-    def tombstone_live(self, seg_id: int, size: int, purge_wall: float) -> None:
-        """A kept tombstone's record counts as live bytes of its segment until its purge time (the
-        compactor would otherwise copy the same tombstones over and over); ``expire_tombstones``
-        takes it off then. (A tombstone replaced earlier by a newer write keeps counting until
-        then: at most the retention.)"""
-        seg = self.log.segments.get(seg_id)
-        if seg is None:
-            return
-        seg.live += size
-        heapq.heappush(self._tomb_live, (purge_wall, seg_id, size))
+    def tombstone_kept(self, purge_wall: float) -> None:
+        """A kept tombstone (a versioned delete within its retention) was written or recovered: when its
+        purge time passes, compaction looks again at what it must copy (``expire_tombstones``)."""
+        heapq.heappush(self._purges, purge_wall)
 
     def expire_tombstones(self) -> None:
-        """Take the records of tombstones past their purge time off their segments' live bytes."""
-        heap = self._tomb_live
+        """Count the kept tombstones past their purge time (compaction's estimates are stale then)."""
+        heap = self._purges
         now = self.clock.wall()
-        while heap and heap[0][0] <= now:
-            _, sid, size = heapq.heappop(heap)
-            seg = self.log.segments.get(sid)
-            if seg is not None:
-                seg.live -= size
+        while heap and heap[0] <= now:
+            heapq.heappop(heap)
+            self.tombstones_expired += 1
 
     # -- reads
     async def promote(self, e: Entry) -> None:
@@ -380,7 +377,7 @@ class FlashTier:
         await self.log.wait(seq)  # the snapshot may only point at durable records
         await trio.to_thread.run_sync(write_snapshot, self.dir, *data)
         self.snapshots += 1
-        self.snapshot_lsn = lsn
+        self.snapshot_lsn = self.snapshot_on_disk = lsn
 
     async def _snapshot_loop(self) -> None:
         while True:
