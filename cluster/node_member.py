@@ -93,9 +93,9 @@ class ClusterMember:
                          stats=self.stats, metrics=self.metrics, routing=self)
 
     def metrics(self) -> dict[str, float]:
-        """Gauges on the node's /metrics: slot migration's and anti-entropy's."""
-        assert self.migration is not None and self.anti_entropy is not None
-        return {**self.migration.metrics(), **self.anti_entropy.metrics()}
+        """Gauges on the node's /metrics: slot migration's, anti-entropy's and relays'."""
+        assert self.migration is not None and self.anti_entropy is not None and self.relay is not None
+        return {**self.migration.metrics(), **self.anti_entropy.metrics(), **self.relay.metrics()}
 
     # -- the request-path check (sync, no I/O)
     def fenced(self) -> bool:

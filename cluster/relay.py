@@ -139,3 +139,7 @@ class Relay:
     def stats(self) -> dict[str, Any]:
         return {"relays": self.relays, "values_relayed": self.values_relayed, "failures": self.failures,
                 "timeout_s": self.timeout}
+
+    def metrics(self) -> dict[str, float]:
+        return {"relay_requests": float(self.relays), "relay_values": float(self.values_relayed),
+                "relay_failures": float(self.failures)}
