@@ -151,7 +151,7 @@ class Node:
             self.tenants.load_file()
 
         operations: dict[str, Operation] = {}
-        opcodes: dict[int, BinaryOp] = dict(binary.core_ops(self._overwritable))
+        opcodes: dict[int, BinaryOp] = dict(binary.core_ops(self._overwritable, self._every_owner))
         for ext in declared:
             for op in ext.operations:
                 if op.kind in operations:
@@ -200,6 +200,11 @@ class Node:
     def _overwritable(self, namespace: str) -> bool:
         policy = self.store.namespaces.get(namespace)  # (an unknown one is refused by a later stage)
         return policy is not None and policy.overwrite
+
+    def _every_owner(self, namespace: str) -> bool:
+        """A cluster write of ``namespace`` is acknowledged only once every live owner has it (``acks``)."""
+        policy = self.store.namespaces.get(namespace)
+        return policy is not None and policy.acks == "all"
 
     def _own_extension(self) -> Extension:
         """The node's own operations (memkv/server/operations.py) and housekeeping."""
