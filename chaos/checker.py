@@ -105,12 +105,13 @@ class Loss:
 def losses_with_impaired_replica(losses: Sequence[Loss], impaired: dict[str, Sequence[tuple[float, float]]],
                                  replicas_at: Callable[[str, float, float], set[str]]) -> list[Loss]:
     """Losses of writes made while a replica of their slot was impaired (down, paused, cut off,
-    slow, fenced: ``impaired[node]`` windows). memkv acknowledges a durable write once the
-    replicas that answered have it and skips one that timed out, is unreachable or fenced; such a
-    write lives on fewer than R copies until something copies it, and nothing does yet (no
-    hinted handoff, no anti-entropy: issue 19 item 2) -- when its one copy's node later leaves the
-    slot map, the write is gone. ``lost_single_copy`` reproduces it. ``replicas_at(key, t0, t1)``:
-    the nodes that held the key's slot around the write."""
+    slow, fenced: ``impaired[node]`` windows). Before ``acks = "all"`` memkv acknowledged a
+    durable write once the replicas that answered had it, skipping one that timed out, was
+    unreachable or fenced; such a write lived on fewer than R copies, and when its one copy's node
+    left the slot map before anything copied it, the write was gone (docs/chaos.md finding 2;
+    ``lost_single_copy``). Kept to classify losses of ``acks = "one"`` namespaces and older runs
+    (a soak with ``known_single_copy``). ``replicas_at(key, t0, t1)``: the nodes that held the key's
+    slot around the write."""
     out = []
     for x in losses:
         nodes = replicas_at(x.key, x.t0, x.t1)

@@ -150,8 +150,8 @@ def slow_fsync(ctx: Ctx) -> None:
     gave_up = sum(1 for o in list(ctx.rec.history.ops) if o.phase == "load" and o.op == "put" and o.acked
                   and t2 <= o.t0 < t3 and o.t1 - o.t0 >= limit)
     ctx.info(f"writes acknowledged: slow {acked_between(ctx, t1, t2)}, stalled {acked_between(ctx, t2, t3)}, of "
-             f"which {gave_up} only after the client's {limit:.1f} s timeout on {v} (acknowledged by the other "
-             f"replica alone)")
+             f"which {gave_up} only after the client's {limit:.1f} s timeout on {v} (relayed to it by the other "
+             f"replica: acks = all)")
 
 
 # -- memory
@@ -333,24 +333,41 @@ def put_recorded(ctx: Ctx, keys: list[str], tag: str) -> list[tuple[str, bytes]]
 
 
 def lost_single_copy(ctx: Ctx) -> None:
-    """Writes acknowledged while one replica is cut from the clients (it keeps its etcd lease)
-    reach the other replica only; that node is then lost past its lease and its slots are
-    re-replicated from the replica that missed the writes; it comes back."""
+    """An acknowledged durable write survives the loss of any one node, even when it was made while
+    a replica was cut off: first the clients only are cut from one replica (every packet lost both
+    ways; it keeps its etcd lease and its links to the other nodes), so writes to its slots reach it
+    relayed by the other owner; then its port is cut for everyone (clients and nodes; lease kept),
+    so no write to its slots may be acknowledged. The other owner is then lost with its disk
+    (kill -9, data directory removed) past its lease, its slots are re-replicated from the replica
+    that was cut off, and it comes back empty: every acknowledged write must still be there."""
     t, p = ctx.target, ctx.p
     cut, holder = ctx.victim, str(p.get("holder", "n3"))
-    keys = keys_on(ctx, t.state().slotmap, {cut, holder}, "single", int(p.get("keys", 20)))
-    h = t.partition_clients(cut)
-    ctx.fault(f"partition clients -> {cut}")
-    acked = len(put_recorded(ctx, keys, "single"))
+    sm = t.state().slotmap
+    keys = keys_on(ctx, sm, {cut, holder}, "single", int(p.get("keys", 10)))
+    h = t.net_impair(links(CLIENTS, cut), loss=1.0)
+    ctx.fault(f"clients <-> {cut}: every packet lost ({cut} keeps its lease and its links to the nodes)")
+    relayed = put_recorded(ctx, keys, "single")
+    t.net_heal(h)
+    ctx.heal(f"clients <-> {cut} healed")
+    ctx.info(f"{len(relayed)} of {len(keys)} writes to slots on {{{cut}, {holder}}} acknowledged while the clients "
+             f"could not reach {cut}")
+    ctx.expect(len(relayed) == len(keys), f"{len(relayed)} of {len(keys)} writes acknowledged while only the clients "
+                                          f"were cut from {cut} (each must reach it relayed by {holder})")
+    alone = keys_on(ctx, sm, {cut, holder}, "alone", int(p.get("keys_cut", 5)))
+    h = t.partition_clients(cut)  # its port: clients and nodes alike
+    ctx.fault(f"partition everyone -> {cut} ({cut} keeps its lease)")
+    acked = put_recorded(ctx, alone, "alone")
     t.heal(h)
-    ctx.heal(f"heal clients -> {cut}")
-    ctx.info(f"{acked} of {len(keys)} writes to slots on {{{cut}, {holder}}} acknowledged while {cut} was cut off")
+    ctx.heal(f"heal everyone -> {cut}")
+    ctx.info(f"{len(acked)} of {len(alone)} writes to slots on {{{cut}, {holder}}} acknowledged while nobody could "
+             f"reach {cut} (each needs it: NotEnoughReplicas)")
     t.kill(holder)
-    ctx.fault(f"kill -9 {holder}")
+    t.wipe(holder)
+    ctx.fault(f"kill -9 {holder}, its data directory removed")
     ctx.wait_gone(holder)
     ctx.wait_converged()
     t.start(holder)
-    ctx.heal(f"restart {holder}")
+    ctx.heal(f"restart {holder} on an empty disk")
     ctx.wait_member(holder)
 
 

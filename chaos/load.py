@@ -32,6 +32,7 @@ NODE_CONFIG = """\
 [cluster]
 replicas = {replicas}
 lease_ttl = {lease_ttl}
+anti_entropy_interval = {anti_entropy_interval}
 
 [namespaces.blocks]
 durability = "durable"

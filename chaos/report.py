@@ -84,8 +84,11 @@ def soak_lines(r: dict[str, Any]) -> list[str]:
         f"fault errors {m['fault_errors']}",
         f"  ops: {m['ops_attempted']} attempted, {m['ops_acknowledged']} acknowledged; writes acknowledged "
         f"{m['writes_acknowledged']}; deletes {m['deletes_acknowledged']}; final reads {m['final_reads']}",
-        f"  acknowledged writes lost {m['acked_writes_lost']} (+ {m['acked_writes_lost_known']} written while a "
-        f"replica of their slot was impaired: known, lost_single_copy), invalid reads {m['invalid_reads']}, "
+        f"  acknowledged writes lost {m['acked_writes_lost']}"
+        + ("" if m["acked_writes_lost_known"] is None else
+           f" (+ {m['acked_writes_lost_known']} written while a replica of their slot was impaired, reported "
+           f"apart: known_single_copy)")
+        + f", invalid reads {m['invalid_reads']}, "
         f"resurrected "
         f"deletes {m['resurrected_deletes']}, zombie writes {m['zombie_writes']}, stale reads {m['stale_reads']} "
         f"(in quiet windows {m['stale_reads_quiet']})",

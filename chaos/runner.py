@@ -32,7 +32,7 @@ from chaos.targets import ComposeTarget, LocalTarget, Unsupported
 COMMON = {"nodes": 3, "replicas": 2, "lease_ttl": 2, "victim": "n2", "warmup_s": 2.0, "after_s": 2.0,
           "timeout": 1.5, "rate": 40.0, "workers": 2, "value_size": 1024, "converge_timeout_s": 60.0,
           "force": False, "etcd_members": 1, "seed": 1,
-          "deletes": DELETES, "memory": "64MiB"}
+          "deletes": DELETES, "memory": "64MiB", "anti_entropy_interval": 30.0}
 
 
 def params_for(name: str, overrides: dict[str, Any] | None = None, target: str = "local") -> dict[str, Any]:
@@ -134,7 +134,8 @@ def make_target(kind: str, workdir: Path, p: dict[str, Any], node_args: Any) -> 
         t: Any = ComposeTarget(workdir, replicas=p["replicas"], lease_ttl=p["lease_ttl"])
     else:
         t = LocalTarget(workdir, nodes=int(p["nodes"]), replicas=int(p["replicas"]), lease_ttl=int(p["lease_ttl"]),
-                        etcd_members=int(p["etcd_members"]), seed=int(p["seed"]), memory=str(p.get("memory", "64MiB")))
+                        etcd_members=int(p["etcd_members"]), seed=int(p["seed"]), memory=str(p.get("memory", "64MiB")),
+                        anti_entropy_interval=float(p["anti_entropy_interval"]))
     if node_args is not None:
         t.node_args = node_args(t, p)
     return t

@@ -165,7 +165,7 @@ class LocalTarget:
 
     def __init__(self, workdir: Path, *, nodes: int = 3, replicas: int = 2, lease_ttl: int = 2, zones: int = 1,
                  memory: str = "64MiB", node_args: dict[str, list[str]] | None = None, spare: int = 2,
-                 etcd_members: int = 1, seed: int = 0) -> None:
+                 etcd_members: int = 1, seed: int = 0, anti_entropy_interval: float = 30.0) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         # A name of its own per run: a node left over from an earlier run (its runner was killed) keeps
@@ -179,7 +179,8 @@ class LocalTarget:
         self.seed = seed
         self.node_args = node_args or {}
         self.config_path = self.workdir / "memkv.toml"
-        self.config_path.write_text(NODE_CONFIG.format(replicas=replicas, lease_ttl=lease_ttl))
+        self.config_path.write_text(NODE_CONFIG.format(replicas=replicas, lease_ttl=lease_ttl,
+                                                       anti_entropy_interval=anti_entropy_interval))
         self.groups = ProcessGroups(self.cluster.removeprefix("chaos-"))
         # per member: its main client port, then one extra port per node slot
         self._node_slots = nodes + spare
@@ -535,6 +536,12 @@ class LocalTarget:
         self.etcd_members[i].start()
 
     # -- disk
+    def wipe(self, node_id: str) -> None:
+        """The node's disk is gone (a replaced machine): its data directory removed; the node must be down."""
+        n = self.nodes[node_id]
+        assert not n.running, f"{node_id} is running"
+        shutil.rmtree(n.data_dir, ignore_errors=True)
+
     def segment_files(self, node_id: str) -> list[Path]:
         return sorted((self.nodes[node_id].data_dir / "flash").glob("seg-*.log"))
 

@@ -123,6 +123,27 @@ def send_states(call: Callable[[Any], Any], groups: migration_job.Groups) -> Non
             call(SimpleCall(Op.DELETE_MANY, meta, "ds"))
 
 
+def call_at(pool: Any, dest: str, call: Any) -> Any:
+    """One call to the node at ``dest`` (HOST:PORT) through ``pool``; once more on a fresh connection
+    if the pooled one was dead.
+
+    A node that restarted on the same address leaves the pool holding connections to its previous
+    process: the first call on each fails with ConnectionLost. The node-to-node calls made this way
+    are idempotent (versioned copies, DROP_SLOTS ``pending``, relays), so dropping the stale
+    connections and calling again is safe, and it spares the rebalancer a failed push and a retry
+    round-trip every time a node comes back.
+    """
+    from memkv.client.url import NodeAddress
+
+    host, _, port = dest.rpartition(":")
+    addr = NodeAddress(host.strip("[]"), int(port))
+    try:
+        return pool.call(addr, call)
+    except ConnectionLost:
+        pool.drop(addr)
+        return pool.call(addr, call)
+
+
 class MigrationService:
     def __init__(self, store: Store, member: Any) -> None:
         self.member = member
@@ -227,25 +248,8 @@ class MigrationService:
         send_states(functools.partial(self.call, dest), groups)
 
     def call(self, dest: str, call: Any) -> Any:
-        """One call to the destination ``dest`` (HOST:PORT); once more on a fresh connection if the
-        pooled one was dead.
-
-        A destination that restarted on the same address leaves this node's pool holding
-        connections to its previous process: the first call on each fails with ConnectionLost.
-        Both calls made here are idempotent (versioned copies, DROP_SLOTS ``pending``), so
-        dropping the stale connections and calling again is safe, and it spares the rebalancer
-        a failed push and a retry round-trip every time a node comes back.
-        """
-        from memkv.client.url import NodeAddress
-
-        host, _, port = dest.rpartition(":")
-        addr = NodeAddress(host.strip("[]"), int(port))
-        pool = self._pool_()
-        try:
-            return pool.call(addr, call)
-        except ConnectionLost:
-            pool.drop(addr)
-            return pool.call(addr, call)
+        """One call to the destination ``dest`` (HOST:PORT): :func:`call_at`."""
+        return call_at(self._pool_(), dest, call)
 
     async def drop(self, session: Any, req: Call) -> Reply:
         """Free slots this node no longer owns; with ``pending``, the values it holds of slots

@@ -3,7 +3,8 @@
 A :class:`ClusterMember` is one of the extensions a node is built with (``memkv
 serve --etcd ...``: memkv/tools/cli.py; memkv/server/extension.py). It gives the
 node its routing (the pipeline's route stage asks ``check`` and ``owners``) and
-the slot-migration operations (memkv/cluster/migration.py), and runs:
+the slot-migration operations (memkv/cluster/migration.py), anti-entropy and the
+relay of writes to owners a client cannot reach (memkv/cluster/relay.py), and runs:
 - registers the node (address, zone, host: ``--host-id``, default the hostname) under
   ``/memkv/<cluster>/nodes/<id>`` with a lease of
   ``lease_ttl`` seconds (config ``[cluster] lease_ttl``, default 5), renewed
@@ -39,6 +40,7 @@ from memkv.cluster import identity
 from memkv.cluster.anti_entropy import AntiEntropy
 from memkv.cluster.migration import MigrationService
 from memkv.cluster.ownership import route_check
+from memkv.cluster.relay import Relay
 from memkv.config import NodeConfig
 from memkv.errors import Fenced
 from memkv.server.extension import Extension, NodeContext
@@ -75,6 +77,7 @@ class ClusterMember:
         self.credentials = identity.Credentials(tls=identity.node_tls(cfg))
         self.migration: MigrationService | None = None
         self.anti_entropy: AntiEntropy | None = None
+        self.relay: Relay | None = None
 
     def extend(self, node: NodeContext) -> Extension:
         """What the node gets from its cluster membership: routing, slot migration, the lease task."""
@@ -84,13 +87,15 @@ class ClusterMember:
             self.credentials = identity.install_secret(node.tenants, self.secret, self.cluster, self.config)
         self.migration = svc = MigrationService(node.store, self)
         self.anti_entropy = ae = AntiEntropy(node.store, self, self.opts)
-        return Extension("cluster", operations=svc.operations() + ae.operations(), background=(self.run, ae.run),
+        self.relay = relay = Relay(node.store, self, self.opts)
+        return Extension("cluster", operations=svc.operations() + ae.operations() + relay.operations(),
+                         background=(self.run, ae.run),
                          stats=self.stats, metrics=self.metrics, routing=self)
 
     def metrics(self) -> dict[str, float]:
-        """Gauges on the node's /metrics: slot migration's and anti-entropy's."""
-        assert self.migration is not None and self.anti_entropy is not None
-        return {**self.migration.metrics(), **self.anti_entropy.metrics()}
+        """Gauges on the node's /metrics: slot migration's, anti-entropy's and relays'."""
+        assert self.migration is not None and self.anti_entropy is not None and self.relay is not None
+        return {**self.migration.metrics(), **self.anti_entropy.metrics(), **self.relay.metrics()}
 
     # -- the request-path check (sync, no I/O)
     def fenced(self) -> bool:
@@ -121,7 +126,8 @@ class ClusterMember:
                 "fenced": self.fenced(), "leader": st.leader if st else None,
                 "slots_primary": primary, "slots_replica": other,
                 "etcd_connected": bool(self.view and self.view.connected),
-                "anti_entropy": self.anti_entropy.stats() if self.anti_entropy is not None else None}
+                "anti_entropy": self.anti_entropy.stats() if self.anti_entropy is not None else None,
+                "relay": self.relay.stats() if self.relay is not None else None}
 
     # -- background
     def _advertised(self) -> str:

@@ -97,8 +97,17 @@ class NamespacePolicy:
     ttl: float | None = None
     overwrite: bool = False
     tenant_scoped: bool = False
+    # when a cluster write is acknowledged: "all" -- stored on every owner of its slot that holds a
+    # live etcd lease (relayed through another owner where the client cannot reach one), so it survives
+    # the loss of any one node; "one" -- stored on at least one owner, those that fail are skipped.
+    # "" (unset): "all" for a durable namespace, "one" for a memory one (a lost cached value is a miss)
+    acks: str = ""
 
     def __post_init__(self) -> None:
+        if not self.acks:
+            object.__setattr__(self, "acks", "all" if self.durability == "durable" else "one")
+        if self.acks not in ("all", "one"):
+            raise InvalidArgument(f"namespace {self.name}: acks must be all|one")
         if self.pool not in POOLS:
             raise InvalidArgument(f"namespace {self.name}: pool must be one of {POOLS}")
         if self.durability not in ("memory", "durable"):
@@ -242,6 +251,10 @@ class NodeConfig:
     # One-sided reads map the whole region, every tenant's values included: with
     # tenants configured they are off unless all tenants are trusted ([node] onesided_tenants).
     onesided_tenants: bool = False
+    # Standalone nodes serve plain-TCP GETs that the client-readable index answers on a thread of
+    # the connection (memkv/server/hot_reads.py). Off by default: it makes a lone GET stream faster
+    # but small GETs and PUTs that run alongside slower (GIL; docs/benchmarks.md).
+    tcp_hot_reads: bool = False
     namespaces: dict[str, NamespacePolicy] = field(default_factory=default_namespaces)
     pools: dict[str, PoolConfig] = field(default_factory=default_pools)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
@@ -278,6 +291,7 @@ def _namespace_from(name: str, raw: Any) -> NamespacePolicy:
         ttl=_duration(raw, "ttl", section) if "ttl" in raw else base.ttl,
         overwrite=_bool(raw, "overwrite", section) if "overwrite" in raw else base.overwrite,
         tenant_scoped=_bool(raw, "tenant_scoped", section) if "tenant_scoped" in raw else base.tenant_scoped,
+        acks=_str(raw, "acks", section) if "acks" in raw else "",
     )
 
 
@@ -315,6 +329,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
             setattr(cfg, key, _int(node, key, "node"))
     if "onesided_tenants" in node:
         cfg.onesided_tenants = _bool(node, "onesided_tenants", "node")
+    if "tcp_hot_reads" in node:
+        cfg.tcp_hot_reads = _bool(node, "tcp_hot_reads", "node")
     if "memory" in node:
         cfg.memory = _size(node, "memory", "node")
     if "disk" in node:

@@ -115,6 +115,14 @@ class NodeUnavailable(MemKVError):
     code = 32
 
 
+class NotEnoughReplicas(NodeUnavailable):
+    """A write in an ``acks = "all"`` namespace did not reach every owner of its slot that holds a
+    live etcd lease, directly or relayed by another owner: it is not acknowledged (it may be stored
+    on some of them; a retry is safe)."""
+
+    code = 33
+
+
 class Moved(MemKVError):
     """The node does not own the slot in the client's epoch; refresh the map."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memkv.client.buffers import byte_view, finish_bytes, new_bytes
-from memkv.errors import InvalidArgument, error_from_code
+from memkv.errors import InvalidArgument, MemKVError, error_from_code
 from memkv.protocol.checksum import STREAM_MIN, Checksummer, checksum
 from memkv.protocol.codec import Frame
 from memkv.protocol.opcodes import Op
@@ -35,6 +35,8 @@ class Call:
     payload_len: int = 0
     # set by ``destinations``: the connection calls ``landed`` with each piece of payload it receives
     watches_payload = False
+    # a write: a reply said it needs every live owner of its slot (``all``: the namespace's acks)
+    every_owner = False
 
     def __init__(self, meta: dict[str, Any] | None = None) -> None:
         self.meta = meta or {}
@@ -71,6 +73,42 @@ class SimpleCall(Call):
         return frame.meta.get(self.result_field) if self.result_field else frame.meta
 
 
+class DeleteCall(SimpleCall):
+    """A versioned delete of one key; the reply's ``{"d": removed, ...}`` meta is the result."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        super().__init__(Op.DELETE, meta)
+
+    def finish(self, frame: Frame, dests: list[memoryview]) -> Any:
+        # every live owner must have the tombstone where the namespace's acks say so ("all"); a
+        # write-once namespace's rule (every owner the map names) is ``ops.every_owner``
+        self.every_owner = bool(frame.meta.get("all"))
+        return frame.meta
+
+
+class RelayCall(SimpleCall):
+    """Ask an owner that stored a write to hand it on to the owners at ``to`` (memkv/cluster/relay.py):
+    the write's keys, each with its version (the relaying owner sends what it holds at least that new)."""
+
+    def __init__(self, ns: str | None, keys: list[bytes], versions: list[int], to: list[str]) -> None:
+        meta: dict[str, Any] = {"ks": keys, "vers": versions, "to": to}
+        if ns is not None:
+            meta["ns"] = ns
+        super().__init__(Op.RELAY, meta, "n")
+
+    @classmethod
+    def of(cls, call: Call, result: Any, to: list[str]) -> RelayCall | None:
+        """The relay of ``call`` (a put, put-many or delete) whose reply on the relaying owner was
+        ``result``: the keys it stored (a put-many's per-key errors are the caller's); None: none."""
+        m = call.meta
+        keys = list(m["ks"]) if "ks" in m else [m["k"]]
+        versions = [int(v) for v in m["vers"]] if "vers" in m else [int(m["ver"])] * len(keys)
+        if isinstance(result, list):
+            kept = [i for i, r in enumerate(result) if not isinstance(r, MemKVError)]
+            keys, versions = [keys[i] for i in kept], [versions[i] for i in kept]
+        return cls(m.get("ns"), keys, versions, to) if keys else None
+
+
 def _with_ns(meta: dict[str, Any], namespace: str) -> dict[str, Any]:
     if namespace != "shared":
         meta["ns"] = namespace
@@ -101,6 +139,7 @@ class PutCall(Call):
 
     def finish(self, frame: Frame, dests: list[memoryview]) -> int:
         CLOCK.observe(int(frame.meta.get("ver", 0)))
+        self.every_owner = bool(frame.meta.get("all"))
         return int(frame.meta.get("gen", 0))
 
 
@@ -129,6 +168,7 @@ class PutManyCall(Call):
     def finish(self, frame: Frame, dests: list[memoryview]) -> list[Any]:
         """Per item: the generation (int) or the typed error, in request order."""
         errs = frame.meta.get("errs") or [None] * len(frame.meta.get("gens", []))
+        self.every_owner = bool(frame.meta.get("all"))
         vers = frame.meta.get("vers")
         if vers:
             CLOCK.observe(max(vers))

@@ -5,11 +5,19 @@ The policy of the client in one place (docs/cluster.md):
 - a **read** goes to the key's first replica; a replica that is dead
   (``FAILOVER_ERRORS``: refused, lost, timed out) is skipped for the next,
   within one timeout each — never a hang;
-- a **write** in a cluster goes to every live replica in parallel and is
-  acknowledged when every replica that is alive stored it: dead or fenced
-  owners are skipped (at least one must succeed), a destination of a slot
-  being moved is not (it owns the slot once the move flips), any other error
-  is the caller's (``KeyExists``...), and ``MOVED`` from any replica wins;
+- a **write** in a cluster goes to every live replica in parallel (every owner
+  whose etcd lease is live, then the destinations of a slot being moved). Where
+  the replies say ``all`` (the namespace's ``acks``, default for a durable
+  namespace: memkv/config.py) it is acknowledged only once *every* live owner
+  stored it: an owner the client could not reach (refused, timed out) or that
+  was fenced gets it **relayed** by an owner that did store it (``RELAY``,
+  memkv/cluster/relay.py: the node-to-node path often survives what cut the
+  client off), and if that fails too the write fails with ``NotEnoughReplicas``
+  -- so an acknowledged write survives the loss of any one node. Otherwise
+  (``acks = "one"``) such owners are skipped and one stored copy suffices. A
+  destination of a slot being moved is never skipped (it owns the slot once the
+  move flips), any other error is the caller's (``KeyExists``...), and ``MOVED``
+  from any replica wins;
 - after ``MOVED(epoch)`` the slot map changed under the operation: the
   router waits for a map at least that new and the **whole operation runs
   again** (``restarting``), so a batch is re-split under the new map.
@@ -20,14 +28,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from memkv.client.core.calls import Call
+from memkv.client.core.calls import Call, RelayCall
 from memkv.client.core.requests import Blocking, NodeCall, Op, Parallel
 from memkv.client.core.routing import Router
 from memkv.client.url import NodeAddress
-from memkv.errors import ConnectionLost, Fenced, MemKVError, Moved, NodeUnavailable, TimeoutError
+from memkv.errors import (
+    ConnectionLost,
+    Fenced,
+    MemKVError,
+    Moved,
+    NodeUnavailable,
+    NotEnoughReplicas,
+    TimeoutError,
+)
 
 # Errors after which the same request may be retried on another replica.
 FAILOVER_ERRORS = (ConnectionLost, NodeUnavailable, TimeoutError)
+# A write's outcomes on an owner that did not store it but may be skipped (acks "one") or relayed to ("all").
+MISSED = (*FAILOVER_ERRORS, Fenced)
 # Cluster: how often one operation is run again after MOVED (slot map changed) before giving up.
 MOVED_RETRIES = 5
 
@@ -52,7 +70,8 @@ def read(router: Router, call: Call, key: bytes) -> Op:
 
 def write(router: Router, call: Call, key: bytes, *, every: Callable[[Any], bool] | None = None) -> Op:
     """``call`` (a write) on ``key``'s node, or on every live replica of its slot in a cluster.
-    ``every(reply)``: whether that reply says no owner may be skipped (``replicated_outcome``)."""
+    Owners it missed get it relayed where no owner may be skipped: its replies say every live owner
+    must have it (``call.every_owner``: acks "all"), or ``every(reply)`` says so (``replicated_outcome``)."""
     if not router.clustered:
         nodes = router.replicas(key)
         if not nodes:
@@ -63,7 +82,10 @@ def write(router: Router, call: Call, key: bytes, *, every: Callable[[Any], bool
     if not reachable:
         raise NodeUnavailable("no live replica for this key's slot")
     replies = yield Parallel([call_node(router, n, call) for n in reachable])
-    return replicated_outcome(with_absent(nodes, replies), pending, every)
+    outcomes = with_absent(nodes, replies)
+    if call.every_owner or strict(outcomes, every):
+        outcomes = yield from relay_missed(router, call, nodes[:len(nodes) - pending], outcomes)
+    return replicated_outcome(outcomes, pending, every)
 
 
 def with_absent(nodes: Sequence[object | None], replies: list[Any]) -> list[Any]:
@@ -76,30 +98,69 @@ def with_absent(nodes: Sequence[object | None], replies: list[Any]) -> list[Any]
             for n in nodes]
 
 
+def strict(outcomes: list[Any], every: Callable[[Any], bool] | None) -> bool:
+    """Whether a reply that came back says no owner may be skipped (``every``)."""
+    return every is not None and any(every(r) for r in outcomes if not isinstance(r, MemKVError))
+
+
+def relay_missed(router: Router, call: Call, owners: Sequence[NodeAddress | None], outcomes: list[Any]) -> Op:
+    """``outcomes`` with those of the registered owners the write missed (``MISSED``) replaced by the
+    outcome of a relay through an owner that stored it (the first that relays it;
+    ``NotEnoughReplicas`` when none could). An owner that is not registered (None: its lease is gone,
+    it is leaving the map) is not relayed to. Unchanged when another error decides the write anyway
+    (``MOVED``, ``KeyExists``...)."""
+    missed = [i for i, r in enumerate(outcomes[:len(owners)]) if isinstance(r, MISSED) and owners[i] is not None]
+    if not missed or any(isinstance(r, MemKVError) and not isinstance(r, MISSED) for r in outcomes):
+        return outcomes
+    to = [str(owners[i]) for i in missed]
+    out = list(outcomes)
+    failed: MemKVError = NotEnoughReplicas(f"no owner that stored the write could relay it to {', '.join(to)}")
+    for i, r in enumerate(outcomes[:len(owners)]):
+        node = owners[i]
+        if isinstance(r, MemKVError) or node is None:
+            continue
+        relay = RelayCall.of(call, r, to)
+        if relay is None:
+            return outcomes  # no key was stored there: the per-key errors are the caller's
+        try:
+            yield from call_node(router, node, relay)
+        except Moved:
+            raise
+        except MemKVError as exc:
+            failed = exc if isinstance(exc, NotEnoughReplicas) else NotEnoughReplicas(
+                f"relay through {node} to {', '.join(to)} failed: {type(exc).__name__}: {exc.message}")
+            continue
+        for j in missed:
+            out[j] = r
+        return out
+    for j in missed:
+        out[j] = failed
+    return out
+
+
 def replicated_outcome(outcomes: list[Any], pending: int = 0, every: Callable[[Any], bool] | None = None) -> Any:
     """Combine the outcomes of one write sent to every replica (primary first; the last
     ``pending`` are destinations of a slot being moved, ``ClusterRouter.write_replicas``).
 
-    MOVED from any replica wins (the operation is run again on a fresh map).
-    Owners that are dead (failover errors) or fenced did not store it and are
-    not live: they are skipped, but at least one owner must have stored it (a write only a
-    destination has is lost if the move is abandoned). A destination may not be skipped: it
-    owns the slot once the move flips, so a write it lacks would be lost when the old owners
-    free the slot (both found by the control-plane simulator, docs/control-plane.md). Nor may
-    an owner when a reply that came back satisfies ``every`` (a delete in a write-once
-    namespace: its reads trust one replica, so a replica that missed the delete would serve the
-    value). Any other error (e.g. KeyExists) is raised. Otherwise the first replica's result is
-    returned."""
+    MOVED from any replica wins (the operation is run again on a fresh map). An owner that missed
+    the write (``MISSED``: dead, unreachable, fenced, not registered) is skipped, but at least one
+    owner must have stored it (a write only a destination has is lost if the move is abandoned).
+    A destination may not be skipped: it owns the slot once the move flips, so a write it lacks
+    would be lost when the old owners free the slot (both found by the control-plane simulator,
+    docs/control-plane.md). Nor may any owner when a reply that came back satisfies ``every`` (a
+    delete in a write-once namespace: its reads trust one replica, so a replica that missed the
+    delete would serve the value). ``NotEnoughReplicas`` (a registered owner of an acks "all"
+    write that not even a relay reached: ``relay_missed``) is raised, and so is any other error
+    (e.g. KeyExists). Otherwise the first storing owner's result is returned."""
     errors = [r for r in outcomes if isinstance(r, MemKVError)]
     moved = [e for e in errors if isinstance(e, Moved)]
     if moved:
         raise max(moved, key=lambda e: e.epoch)
     for e in errors:
-        if not isinstance(e, (*FAILOVER_ERRORS, Fenced)):
+        if not isinstance(e, MISSED) or isinstance(e, NotEnoughReplicas):
             raise e
     owners = len(outcomes) - pending
-    strict = every is not None and any(every(r) for r in outcomes if not isinstance(r, MemKVError))
-    for r in outcomes if strict else outcomes[owners:]:
+    for r in outcomes if strict(outcomes, every) else outcomes[owners:]:
         if isinstance(r, MemKVError):
             raise r
     for r in outcomes[:owners]:

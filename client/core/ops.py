@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from memkv.client.core.calls import GetCall, GetManyCall, PutCall, PutManyCall, SimpleCall
+from memkv.client.core.calls import DeleteCall, GetCall, GetManyCall, PutCall, PutManyCall, SimpleCall
 from memkv.client.core.dispatch import call_node, gather, read, write
 from memkv.client.core.repair import (
     fallback_reads,
@@ -217,7 +217,9 @@ def delete(router: Router, key: bytes | str, *, namespace: str) -> Op:
     tombstone there that refuses older writes and makes reads not bring an older value back."""
     k = as_key(key)
     meta = _ns({"k": k, "ver": CLOCK.next()}, namespace)
-    reply = yield from write(router, SimpleCall(Opcode.DELETE, meta), k, every=every_owner)
+    # every live owner must take its tombstone where the namespace's acks are "all" (``DeleteCall``), and in a
+    # write-once namespace every owner the map names (``every_owner``)
+    reply = yield from write(router, DeleteCall(meta), k, every=every_owner)
     return bool(reply.get("d"))
 
 

@@ -71,6 +71,12 @@ class ReadableIndex:
         self._tag_names: dict[int, tuple[str, str]] = {}
         self._ambiguous: set[tuple[int, int]] = set()
         self.active = False
+        # A reader outside the node's process was told where the index is (LOCATE): freed extents of
+        # published values then wait for the readers' grace (readers.py). Until then only the node's own
+        # hot-read threads read it, and they mark the extents they send (``hazards``), so every other
+        # freed extent is reused at once, as on a node that serves TCP only.
+        self.shared = False
+        self._hazards: list[set[int]] = []
         self._beats = 0
         self.published_total = 0
         self.withdrawn_total = 0
@@ -106,9 +112,10 @@ class ReadableIndex:
         f.HEARTBEAT.pack_into(self.view, self.base + f.HEARTBEAT_OFF, 0)
 
     # -- lifecycle
-    def activate(self, entries: Iterable[Entry]) -> int:
-        """Start publishing (the first one-sided reader asked): every value already in the region is
-        published now; the number published."""
+    def activate(self, entries: Iterable[Entry], *, shared: bool = True) -> int:
+        """Start publishing (the first one-sided reader, or with ``shared=False`` the first hot-read thread,
+        asked): every value already in the region is published now; the number published."""
+        self.shared = self.shared or shared
         if self.active:
             return 0
         self.active = True
@@ -164,6 +171,50 @@ class ReadableIndex:
         if 0 <= slot < len(self._entries) and self._seqs[slot] == seq:
             return self._entries[slot]
         return None
+
+    def find_local(self, namespace: str, scope: str, key: bytes, margin_s: float) -> tuple[f.Found, Entry] | None:
+        """``key``'s entry as a one-sided reader finds it (fingerprint, window, ``index_format.find``: seq
+        even, self-check, tag), for a reader inside the node's process: a TCP connection's hot-read
+        thread (memkv/server/hot_reads.py), which announces its reads in the reader table first like any
+        same-host reader. With the entry, the ``Entry`` the slot holds (the reply's generation). None
+        wherever a one-sided reader would ask the node: not published, being changed, within
+        ``margin_s`` of its TTL, or a slot that changed meanwhile. Reads only (dict and list lookups,
+        a copy of the window), so it may run on another thread than the writer's."""
+        if not self.active:
+            return None
+        tag = self._tag_ids.get((namespace, scope))
+        if tag is None:
+            return None
+        fp = f.fingerprint(key, self.seed)
+        first = fp & (self.slots - 1)
+        at = f.slot_offset(self.base, first)
+        found = f.find(self.view[at:at + f.WINDOW_BYTES], first, f.fingerprint_bytes(fp), tag)
+        if found is None or (found.expires and self._wall() >= self.epoch + found.expires - margin_s):
+            return None
+        e = self.entry_at(found.slot, int.from_bytes(found.raw[:4], "little"))
+        if e is None or e.key != key or e.offset != found.offset:
+            return None
+        return found, e
+
+    def still(self, found: f.Found, e: Entry) -> bool:
+        """Whether the slot ``found`` came from still holds ``e`` at the same extent (nothing withdrew it)."""
+        return self.entry_at(found.slot, int.from_bytes(found.raw[:4], "little")) is e and e.offset == found.offset
+
+    # -- extents an in-process reader is sending (hazard pointers)
+    def hazard_set(self) -> set[int]:
+        """A set a hot-read thread puts the offsets it is about to send in, then checks ``still`` (so a
+        value withdrawn before it was marked is not sent), and empties after the send."""
+        s: set[int] = set()
+        self._hazards.append(s)
+        return s
+
+    def drop_hazard_set(self, s: set[int]) -> None:
+        self._hazards = [h for h in self._hazards if h is not s]
+
+    def in_use(self, offset: int) -> bool:
+        """Whether a hot-read thread may be sending the extent at ``offset`` (its free then waits for the
+        readers' grace); answers for in-process readers only (see ``shared``)."""
+        return any(offset in h for h in self._hazards)
 
     def tag_at(self, slot: int) -> int:
         return self._tags[slot] if 0 <= slot < len(self._tags) else 0

@@ -105,6 +105,15 @@ class ReaderTable:
         self.claims += 1
         return s
 
+    def local_slot(self, region: memoryview, base: int) -> f.ReaderSlot | None:
+        """A slot for a reader in the node's own process (a TCP connection's hot-read thread,
+        memkv/server/hot_reads.py), which announces its reads through it exactly as a same-host
+        client does; None when every slot is taken. ``ReaderSlot.release`` gives it back."""
+        s = self.claim(os.getpid())
+        if s is None:
+            return None
+        return f.ReaderSlot(memoryview(self._mm), s, region, base)
+
     def hold(self) -> None:
         """A reader that cannot announce its reads (RDMA) attached: full quarantine until ``unhold``."""
         self.unannounced += 1

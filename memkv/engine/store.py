@@ -372,9 +372,14 @@ class Store:
         if self.readable is not None:
             self.readable.withdrawn(e)
         epoch = None
+        immediate = not (e.exposed or e.indexed)
         if e.indexed and not e.exposed and self.readers is not None:
-            epoch = self.readers.tag()
-        self.allocator.free(e.offset, now, tag=e.pool, immediate=not (e.exposed or e.indexed), epoch=epoch)
+            ix = self.readable
+            if ix is not None and not ix.shared and not ix.in_use(e.offset):
+                immediate = True  # only the node's hot-read threads read the index, and none sends it
+            else:
+                epoch = self.readers.tag()
+        self.allocator.free(e.offset, now, tag=e.pool, immediate=immediate, epoch=epoch)
 
     def _reclaim(self, now: float) -> None:
         """Give quarantined extents back: those past the bound, and those no announced read may copy."""
@@ -852,11 +857,12 @@ class Store:
         self._tstats(e.tenant)[_HITS] += 1
         self._accessed(e)
 
-    def open_readable_index(self) -> ReadableIndex | None:
-        """The client-readable index, publishing from now on (a one-sided reader asked); None without one."""
+    def open_readable_index(self, *, shared: bool = True) -> ReadableIndex | None:
+        """The client-readable index, publishing from now on (a one-sided reader asked; ``shared=False``:
+        only the node's own hot-read threads, memkv/server/hot_reads.py); None without one."""
         ix = self.readable
-        if ix is not None and not ix.active:
-            ix.activate(e for e in list(self._index.values()) if e.offset >= 0)
+        if ix is not None and (not ix.active or (shared and not ix.shared)):
+            ix.activate((e for e in list(self._index.values()) if e.offset >= 0), shared=shared)
         return ix
 
     def exists(self, key: bytes, *, namespace: str, tenant: str = "") -> bool:

@@ -23,6 +23,7 @@ class Op(enum.IntEnum):
     STATS = 20
     REPORT_CORRUPT = 21  # a reader saw a checksum mismatch
     DELETE_MANY = 22  # versioned deletes of many keys (read repairs, slot copies, anti-entropy)
+    RELAY = 23  # an owner hands a write on to an owner the client could not reach (memkv/cluster/relay.py)
     # Control plane and admin operations (cluster, security) use 40+.
     ADMIN = 40
     # Slot migration (memkv/cluster/migration.py): rebalancer -> node, node -> node.

@@ -235,9 +235,16 @@ def encode_get_many(overwritable: Callable[[str], bool]) -> Encoder:
     return encode
 
 
-def encode_delete(overwritable: Callable[[str], bool]) -> Encoder:
+def _all(meta: dict[str, Any], every_owner: bool) -> dict[str, Any]:
+    if every_owner:
+        meta["all"] = True  # acks = "all": acknowledged once every live owner has it (client/core/dispatch.py)
+    return meta
+
+
+def encode_delete(overwritable: Callable[[str], bool], every_owner: Callable[[str], bool]) -> Encoder:
     def encode(req: Request, result: list[bool]) -> Reply:
-        return Reply(_ow({"d": result[0]}, overwritable(req.ns)))  # "ow": the client may skip a replica
+        # "ow" without "all": the client may skip an owner that failed
+        return Reply(_all(_ow({"d": result[0]}, overwritable(req.ns)), every_owner(req.ns)))
     return encode
 
 
@@ -253,20 +260,27 @@ def encode_report_corrupt(req: Request, result: bool) -> Reply:
     return Reply({"dropped": result})
 
 
-def encode_put(req: Request, result: list[Any]) -> Reply:
-    entry = result[0][0]
-    return Reply({"gen": 0, "ver": 0} if entry is None else {"gen": entry.generation, "ver": entry.version})
+def encode_put(every_owner: Callable[[str], bool]) -> Encoder:
+    def encode(req: Request, result: list[Any]) -> Reply:
+        entry = result[0][0]
+        meta = {"gen": 0, "ver": 0} if entry is None else {"gen": entry.generation, "ver": entry.version}
+        return Reply(_all(meta, every_owner(req.ns)))
+
+    return encode
 
 
-def encode_put_many(req: Request, result: list[Any]) -> Reply:
-    gens: list[int] = []
-    vers: list[int] = []
-    errs: list[list[Any] | None] = []
-    for entry, err, _old in result:
-        gens.append(0 if entry is None else entry.generation)
-        vers.append(0 if entry is None else entry.version)
-        errs.append(None if err is None else [err.code, err.message])
-    return Reply({"gens": gens, "vers": vers, "errs": errs})
+def encode_put_many(every_owner: Callable[[str], bool]) -> Encoder:
+    def encode(req: Request, result: list[Any]) -> Reply:
+        gens: list[int] = []
+        vers: list[int] = []
+        errs: list[list[Any] | None] = []
+        for entry, err, _old in result:
+            gens.append(0 if entry is None else entry.generation)
+            vers.append(0 if entry is None else entry.version)
+            errs.append(None if err is None else [err.code, err.message])
+        return Reply(_all({"gens": gens, "vers": vers, "errs": errs}, every_owner(req.ns)))
+
+    return encode
 
 
 def encode_reply(req: Request, result: Reply) -> Reply:
@@ -282,8 +296,10 @@ class BinaryOp:
     encode: Encoder
 
 
-def core_ops(overwritable: Callable[[str], bool]) -> dict[int, BinaryOp]:
-    """The opcodes of the node's own operations."""
+def core_ops(overwritable: Callable[[str], bool], every_owner: Callable[[str], bool]) -> dict[int, BinaryOp]:
+    """The opcodes of the node's own operations. ``overwritable(ns)``, ``every_owner(ns)``: what the
+    replies tell a cluster client of the namespace (``ow``: replicas may disagree; ``all``: a write
+    needs every live owner)."""
     return {
         Op.PING: BinaryOp("PING", decode_ping, encode_ping),
         Op.HELLO: BinaryOp("HELLO", decode_hello, encode_hello),
@@ -292,14 +308,14 @@ def core_ops(overwritable: Callable[[str], bool]) -> dict[int, BinaryOp]:
         Op.GET: BinaryOp("GET", decode_get, encode_get(overwritable)),
         Op.GET_MANY: BinaryOp("GET", decode_get_many, encode_get_many(overwritable)),
         Op.EXISTS_MANY: BinaryOp("PEEK", decode_exists_many, encode_peek),
-        Op.DELETE: BinaryOp("DELETE", decode_delete, encode_delete(overwritable)),
+        Op.DELETE: BinaryOp("DELETE", decode_delete, encode_delete(overwritable, every_owner)),
         Op.DELETE_MANY: BinaryOp("DELETE", decode_delete_many, encode_delete_many),
         Op.PIN: BinaryOp("PIN", decode_pin, encode_count),
         Op.UNPIN: BinaryOp("UNPIN", decode_unpin, encode_count),
         Op.LOOKUP_PREFIX: BinaryOp("LOOKUP_PREFIX", decode_lookup_prefix, encode_count),
         Op.REPORT_CORRUPT: BinaryOp("REPORT_CORRUPT", decode_report_corrupt, encode_report_corrupt),
-        Op.PUT: BinaryOp("PUT", decode_put, encode_put),
-        Op.PUT_MANY: BinaryOp("PUT", decode_put_many, encode_put_many),
+        Op.PUT: BinaryOp("PUT", decode_put, encode_put(every_owner)),
+        Op.PUT_MANY: BinaryOp("PUT", decode_put_many, encode_put_many(every_owner)),
     }
 
 

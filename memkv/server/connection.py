@@ -26,11 +26,14 @@ from memkv.errors import TimeoutError as MemKVTimeout
 from memkv.protocol import codec as c
 from memkv.protocol.opcodes import Flag, Op
 from memkv.server.binary import BinaryOp, Reply
+from memkv.server.hot_reads import GONE, HotPath, HotReads
 from memkv.server.limits import Watched
 from memkv.server.requests import Put, Request
 from memkv.server.session import Session
 
 if TYPE_CHECKING:
+    import outcome
+
     from memkv.server.node import Node
 
 log = logging.getLogger("memkv.node")
@@ -40,6 +43,8 @@ _OP_NAMES = {int(op): op.name for op in Op}
 _RESPONSE = int(Flag.RESPONSE)
 FLUSH_AT = 1 << 20
 _DISCARD = bytearray(1 << 20)
+_HOT_OPS = (int(Op.GET), int(Op.GET_MANY))
+HOT_BACKOFF_MAX = 1024  # frames a connection whose frames the hot path keeps handing back stays on trio
 
 
 class PeerGone(Exception):
@@ -94,6 +99,12 @@ class Connection(Watched):
         # Replies that wait for a flash group commit: (position in out, op, rid, reply, write seq).
         self.flash = getattr(node, "flash", None)
         self.durable: list[tuple[int, int, int, Reply, int]] = []
+        # GETs served on a thread of this connection (memkv/server/hot_reads.py; None: never)
+        self.hot_reads: HotReads | None = node.hot_reads
+        self.hot: HotPath | None = None
+        self.hot_wait = 2  # frames to serve on the trio loop before (again) waiting on the thread
+        self.hot_backoff = 1
+        self.last_op = 0
 
     # -- socket helpers
     async def _recv_into(self, view: memoryview) -> int:
@@ -185,18 +196,26 @@ class Connection(Watched):
                         self._phase_frame()
                     else:
                         self._phase_idle()
-                    if self.out or self.durable:
+                    flushed = bool(self.out or self.durable)
+                    if flushed:
                         await self.flush()
-                        if not self.reader.buffered:
+                    if not self.reader.buffered and self._hot_ready():
+                        # GETs the index answers are served on a thread (memkv/server/hot_reads.py)
+                        hot = await self._serve_hot()
+                        if hot is None:
+                            continue
+                        head = hot
+                    else:
+                        if flushed and not self.reader.buffered:
                             # A request-response client sends nothing until it has our
                             # reply: skip the recv that would only return EAGAIN.
                             await self._wait_readable()
-                    await self._recv_some()
-                    since_yield += 1
-                    if since_yield >= self.YIELD_EVERY:
-                        since_yield = 0
-                        await trio.lowlevel.checkpoint()
-                    continue
+                        await self._recv_some()
+                        since_yield += 1
+                        if since_yield >= self.YIELD_EVERY:
+                            since_yield = 0
+                            await trio.lowlevel.checkpoint()
+                        continue
                 t0 = time.perf_counter()
                 op = head.op
                 name = _OP_NAMES.get(op) or str(op)
@@ -204,10 +223,70 @@ class Connection(Watched):
                 self._frame_t0 = None
                 await self._handle(head)
                 m.latency[name].observe(time.perf_counter() - t0)
+                self.hot_wait -= 1
+                self.last_op = op
                 if self.out_bytes >= self.flush_at:  # also the per-connection in-flight throttle
                     await self.flush()
         except PeerGone:
             return
+        finally:
+            if self.hot is not None:
+                self.hot.close()
+
+    # -- GETs served on a thread (memkv/server/hot_reads.py)
+    def _hot_ready(self) -> bool:
+        """Whether to wait for the next frame on the hot-read thread: the node serves them, this session
+        may use it, the last frame was a GET (a client that only writes never needs the thread, nor the
+        index), and the last tries did not just hand every frame back (then the connection waits out
+        ``hot_wait`` frames on the trio loop, twice as many after each such try)."""
+        reads = self.hot_reads
+        if reads is None or self.hot_wait > 0 or self.last_op not in _HOT_OPS or not reads.may_serve(self.session):
+            return False
+        if self.hot is None:
+            self.hot = reads.open(self, self.sock, self.reader, self.session, self.ops, self.limits)
+            if self.hot is None:
+                self.hot_reads = None  # no index or no reader slot: this connection stays on trio
+                return False
+        return True
+
+    async def _serve_hot(self) -> c.Frame | None:
+        """Run the hot path's thread until it hands a frame back (returned: the pipeline's), leaves a
+        partial frame buffered (None) or the peer goes (``PeerGone``). Cancelled (node stopping, a
+        [limits] timeout), it wakes the thread and waits for it: the socket is closed only after."""
+        hot, reads = self.hot, self.hot_reads
+        assert hot is not None and reads is not None
+        done = trio.Event()
+        result: list[outcome.Outcome] = []
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(out: outcome.Outcome) -> None:
+            result.append(out)
+            token.run_sync_soon(done.set)
+
+        reads.threads += 1
+        try:
+            trio.lowlevel.start_thread_soon(hot.run, deliver)
+            try:
+                await done.wait()
+            except trio.Cancelled:
+                hot.stop()
+                with trio.CancelScope(shield=True):
+                    await done.wait()
+                raise
+        finally:
+            reads.threads -= 1
+            reads.fold(*hot.take())
+        got = result[0].unwrap()
+        if hot.served_now:
+            self.hot_backoff = 1
+        else:
+            self.hot_backoff = min(self.hot_backoff * 2, HOT_BACKOFF_MAX)
+            self.hot_wait = self.hot_backoff
+        if got is GONE:
+            raise PeerGone
+        if got is not None:
+            reads.handed_back += 1
+        return got
 
     async def _handle(self, head: c.Frame) -> None:
         op, rid, meta = head.op, head.request_id, head.meta

@@ -38,6 +38,7 @@ from memkv.server.audit import AuditLog
 from memkv.server.binary import BinaryOp
 from memkv.server.connection import Connection
 from memkv.server.extension import Extension, NodeContext, NodeExtension, Operation
+from memkv.server.hot_reads import HotReads
 from memkv.server.limits import Hardening
 from memkv.server.metrics import MetricsCollector, NodeMetrics
 from memkv.server.onesided import OneSided
@@ -150,7 +151,7 @@ class Node:
             self.tenants.load_file()
 
         operations: dict[str, Operation] = {}
-        opcodes: dict[int, BinaryOp] = dict(binary.core_ops(self._overwritable))
+        opcodes: dict[int, BinaryOp] = dict(binary.core_ops(self._overwritable, self._every_owner))
         for ext in declared:
             for op in ext.operations:
                 if op.kind in operations:
@@ -170,12 +171,18 @@ class Node:
                         audit=None if self.audit is None else Audit(self.audit),
                         promote=None if self.flash is None else Promote(self.flash)),
             operations, self.operations, forwarder=forwarder, tier=self.flash)
+        # plain-TCP GETs answered from the client-readable index on the connection's thread; not where a
+        # request needs more than the index knows: TLS, or a cluster (slot ownership, epochs)
+        self.hot_reads = HotReads(self.store, self.metrics, self.tenants.tenants) \
+            if cfg.tcp_hot_reads and tls is None and routing is None and self.store.readable is not None else None
         tasks = [task for ext in declared for task in ext.background]
         if source is not None:
             tasks.append(functools.partial(source.watch, self.tenants))
         self.background: tuple[Callable[[], Awaitable[None]], ...] = tuple(tasks)
         self.stats_sections: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = tuple(
             (ext.name, ext.stats) for ext in declared if ext.stats is not None)
+        if self.hot_reads is not None:
+            self.stats_sections += (("hot_reads", self.hot_reads.stats),)
         self.metric_sources: tuple[Callable[[], dict[str, float]], ...] = tuple(
             ext.metrics for ext in declared if ext.metrics is not None)
         self.resp = RespServer(self, forwarder) if cfg.resp_port is not None else None
@@ -193,6 +200,11 @@ class Node:
     def _overwritable(self, namespace: str) -> bool:
         policy = self.store.namespaces.get(namespace)  # (an unknown one is refused by a later stage)
         return policy is not None and policy.overwrite
+
+    def _every_owner(self, namespace: str) -> bool:
+        """A cluster write of ``namespace`` is acknowledged only once every live owner has it (``acks``)."""
+        policy = self.store.namespaces.get(namespace)
+        return policy is not None and policy.acks == "all"
 
     def _own_extension(self) -> Extension:
         """The node's own operations (memkv/server/operations.py) and housekeeping."""
