@@ -38,17 +38,11 @@ from chaos.netfault import ETCD, NetFaults, NetUnavailable
 from memkv.client.cluster_view import ClusterState, ClusterView
 from memkv.client.etcd import Etcd, EtcdUnavailable
 from memkv.tools.children import popen_tied
-from memkv.tools.localproc import EtcdProcess, stop_process
+from memkv.tools.localproc import EtcdProcess, free_port, stop_process
 
 
 class Unsupported(Exception):
     """This target cannot inject that fault (the scenario is skipped with the reason)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def describe(st: ClusterState | None) -> str:
