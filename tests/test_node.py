@@ -311,3 +311,21 @@ def test_dead_node_is_a_fast_typed_failure(start_node):
         c.get(b"x")
     assert time.monotonic() - t0 < 5  # bounded by the timeout, never a hang (not a speed assertion)
     c.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_batches_longer_than_one_request_are_split(memkv_node, transport):
+    """A node refuses a request naming more than 4096 keys (``BatchTooLarge``); the client's batch
+    methods take any number of keys and send them in requests the node accepts."""
+    n = 3 * 4096 + 5
+    keys = [f"b{i}".encode() for i in range(n)]
+    with SyncClient.connect(memkv_node.url, transport=transport) as c:
+        c.put_many([(k, k * 3) for k in keys[:-1]], parents=[None] * (n - 1))
+        assert c.get_many(keys) == [k * 3 for k in keys[:-1]] + [None]
+        bufs = [bytearray(32) for _ in keys]
+        assert c.get_many_into(keys, bufs) == [3 * len(k) for k in keys[:-1]] + [None]
+        assert all(b[: 3 * len(k)] == k * 3 for b, k in zip(bufs[:-1], keys, strict=False))
+        assert c.exists_many(keys) == [True] * (n - 1) + [False]
+        assert c.lookup_prefix(keys) == n - 1
+        assert c.pin(keys, ttl=30) == n - 1
+        assert c.unpin(keys) == n - 1

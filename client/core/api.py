@@ -25,6 +25,8 @@ from memkv.errors import InvalidArgument
 from memkv.protocol.opcodes import Op as Opcode
 
 TRANSPORTS = ("auto", "tcp", "shm", "rdma")
+# longer batches go as several operations, one after another, each restarted on its own after ``MOVED``
+BATCH_KEYS = ops.BATCH_KEYS
 
 
 def check_transport(transport: str) -> None:
@@ -107,31 +109,44 @@ class ClientCore:
     def put_many(self, items: Iterable[tuple[bytes | str, Any]] | dict[Any, Any], *, namespace: str,
                  ttl: float | None = None, pin: bool = False, parents: list[bytes | None] | None = None,
                  model: str | None = None, no_store: bool = False) -> Op:
-        return self._op(ops.put_many, items, namespace=namespace, ttl=ttl, pin=pin, parents=parents,
-                        extra=security_meta(model, no_store))
+        pairs = list(items.items()) if isinstance(items, dict) else list(items)
+        extra = security_meta(model, no_store)
+        return in_batches(len(pairs), lambda s: self._op(
+            ops.put_many, pairs[s], namespace=namespace, ttl=ttl, pin=pin,
+            parents=parents[s] if parents else None, extra=extra))
 
     def get_many(self, keys: Iterable[bytes | str], *, namespace: str) -> Op:
+        ks = list(keys)
         if self.onesided is not None:
-            return self._op(self.onesided.read, list(keys), namespace)
-        return self._op(ops.get_many, keys, namespace=namespace)
+            return in_batches(len(ks), lambda s: self._op(self.onesided.read, ks[s], namespace))
+        return in_batches(len(ks), lambda s: self._op(ops.get_many, ks[s], namespace=namespace))
 
     def get_many_into(self, keys: Iterable[bytes | str], buffers: list[Any], *, namespace: str) -> Op:
+        ks = list(keys)
+        if len(buffers) != len(ks):
+            raise InvalidArgument("get_many_into needs one buffer per key")
         if self.onesided is not None:
-            return self._op(self.onesided.read, list(keys), namespace, intos=buffers)
-        return self._op(ops.get_many, keys, namespace=namespace, intos=buffers)
+            return in_batches(len(ks), lambda s: self._op(self.onesided.read, ks[s], namespace, intos=buffers[s]))
+        return in_batches(len(ks), lambda s: self._op(ops.get_many, ks[s], namespace=namespace, intos=buffers[s]))
 
     def exists_many(self, keys: Iterable[bytes | str], *, namespace: str) -> Op:
-        return self._op(ops.keyed_batch, Opcode.EXISTS_MANY, keys, namespace=namespace, field_name="ex")
+        ks = list(keys)
+        return in_batches(len(ks), lambda s: self._op(ops.keyed_batch, Opcode.EXISTS_MANY, ks[s],
+                                                       namespace=namespace, field_name="ex"))
 
     def delete(self, key: bytes | str, *, namespace: str) -> Op:
         return self._op(ops.delete, key, namespace=namespace)
 
     def pin(self, keys: Iterable[bytes | str], *, ttl: float | None, namespace: str) -> Op:
-        return self._op(ops.keyed_batch, Opcode.PIN, keys, namespace=namespace, field_name="n", is_write=True,
-                        extra={"ttl": ttl} if ttl is not None else None)
+        ks = list(keys)
+        return in_batches(len(ks), lambda s: self._op(ops.keyed_batch, Opcode.PIN, ks[s], namespace=namespace,
+                                                       field_name="n", is_write=True,
+                                                       extra={"ttl": ttl} if ttl is not None else None), sum)
 
     def unpin(self, keys: Iterable[bytes | str], *, namespace: str) -> Op:
-        return self._op(ops.keyed_batch, Opcode.UNPIN, keys, namespace=namespace, field_name="n", is_write=True)
+        ks = list(keys)
+        return in_batches(len(ks), lambda s: self._op(ops.keyed_batch, Opcode.UNPIN, ks[s], namespace=namespace,
+                                                       field_name="n", is_write=True), sum)
 
     def lookup_prefix(self, keys: Iterable[bytes | str], *, lease: float, namespace: str) -> Op:
         return self._op(ops.lookup_prefix, keys, namespace=namespace, lease=lease)
@@ -167,3 +182,21 @@ class ClientBase:
     @property
     def pool(self) -> Any:
         return self._executor.pool
+
+
+def in_batches(n: int, part: Callable[[slice], Op], combine: Callable[[list[Any]], Any] | None = None) -> Op:
+    """The operation ``part(slice)`` over ``n`` keys in slices of at most ``BATCH_KEYS``, one after
+    another; results are concatenated (lists) or ``combine``d. Up to ``BATCH_KEYS`` keys it is
+    ``part`` itself, so the common case adds no generator."""
+    if n <= BATCH_KEYS:
+        return part(slice(0, n))
+    return _in_batches(n, part, combine)
+
+
+def _in_batches(n: int, part: Callable[[slice], Op], combine: Callable[[list[Any]], Any] | None) -> Op:
+    results = []
+    for start in range(0, n, BATCH_KEYS):
+        results.append((yield from part(slice(start, start + BATCH_KEYS))))
+    if combine is not None:
+        return combine(results)
+    return [r for res in results for r in res]

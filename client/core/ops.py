@@ -28,8 +28,11 @@ from memkv.client.core.requests import Op, Parallel
 from memkv.client.core.routing import Router, group_by_replicas
 from memkv.client.url import NodeAddress
 from memkv.errors import InvalidArgument, MemKVError
+from memkv.protocol.codec import DEFAULT_LIMITS
 from memkv.protocol.opcodes import Op as Opcode
 from memkv.protocol.versions import CLOCK
+
+BATCH_KEYS = DEFAULT_LIMITS.max_batch  # a node refuses a request naming more keys (``BatchTooLarge``)
 
 
 def as_key(key: bytes | str) -> bytes:
@@ -201,7 +204,7 @@ def lookup_prefix(router: Router, keys: Iterable[bytes | str], *, namespace: str
     while i < len(ks):
         owner = tuple(router.replicas(ks[i]))
         j = i + 1
-        while j < len(ks) and tuple(router.replicas(ks[j])) == owner:
+        while j < len(ks) and j - i < BATCH_KEYS and tuple(router.replicas(ks[j])) == owner:
             j += 1
         call = SimpleCall(Opcode.LOOKUP_PREFIX, _ns({"ks": ks[i:j], "lease": lease}, namespace), "n")
         n, _ = yield from read(router, call, ks[i])
