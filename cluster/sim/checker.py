@@ -343,10 +343,21 @@ class Checker:
         else:
             r2 = min(s.replicas, max(1, n - 1))
             pending = sum(1 for p in (self._map.pending.values() if self._map is not None else ()) if nid in p)
-            allowance = (load[nid] + pending + 0.15 * s.slots * r2 / max(1, n - 1) + 3 + deficit)
+            allowance = (load[nid] + pending + self._spread_debt(members) + 0.15 * s.slots * r2 / max(1, n - 1) + 3
+                         + deficit)
             kind = "leave"
         self.allowance += allowance
         self.changes.append(Change(self.world.loop.now, kind, nid, n, allowance))
+
+    def _spread_debt(self, members: frozenset[str]) -> int:
+        """Rows of the current owners (those of ``members``) that share a zone or a host although
+        ``members`` could spread them (``placement_faults``): after a leave, each takes one move
+        that is not the leaver's -- a row that had to share a zone while the zones' sizes differed
+        must spread once they no longer do (the placement invariant requires it)."""
+        nodes = self.world.nodes
+        rows = [tuple(n for n in row if n in members) for row in (self._last_owners or ())]
+        return len(placement_faults(rows, {n: nodes[n].zone for n in members}, {n: nodes[n].host for n in members},
+                                    replicas=self.world.scenario.replicas))
 
     def _on_map(self, sm: SlotMap) -> None:
         self.maps += 1
