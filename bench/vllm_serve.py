@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from memkv.tools.children import popen_tied
 from memkv.vllm_engine import vllm_python
 
 START_TIMEOUT_S = 240
@@ -48,8 +49,8 @@ class VllmServer:
                    HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", VLLM_NO_USAGE_STATS="1")
         self.log = log
         self._log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = popen_tied(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
 
     @property
     def url(self) -> str:

@@ -3,7 +3,8 @@ SIGKILL used to leave its nodes and etcd running (they are started in sessions o
 holding ports and a cluster alive. Real processes: a runner-like parent brings up the chaos
 suite's local target (etcd + a node, chaos/targets.py) -- etcd started on a short-lived thread,
 as ``etcd_start_all`` does, and the node restarted from another, as a fault does -- then is
-killed with SIGKILL; its children must be gone within a few seconds.
+killed with SIGKILL; its children must be gone within a few seconds. The same holds for a
+benchmark's servers (bench/procs.py), started from a short-lived thread as well.
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ print(t.etcd.proc.pid, t.nodes["n1"].proc.pid, flush=True)
 time.sleep(600)
 """
 
+BENCH_RUNNER = """
+import sys, threading, time
+from pathlib import Path
+from bench.memkv_peer import MemkvNode
+
+nodes = []
+th = threading.Thread(target=lambda: nodes.append(MemkvNode(Path(sys.argv[1]), memory="64MiB").start()))
+th.start()
+th.join()
+print(nodes[0].proc.pid, flush=True)
+time.sleep(600)
+"""
+
 
 def _alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
@@ -48,7 +62,18 @@ def _alive(pid: int) -> bool:
 def test_a_runners_nodes_and_etcd_die_when_it_is_killed(tmp_path: Path) -> None:
     if find_etcd() is None:
         pytest.skip("no etcd binary (apt-get install etcd-server)")
-    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path / "run")], cwd=ROOT,
+    _children_die_with_their_runner(RUNNER, tmp_path / "run")
+
+
+@pytest.mark.timeout(180)
+def test_a_benchmarks_servers_die_when_it_is_killed(tmp_path: Path) -> None:
+    _children_die_with_their_runner(BENCH_RUNNER, tmp_path / "bench")
+
+
+def _children_die_with_their_runner(script: str, workdir: Path) -> None:
+    """Run ``script`` (it prints its children's pids, then sleeps), SIGKILL it, and see the
+    children end within 10 s."""
+    runner = subprocess.Popen([sys.executable, "-c", script, str(workdir)], cwd=ROOT,
                               stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     children: list[int] = []
     try:
