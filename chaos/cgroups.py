@@ -112,7 +112,10 @@ class ProcessGroups:
         self.members: set[str] = set()
         self._lock: int | None = None
         if self.net is not None or self.mem is not None:
-            self._lock = _hold(LOCKS / f"{tag}.lock")
+            try:
+                self._lock = _hold(LOCKS / f"{tag}.lock")
+            except OSError:  # no lock: other runners leave these groups alone (and nobody removes them)
+                return
             remove_stale(self.hierarchies)
 
     @property
@@ -226,8 +229,10 @@ def remove_stale(hierarchies: list[Hierarchy]) -> list[Path]:
     """Remove the ``memkv-chaos-<tag>`` groups of runners that are gone (see the module's
     docstring: the lock file exists and nobody holds it) and that are empty; the groups removed."""
     removed: list[Path] = []
-    tags = {d.name.removeprefix(PREFIX) for h in hierarchies if h.base.is_dir()
-            for d in h.base.iterdir() if d.name.startswith(PREFIX) and d.is_dir()}
+    tags: set[str] = set()
+    for h in hierarchies:
+        with contextlib.suppress(OSError):
+            tags |= {d.name.removeprefix(PREFIX) for d in h.base.iterdir() if d.name.startswith(PREFIX)}
     for tag in sorted(t for t in tags if _TAG.fullmatch(t)):
         path = LOCKS / f"{tag}.lock"
         try:
@@ -242,10 +247,11 @@ def remove_stale(hierarchies: list[Hierarchy]) -> list[Path]:
             gone = True
             for h in hierarchies:
                 top = h.base / f"{PREFIX}{tag}"
-                if not top.is_dir():
+                if not top.exists():
                     continue
-                for member in [d for d in top.iterdir() if d.is_dir()]:
-                    _rmdir(member)  # the kernel keeps a group that has processes
+                with contextlib.suppress(OSError):
+                    for member in [d for d in top.iterdir() if d.is_dir()]:
+                        _rmdir(member)  # the kernel keeps a group that has processes
                 if _rmdir(top):
                     removed.append(top)
                 else:
