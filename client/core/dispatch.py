@@ -119,7 +119,7 @@ def relay_missed(router: Router, call: Call, owners: Sequence[NodeAddress | None
         return outcomes
     to = [str(owners[i]) for i in missed]
     out = list(outcomes)
-    failed: MemKVError = NotEnoughReplicas(f"no owner that stored the write could relay it to {', '.join(to)}")
+    failed: MemKVError | None = None  # the last relay's error, if one was tried
     for i, r in enumerate(outcomes[:len(owners)]):
         node = owners[i]
         if isinstance(r, MemKVError) or node is None:
@@ -138,6 +138,8 @@ def relay_missed(router: Router, call: Call, owners: Sequence[NodeAddress | None
         for j in missed:
             out[j] = r
         return out
+    if failed is None:
+        failed = NotEnoughReplicas(f"no owner that stored the write could relay it to {', '.join(to)}")
     for j in missed:
         out[j] = failed
     return out
