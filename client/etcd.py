@@ -172,11 +172,11 @@ class Etcd:
                          success=[self._tx.put(key, value, lease)], failure=[])
         return bool(ok)
 
-    def put_if(self, key: str, value: bytes | str, *, mod_revision: int,
+    def put_if(self, key: str, value: bytes | str, *, mod_revision: int | None,
                guard: tuple[str, bytes | str] | None = None) -> bool:
-        """Put ``key`` only if it was last modified at ``mod_revision`` (0: absent)
+        """Put ``key`` only if it was last modified at ``mod_revision`` (0: absent; None: any)
         and, when given, the key ``guard[0]`` holds the value ``guard[1]``."""
-        compare = [self._tx.mod(key) == mod_revision]
+        compare = [self._tx.mod(key) == mod_revision] if mod_revision is not None else []
         if guard is not None:
             compare.append(self._tx.value(guard[0]) == guard[1])
         ok, _ = self._do(self._client.transaction, compare=compare, success=[self._tx.put(key, value)], failure=[])

@@ -55,7 +55,7 @@ class _EtcdEffects:
     def create(self, key: str, value: bytes | str, *, lease: int | None = None) -> EtcdCall:
         return EtcdCall("create", (key, value), {"lease": lease})
 
-    def put_if(self, key: str, value: bytes | str, *, mod_revision: int,
+    def put_if(self, key: str, value: bytes | str, *, mod_revision: int | None,
                guard: tuple[str, bytes | str] | None = None) -> EtcdCall:
         return EtcdCall("put_if", (key, value), {"mod_revision": mod_revision, "guard": guard})
 

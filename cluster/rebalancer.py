@@ -593,7 +593,9 @@ class Rebalancer:
             log.info("rebalancer: membership changed while planning a round; planning again")
             return True
         rnd = Round(self.round_id(), new.epoch, groups, {s: target[s] for s in pending}, self.wall())
-        yield ETCD.put(migrations_prefix(self.cluster) + rnd.id, rnd.record(self.identity, "starting", self.wall()))
+        if not (yield from self._put_record(migrations_prefix(self.cluster) + rnd.id,
+                                            rnd.record(self.identity, "starting", self.wall()))):
+            return True  # no longer the leader
         if not (yield from self._publish(new, revision)):
             yield ETCD.delete(migrations_prefix(self.cluster) + rnd.id)
             return True
@@ -724,10 +726,17 @@ class Rebalancer:
         """The round's record, rewritten while its copies run (progress for ``memkv status``)."""
         while not all(g.finished for g in rnd.groups):
             try:
-                yield ETCD.put(key, rnd.record(self.identity, "copying", self.wall()))
+                if not (yield from self._put_record(key, rnd.record(self.identity, "copying", self.wall()))):
+                    return
             except EtcdUnavailable:
                 pass
             yield Sleep(RECORD_EVERY_S)
+
+    def _put_record(self, key: str, value: bytes) -> Program[bool]:
+        """Write a round's record only while the leader key still names us: a leader whose lease
+        lapsed mid-round must not write a record back after the next leader cleared the records
+        (an idle leader never clears again, so it would stay: simulator seed 16125)."""
+        return bool((yield ETCD.put_if(key, value, mod_revision=None, guard=(leader_key(self.cluster), self.identity))))
 
     def _copy_all(self, rnd: Round, groups: list[Group], key: str, mbps: float) -> Program[None]:
         queue = deque(groups)
@@ -803,7 +812,7 @@ class Rebalancer:
         if not self.still_leader():
             return True  # the next leader resumes from the map's pending slots
         try:
-            yield ETCD.put(key, rnd.record(self.identity, "flipping", self.wall()))
+            yield from self._put_record(key, rnd.record(self.identity, "flipping", self.wall()))
         except EtcdUnavailable:
             pass
         ok_slots = {s: g.dst for g in rnd.groups if g.done and not g.handover for s in g.slots}

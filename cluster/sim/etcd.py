@@ -109,11 +109,11 @@ class SimEtcd:
         self.put(key, value, lease=lease)
         return True
 
-    def put_if(self, key: str, value: bytes | str, *, mod_revision: int,
+    def put_if(self, key: str, value: bytes | str, *, mod_revision: int | None,
                guard: tuple[str, bytes | str] | None = None) -> bool:
         self._check_up()
         rec = self.kvs.get(key)
-        if (rec.mod_rev if rec is not None else 0) != mod_revision:
+        if mod_revision is not None and (rec.mod_rev if rec is not None else 0) != mod_revision:
             return False
         if guard is not None:
             g = self.kvs.get(guard[0])
