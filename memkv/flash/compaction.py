@@ -252,7 +252,8 @@ async def compact_segment(tier: FlashTier, seg: Segment) -> int:
                         or e.flash[1] != rec.value_off:
                     continue  # changed while we read
                 old = e.flash
-                p = flog.append([data], len(data), rec.lsn)
+                head = rec.value_off - rec.offset
+                p = flog.append([data[:head], memoryview(data)[head:]], len(data), rec.lsn)
                 new = (p.seg.id, p.offset + (rec.value_off - rec.offset), rec.size, rec.lsn, p.seq)
                 e.flash = new
                 p.seg.live += rec.size

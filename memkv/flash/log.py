@@ -7,6 +7,17 @@ writes it with ``pwritev`` and ``fdatasync`` in a worker thread, then wakes
 every waiter: one fsync covers all the records queued while the previous one
 ran (group commit). ``wait(seq)`` returns once record ``seq`` is durable or
 raises the error that made its batch fail (``DiskFull`` on ENOSPC).
+
+What a crash can leave. Up to ``parallel`` batches are written at once, but a record is
+acknowledged only after its own batch's fdatasync *and* every earlier batch settled, so the
+records a crash can cut or leave unwritten (a zero hole where a later batch in flight was
+written past them) are never acknowledged, and they lie in the last batches: nothing queued
+after a batch settled is among them. ``append`` stamps each record with what the writer knew
+to be durable at that moment (``record.stamp_head``: its own segment's durable bytes; a
+stamp >= 2 also says every record before it in the segment settled, hence the whole previous
+segment did). Recovery trusts a hole only where no stamp says it was durable. Segment ids
+skip one when a run starts and after a failed batch, so that no stamp of this run speaks for
+a segment that an earlier crash (or the failure) left with holes.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import trio
 
 from memkv.engine.clock import SYSTEM, Clock
 from memkv.errors import DiskFull, MemKVError, ServerError
+from memkv.flash.record import stamp_head
 from memkv.flash.segment import Segment, fsync_dir, list_segments, pwritev_all
 
 log = logging.getLogger("memkv.flash")
@@ -53,7 +65,9 @@ class FlashLog:
             self.segments[sid] = Segment(directory, sid, create=False)
         self.used = sum(s.size for s in self.segments.values())
         self.active: Segment | None = None
-        self.next_id = max(self.segments, default=0) + 1
+        # one id skipped after the segments of an earlier run: a stamp in this run's first segment
+        # vouches for its predecessor id (see the module docstring), which must not be theirs
+        self.next_id = max(self.segments) + 2 if self.segments else 1
         self.seq = 0  # last assigned
         self.durable_seq = 0
         self.batch: list[Pending] = []
@@ -83,8 +97,10 @@ class FlashLog:
         return a
 
     def append(self, bufs: list, size: int, lsn: int, done: Callable[[bool], None] | None = None) -> Pending:
-        """Queue a record of ``size`` bytes (``bufs`` concatenated); returns its pending write."""
+        """Queue a record of ``size`` bytes (``bufs`` concatenated, the first its header and names);
+        returns its pending write. The header is stamped with its segment's durable bytes now."""
         seg = self._segment_for(size)
+        bufs = [stamp_head(bufs[0], seg.durable + 1), *bufs[1:]]
         p = Pending(seg, seg.size, bufs, size, self.seq + 1, done)
         self.seq += 1
         seg.size += size
@@ -214,6 +230,7 @@ class FlashLog:
         if self.active is not None and any(p.seg is self.active for p in batch):
             self.active.sealed = True
             self.active = None
+            self.next_id += 1  # the next segment's stamps must not vouch for this one's failed bytes
         for p in batch:
             p.bufs = []
             if p.done is not None:
