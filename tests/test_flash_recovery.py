@@ -216,7 +216,13 @@ class Writer:
         self.log.flush_sync()
 
     def close(self) -> None:
+        """A clean stop (the segment manifest gets each segment's final durable bytes)."""
         self.log.close()
+
+    def crash(self) -> None:
+        """Stop as a crash does: nothing more is written, the files are only closed."""
+        for seg in self.log.segments.values():
+            seg.close()
 
 
 def _served(got: dict, w: Writer, keys) -> dict[bytes, bool]:
@@ -246,7 +252,7 @@ def _crash_before_a_new_segment(d: str) -> tuple[Writer, list[bytes], list[bytes
         inflight.append(b"inflight-%d" % len(inflight))
     assert len(inflight) >= 3 and w.at[b"inflight-%d" % len(inflight)][0] == 2
     w.settle()
-    w.close()
+    w.crash()
     return w, acked, inflight
 
 
@@ -292,7 +298,7 @@ def test_a_hole_in_acknowledged_records_is_reported(tmp_path, where):
         keys.append(b"k%d" % len(keys))
         w.queue(keys[-1])
         w.settle()
-    w.close()
+    w.crash()
     seg1 = [k for k in keys if w.at[k][0] == 1]
     seg2 = [k for k in keys if w.at[k][0] == 2]
     if where == "middle of segment 1":
@@ -308,8 +314,9 @@ def test_a_hole_in_acknowledged_records_is_reported(tmp_path, where):
         hit = seg2[1]
         _zero(d, 2, w.at[hit][1], w.at[hit][1] + w.at[hit][2])
     out, got, _ = _recover(d)
-    assert len(out.damaged) == 1 and out.torn_tail == 0, (out.damaged, out.torn_tail)
-    assert out.damaged[0][:2] == (w.at[hit][0], w.at[hit][1])
+    assert out.torn_tail == 0 and (w.at[hit][0], w.at[hit][1]) in {d[:2] for d in out.damaged}, out.damaged
+    # a cut file is also shorter than the manifest says it was durable: reported twice
+    assert len(out.damaged) == (2 if where.startswith("cut") else 1), out.damaged
     assert _served(got, w, keys) == {k: k != hit for k in keys}
 
 
@@ -335,3 +342,36 @@ def test_a_torn_write_stays_torn_after_the_next_run_writes(tmp_path):
     assert out.damaged == [] and out.torn_tail == 1, (out.damaged, out.torn_tail)
     assert _served(got, w, acked) == dict.fromkeys(acked, True)
     assert _served(got, w2, later) == dict.fromkeys(later, True)
+
+
+def test_the_manifest_tells_a_lost_segment_from_a_removed_one(tmp_path):
+    """No index snapshot: a segment file deleted or cut behind the log's back is reported from the
+    segment manifest; one the log removed itself (compaction's ``FlashLog.remove``) is not."""
+    d = str(tmp_path)
+    w = Writer(d)
+    keys = []
+    while len(keys) < 3 or w.at[keys[-1]][0] < 3:
+        keys.append(b"k%d" % len(keys))
+        w.queue(keys[-1])
+        w.settle()
+    w.close()
+    seg2 = os.path.join(d, segment_name(2))
+    with open(seg2, "rb") as f:
+        saved = f.read()
+    os.unlink(seg2)
+    out, _, _ = _recover(d)
+    assert out.damaged == [(2, 0, "segment file missing")]
+    with open(seg2, "wb") as f:
+        f.write(saved[:w.at[[k for k in keys if w.at[k][0] == 2][-1]][1]])  # cut at a record boundary
+    out, _, _ = _recover(d)
+    assert [(sid, off) for sid, off, _ in out.damaged] == [(2, os.path.getsize(seg2))] and out.torn_tail == 0
+    with open(seg2, "wb") as f:
+        f.write(saved)
+    out, _, _ = _recover(d)
+    assert out.damaged == [] and out.torn_tail == 0
+    flog = FlashLog(d, segment_size=4096, budget=1 << 30)
+    flog.remove(flog.segments[2])
+    flog.close()
+    out, got, _ = _recover(d)
+    assert out.damaged == [] and not os.path.exists(seg2)
+    assert _served(got, w, keys) == {k: w.at[k][0] != 2 for k in keys}

@@ -33,6 +33,7 @@ import trio
 
 from memkv.engine.clock import SYSTEM, Clock
 from memkv.errors import DiskFull, MemKVError, ServerError
+from memkv.flash.manifest import write_manifest
 from memkv.flash.record import stamp_head
 from memkv.flash.segment import Segment, fsync_dir, list_segments, pwritev_all
 
@@ -78,6 +79,7 @@ class FlashLog:
         self.bytes_written = 0
         self.removals = 0  # segments removed (compaction: a tombstone may be needed no more)
         self._stats_lock = threading.Lock()  # two writer threads may update the counters
+        self._manifest_lock = threading.Lock()  # writer threads and removals rewrite the manifest
         self._work = trio.Event()
         self._flushed = trio.Event()
         self.closed = False
@@ -204,7 +206,7 @@ class FlashLog:
             with self._stats_lock:
                 self.fsyncs += 1
             if not seg.dir_synced:
-                fsync_dir(self.dir)
+                self.record_segments()  # lists the new segment (and fsyncs the directory)
                 seg.dir_synced = True
 
     def _succeeded(self, batch: list[Pending]) -> None:
@@ -237,9 +239,17 @@ class FlashLog:
                 p.done(False)
 
     # -- segments
+    def record_segments(self, without: Segment | None = None) -> None:
+        """Rewrite the segment manifest (memkv/flash/manifest.py): every segment, ``without`` taken
+        out first, with its durable bytes. Under a lock, so that the last one written is newest."""
+        with self._manifest_lock:
+            if without is not None:
+                self.segments.pop(without.id, None)
+            write_manifest(self.dir, {sid: s.durable for sid, s in dict(self.segments).items()})
+
     def remove(self, seg: Segment) -> None:
-        """Forget and delete a segment (its readers are gone)."""
-        self.segments.pop(seg.id, None)
+        """Forget and delete a segment (its readers are gone); the manifest stops listing it first."""
+        self.record_segments(without=seg)
         self.used -= seg.size
         self.removals += 1
         seg.unlink()
@@ -247,6 +257,11 @@ class FlashLog:
         self.enospc_at = None
 
     def close(self) -> None:
+        if not self.closed:
+            try:
+                self.record_segments()  # the final durable bytes of each segment
+            except OSError as exc:
+                log.warning("flash: could not write the segment manifest at shutdown: %s", exc)
         self.closed = True
         for seg in self.segments.values():
             seg.close()

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 
 from memkv.engine.clock import SYSTEM
 from memkv.flash import record as r
+from memkv.flash.manifest import ManifestError, check, read_manifest
 from memkv.flash.segment import Segment
 from memkv.flash.snapshot import SnapshotError, read_snapshot
 
@@ -171,6 +172,7 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
     cols = out.cols
     if snap is not None and len(snap):
         _take_snapshot(snap, segments, covered, names, table, now_wall, out)
+    _check_manifest(directory, segments, out)
     if snap is not None and snap.tombs:
         _take_snapshot_tombs(snap, names, table, now_wall)
     rows = []
@@ -253,6 +255,23 @@ def _take_snapshot(snap: Any, segments: dict[int, Segment], covered: dict[int, l
         col = src[name]
         cols[name] = col if keep is None else list(compress(col, keep))
     out.snapshot_entries = len(cols["keys"])
+
+
+def _check_manifest(directory: str, segments: dict[int, Segment], out: Recovered) -> None:
+    """Report the segments the manifest lists that are missing or shorter than their durable bytes
+    (a segment the snapshot's rows already reported missing is not reported twice)."""
+    try:
+        listed = read_manifest(directory)
+    except ManifestError as exc:
+        log.warning("flash: ignoring the segment manifest (%s)", exc)
+        return
+    if not listed:
+        return
+    seen = {sid for sid, _, why in out.damaged if why == "segment file missing"}
+    for sid, offset, why in check(listed, {sid: seg.size for sid, seg in segments.items()}):
+        if sid not in seen:
+            out.damaged.append((sid, offset, why))
+            log.warning("flash: segment %d: %s; its records there are lost", sid, why)
 
 
 def _take_snapshot_tombs(snap: Any, names: _Names, table: dict, now_wall: float) -> None:
