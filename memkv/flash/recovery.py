@@ -17,10 +17,10 @@ bytes were durable: every record carries the writer's durability stamp
 (memkv/flash/record.py, memkv/flash/log.py), so a stretch is damage when a record of
 its segment was queued after the segment was durable past the stretch's start, or a
 record of the next segment id (stamp >= 2) was queued after the whole segment had
-settled, or the index snapshot covers it. Records acknowledged before the crash were
-durable before anything queued after them, so a hole in them is reported whenever
-later records, queued after, were written; only the last batches of the log are
-judged by their shape alone. Stamp 0 (records older than the stamp) counts as
+settled. (The part of a segment the index snapshot covers is not replayed at all.)
+Records acknowledged before the crash were durable before anything queued after them,
+so a hole in them is reported whenever later records, queued after, were written; only
+the last batches of the log are judged by their shape alone. Stamp 0 (records older than the stamp) counts as
 vouching for the previous segment, which keeps the old rule for old logs: a hole is
 torn only at the end of the log.
 
@@ -143,7 +143,7 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
     # the log tail (everything when there is no snapshot): ikey -> put row, or TombRow
     table: dict[tuple[str, str, bytes], tuple] = {}
     suspects: list[tuple[int, int, str]] = []  # stretches shaped like a torn write: (seg, offset, error)
-    durable: dict[int, int] = {}  # seg -> bytes some stamp (or the snapshot) says were durable
+    durable: dict[int, int] = {}  # seg -> bytes a stamp of it says were durable
     vouched: set[int] = set()  # segs that a stamp of the next segment id says settled whole
     for sid in sorted(segments):
         seg = segments[sid]
@@ -153,14 +153,11 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
         if cov is not None:
             start = min(cov[0], seg.size)
             seg.min_lsn = cov[1]
-            if cov[0] > 0:  # the snapshot was written once its covered bytes were durable
-                durable[sid] = cov[0]
-                vouched.add(sid - 1)
         if seg.size <= start:
             continue
         with open(seg.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             own, prev = _replay(mm, seg, start, names, table, out, suspects)
-        durable[sid] = max(durable.get(sid, 0), own)
+        durable[sid] = own
         if prev:
             vouched.add(sid - 1)
     for sid, offset, error in suspects:
