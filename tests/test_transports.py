@@ -415,12 +415,24 @@ def test_hits_send_nothing_to_the_node(memkv_node, onesided):
         _read_loop(c, keys, vals, n)
         cpu_onesided = _node_cpu_s(memkv_node.pid) - cpu0
         st1 = c.stats()
-        touches = c.onesided.counters["touch_requests"]
-        assert c.onesided.counters["onesided"] == 2 * n + 1 and c.onesided.counters["tcp"] == 0
+        counters = dict(c.onesided.counters)
+    touches = counters["touch_requests"]
+    # A read that took longer than the node's quarantine bound allows (``late``) or found the
+    # node's heartbeat standing still (``stale_node``) is not trusted and goes over TCP: correct,
+    # and it happens to the emulated RDMA in a loaded VM. Every other read is one-sided.
+    fallbacks = counters["tcp"]
+    assert counters["onesided"] + fallbacks == 2 * n + 1, counters
+    assert fallbacks == 0 or (counters["late"] + counters["stale_node"] > 0 and fallbacks <= (2 * n + 1) // 20), \
+        counters
     ops0, ops1 = st0["server"]["ops"], st1["server"]["ops"]
     moved = {k: ops1.get(k, 0) - ops0.get(k, 0) for k in ops1 if ops1.get(k, 0) != ops0.get(k, 0)}
-    assert moved == {"STATS": 1, **({"LOCATE": touches} if touches else {})}, moved
-    assert st1["server"]["bytes_out"] == st0["server"]["bytes_out"]
+    got_over_tcp = moved.pop("GET", 0) + moved.pop("GET_MANY", 0)
+    locates = moved.pop("LOCATE", 0)  # touch batches; a node found stale is set up again (info, rdma)
+    assert moved == {"STATS": 1}, moved
+    assert touches <= locates <= touches + 2 * counters["stale_node"], (locates, counters)
+    assert got_over_tcp <= fallbacks, (got_over_tcp, counters)
+    if not fallbacks:
+        assert st1["server"]["bytes_out"] == st0["server"]["bytes_out"]
     with SyncClient.connect(memkv_node.url, transport="tcp") as t:
         cpu0 = _node_cpu_s(memkv_node.pid)
         _read_loop(t, keys, vals, n)
