@@ -375,3 +375,34 @@ def test_the_manifest_tells_a_lost_segment_from_a_removed_one(tmp_path):
     out, got, _ = _recover(d)
     assert out.damaged == [] and not os.path.exists(seg2)
     assert _served(got, w, keys) == {k: w.at[k][0] != 2 for k in keys}
+
+
+def test_a_manifest_that_cannot_be_rewritten_does_not_stop_a_removal(tmp_path):
+    """Compaction frees space by removing segments, also when the disk is too full for a new
+    manifest: the removal goes on, the manifest is dropped (nothing is checked, nothing reported
+    falsely), and the next new segment writes it again."""
+    d = str(tmp_path)
+    w = Writer(d)
+    keys = []
+    while len(keys) < 3 or w.at[keys[-1]][0] < 3:
+        keys.append(b"k%d" % len(keys))
+        w.queue(keys[-1])
+        w.settle()
+    w.close()
+    blocker = os.path.join(d, "segments.manifest.tmp")
+    os.mkdir(blocker)  # the manifest's temporary file cannot be opened for writing: a real OSError
+    flog = FlashLog(d, segment_size=4096, budget=1 << 30)
+    flog.remove(flog.segments[2])
+    assert not os.path.exists(os.path.join(d, segment_name(2)))
+    assert not os.path.exists(os.path.join(d, "segments.manifest"))
+    flog.close()  # cannot write it either: logged
+    out, _, _ = _recover(d)
+    assert out.damaged == []
+    os.rmdir(blocker)
+    w2 = Writer(d, lsn=out.max_lsn)
+    w2.queue(b"after")
+    w2.settle()
+    w2.crash()
+    os.unlink(os.path.join(d, segment_name(3)))
+    out, _, _ = _recover(d)
+    assert out.damaged == [(3, 0, "segment file missing")]

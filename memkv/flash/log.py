@@ -33,7 +33,7 @@ import trio
 
 from memkv.engine.clock import SYSTEM, Clock
 from memkv.errors import DiskFull, MemKVError, ServerError
-from memkv.flash.manifest import write_manifest
+from memkv.flash.manifest import drop_manifest, write_manifest
 from memkv.flash.record import stamp_head
 from memkv.flash.segment import Segment, fsync_dir, list_segments, pwritev_all
 
@@ -249,7 +249,11 @@ class FlashLog:
 
     def remove(self, seg: Segment) -> None:
         """Forget and delete a segment (its readers are gone); the manifest stops listing it first."""
-        self.record_segments(without=seg)
+        try:
+            self.record_segments(without=seg)
+        except OSError as exc:  # ENOSPC, typically: removing segments is how space comes back
+            log.warning("flash: could not rewrite the segment manifest (%s); dropped until the next segment", exc)
+            drop_manifest(self.dir)
         self.used -= seg.size
         self.removals += 1
         seg.unlink()

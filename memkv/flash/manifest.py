@@ -10,11 +10,13 @@ when compaction removes a segment (before the file is unlinked), and at shutdown
 temporary name, fsynced and renamed, then the directory is fsynced (which also makes the new
 segment's directory entry durable). Recovery reports every listed segment that is missing or
 shorter than its durable bytes (``check``). A missing or damaged manifest is no list: nothing to
-check (a data dir written before the manifest existed).
+check (a data dir written before the manifest existed, or one whose manifest could not be
+rewritten when compaction removed a segment: ``drop_manifest``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
@@ -82,3 +84,11 @@ def check(listed: dict[int, int], sizes: dict[int, int]) -> list[tuple[int, int,
         elif size < length:
             out.append((sid, size, f"segment file ends at {size}, {length} bytes of it were durable"))
     return out
+
+
+def drop_manifest(directory: str) -> None:
+    """Remove the manifest (no list: nothing is checked), when it cannot be rewritten -- a full
+    disk must not stop compaction from removing segments; the next rewrite brings it back."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, NAME))
+    fsync_dir(directory)
