@@ -344,10 +344,8 @@ def test_a_torn_write_stays_torn_after_the_next_run_writes(tmp_path):
     assert _served(got, w2, later) == dict.fromkeys(later, True)
 
 
-def test_the_manifest_tells_a_lost_segment_from_a_removed_one(tmp_path):
-    """No index snapshot: a segment file deleted or cut behind the log's back is reported from the
-    segment manifest; one the log removed itself (compaction's ``FlashLog.remove``) is not."""
-    d = str(tmp_path)
+def _three_segments(d: str) -> tuple[Writer, list[bytes]]:
+    """Acknowledged records (each its own batch) into segments 1 to 3, then a clean stop."""
     w = Writer(d)
     keys = []
     while len(keys) < 3 or w.at[keys[-1]][0] < 3:
@@ -355,6 +353,14 @@ def test_the_manifest_tells_a_lost_segment_from_a_removed_one(tmp_path):
         w.queue(keys[-1])
         w.settle()
     w.close()
+    return w, keys
+
+
+def test_the_manifest_tells_a_lost_segment_from_a_removed_one(tmp_path):
+    """No index snapshot: a segment file deleted or cut behind the log's back is reported from the
+    segment manifest; one the log removed itself (compaction's ``FlashLog.remove``) is not."""
+    d = str(tmp_path)
+    w, keys = _three_segments(d)
     seg2 = os.path.join(d, segment_name(2))
     with open(seg2, "rb") as f:
         saved = f.read()
@@ -382,13 +388,7 @@ def test_a_manifest_that_cannot_be_rewritten_does_not_stop_a_removal(tmp_path):
     manifest: the removal goes on, the manifest is dropped (nothing is checked, nothing reported
     falsely), and the next new segment writes it again."""
     d = str(tmp_path)
-    w = Writer(d)
-    keys = []
-    while len(keys) < 3 or w.at[keys[-1]][0] < 3:
-        keys.append(b"k%d" % len(keys))
-        w.queue(keys[-1])
-        w.settle()
-    w.close()
+    _three_segments(d)
     blocker = os.path.join(d, "segments.manifest.tmp")
     os.mkdir(blocker)  # the manifest's temporary file cannot be opened for writing: a real OSError
     flog = FlashLog(d, segment_size=4096, budget=1 << 30)
