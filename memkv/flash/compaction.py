@@ -2,7 +2,7 @@
 
 A sealed segment whose dead fraction (overwritten, deleted, expired records,
 torn bytes, tombstones nothing needs) reaches the threshold is scanned; each
-record the index still points at is copied (raw, lsn kept) through the normal
+record the index still points at is copied (lsn kept; the writer restamps its header) through the normal
 log writer; of its tombstones, each key's newest is copied if the index still
 keeps it (a versioned delete within its retention) or if it still hides a put:
 another segment holds a put of the key older than it (``_hides_put``), or the
