@@ -60,9 +60,17 @@ def records(path: str, start: int = 0, end: int | None = None) -> Iterator[r.Rec
             return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             stop = len(mm) if end is None else min(end, len(mm))
-            for x in r.scan(mm, start, stop, verify=False):
-                if x.__class__ is r.Record:
-                    yield x
+            items = r.scan(mm, start, stop, verify=False)
+            x = None
+            try:
+                for x in items:
+                    if x.__class__ is r.Record:
+                        yield x
+            finally:
+                # the mapping closes only without views of it: the scan's own, and the traceback
+                # frames of a Damage's error
+                items.close()
+                del x
 
 
 def scan_headers(path: str, start: int = 0, end: int | None = None) -> list[r.Record]:
