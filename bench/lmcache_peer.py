@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, popen_tied, stop_process, wait_for_tcp
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_TOKENS = 256  # LMCache's default chunk; a multiple of vLLM's CPU block (128)
@@ -75,8 +75,8 @@ class LMCacheServer:
     def start(self, timeout: float = 180.0) -> LMCacheServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, **QUIET), cwd=self.workdir)
+            self.proc = popen_tied(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, **QUIET), cwd=self.workdir)
         wait_for_tcp(self.host, self.port, self.proc, timeout, self.log)
         return self
 

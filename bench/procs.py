@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from memkv.errors import NodeUnavailable
+from memkv.tools.children import popen_tied as popen_tied  # every server a benchmark starts dies with it
 from memkv.tools.localproc import free_port as free_port  # benchmarks import it from here
 from memkv.tools.localproc import stop_process, wait_for_port
 
@@ -54,7 +55,7 @@ class PeerServers:
 
     def spawn(self, cmd: list[str], port: int, log: Path, timeout: float, **popen: Any) -> None:
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **popen)
+            proc = popen_tied(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **popen)
         self.procs.append(proc)
         wait_for_tcp(self.host, port, proc, timeout, log)
 

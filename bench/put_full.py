@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import free_port, gather, stop_process, wait_for_tcp
+from bench.procs import free_port, gather, popen_tied, stop_process, wait_for_tcp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("none", "idle", "reading")
@@ -47,8 +47,8 @@ READ_SET = 256  # values the reader reads, round robin
 def start_node(memory: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = workdir / "node.log"
-    proc = subprocess.Popen([sys.executable, "-m", "memkv.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                             "--memory", memory], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    proc = popen_tied([sys.executable, "-m", "memkv.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                       "--memory", memory], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     wait_for_tcp("127.0.0.1", port, proc, 60.0, log)
     return proc, f"memkv://127.0.0.1:{port}"
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, popen_tied, stop_process, wait_for_tcp
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         log = base / f"n{i}.log"
         with open(log, "ab") as fh:
-            p = subprocess.Popen([sys.executable, "-m", "memkv.cli", "serve", "--config", str(cfg), "--listen",
-                                  f"127.0.0.1:{port}", "--memory", args.memory, "--data-dir", str(base / f"n{i}"),
-                                  "--etcd", etcd.endpoint, "--cluster", "bench", "--node-id", f"n{i}"],
-                                 stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+            p = popen_tied([sys.executable, "-m", "memkv.cli", "serve", "--config", str(cfg), "--listen",
+                            f"127.0.0.1:{port}", "--memory", args.memory, "--data-dir", str(base / f"n{i}"),
+                            "--etcd", etcd.endpoint, "--cluster", "bench", "--node-id", f"n{i}"],
+                           stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                           start_new_session=True)
         procs.append(p)
         addrs[f"n{i}"] = f"127.0.0.1:{port}"
         wait_for_tcp("127.0.0.1", port, p, 30, log)

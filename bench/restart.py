@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench.machine import machine_info
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, popen_tied, stop_process, wait_for_tcp
 from memkv.client import SyncClient
 
 CONFIG = """
@@ -60,7 +60,7 @@ class Node:
     def start(self) -> float:
         t0 = time.perf_counter()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = popen_tied(
                 [sys.executable, "-m", "memkv.cli", "serve", "--listen", f"127.0.0.1:{self.port}",
                  "--memory", self.memory, "--data-dir", str(self.workdir / "data"), "--config", str(self.cfg)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

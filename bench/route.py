@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.memkv_peer import MemkvNode, memkv_command
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, popen_tied, stop_process, wait_for_tcp
 from bench.report import write_results
 from bench.ttft import pct
 from bench.vllm import tokens
@@ -158,7 +158,7 @@ class Router:
                                  f"&model={MODEL}"]
         self.log = log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = popen_tied(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         wait_for_tcp("127.0.0.1", self.port, self.proc, 60, log)
 
     @property

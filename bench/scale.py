@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, popen_tied, stop_process, wait_for_tcp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPS = ("put", "get_tcp", "get_batch", "get_shm", "get_pipe")
@@ -78,7 +78,7 @@ def start_server(workers: int, memory: str, workdir: Path) -> tuple[subprocess.P
     log = workdir / f"workers{workers}.log"
     config = workdir / "memkv.toml"
     config.write_text(CONFIG)
-    proc = subprocess.Popen(
+    proc = popen_tied(
         [sys.executable, "-m", "memkv.cli", "serve", "--workers", str(workers), "--listen", f"127.0.0.1:{ports[0]}",
          "--worker-ports", ",".join(map(str, ports)), "--memory", memory, "--config", str(config)],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT)

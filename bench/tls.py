@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, popen_tied, stop_process, wait_for_tcp
 
 KiB, MiB = 1024, 1024 * 1024
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,7 +51,7 @@ def start_node(workdir: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes]
     log = workdir / f"node-{port}.log"
     cmd = [sys.executable, "-m", "memkv.cli", "serve", "--listen", f"127.0.0.1:{port}", "--memory", "512MiB",
            *extra]
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = popen_tied(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     wait_for_tcp("127.0.0.1", port, proc, 20.0, log)
     return proc, port
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.procs import free_port, stop_process, wait_for_tcp
+from bench.procs import free_port, popen_tied, stop_process, wait_for_tcp
 
 KiB, MiB = 1024, 1024 * 1024
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def start_node(memory: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = workdir / "node.log"
-    proc = subprocess.Popen(
+    proc = popen_tied(
         [
             sys.executable,
             "-m",

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from memkv.tools.children import TiedGroup
 from memkv.vllm_engine import vllm_python
 
 START_TIMEOUT_S = 240
@@ -48,8 +49,9 @@ class VllmServer:
                    HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", VLLM_NO_USAGE_STATS="1")
         self.log = log
         self._log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        # vLLM starts its engine core and workers as processes of its own: they end with the group
+        self.group = TiedGroup(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = self.group.proc
 
     @property
     def url(self) -> str:
@@ -86,13 +88,5 @@ class VllmServer:
         return self.log.read_bytes()[-n:].decode(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, 9)
-                self.proc.wait(10)
+        self.group.stop(30)
         self._log.close()

@@ -13,6 +13,14 @@ A process joins its group before it runs anything: :meth:`ProcessGroups.wrap` pr
 command with a shell that writes its own pid into each group's ``cgroup.procs`` and then
 execs the command, so every socket the process ever opens belongs to the group.
 
+A runner killed with SIGKILL cannot remove its groups (its processes die with it,
+memkv/tools/children.py, but the empty directories stay). So every runner holds an flock on
+``/tmp/memkv-chaos-cgroups/<tag>.lock`` while its groups exist, and at start removes the
+``memkv-chaos-*`` groups whose lock file is there and free: their runner is gone. A group
+without a lock file (made by older code, or by a runner whose /tmp is not ours) or whose lock
+is held (a live runner: its groups may be empty, e.g. while it restarts a killed node) is left
+alone; the kernel refuses to remove a group that still has processes.
+
 On this machine (Debian 12 guest, kernel 6.18): a hybrid layout -- cgroup v2 mounted at
 /sys/fs/cgroup/unified with no controllers, memory on v1 at /sys/fs/cgroup/memory.
 On a pure v2 host both live in /sys/fs/cgroup. The v1 memory path is what ran here.
@@ -21,11 +29,19 @@ On a pure v2 host both live in /sys/fs/cgroup. The v1 memory path is what ran he
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+PREFIX = "memkv-chaos-"
+# <tag>.lock, held while its runner lives. Not under $TMPDIR: cgroups are the machine's, so must be
+# the locks that say whose they are (a test runs a runner with a TMPDIR of its own).
+LOCKS = Path("/tmp/memkv-chaos-cgroups")
+_TAG = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -88,13 +104,26 @@ class ProcessGroups:
     """Per-member cgroups under ``<own cgroup>/memkv-chaos-<tag>`` in the usable hierarchies."""
 
     def __init__(self, tag: str) -> None:
+        if not _TAG.fullmatch(tag):
+            raise ValueError(f"cgroup tag {tag!r}: letters, digits, '-' and '_' only")
         self.tag = tag
         self.net = unified()
         self.mem = memory()
         self.members: set[str] = set()
+        self._lock: int | None = None
+        if self.net is not None or self.mem is not None:
+            try:
+                self._lock = _hold(LOCKS / f"{tag}.lock")
+            except OSError:  # no lock: other runners leave these groups alone (and nobody removes them)
+                return
+            remove_stale(self.hierarchies)
+
+    @property
+    def hierarchies(self) -> list[Hierarchy]:
+        return [h for h in (self.net, self.mem) if h is not None]
 
     def _dir(self, h: Hierarchy, member: str) -> Path:
-        return h.base / f"memkv-chaos-{self.tag}" / member
+        return h.base / f"{PREFIX}{self.tag}" / member
 
     def net_path(self, member: str) -> str | None:
         """The member's path as ``iptables -m cgroup --path`` wants it (relative to the v2 root)."""
@@ -153,20 +182,83 @@ class ProcessGroups:
         return 0
 
     def close(self) -> None:
-        """Remove the groups (they must be empty: call after every member process exited)."""
-        for h in (self.net, self.mem):
-            if h is None:
-                continue
-            top = h.base / f"memkv-chaos-{self.tag}"
+        """Remove the groups (they must be empty: call after every member process exited), then
+        the lock file -- kept if a group is still there, so that the next runner removes it."""
+        gone = True
+        for h in self.hierarchies:
             for member in self.members:
-                d = top / member
-                for _ in range(50):  # a killed process leaves its group a moment later
-                    try:
-                        d.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.1)
-            with contextlib.suppress(OSError):
-                top.rmdir()
+                # a killed process leaves its group a moment later
+                _rmdir(h.base / f"{PREFIX}{self.tag}" / member, tries=50)
+            gone = _rmdir(h.base / f"{PREFIX}{self.tag}") and gone
+        if self._lock is not None:
+            if gone:
+                with contextlib.suppress(OSError):
+                    (LOCKS / f"{self.tag}.lock").unlink()
+            os.close(self._lock)
+            self._lock = None
+
+
+def _rmdir(d: Path, tries: int = 1) -> bool:
+    """Remove the (empty) cgroup ``d``; True when it is gone."""
+    for i in range(tries):
+        try:
+            d.rmdir()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            if i + 1 < tries:
+                time.sleep(0.1)
+    return False
+
+
+def _hold(path: Path) -> int:
+    """An fd holding the flock on ``path`` (created). A lock file another runner unlinked between
+    our open and our lock (``remove_stale``) is not the one at ``path``: open it again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)
+
+
+def remove_stale(hierarchies: list[Hierarchy]) -> list[Path]:
+    """Remove the ``memkv-chaos-<tag>`` groups of runners that are gone (see the module's
+    docstring: the lock file exists and nobody holds it) and that are empty; the groups removed."""
+    removed: list[Path] = []
+    tags: set[str] = set()
+    for h in hierarchies:
+        with contextlib.suppress(OSError):
+            tags |= {d.name.removeprefix(PREFIX) for d in h.base.iterdir() if d.name.startswith(PREFIX)}
+    for tag in sorted(t for t in tags if _TAG.fullmatch(t)):
+        path = LOCKS / f"{tag}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)  # no lock file: not a group this scheme manages
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its runner is alive
+            gone = True
+            for h in hierarchies:
+                top = h.base / f"{PREFIX}{tag}"
+                if not top.exists():
+                    continue
+                with contextlib.suppress(OSError):
+                    for member in [d for d in top.iterdir() if d.is_dir()]:
+                        _rmdir(member)  # the kernel keeps a group that has processes
+                if _rmdir(top):
+                    removed.append(top)
+                else:
+                    gone = False
+            if gone:
+                with contextlib.suppress(OSError):
+                    path.unlink()  # while locked: a runner that opened it meanwhile sees it gone (_hold)
+        finally:
+            os.close(fd)
+    return removed

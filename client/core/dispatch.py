@@ -13,8 +13,13 @@ The policy of the client in one place (docs/cluster.md):
   was fenced gets it **relayed** by an owner that did store it (``RELAY``,
   memkv/cluster/relay.py: the node-to-node path often survives what cut the
   client off), and if that fails too the write fails with ``NotEnoughReplicas``
-  -- so an acknowledged write survives the loss of any one node. Otherwise
-  (``acks = "one"``) such owners are skipped and one stored copy suffices. A
+  -- so an acknowledged write survives the loss of any one node. An owner the
+  map still names but whose lease lapsed (paused, cut off from etcd) cannot
+  take it either: the write fails (``NotEnoughReplicas``) until the owner
+  registers again or the rebalancer takes it out of the map -- acknowledged
+  without it, the write would have one copy once the owner is back as an
+  owner (found by the control-plane simulator, docs/control-plane.md).
+  Otherwise (``acks = "one"``) such owners are skipped and one stored copy suffices. A
   destination of a slot being moved is never skipped (it owns the slot once the
   move flips), any other error is the caller's (``KeyExists``...), and ``MOVED``
   from any replica wins;
@@ -85,7 +90,7 @@ def write(router: Router, call: Call, key: bytes, *, every: Callable[[Any], bool
     outcomes = with_absent(nodes, replies)
     if call.every_owner or strict(outcomes, every):
         outcomes = yield from relay_missed(router, call, nodes[:len(nodes) - pending], outcomes)
-    return replicated_outcome(outcomes, pending, every)
+    return replicated_outcome(outcomes, pending, every, every_owner=call.every_owner)
 
 
 def with_absent(nodes: Sequence[object | None], replies: list[Any]) -> list[Any]:
@@ -94,8 +99,8 @@ def with_absent(nodes: Sequence[object | None], replies: list[Any]) -> list[Any]
     down as far as the client can tell, so ``replicated_outcome`` skips it where a dead owner may
     be skipped and fails the write where none may."""
     it = iter(replies)
-    return [next(it) if n is not None else NodeUnavailable("an owner of this key's slot is not registered")
-            for n in nodes]
+    return [next(it) if n is not None else NodeUnavailable("an owner of this key's slot is not registered (its "
+                                                           "lease lapsed)") for n in nodes]
 
 
 def strict(outcomes: list[Any], every: Callable[[Any], bool] | None) -> bool:
@@ -114,7 +119,7 @@ def relay_missed(router: Router, call: Call, owners: Sequence[NodeAddress | None
         return outcomes
     to = [str(owners[i]) for i in missed]
     out = list(outcomes)
-    failed: MemKVError = NotEnoughReplicas(f"no owner that stored the write could relay it to {', '.join(to)}")
+    failed: MemKVError | None = None  # the last relay's error, if one was tried
     for i, r in enumerate(outcomes[:len(owners)]):
         node = owners[i]
         if isinstance(r, MemKVError) or node is None:
@@ -133,12 +138,15 @@ def relay_missed(router: Router, call: Call, owners: Sequence[NodeAddress | None
         for j in missed:
             out[j] = r
         return out
+    if failed is None:
+        failed = NotEnoughReplicas(f"no owner that stored the write could relay it to {', '.join(to)}")
     for j in missed:
         out[j] = failed
     return out
 
 
-def replicated_outcome(outcomes: list[Any], pending: int = 0, every: Callable[[Any], bool] | None = None) -> Any:
+def replicated_outcome(outcomes: list[Any], pending: int = 0, every: Callable[[Any], bool] | None = None, *,
+                       every_owner: bool = False) -> Any:
     """Combine the outcomes of one write sent to every replica (primary first; the last
     ``pending`` are destinations of a slot being moved, ``ClusterRouter.write_replicas``).
 
@@ -151,7 +159,12 @@ def replicated_outcome(outcomes: list[Any], pending: int = 0, every: Callable[[A
     delete in a write-once namespace: its reads trust one replica, so a replica that missed the
     delete would serve the value). ``NotEnoughReplicas`` (a registered owner of an acks "all"
     write that not even a relay reached: ``relay_missed``) is raised, and so is any other error
-    (e.g. KeyExists). Otherwise the first storing owner's result is returned."""
+    (e.g. KeyExists). Nor may an owner be skipped by an acks "all" write (``every_owner``: the
+    replies said so): the registered ones it missed were relayed to (``relay_missed``), and one the
+    map names that is not registered (its lease lapsed) fails it -- acknowledged without that
+    owner, the write would have one copy fewer once the owner registers again and serves the slot
+    (the control-plane simulator's *acks* and *exposed*). Otherwise the first storing owner's
+    result is returned."""
     errors = [r for r in outcomes if isinstance(r, MemKVError)]
     moved = [e for e in errors if isinstance(e, Moved)]
     if moved:
@@ -160,6 +173,10 @@ def replicated_outcome(outcomes: list[Any], pending: int = 0, every: Callable[[A
         if not isinstance(e, MISSED) or isinstance(e, NotEnoughReplicas):
             raise e
     owners = len(outcomes) - pending
+    for r in outcomes[:owners] if every_owner else ():
+        if isinstance(r, MemKVError):
+            raise NotEnoughReplicas(f"acks = all: an owner of this key's slot cannot take the write ({r.message}); "
+                                    f"it waits for the owner to register again or to leave the slot map")
     for r in outcomes if strict(outcomes, every) else outcomes[owners:]:
         if isinstance(r, MemKVError):
             raise r

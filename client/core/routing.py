@@ -189,9 +189,11 @@ class ClusterRouter:
 
         An owner that is not registered (its lease expired: paused, cut off from etcd) is still
         an owner -- it serves its slots again once it registers -- so it stays in the list, as
-        down (``dispatch.with_absent``): a write that may skip a dead owner skips it, a write that
-        may skip no owner fails (a write-once delete acknowledged without it would be undone by
-        its reads once it is back: found by the control-plane simulator, docs/control-plane.md).
+        down (``dispatch.with_absent``): a write that may skip a dead owner skips it (acks "one"), a
+        write that may skip no owner fails -- an acks "all" write (acknowledged without it, the
+        write has one copy fewer once the owner is back serving the slot, and losing the other
+        loses it) and a write-once delete (acknowledged without it, it would be undone by reads
+        once the owner is back); both found by the control-plane simulator, docs/control-plane.md.
         A destination is a slot's owner from the flip on, so it must get every write: it is never
         skipped, and a destination that is not registered (no address) fails the write."""
         st = self.view.state

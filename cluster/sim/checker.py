@@ -16,6 +16,22 @@ newest acknowledged version. A node *holds* a key when it has that version or a 
   of its slot (a replica that missed a write while it was down stays behind: there is no
   anti-entropy, read repair fixes it; counted, not a violation).
 
+**Every live owner has an acknowledged write** (*acks*, where the namespace's ``acks`` is ``all``,
+the default of a durable one: README "Guarantees"). When a write is acknowledged, every owner and
+pending destination of its slot in the client's map that held a live lease and ran without a
+crash for the whole write (registered when the client began it, its registration and process
+unbroken until the acknowledgement), and still is one of the slot's row, holds it -- the client
+stored it there or had it relayed. An owner whose lease lapsed during the write may lack it (it
+failed, as far as the cluster can tell); one that a flip removed meanwhile handed it over (*map*).
+
+**One failure loses no acknowledged write** (*exposed*, ``acks = "all"``, R >= 2): "an
+acknowledged durable write survives losing any one node with its disk". A node that leaves for
+good (a crash it never restarts from, a stop) and takes with it the last surviving copy of an
+acknowledged write violates it when the slot's row was whole at that moment: min(R, members)
+owners, every other one registered and running -- the loss was that one failure's. Losing a
+write that an earlier failure left on one copy (an owner whose lease lapsed, removed from the
+row, not yet copied back) is two failures at once: not promised.
+
 **No acknowledged delete is undone.** *resurrected*: a client read (as the real client reads,
 ``memkv.cluster.sim.client``) returns a value of a key older than a delete of it that was
 acknowledged, unless the key is excused (below: every copy of its newest acknowledged state went
@@ -132,6 +148,9 @@ class Checker:
     _map: SlotMap | None = None
     _lost: set[bytes] = field(default_factory=set)
     _due: dict[bytes, set[str]] = field(default_factory=dict)  # removed owners that still hold a key: hand-off due
+    _life: Counter[str] = field(default_factory=Counter)  # per node: registrations ended + crashes (*acks*)
+    _by_epoch: dict[int, SlotMap] = field(default_factory=dict)  # every published map
+    acks_checked: int = 0  # owners the *acks* invariant found holding a write when it was acknowledged
 
     def __post_init__(self) -> None:
         w = self.world
@@ -166,7 +185,14 @@ class Checker:
                 self.world.trace("CHECK", f"excused {key!r} v{version}: {why}")
 
     # -- events
-    def acked(self, key: bytes, version: int, slot: int, delete: bool = False) -> None:
+    def write_begins(self) -> dict[str, int]:
+        """What *acks* needs from a write's start: the registered, running nodes and their life counts."""
+        return {n: self._life[n] for n in self._registered if self.world.nodes[n].alive}
+
+    def acked(self, key: bytes, version: int, slot: int, delete: bool = False, *,
+              began: dict[str, int] | None = None, epoch: int | None = None) -> None:
+        if began is not None and epoch in self._by_epoch and self.world.scenario.acks_all:
+            self._every_live_owner(key, version, slot, began, self._by_epoch[epoch])
         if delete and self.deletes.get(key, 0) < version:
             self.deletes[key] = version
         old = self.ledger.get(key)
@@ -175,6 +201,23 @@ class Checker:
             self.excused.pop(key, None)
             if not self._row_holders(key, version, slot):
                 self.excused[key] = "the replicas that stored it were gone when the write was acknowledged"
+
+    def _every_live_owner(self, key: bytes, version: int, slot: int, began: dict[str, int], sm: SlotMap) -> None:
+        """*acks*: an acknowledged write is on every owner (and destination) of its slot in the
+        client's map (of the write's last attempt) whose lease and process lasted the whole write and
+        that still is one."""
+        now = self._map.table[slot] if self._map is not None else ()
+        for n in sm.table[slot]:
+            if n not in began or began[n] != self._life[n] or n not in self._registered:
+                continue
+            if n not in now:
+                continue  # a later map moved the slot away from it (it handed the slot over first: *map*)
+            if not self._holds(n, key, version):
+                self.violation("acks", f"acknowledged {key!r} v{version} (acks = all) is not on {n}, an owner of slot "
+                                       f"{slot} in the client's map (epoch {sm.epoch}) registered and running for "
+                                       f"the whole write; holders {self._holders(key, version)}", key)
+                return
+            self.acks_checked += 1
 
     def deleted_keys(self) -> list[bytes]:
         """Keys whose newest acknowledged write is a delete."""
@@ -199,6 +242,7 @@ class Checker:
 
     def node_down(self, node: SimNode, lost: dict[bytes, Value]) -> None:
         """``node`` crashed or stopped; ``lost``: the values that went with it (a volatile node's)."""
+        self._life[node.id] += 1
         self._excuse_lost(f"{node.id} went down and no other live node of the slot held it")
         if not lost or self._map is None:
             return
@@ -215,6 +259,27 @@ class Checker:
             if not any(n not in pend and n in self._registered and self._holds(n, key, a[0])
                        for n in self._map.table[s]):
                 self.excused[key] = f"{node.id} lost it in a crash (volatile) and no other owner held it"
+
+    def gone_for_good(self, node: SimNode) -> None:
+        """*exposed*: ``node`` is about to leave for good (stop, or a crash it never restarts from);
+        what it alone holds is lost. In an ``acks = "all"``
+        namespace with R >= 2 that is a violation when the slot's row was otherwise whole."""
+        sc = self.world.scenario
+        if not sc.acks_all or sc.replicas < 2 or self._map is None:
+            return
+        sm = self._map
+        want = min(sc.replicas, len(self._members | {node.id}))
+        for key, (version, slot) in self.ledger.items():
+            if key in self.excused or self._survivors(key, version) != [node.id]:
+                continue
+            pend = sm.pending.get(slot, ())
+            own = [n for n in sm.table[slot] if n not in pend]
+            whole = len(own) >= max(2, want) and all(n in self._registered and self.world.nodes[n].alive
+                                             for n in own if n != node.id)
+            if whole and node.id in own:
+                self.violation("exposed", f"{node.id} left for good with the only copy of acknowledged {key!r} "
+                                          f"v{version} (acks = all) while slot {slot}'s owners {own} were otherwise "
+                                          f"registered and running: one failure lost it", key)
 
     def freed(self, node: SimNode, values: list[tuple[bytes, Value]], how: str) -> None:
         for key, v in values:
@@ -244,6 +309,7 @@ class Checker:
             nid = key[len(self._nodes_prefix):]
             if value is None:
                 self._registered.discard(nid)
+                self._life[nid] += 1
                 self._excuse_lost(f"{nid}'s registration ended and no other node of the slot held it")
             else:
                 self._registered.add(nid)
@@ -277,13 +343,25 @@ class Checker:
         else:
             r2 = min(s.replicas, max(1, n - 1))
             pending = sum(1 for p in (self._map.pending.values() if self._map is not None else ()) if nid in p)
-            allowance = (load[nid] + pending + 0.15 * s.slots * r2 / max(1, n - 1) + 3 + deficit)
+            allowance = (load[nid] + pending + self._spread_debt(members) + 0.15 * s.slots * r2 / max(1, n - 1) + 3
+                         + deficit)
             kind = "leave"
         self.allowance += allowance
         self.changes.append(Change(self.world.loop.now, kind, nid, n, allowance))
 
+    def _spread_debt(self, members: frozenset[str]) -> int:
+        """Rows of the current owners (those of ``members``) that share a zone or a host although
+        ``members`` could spread them (``placement_faults``): after a leave, each takes one move
+        that is not the leaver's -- a row that had to share a zone while the zones' sizes differed
+        must spread once they no longer do (the placement invariant requires it)."""
+        nodes = self.world.nodes
+        rows = [tuple(n for n in row if n in members) for row in (self._last_owners or ())]
+        return len(placement_faults(rows, {n: nodes[n].zone for n in members}, {n: nodes[n].host for n in members},
+                                    replicas=self.world.scenario.replicas))
+
     def _on_map(self, sm: SlotMap) -> None:
         self.maps += 1
+        self._by_epoch[sm.epoch] = sm
         last, self._map = self._map, sm
         previous = self._last_owners
         if previous is None or last is None or len(last.table) != len(sm.table):
@@ -405,6 +483,6 @@ class Checker:
         return {"placement": placement(sm.table, {n: v.zone for n, v in nodes.items()},
                                        {n: v.host for n, v in nodes.items()}),
                 "acked_keys": len(self.ledger), "excused": len(self.excused), "replicas_behind": behind,
-                "acked_deletes": len(self.deletes),
+                "acked_deletes": len(self.deletes), "acks_checked": self.acks_checked,
                 "moves": self.moves, "allowance": round(self.allowance, 1), "changes": len(self.changes),
                 "maps": self.maps}

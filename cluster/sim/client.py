@@ -1,14 +1,21 @@
 """A simulated cluster client that writes, as the real one does, and keeps the ledger of acks.
 
-Each write (a put, or a versioned delete: a tombstone) goes where the real cluster client sends
-it (``ClusterRouter.write_replicas`` over this client's view: the slot's registered owners and its
-pending destinations -- the double write; an owner that is not registered counts as down,
-``with_absent``), stamped with its map's epoch; the replies are combined
-by the real client's rule (``replicated_outcome``: MOVED from any replica means refresh the map and run the write again;
-dead or fenced owners are skipped, destinations are not; acknowledged when at least one owner
-and every destination stored it; a delete in a write-once namespace skips no owner: ``every``, as
-``memkv.client.core.ops.delete`` passes it). An acknowledged write goes to the checker's
-ledger: from then on the simulation must not lose it while a copy of it lives.
+A write is the real client's operation, run here: a put is ``memkv.client.core.ops.put``'s
+``dispatch.write(PutCall)`` and a versioned delete ``ops.delete``'s ``dispatch.write(DeleteCall,
+every=every_owner)``, each under ``dispatch.restarting`` (MOVED: wait for the newer map, run it
+again), with the simulator's version. So everything the real client decides is decided by its own
+code, and the rule of acknowledgement (``acks = "all"`` or ``"one"``) is the real one:
+``ClusterRouter.write_replicas`` over this client's view (the slot's owners, an unregistered one as
+absent, then its pending destinations: the double write), ``with_absent``, the relay of the write to
+the registered owners it missed where the replies say ``all`` (the namespace's ``acks``:
+``relay_missed``, ``RELAY`` to an owner that stored it, which copies it on; else
+``NotEnoughReplicas``), and ``replicated_outcome`` (MOVED from any replica wins; a destination is
+never skipped; one owner suffices where acks are ``one``, where they are ``all`` an owner the map
+names but that is not registered fails the write; a write-once delete skips no owner). What
+this module performs is only the requests of those programs: ``NodeCall`` on the simulated network
+(the reply's meta through the call's own ``finish``), ``Parallel``, and the ``Blocking`` refresh
+after MOVED (wait for the newer map, as ``ClusterRouter.refresh``). An acknowledged write goes to
+the checker's ledger: from then on the simulation must not lose it while a copy of it lives.
 
 It also reads (``Scenario.reads`` per second, drawn from an RNG of their own so that the rest of
 a schedule does not change), as the real client does, at one instant of simulated time: the
@@ -24,19 +31,21 @@ goes to the checker (*resurrected*: a value older than an acknowledged delete).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memkv.client.cluster_map import key_slot
-from memkv.client.core.dispatch import MOVED_RETRIES, replicated_outcome, with_absent
-from memkv.client.core.ops import every_owner
-from memkv.client.core.routing import ClusterRouter
-from memkv.cluster.effects import Program, Sleep, WaitView
+from memkv.client.core import ops
+from memkv.client.core.calls import Call, DeleteCall, PutCall
+from memkv.client.core.dispatch import restarting, write
+from memkv.client.core.requests import Blocking, NodeCall, Parallel
+from memkv.client.core.routing import MOVED_WAIT_S, ClusterRouter
+from memkv.cluster.effects import Program, Sleep
 from memkv.cluster.sim.loop import Process
 from memkv.cluster.sim.net import NetActor
+from memkv.cluster.sim.node import NS
 from memkv.cluster.sim.view import SimView
-from memkv.errors import MemKVError, Moved
-from memkv.protocol.opcodes import Op
+from memkv.errors import MemKVError
+from memkv.protocol.codec import Frame
 
 if TYPE_CHECKING:
     from memkv.cluster.sim.node import SimNode, Value
@@ -57,6 +66,7 @@ class SimClient(NetActor):
         self.value_size = value_size
         self.delete_every = delete_every  # every n-th write is a delete (0: none)
         self.writes = self.acked = self.reads = self.deletes_refused = 0
+        self.refused: dict[str, int] = {}  # writes not acknowledged, by the error the caller got
         self.read_rng = random.Random(f"client-reads-{world.scenario.seed}")
 
     def start(self) -> None:
@@ -135,58 +145,77 @@ class SimClient(NetActor):
             self.spawn(f"{self.name}/put", self._write(key, self.world.next_version()))
 
     def _write(self, key: bytes, version: int) -> Program[None]:
-        """A put, or (every ``delete_every``-th write) a versioned delete: the same replicated write of
-        the key's new state, a tombstone."""
+        """A put, or (every ``delete_every``-th write) a versioned delete: the real client's operation."""
         self.writes += 1
         tomb = bool(self.delete_every) and self.writes % self.delete_every == 0
-        for _ in range(MOVED_RETRIES + 1):
-            sm = self.view.state.slotmap
-            try:
-                nodes, pending = self.router.write_replicas(key)
-            except MemKVError:
-                return
-            if not any(a is not None for a in nodes):
-                return
-            slot = key_slot(key, sm.slots)
-            meta = {"key": key, "ver": version, "size": 0 if tomb else self.value_size, "slot": slot,
-                    "ep": sm.epoch, "tomb": tomb}
-            replies = yield Fanout(tuple(str(a) for a in nodes if a is not None), int(Op.PUT), meta)
-            try:
-                # a delete passes ``every`` as memkv.client.core.ops.delete does
-                replicated_outcome(with_absent(nodes, replies), pending, every_owner if tomb else None)
-            except Moved as exc:
-                yield WaitView(lambda s, e=exc.epoch: s.epoch >= e, 1.0)
-                continue
-            except MemKVError:
-                if tomb:
-                    self.deletes_refused += 1
-                return
-            self.acked += 1
-            self.world.checker.acked(key, version, slot, tomb)
+        router = self.router
+        began = self.world.checker.write_begins()
+        # ops.delete and ops.put, with the simulator's version
+        call: Call = DeleteCall({"k": key, "ver": version, "ns": NS}) if tomb else PutCall(
+            key, b"", namespace=NS, ttl=None, pin=False, extra={"ver": version})
+        try:
+            yield from restarting(router, write, router, call, key, every=ops.every_owner if tomb else None)
+        except MemKVError as exc:
+            name = type(exc).__name__
+            self.refused[name] = self.refused.get(name, 0) + 1
+            if tomb:
+                self.deletes_refused += 1
             return
+        self.acked += 1
+        # (the map of its last attempt: the epoch it was stamped with)
+        self.world.checker.acked(key, version, key_slot(key, self.world.scenario.slots), tomb, began=began,
+                                 epoch=call.meta["ep"])
 
     def perform_io(self, proc: Process, tok: int, eff: Any) -> None:
-        if not isinstance(eff, Fanout):
-            super().perform_io(proc, tok, eff)
-            return
-        outcomes: list[Any] = [None] * len(eff.addrs)
-        left = [len(eff.addrs)]
+        """The requests of the real client's operations (``memkv.client.core.requests``)."""
+        if isinstance(eff, NodeCall):
+            call = eff.call
 
-        def one(i: int, value: Any, error: BaseException | None) -> None:
-            outcomes[i] = value if error is None else error
+            def reply(value: Any, error: BaseException | None) -> None:
+                if error is None:
+                    try:  # the call's own reading of the reply (``every_owner`` from "all", ...)
+                        value = call.finish(Frame(int(call.op), 0, 0, value), [])
+                    except MemKVError as exc:
+                        error = exc
+                proc.wake(tok, value, error)
+
+            # (a copy of the meta, as the bytes on a wire: a later attempt stamps its own epoch)
+            self.net.node_call(str(eff.node), int(call.op), dict(call.meta), self.call_timeout, reply)
+        elif isinstance(eff, Parallel):
+            self._gather(proc, tok, eff)
+        elif isinstance(eff, Blocking) and eff.fn == self.router.refresh:
+            self._refresh(proc, tok, int(eff.args[0]))
+        else:
+            super().perform_io(proc, tok, eff)
+
+    def _gather(self, proc: Process, tok: int, eff: Parallel) -> None:
+        """``Parallel``: every operation's return value or the ``MemKVError`` it ended with, in order."""
+        n = len(eff.ops)
+        results: list[Any] = [None] * n
+        left = [n]
+
+        def done(i: int, value: Any, error: BaseException | None) -> None:
+            if error is not None and not isinstance(error, MemKVError):
+                proc.children = []
+                proc.wake(tok, None, error)  # a bug, not an outcome: the operation dies of it
+                return
+            results[i] = value if error is None else error
             left[0] -= 1
             if left[0] == 0:
-                proc.wake(tok, outcomes, None)
+                proc.children = []
+                proc.wake(tok, results, None)
 
-        for i, addr in enumerate(eff.addrs):
-            self.net.node_call(addr, eff.op, eff.meta, self.call_timeout, lambda v, e, i=i: one(i, v, e))
+        if n == 0:
+            self.loop.call_later(0.0, proc.wake, tok, [], None)
+            return
+        proc.children = [self.spawn(f"{proc.name}/{i}", op, lambda v, e, i=i: done(i, v, e))
+                         for i, op in enumerate(eff.ops)]
 
+    def _refresh(self, proc: Process, tok: int, moved_epoch: int) -> None:
+        """``ClusterRouter.refresh`` after MOVED: wait briefly for a map at least that new; when the node
+        was behind instead, give its watch a moment."""
+        if moved_epoch > self.view.state.epoch:
+            self.view.wait(lambda st: st.epoch >= moved_epoch, MOVED_WAIT_S, lambda ok: proc.wake(tok, None, None))
+        else:
+            self.loop.call_later(0.1, proc.wake, tok, None, None)
 
-@dataclass(frozen=True, eq=False)
-class Fanout:
-    """The same call to several nodes at once; the outcomes (reply or error) in order -- what the
-    real client's replicated write does with a ``Parallel`` of one call per replica."""
-
-    addrs: tuple[str, ...]
-    op: int
-    meta: dict[str, Any]

@@ -110,7 +110,7 @@ class Net:
             target.serve(op, meta, lambda v, e: loop.call_later(d2, reply, v, e))
 
         loop.call_later(d1, deliver)
-        if not (op == Op.PUT and d1 + d2 + COMMIT_MAX_S < timeout):
+        if not (op in (Op.PUT, Op.DELETE) and d1 + d2 + COMMIT_MAX_S < timeout):
             # (a client write is served within the commit delay, or the node dies and closes the
             # call: its timeout cannot fire, and writes are most of the simulation's calls)
             loop.call_later(timeout, reply, None, CallTimeout(f"{addr}: no reply in {timeout}s"))

@@ -5,13 +5,22 @@ It registers under ``nodes/<id>`` with a lease it renews every third of the TTL 
 a rebalancer candidate (the real ``Rebalancer``) unless the world has standalone candidates, and
 serves:
 
-- client writes (``PUT``): the ownership rule of ``memkv.cluster.ownership`` against its own
-  map, then the value is committed a little later (``commit_delay``: a real node checks before it
-  commits, and a write that passed the check just before the map changed is what the copy's
-  catch-up exists for); a value is kept only if its version is newer than the one held;
+- client writes (``PUT``, and ``DELETE``: a tombstone), as the real client sends them
+  (``memkv.client.core.calls``): fenced? then the ownership rule of ``memkv.cluster.ownership``
+  against its own map, then the value is committed a little later (``commit_delay``: a real node
+  checks before it commits, and a write that passed the check just before the map changed is what
+  the copy's catch-up exists for); a value is kept only if its version is newer than the one held.
+  The reply says what a real node's says of the namespace: ``all`` (its ``acks``: every live owner
+  must store the write) and ``ow`` (overwritable);
+- ``RELAY`` (``memkv.cluster.relay``): the same checks, then every address in ``to`` must be a
+  registered owner or pending destination of the keys' slots in this node's map (else ``Moved``);
+  what this node holds of each key, at least as new as the client's version, is sent to each of
+  them as a copy, with the relay's own short timeout; a key held only older, or a copy that
+  fails, is ``NotEnoughReplicas``;
 - ``SLOT_SIZES``, ``MIGRATE_PUSH`` and ``DROP_SLOTS``: the real migration programs
   (``memkv.cluster.migration_job``) against this node's data;
-- copies (``PUT_MANY`` with versions) from a migration source, refused while a copy fault holds.
+- copies (``PUT_MANY`` with versions) from a migration source or a relay, refused while a copy
+  fault holds and, as every write, while the node is fenced.
 
 Values are (version, generation, size, slot) per key -- no bytes; a versioned delete is a value
 marked as a tombstone (the store keeps it as the key's state: the newer version wins, copies and
@@ -36,7 +45,7 @@ from memkv.cluster.rebalancer import Rebalancer
 from memkv.cluster.sim.loop import Process
 from memkv.cluster.sim.net import NetActor
 from memkv.cluster.sim.view import SimView
-from memkv.errors import ConnectionLost, DiskFull, Fenced, InvalidArgument, MemKVError
+from memkv.errors import ConnectionLost, DiskFull, Fenced, InvalidArgument, MemKVError, Moved, NotEnoughReplicas
 from memkv.protocol.opcodes import Op
 
 if TYPE_CHECKING:
@@ -44,6 +53,7 @@ if TYPE_CHECKING:
 
 NS = "blocks"
 OP_COPY = -1  # PUT_MANY with ``vers`` from a migration source (the simulator's own tag for it)
+RELAY_TIMEOUT_S = 2.0  # ``[cluster] relay_timeout``'s default (memkv/cluster/relay.py)
 
 
 @dataclass(slots=True)
@@ -53,6 +63,14 @@ class Value:
     size: int
     slot: int
     tomb: bool = False  # a tombstone: the key was deleted as of ``version``
+
+
+@dataclass(frozen=True, eq=False)
+class RelayCopies:
+    """A relay's copies to one owner, sent with the relays' timeout (not the slot copies')."""
+
+    dest: str
+    copies: list[tuple[bytes, int, int, int, bool]]
 
 
 class SimNode(NetActor):
@@ -155,14 +173,16 @@ class SimNode(NetActor):
             if self._inflight.pop(seq, None) is not None:
                 reply(value, error)
 
-        if op == Op.PUT:  # the hot path of the simulation: no process of its own
-            self._put(meta, done)
+        if op in (Op.PUT, Op.DELETE):  # the hot path of the simulation: no process of its own
+            self._put(meta, op == Op.DELETE, done)
         else:
             self.spawn(f"{self.id}/op{op}", self._handle(op, meta), done)
 
     def _handle(self, op: int, meta: dict[str, Any]) -> Program[Any]:
         if op == OP_COPY:
             return self._store_copies(meta)
+        if op == Op.RELAY:
+            return (yield from self._relay(meta))
         if op == Op.MIGRATE_PUSH:
             req = migration_job.PushRequest.from_meta(meta)
             return (yield from migration_job.push(self.jobs, req, view=self.view, me=self.id, version=self._version,
@@ -178,9 +198,10 @@ class SimNode(NetActor):
             return self._slot_sizes(int(meta["nslots"]))
         raise InvalidArgument(f"simulated node: no op {op}")
 
-    def _put(self, meta: dict[str, Any], done: Callable[[Any, BaseException | None], None]) -> None:
-        """A client write: fenced? owner at the client's epoch? then commit a moment later."""
-        key: bytes = meta["key"]
+    def _put(self, meta: dict[str, Any], tomb: bool, done: Callable[[Any, BaseException | None], None]) -> None:
+        """A client write (a put, or a delete's tombstone): fenced? owner at the client's epoch? then
+        commit a moment later."""
+        key: bytes = meta["k"]
         try:
             if self.fenced():
                 raise Fenced(f"node {self.id} lost its etcd lease")
@@ -189,12 +210,16 @@ class SimNode(NetActor):
             self.loop.call_later(0.0, done, None, exc)
             return
         incarnation = self.incarnation
+        sc = self.world.scenario
+        version = int(meta["ver"])
 
         def commit() -> None:
             if self.alive and self.incarnation == incarnation:
-                self._commit(key, meta["ver"], meta["size"], meta["slot"], bool(meta.get("tomb")))
-                # a real node's reply says whether the namespace is overwritable ("ow")
-                done({"ok": True, "ow": not self.world.scenario.write_once}, None)
+                stored = self._commit(key, version, 0 if tomb else sc.value_size, key_slot(key, sc.slots), tomb)
+                # what a real node's reply says of the namespace: its acks, whether it is overwritable
+                reply: dict[str, Any] = {"d": stored} if tomb else {"gen": self.gen}
+                reply.update(all=sc.acks_all, ow=not sc.write_once)
+                done(reply, None)
 
         self.loop.call_later(self.world.commit_delay(), commit)
 
@@ -212,7 +237,38 @@ class SimNode(NetActor):
         if self.alive and not self.fenced():
             self._commit(key, version, size, slot, tomb)
 
+    def _relay(self, meta: dict[str, Any]) -> Program[dict[str, Any]]:
+        """``RELAY`` (memkv/cluster/relay.py): hand a write this node stored on to the owners in ``to``."""
+        if self.fenced():
+            raise Fenced(f"node {self.id} lost its etcd lease")
+        keys, vers = list(meta["ks"]), [int(v) for v in meta["vers"]]
+        st = self.view.state
+        sm = st.slotmap
+        route_check(sm, self.id, meta.get("ep"), keys, True)
+        assert sm is not None
+        ids = {info.addr: nid for nid, info in st.nodes.items()}
+        for addr in meta["to"]:
+            nid = ids.get(addr)
+            for key in keys:
+                s = key_slot(key, sm.slots)
+                if nid is None or (nid not in sm.table[s] and nid not in sm.pending.get(s, ())):
+                    raise Moved(f"{addr} is not a registered owner of slot {s} at epoch {sm.epoch}", sm.epoch)
+        copies = []
+        for key, ver in zip(keys, vers, strict=True):
+            v = self.data.get(key)
+            if v is None or v.version < ver:
+                raise NotEnoughReplicas(f"node {self.id} no longer holds {key!r} at version {ver}; not relayed")
+            copies.append((key, v.version, v.size, v.slot, v.tomb))
+        for addr in meta["to"]:
+            try:
+                yield RelayCopies(addr, copies)
+            except MemKVError as exc:
+                raise NotEnoughReplicas(f"relay from node {self.id} to {addr} failed: {type(exc).__name__}") from None
+        return {"n": len(copies)}
+
     def _store_copies(self, meta: dict[str, Any]) -> dict[str, Any]:
+        if self.fenced():  # copies are writes: a node without its lease refuses them (memkv/server/stages.py)
+            raise Fenced(f"node {self.id} lost its etcd lease")
         if self.loop.now < self.refuse_copies_until:
             raise DiskFull(f"node {self.id}: copies refused (injected copy failure)")
         n = 0
@@ -250,6 +306,9 @@ class SimNode(NetActor):
             copies = [(k, ver, 0, key_slot(k, nslots), True) if v is None else (k, ver, v.size, v.slot, False)
                       for ks, vs, vers in eff.groups.values() for k, v, ver in zip(ks, vs, vers, strict=True)]
             super().perform_io(proc, tok, NodeCall(eff.dest, OP_COPY, {"copies": copies}))
+        elif isinstance(eff, RelayCopies):  # the relays' own pool: a short timeout
+            self.net.node_call(eff.dest, OP_COPY, {"copies": eff.copies}, RELAY_TIMEOUT_S,
+                               lambda v, e: proc.wake(tok, v, e))
         elif isinstance(eff, FreeSlots):
             self.loop.call_later(0.0, proc.wake, tok, self._free(eff), None)
         else:

@@ -80,6 +80,14 @@ class Scenario:
     # "ow"); else overwritable (reads compare the replicas' versions)
     write_once: bool = False
     reads: float = 0.0  # client reads per simulated second (the *resurrected* invariant); 0: none
+    # the namespace's ``acks`` (memkv/config.py): "all" -- a write is acknowledged only once every
+    # owner with a live lease stored it (relayed to those the client missed) -- or "one"; "" is the
+    # default of the namespace's durability: "all" for durable nodes, "one" for volatile ones
+    acks: str = ""
+
+    @property
+    def acks_all(self) -> bool:
+        return (self.acks or ("all" if self.durable else "one")) == "all"
 
     def heal_at(self) -> float:
         return max((f.ends() for f in self.faults), default=0.0)

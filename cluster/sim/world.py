@@ -255,9 +255,12 @@ class World:
                 return
             self.trace("FAULT", f"{kind} {node.id}" + (f", restart in {f.restart_after}s" if f.restart_after else ""))
             if kind == "leave":
+                self.checker.gone_for_good(node)
                 self._retired.add(node.id)
                 node.stop()
             elif kind == "crash":
+                if f.restart_after is None:
+                    self.checker.gone_for_good(node)
                 node.crash()
                 if f.restart_after is not None:
                     self.loop.call_later(f.restart_after, self._restart, node)
@@ -344,6 +347,8 @@ class World:
         mid = " mid-migration" if sm is not None and sm.pending else ""
         self.trace("FAULT", f"crash the leader {victim.id}{mid}"
                    + (f", restart in {f.restart_after}s" if f.restart_after else ""))
+        if f.restart_after is None and isinstance(victim, SimNode):
+            self.checker.gone_for_good(victim)
         victim.crash()
         if f.restart_after is not None:
             self.loop.call_later(f.restart_after, self._restart, victim)
@@ -421,7 +426,7 @@ class World:
                         self.client.read(key)
             if sc.write_rate > 0:
                 self.client.stop()
-            stats.update(writes=self.client.writes, acked_writes=self.client.acked)
+            stats.update(writes=self.client.writes, acked_writes=self.client.acked, refused=dict(self.client.refused))
             if sc.reads > 0:
                 stats.update(reads=self.client.reads, deletes_refused=self.client.deletes_refused)
         return self._result(stats)

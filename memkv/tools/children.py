@@ -12,13 +12,17 @@ The "parent" whose death sends the signal is the *thread* that forked the child,
 process: a node restarted from a short-lived thread (a chaos fault, a test fixture starting
 etcd members at once) would be killed when that thread ends. So every child is forked by one
 thread that lives as long as the process (``_Spawner``), whichever thread asks.
+
+A child that starts processes of its own (vLLM) runs as a ``TiedGroup``: they die with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import threading
 from concurrent.futures import Future
@@ -71,3 +75,40 @@ def popen_tied(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
             _spawner_pid = os.getpid()
             _spawner = _Spawner()
     return _spawner.popen(args, kwargs)
+
+
+# Reads until EOF, then SIGKILLs the process group "$1". Its stdin's write end is held by this
+# process alone (pipes are close-on-exec), so EOF comes when this process dies, however it dies.
+_REAPER = 'cat > /dev/null; kill -s KILL -- "-$1" 2>/dev/null'
+
+
+class TiedGroup:
+    """A child in a process group of its own that dies, with every process it started, when this
+    process dies.
+
+    ``popen_tied`` reaches the child only: a program that starts processes of its own leaves them
+    running when it is killed (seen: vLLM's engine core and worker outlived a SIGKILL'd test's
+    ``vllm serve``, holding gigabytes and blocked on a socket forever). So the child leads a new
+    session, and a reaper -- a shell in a session of its own, not tied, since it must outlive this
+    process and a signal to this process's group must not end it first -- SIGKILLs the group when
+    this process is gone."""
+
+    def __init__(self, args: list[str], **kwargs: Any) -> None:
+        self.proc: subprocess.Popen[Any] = popen_tied(args, start_new_session=True, **kwargs)
+        self._reaper = subprocess.Popen(["sh", "-c", _REAPER, "sh", str(self.proc.pid)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the group; SIGKILL to whatever is left of it once the leader exited or after
+        ``timeout`` seconds."""
+        # The reaper goes first: once the group is gone its id may be given to another one.
+        self._reaper.kill()
+        self._reaper.wait()
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # (members that outlived their leader)
+        self.proc.wait(10)
