@@ -102,3 +102,17 @@ def test_bad_value_does_not_swallow_next_record():
     items = list(r.scan(bytes(a) + b))
     assert isinstance(items[0], r.Damage) and isinstance(items[0].error, r.BadValue)
     assert [x.key for x in items if isinstance(x, r.Record)] == [b"b"]
+
+
+@settings(SETTINGS, derandomize=True, database=None)
+@given(recs, st.integers(0, 2**40))
+def test_stamp_head_sets_the_durable_field_and_keeps_the_record_valid(t, durable):
+    """The log writer stamps a header it did not build (compaction's copies too): the record still
+    decodes to the same fields, with the stamp (capped to its 32 bits: a lower bound stays true)."""
+    buf = _enc(t)
+    before = r.decode(buf)
+    head = buf[:before.value_off]
+    stamped = r.stamp_head(head, durable) + buf[before.value_off:]
+    after = r.decode(stamped)
+    assert after._replace(durable=0) == before and before.durable == 0
+    assert after.durable == min(durable, r.MAX_DURABLE)

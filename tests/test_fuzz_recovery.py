@@ -14,9 +14,10 @@ segment removed, the snapshot flipped or truncated -- and starts a node on it. T
 - no read returns bytes that were never written for the key (a key whose newest record was
   damaged is served an older intact version or nothing);
 - a key whose newest record was damaged and is not served is reported: damaged or torn
-  records at recovery, a value found corrupt at read time, or the snapshot ignored. (Except a
-  whole segment file removed, or cut exactly at a record boundary: found by this fuzz,
-  unreported today -- the strict xfail test ``test_missing_segment_is_reported`` reproduces it.)
+  records at recovery, a value found corrupt at read time, or the snapshot ignored. A whole
+  segment file removed, or cut exactly at a record boundary (found by this fuzz, unreported
+  once) is reported from the segment manifest (memkv/flash/manifest.py), with or without the
+  index snapshot: ``test_missing_segment_is_reported``.
 
 Bounded and deterministic: hypothesis ``derandomize=True``, ``MEMKV_FUZZ_RECOVERY_EXAMPLES``
 examples (12 by default; ``make fuzz`` runs more).
@@ -68,7 +69,6 @@ class Pristine:
     config: Path
     written: dict[bytes, set[bytes]]  # every value ever written per key
     newest: dict[bytes, Newest]
-    boundaries: dict[str, set[int]]   # segment file name -> offsets where a record starts or the file ends
 
 
 def _scan_newest(flash: Path) -> dict[bytes, Newest]:
@@ -117,9 +117,7 @@ def pristine(tmp_path_factory) -> Pristine:
     assert (flash / SNAPSHOT).exists() and len(list(flash.glob("seg-*.log"))) >= 3, sorted(os.listdir(flash))
     newest = _scan_newest(flash)
     assert {k: n.value for k, n in newest.items()} == current  # the files say what the client did
-    boundaries = {seg.name: {0, seg.stat().st_size} | {r.offset for r in rec.scan(seg.read_bytes())}
-                  for seg in flash.glob("seg-*.log")}
-    return Pristine(node.data_dir, cfg, written, newest, boundaries)
+    return Pristine(node.data_dir, cfg, written, newest)
 
 
 # -- damage
@@ -234,14 +232,7 @@ def test_damaged_data_dir_recovers_every_intact_record(pristine: Pristine, tmp_p
         rcv = flash_stats["recovered"]
         reported = (rcv["damaged"] + rcv["torn"] + flash_stats["corrupt"] > 0 or snapshot_damaged
                     or "ignoring the index snapshot" in log)
-        # A segment file removed, or cut at a record boundary, goes unreported today
-        # (test_missing_segment_is_reported below)
-        unreportable = any(d.startswith("remove seg-") for d in done) or any(
-            d.startswith("truncate seg-") and int(d.split("@")[1]) in pristine.boundaries[d.split()[1].split("@")[0]]
-            for d in done)
-        if damaged_unserved and unreportable and not reported:
-            tally["unreportable"] = tally.get("unreportable", 0) + 1
-        elif damaged_unserved:
+        if damaged_unserved:
             tally["reported"] += 1
             assert reported, f"{len(damaged_unserved)} keys lost to damage and nothing reported ({done}): {flash_stats}"
         tally["examples"] += 1
@@ -254,17 +245,11 @@ def intact_file(a: Path, b: Path) -> bool:
     return b.exists() and a.read_bytes() == b.read_bytes()
 
 
-UNREPORTED = pytest.mark.xfail(strict=True, reason=(
-    "with no index snapshot, a segment file that is gone or emptied is not reported: nothing records which "
-    "segments exist or how long they were (compaction removes segments too) -- found by the recovery fuzz. "
-    "(With the snapshot, its rows into a missing segment are reported since the fix in memkv/flash/recovery.py.)"))
-
-
 @pytest.mark.parametrize(("keep_snapshot", "how"), [
     (True, "removed"),  # the snapshot's rows into the missing file: reported at recovery
-    pytest.param(False, "removed", marks=UNREPORTED),
-    pytest.param(False, "emptied", marks=UNREPORTED),
-    (True, "emptied"),  # the snapshot's rows point past the end: read-time corruption, reported
+    (False, "removed"),  # the segment manifest lists it: reported at recovery (found by this fuzz)
+    (False, "emptied"),  # the manifest says how many of its bytes were durable
+    (True, "emptied"),
 ])
 def test_missing_segment_is_reported(pristine: Pristine, tmp_path_factory, keep_snapshot: bool, how: str) -> None:
     work = tmp_path_factory.mktemp("missing-segment")

@@ -7,6 +7,17 @@ writes it with ``pwritev`` and ``fdatasync`` in a worker thread, then wakes
 every waiter: one fsync covers all the records queued while the previous one
 ran (group commit). ``wait(seq)`` returns once record ``seq`` is durable or
 raises the error that made its batch fail (``DiskFull`` on ENOSPC).
+
+What a crash can leave. Up to ``parallel`` batches are written at once, but a record is
+acknowledged only after its own batch's fdatasync *and* every earlier batch settled, so the
+records a crash can cut or leave unwritten (a zero hole where a later batch in flight was
+written past them) are never acknowledged, and they lie in the last batches: nothing queued
+after a batch settled is among them. ``append`` stamps each record with what the writer knew
+to be durable at that moment (``record.stamp_head``: its own segment's durable bytes; a
+stamp >= 2 also says every record before it in the segment settled, hence the whole previous
+segment did). Recovery trusts a hole only where no stamp says it was durable. Segment ids
+skip one when a run starts and after a failed batch, so that no stamp of this run speaks for
+a segment that an earlier crash (or the failure) left with holes.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import trio
 
 from memkv.engine.clock import SYSTEM, Clock
 from memkv.errors import DiskFull, MemKVError, ServerError
+from memkv.flash.manifest import drop_manifest, write_manifest
+from memkv.flash.record import stamp_head
 from memkv.flash.segment import Segment, fsync_dir, list_segments, pwritev_all
 
 log = logging.getLogger("memkv.flash")
@@ -53,7 +66,9 @@ class FlashLog:
             self.segments[sid] = Segment(directory, sid, create=False)
         self.used = sum(s.size for s in self.segments.values())
         self.active: Segment | None = None
-        self.next_id = max(self.segments, default=0) + 1
+        # one id skipped after the segments of an earlier run: a stamp in this run's first segment
+        # vouches for its predecessor id (see the module docstring), which must not be theirs
+        self.next_id = max(self.segments) + 2 if self.segments else 1
         self.seq = 0  # last assigned
         self.durable_seq = 0
         self.batch: list[Pending] = []
@@ -64,6 +79,7 @@ class FlashLog:
         self.bytes_written = 0
         self.removals = 0  # segments removed (compaction: a tombstone may be needed no more)
         self._stats_lock = threading.Lock()  # two writer threads may update the counters
+        self._manifest_lock = threading.Lock()  # writer threads and removals rewrite the manifest
         self._work = trio.Event()
         self._flushed = trio.Event()
         self.closed = False
@@ -83,8 +99,10 @@ class FlashLog:
         return a
 
     def append(self, bufs: list, size: int, lsn: int, done: Callable[[bool], None] | None = None) -> Pending:
-        """Queue a record of ``size`` bytes (``bufs`` concatenated); returns its pending write."""
+        """Queue a record of ``size`` bytes (``bufs`` concatenated, the first its header and names);
+        returns its pending write. The header is stamped with its segment's durable bytes now."""
         seg = self._segment_for(size)
+        bufs = [stamp_head(bufs[0], seg.durable + 1), *bufs[1:]]
         p = Pending(seg, seg.size, bufs, size, self.seq + 1, done)
         self.seq += 1
         seg.size += size
@@ -188,7 +206,7 @@ class FlashLog:
             with self._stats_lock:
                 self.fsyncs += 1
             if not seg.dir_synced:
-                fsync_dir(self.dir)
+                self.record_segments()  # lists the new segment (and fsyncs the directory)
                 seg.dir_synced = True
 
     def _succeeded(self, batch: list[Pending]) -> None:
@@ -214,15 +232,28 @@ class FlashLog:
         if self.active is not None and any(p.seg is self.active for p in batch):
             self.active.sealed = True
             self.active = None
+            self.next_id += 1  # the next segment's stamps must not vouch for this one's failed bytes
         for p in batch:
             p.bufs = []
             if p.done is not None:
                 p.done(False)
 
     # -- segments
+    def record_segments(self, without: Segment | None = None) -> None:
+        """Rewrite the segment manifest (memkv/flash/manifest.py): every segment, ``without`` taken
+        out first, with its durable bytes. Under a lock, so that the last one written is newest."""
+        with self._manifest_lock:
+            if without is not None:
+                self.segments.pop(without.id, None)
+            write_manifest(self.dir, {sid: s.durable for sid, s in dict(self.segments).items()})
+
     def remove(self, seg: Segment) -> None:
-        """Forget and delete a segment (its readers are gone)."""
-        self.segments.pop(seg.id, None)
+        """Forget and delete a segment (its readers are gone); the manifest stops listing it first."""
+        try:
+            self.record_segments(without=seg)
+        except OSError as exc:  # ENOSPC, typically: removing segments is how space comes back
+            log.warning("flash: could not rewrite the segment manifest (%s); dropped until the next segment", exc)
+            drop_manifest(self.dir)
         self.used -= seg.size
         self.removals += 1
         seg.unlink()
@@ -230,6 +261,11 @@ class FlashLog:
         self.enospc_at = None
 
     def close(self) -> None:
+        if not self.closed:
+            try:
+                self.record_segments()  # the final durable bytes of each segment
+            except OSError as exc:
+                log.warning("flash: could not write the segment manifest at shutdown: %s", exc)
         self.closed = True
         for seg in self.segments.values():
             seg.close()

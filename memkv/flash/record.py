@@ -8,7 +8,7 @@ Header fields (little endian)::
 
     magic u32 | hcs u32 | kind u8 | flags u8 | ns_len u16 | tenant_len u16 | parent_len u16 |
     key_len u32 | value_len u64 | value_cs u64 | lsn u64 | generation u64 | version u64 | expires f64 |
-    reserved u32
+    durable u32
 
 ``hcs`` is xxh32 over the header after it and the name bytes (namespace .. parent), so
 a torn or flipped header is detected before its lengths are trusted; ``value_cs``
@@ -17,7 +17,11 @@ torn or flipped value is detected too. ``lsn`` orders records globally (the
 newest record of a key wins at recovery; a copy made by compaction keeps its
 lsn). ``version`` is the write's version (memkv/protocol/versions.py: how replicas
 tell the newer of two values apart, also after a restart). ``expires`` is wall-clock
-seconds (0 = never).
+seconds (0 = never). ``durable`` is what the log writer knew to be on disk when it queued
+the record (``stamp_head``): 1 + the bytes of the record's own segment then durable (so 1:
+none of it yet; >= 2 also means every record of the segment before it had settled); 0: no
+claim (records written before the field existed). Recovery uses it to tell a hole the crash
+left in never-acknowledged records (torn) from damage to durable ones: memkv/flash/recovery.py.
 
 ``scan`` walks a buffer, skipping damaged bytes by searching for the next
 header that checks out, so one bad record costs only itself.
@@ -43,6 +47,8 @@ KINDS = (PUT, DELETE)
 FLAG_PARENT = 1
 
 MAX_NAME = 0xFFFF
+MAX_DURABLE = 0xFFFFFFFF  # a larger durable extent is stamped as this (a lower bound stays true)
+_DURABLE_AT = HEADER_SIZE - 4
 MAX_KEY = 1 << 20
 MAX_VALUE = 1 << 40
 
@@ -86,6 +92,7 @@ class Record(NamedTuple):
     offset: int  # start of the record
     value_off: int  # start of the value
     version: int = 0
+    durable: int = 0  # the writer's durability stamp (see the module docstring)
 
     @property
     def size(self) -> int:
@@ -132,7 +139,7 @@ def decode_head(buf, offset: int = 0, end: int | None = None) -> Record:
     if offset + HEADER_SIZE > end:
         raise Truncated("buffer ends inside a record header", offset)
     (magic, hcs, kind, flags, ns_len, tn_len, pr_len, key_len, value_len, value_cs, lsn, generation, version,
-     expires, _reserved) = HEADER.unpack_from(buf, offset)
+     expires, durable) = HEADER.unpack_from(buf, offset)
     if magic != MAGIC:
         raise BadHeader(f"bad magic {magic:#x}", offset)
     names_end = offset + HEADER_SIZE + ns_len + tn_len + key_len + pr_len
@@ -154,7 +161,18 @@ def decode_head(buf, offset: int = 0, end: int | None = None) -> Record:
     p += key_len
     parent = bytes(mv[p:p + pr_len]) if flags & FLAG_PARENT else None
     p += pr_len
-    return Record(kind, ns, tn, key, parent, value_len, value_cs, lsn, generation, expires, offset, p, version)
+    return Record(kind, ns, tn, key, parent, value_len, value_cs, lsn, generation, expires, offset, p, version,
+                  durable)
+
+
+def stamp_head(head, durable: int) -> bytes:
+    """``head`` (a record's header and name bytes, as ``encode_head`` made them) with its ``durable``
+    field set and its header checksum recomputed."""
+    out = bytearray(head)
+    _, _, _, _, nl, tl, pl, kl = struct.unpack_from("<IIBBHHHI", out)
+    struct.pack_into("<I", out, _DURABLE_AT, min(durable, MAX_DURABLE))
+    struct.pack_into("<I", out, 4, _xxh32(memoryview(out)[8:HEADER_SIZE + nl + tl + kl + pl]))
+    return bytes(out)
 
 
 def verify_value(buf, rec: Record) -> None:

@@ -7,12 +7,22 @@ purge time has not passed is adopted as a tombstone of the index, so that a
 restarted node keeps refusing older writes of the key; an unversioned one
 (version 0: a purge, a freed slot, or a delete written before deletes had
 versions) only hides older puts.
-Records whose value fails its checksum are torn writes (the tail) or damaged
-bytes (elsewhere): they are skipped and counted, every other record is used.
-The log writes two batches in parallel (``FlashLog.parallel``), so a crash can also
-leave a torn batch *before* a whole one in the last segment: the unwritten rest of
-the torn batch reads as zeros (a hole), which tells it apart from damage. Neither
-batch was acknowledged before its own fsync and every earlier one completed.
+Records that do not check out are skipped, and each stretch of them is counted
+either as a torn write (a crash cut records nobody was told were durable) or as
+damage (logged, reported). A stretch may be torn only if it has the shape a crash
+leaves -- it reaches the end of its file (a cut write), or ends in zeros (the
+unwritten rest of a batch that a later batch in flight was written past: the log
+writes two batches in parallel, ``FlashLog.parallel``) -- *and* no record says its
+bytes were durable: every record carries the writer's durability stamp
+(memkv/flash/record.py, memkv/flash/log.py), so a stretch is damage when a record of
+its segment was queued after the segment was durable past the stretch's start, or a
+record of the next segment id (stamp >= 2) was queued after the whole segment had
+settled. (The part of a segment the index snapshot covers is not replayed at all.)
+Records acknowledged before the crash were durable before anything queued after them,
+so a hole in them is reported whenever later records, queued after, were written; only
+the last batches of the log are judged by their shape alone. Stamp 0 (records older than the stamp) counts as
+vouching for the previous segment, which keeps the old rule for old logs: a hole is
+torn only at the end of the log.
 
 Speed (1M entries must restart in seconds): the snapshot is loaded as columns
 (``snapshot.read_snapshot``) and passed on as such; the log replay decodes each
@@ -35,6 +45,7 @@ from typing import Any, NamedTuple
 
 from memkv.engine.clock import SYSTEM
 from memkv.flash import record as r
+from memkv.flash.manifest import ManifestError, check, read_manifest
 from memkv.flash.segment import Segment
 from memkv.flash.snapshot import SnapshotError, read_snapshot
 
@@ -131,7 +142,9 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
         out.max_gen = snap.gen
     # the log tail (everything when there is no snapshot): ikey -> put row, or TombRow
     table: dict[tuple[str, str, bytes], tuple] = {}
-    last_id = max(segments, default=0)
+    suspects: list[tuple[int, int, str]] = []  # stretches shaped like a torn write: (seg, offset, error)
+    durable: dict[int, int] = {}  # seg -> bytes a stamp of it says were durable
+    vouched: set[int] = set()  # segs that a stamp of the next segment id says settled whole
     for sid in sorted(segments):
         seg = segments[sid]
         cov = covered.get(sid)
@@ -143,10 +156,20 @@ def recover(directory: str, segments: dict[int, Segment], scope: Callable[[str, 
         if seg.size <= start:
             continue
         with open(seg.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            _replay(mm, seg, start, sid == last_id, names, table, out)
+            own, prev = _replay(mm, seg, start, names, table, out, suspects)
+        durable[sid] = own
+        if prev:
+            vouched.add(sid - 1)
+    for sid, offset, error in suspects:
+        if sid in vouched or offset < durable.get(sid, 0):
+            out.damaged.append((sid, offset, error))
+            log.warning("flash: damaged record in segment %d at offset %d (%s); skipped", sid, offset, error)
+        else:
+            out.torn_tail += 1
     cols = out.cols
     if snap is not None and len(snap):
         _take_snapshot(snap, segments, covered, names, table, now_wall, out)
+    _check_manifest(directory, segments, out)
     if snap is not None and snap.tombs:
         _take_snapshot_tombs(snap, names, table, now_wall)
     rows = []
@@ -231,6 +254,23 @@ def _take_snapshot(snap: Any, segments: dict[int, Segment], covered: dict[int, l
     out.snapshot_entries = len(cols["keys"])
 
 
+def _check_manifest(directory: str, segments: dict[int, Segment], out: Recovered) -> None:
+    """Report the segments the manifest lists that are missing or shorter than their durable bytes
+    (a segment the snapshot's rows already reported missing is not reported twice)."""
+    try:
+        listed = read_manifest(directory)
+    except ManifestError as exc:
+        log.warning("flash: ignoring the segment manifest (%s)", exc)
+        return
+    if not listed:
+        return
+    seen = {sid for sid, _, why in out.damaged if why == "segment file missing"}
+    for sid, offset, why in check(listed, {sid: seg.size for sid, seg in segments.items()}):
+        if sid not in seen:
+            out.damaged.append((sid, offset, why))
+            log.warning("flash: segment %d: %s; its records there are lost", sid, why)
+
+
 def _take_snapshot_tombs(snap: Any, names: _Names, table: dict, now_wall: float) -> None:
     """The snapshot's tombstones still kept go into ``table`` unless the tail has a newer record of
     the key (a tail record older than the tombstone -- a compaction copy -- is hidden by it)."""
@@ -245,9 +285,11 @@ def _take_snapshot_tombs(snap: Any, names: _Names, table: dict, now_wall: float)
             table[ikey] = TombRow(lsn, version, exp)
 
 
-def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, table: dict,
-            out: Recovered) -> None:
-    """Scan one segment from ``start`` into ``table`` (the newest record of a key wins)."""
+def _replay(mm: mmap.mmap, seg: Segment, start: int, names: _Names, table: dict, out: Recovered,
+            suspects: list[tuple[int, int, str]]) -> tuple[int, bool]:
+    """Scan one segment from ``start`` into ``table`` (the newest record of a key wins); damage
+    goes to ``out.damaged``, stretches shaped like a torn write to ``suspects``. Returns what the
+    stamps say: the bytes of this segment that were durable, and whether the previous one settled."""
     end = len(mm)
     mv = memoryview(mm)
     unpack = r.HEADER.unpack_from
@@ -263,12 +305,14 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
     get = table.get
     max_lsn, max_gen, min_lsn = out.max_lsn, out.max_gen, seg.min_lsn
     replayed = tombstones = skipped = 0
+    own = 0  # the highest durable extent a stamp of this segment claims
+    prev = False  # a stamp other than 1: the previous segment id had settled (0: an old record, assumed)
     pos = start
     try:
         while pos < end:
             ok = False
             if pos + hsize <= end:
-                magic, hcs, kind, flags, nl, tl, pl, kl, vl, vcs, lsn, gen, ver, exp, _ = unpack(mm, pos)
+                magic, hcs, kind, flags, nl, tl, pl, kl, vl, vcs, lsn, gen, ver, exp, dur = unpack(mm, pos)
                 p = pos + hsize
                 ne = p + nl + tl + kl + pl
                 ve = ne + vl
@@ -278,9 +322,9 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
                 item = next(r.scan(mv, pos, end))
                 if isinstance(item, r.Damage):
                     item.error.__traceback__ = None  # its frames hold views of the mapping
-                    if isinstance(item.error, r.Truncated) or (item.end >= end and last) or (
-                            last and unwritten_hole(mv, item.offset, item.end)):
-                        out.torn_tail += 1
+                    if isinstance(item.error, r.Truncated) or item.end >= end or unwritten_hole(
+                            mv, item.offset, item.end):
+                        suspects.append((sid, item.offset, str(item.error)))
                     else:
                         out.damaged.append((sid, item.offset, str(item.error)))
                         log.warning("flash: damaged record in segment %d at offset %d (%s); skipped",
@@ -289,9 +333,9 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
                     del item
                     continue
                 # the careful decoder accepted what the fast path did not (should not happen): use it
-                kind, flags, lsn, gen, exp, vl, vcs, ver = (
+                kind, flags, lsn, gen, exp, vl, vcs, ver, dur = (
                     item.kind, 1 if item.parent is not None else 0, item.lsn, item.generation, item.expires,
-                    item.value_len, item.value_cs, item.version)
+                    item.value_len, item.value_cs, item.version, item.durable)
                 ni = names.of(item.namespace, item.tenant)
                 key, parent, ne, ve = item.key, item.parent, item.value_off, item.end
             else:
@@ -302,6 +346,10 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
                 key = mm[nt_end:nt_end + kl]
                 parent = mm[nt_end + kl:ne] if flags & 1 else None
             replayed += 1
+            if dur != 1:
+                if dur > own + 1:
+                    own = dur - 1
+                prev = True
             if lsn > max_lsn:
                 max_lsn = lsn
             if gen > max_gen:
@@ -327,11 +375,12 @@ def _replay(mm: mmap.mmap, seg: Segment, start: int, last: bool, names: _Names, 
         out.replayed += replayed
         out.skipped_namespaces += skipped
         seg.tombstones += tombstones
+    return own, prev
 
 
 def unwritten_hole(mv: memoryview, start: int, end: int) -> bool:
     """Whether a damaged stretch ends in bytes never written (zeros): a batch cut by a crash
-    while a later batch was written (flipped or overwritten bytes do not end in a zero run)."""
+    while a later batch was written past it (flipped bytes do not end in a zero run)."""
     return end - start >= 8 and not any(mv[end - 8:end])
 
 
