@@ -25,8 +25,6 @@ from memkv.errors import InvalidArgument
 from memkv.protocol.opcodes import Op as Opcode
 
 TRANSPORTS = ("auto", "tcp", "shm", "rdma")
-# longer batches go as several operations, one after another, each restarted on its own after ``MOVED``
-BATCH_KEYS = ops.BATCH_KEYS
 
 
 def check_transport(transport: str) -> None:
@@ -185,18 +183,19 @@ class ClientBase:
 
 
 def in_batches(n: int, part: Callable[[slice], Op], combine: Callable[[list[Any]], Any] | None = None) -> Op:
-    """The operation ``part(slice)`` over ``n`` keys in slices of at most ``BATCH_KEYS``, one after
-    another; results are concatenated (lists) or ``combine``d. Up to ``BATCH_KEYS`` keys it is
-    ``part`` itself, so the common case adds no generator."""
-    if n <= BATCH_KEYS:
+    """The operation ``part(slice)`` over ``n`` keys in slices of at most ``ops.BATCH_KEYS`` (what a
+    node takes in one request), one after another, each restarted on its own after ``MOVED``;
+    results are concatenated (lists) or ``combine``d. Up to ``ops.BATCH_KEYS`` keys it is ``part``
+    itself, so the common case adds no generator."""
+    if n <= ops.BATCH_KEYS:
         return part(slice(0, n))
     return _in_batches(n, part, combine)
 
 
 def _in_batches(n: int, part: Callable[[slice], Op], combine: Callable[[list[Any]], Any] | None) -> Op:
     results = []
-    for start in range(0, n, BATCH_KEYS):
-        results.append((yield from part(slice(start, start + BATCH_KEYS))))
+    for start in range(0, n, ops.BATCH_KEYS):
+        results.append((yield from part(slice(start, start + ops.BATCH_KEYS))))
     if combine is not None:
         return combine(results)
     return [r for res in results for r in res]
